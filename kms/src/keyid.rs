@@ -1,0 +1,87 @@
+//! Names: cluster names and the `key_id` of a KEK version.
+//!
+//! `key_id = "<cluster>/v<version>/<fingerprint>"`, the fingerprint being
+//! the first 16 hex digits of SHA-256 over a domain tag, the cluster, the
+//! version and the key. So the id is stable for a version, differs for every
+//! version, and differs for a different key even under the same version
+//! number (a central store restored from an old backup that mints "v5" again
+//! mints another key, so another id: kube-apiserver never sees one id stand
+//! for two keys). A SHA-256 of a uniformly random 256-bit key reveals
+//! nothing usable about it.
+
+use edgekms_hsm::Key256;
+use sha2::{Digest, Sha256};
+
+/// kube-apiserver rejects longer key ids.
+pub const MAX_KEY_ID: usize = 1024;
+/// DNS-1123 label length; keeps every key_id far under [`MAX_KEY_ID`].
+pub const MAX_CLUSTER_NAME: usize = 63;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid cluster or node name {name:?}: use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit")]
+pub struct InvalidName {
+    pub name: String,
+}
+
+/// Checks a cluster (or node) name is a DNS-1123 label.
+pub fn validate_name(name: &str) -> Result<(), InvalidName> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_CLUSTER_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidName {
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// The key_id of KEK `version` of `cluster` holding `key`.
+pub fn derive(cluster: &str, version: u32, key: &Key256) -> String {
+    let mut h = Sha256::new();
+    h.update(b"edgekms key-id v1\0");
+    h.update((cluster.len() as u32).to_be_bytes());
+    h.update(cluster.as_bytes());
+    h.update(version.to_be_bytes());
+    h.update(key.expose());
+    let digest = h.finalize();
+    format!("{cluster}/v{version}/{}", hex::encode(&digest[..8]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stable_per_version_distinct_across_versions_and_keys() {
+        let key = Key256::from_slice(&[1; 32]).unwrap();
+        let other = Key256::from_slice(&[2; 32]).unwrap();
+        let a = derive("edge-1", 1, &key);
+        assert_eq!(a, derive("edge-1", 1, &key));
+        assert!(a.starts_with("edge-1/v1/"));
+        assert_ne!(a, derive("edge-1", 2, &key));
+        assert_ne!(a, derive("edge-1", 1, &other));
+        assert_ne!(a, derive("edge-2", 1, &key));
+    }
+
+    #[test]
+    fn longest_id_is_under_the_apiserver_limit() {
+        let name = "a".repeat(MAX_CLUSTER_NAME);
+        assert!(derive(&name, u32::MAX, &Key256::generate()).len() < MAX_KEY_ID);
+    }
+
+    #[test]
+    fn names_are_dns_labels() {
+        for good in ["a", "edge-1", "0abc", &"x".repeat(63)] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "-a", "a-", "Edge", "a_b", "a.b", "a/b", &"x".repeat(64)] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+}

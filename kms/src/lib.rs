@@ -1,0 +1,15 @@
+//! edgekms key management, free of I/O.
+//!
+//! - [`envelope`]: the ciphertext format returned to kube-apiserver.
+//! - [`keyring`]: KEK versions and the state machine between pending,
+//!   primary, decrypt-only and retired.
+//! - [`keyid`]: how a KEK version's `key_id` is derived, and cluster names.
+//!
+//! Daemons (the node plugin, the central service) and `kmsctl` are thin
+//! shells around these types.
+
+pub mod envelope;
+pub mod keyid;
+pub mod keyring;
+
+pub use keyring::{KeyState, KeyVersion, Keyring, KeyringError};

@@ -1,0 +1,293 @@
+//! `cargo bench -p edgekms-plugin --bench kms`: the plugin against a bare
+//! tonic echo server speaking the same KMS v2 service with the same payload
+//! sizes, both separate processes on unix sockets, driven by 1, 16 and 64
+//! concurrent clients. Prints calls/s and p50/p99 latency per method with
+//! the plugin/echo ratio, start-up to healthz "ok" with 1 and 1,000 cached
+//! KEK versions, and the plugin's peak memory. Targets (issue #2):
+//! throughput ratio >= 0.9, p99 ratio <= 1.2, start-up < 100 ms with 1,000
+//! versions, peak RSS < 30 MiB.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use edgekms_proto::admin::node_admin_client::NodeAdminClient;
+use edgekms_proto::admin::RotateRequest;
+use edgekms_proto::kms_v2::key_management_service_client::KeyManagementServiceClient;
+use edgekms_proto::kms_v2::key_management_service_server::{KeyManagementService, KeyManagementServiceServer};
+use edgekms_proto::kms_v2::*;
+use tonic::{Request, Response, Status};
+
+const SEED: [u8; 32] = [7; 32];
+const RUN: Duration = Duration::from_millis(1500);
+const WARMUP: Duration = Duration::from_millis(200);
+
+/// The bare server: same service, same response sizes, no crypto.
+struct Echo;
+
+#[tonic::async_trait]
+impl KeyManagementService for Echo {
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        Ok(Response::new(StatusResponse {
+            version: "v2".into(),
+            healthz: "ok".into(),
+            key_id: "bench/v1/0123456789abcdef".into(),
+        }))
+    }
+    async fn encrypt(&self, r: Request<EncryptRequest>) -> Result<Response<EncryptResponse>, Status> {
+        let mut ct = r.into_inner().plaintext.to_vec();
+        ct.resize(ct.len() + edgekms_kms::envelope::OVERHEAD, 0);
+        Ok(Response::new(EncryptResponse {
+            ciphertext: ct.into(),
+            key_id: "bench/v1/0123456789abcdef".into(),
+            annotations: Default::default(),
+        }))
+    }
+    async fn decrypt(&self, r: Request<DecryptRequest>) -> Result<Response<DecryptResponse>, Status> {
+        let mut pt = r.into_inner().ciphertext.to_vec();
+        pt.truncate(pt.len().saturating_sub(edgekms_kms::envelope::OVERHEAD));
+        Ok(Response::new(DecryptResponse { plaintext: pt.into() }))
+    }
+}
+
+fn run_echo_server(socket: &Path) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let listener = tokio::net::UnixListener::bind(socket).unwrap();
+        tonic::transport::Server::builder()
+            .add_service(KeyManagementServiceServer::new(Echo))
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn plugin_cmd(dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgekms-plugin"));
+    cmd.args(["--cluster", "bench", "--node", "n1", "--sealer", "soft"])
+        .arg("--socket")
+        .arg(dir.join("kms.sock"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("plugin.log")).unwrap());
+    cmd
+}
+
+async fn client(socket: &Path) -> Option<KeyManagementServiceClient<tonic::transport::Channel>> {
+    Some(KeyManagementServiceClient::new(edgekms_proto::uds::connect(socket).await.ok()?))
+}
+
+/// Polls Status until healthz "ok"; returns the time from `start`.
+async fn until_healthy(socket: &Path, start: Instant) -> Duration {
+    loop {
+        if let Some(mut c) = client(socket).await {
+            if c.status(StatusRequest {}).await.is_ok_and(|r| r.get_ref().healthz == "ok") {
+                return start.elapsed();
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "server at {} never became healthy", socket.display());
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Method {
+    Status,
+    Encrypt,
+    Decrypt,
+}
+
+struct Figures {
+    per_sec: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+async fn drive(socket: &Path, method: Method, clients: usize) -> Figures {
+    let mut c0 = client(socket).await.unwrap();
+    let enc = c0
+        .encrypt(EncryptRequest { plaintext: SEED.to_vec().into(), uid: "bench".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut tasks = Vec::new();
+    let start = Instant::now();
+    for _ in 0..clients {
+        let mut c = client(socket).await.unwrap();
+        let (ct, key_id) = (enc.ciphertext.clone(), enc.key_id.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let t = Instant::now();
+                if t - start > WARMUP + RUN {
+                    break;
+                }
+                match method {
+                    Method::Status => drop(c.status(StatusRequest {}).await.unwrap()),
+                    Method::Encrypt => drop(
+                        c.encrypt(EncryptRequest { plaintext: SEED.to_vec().into(), uid: "bench".into() })
+                            .await
+                            .unwrap(),
+                    ),
+                    Method::Decrypt => drop(
+                        c.decrypt(DecryptRequest {
+                            ciphertext: ct.clone(),
+                            uid: "bench".into(),
+                            key_id: key_id.clone(),
+                            annotations: Default::default(),
+                        })
+                        .await
+                        .unwrap(),
+                    ),
+                }
+                if t - start >= WARMUP {
+                    lat.push(t.elapsed());
+                }
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort();
+    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
+    Figures { per_sec: all.len() as f64 / RUN.as_secs_f64(), p50: pct(0.50), p99: pct(0.99) }
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Median start-up to healthz "ok" over `runs` starts of the data dir.
+async fn startup(dir: &Path, runs: usize) -> Duration {
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let start = Instant::now();
+        let p = Proc(plugin_cmd(dir).spawn().unwrap());
+        times.push(until_healthy(&dir.join("kms.sock"), start).await);
+        stop(p);
+    }
+    times.sort();
+    times[times.len() / 2]
+}
+
+fn stop(mut p: Proc) {
+    let _ = Command::new("kill").args(["-TERM", &p.0.id().to_string()]).status();
+    let _ = p.0.wait();
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1e3)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--echo-server") {
+        run_echo_server(Path::new(&args[i + 1]));
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(bench());
+}
+
+async fn bench() {
+    let dir = tempfile::tempdir().unwrap();
+    let echo_sock: PathBuf = dir.path().join("echo.sock");
+    let _echo = Proc(
+        Command::new(std::env::current_exe().unwrap())
+            .arg("--echo-server")
+            .arg(&echo_sock)
+            .spawn()
+            .unwrap(),
+    );
+    let plugin_dir = dir.path().join("plugin");
+    std::fs::create_dir_all(&plugin_dir).unwrap();
+    let plugin = Proc(plugin_cmd(&plugin_dir).spawn().unwrap());
+    let plugin_sock = plugin_dir.join("kms.sock");
+    until_healthy(&echo_sock, Instant::now()).await;
+    until_healthy(&plugin_sock, Instant::now()).await;
+
+    println!("edgekms KMS v2 benchmark: plugin vs bare tonic echo, unix sockets, 32-byte DEK seed");
+    println!("machine: {} cores, {}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), cpu_model());
+    println!();
+    println!(
+        "{:<8} {:>4}  {:>10} {:>10} {:>6}  {:>8} {:>8} {:>8} {:>8} {:>6}",
+        "method", "conc", "plugin/s", "echo/s", "ratio", "p50 ms", "echo p50", "p99 ms", "echo p99", "p99 x"
+    );
+    let mut worst_tput: f64 = f64::MAX;
+    let mut worst_p99: f64 = 0.0;
+    for clients in [1, 16, 64] {
+        for method in [Method::Status, Method::Encrypt, Method::Decrypt] {
+            let e = drive(&echo_sock, method, clients).await;
+            let p = drive(&plugin_sock, method, clients).await;
+            let ratio = p.per_sec / e.per_sec;
+            let p99x = p.p99.as_secs_f64() / e.p99.as_secs_f64();
+            if !matches!(method, Method::Status) {
+                worst_tput = worst_tput.min(ratio);
+                worst_p99 = worst_p99.max(p99x);
+            }
+            println!(
+                "{:<8} {:>4}  {:>10.0} {:>10.0} {:>6.2}  {:>8} {:>8} {:>8} {:>8} {:>6.2}",
+                format!("{method:?}"),
+                clients,
+                p.per_sec,
+                e.per_sec,
+                ratio,
+                ms(p.p50),
+                ms(e.p50),
+                ms(p.p99),
+                ms(e.p99),
+                p99x
+            );
+        }
+    }
+    let rss = peak_rss_kib(plugin.0.id());
+    stop(plugin);
+
+    // Start-up: 1 version, then 1,000 cached versions.
+    let one = startup(&plugin_dir, 5).await;
+    {
+        let p = Proc(plugin_cmd(&plugin_dir).spawn().unwrap());
+        until_healthy(&plugin_sock, Instant::now()).await;
+        let mut admin =
+            NodeAdminClient::new(edgekms_proto::uds::connect(plugin_dir.join("admin.sock")).await.unwrap());
+        for _ in 1..1000 {
+            admin.rotate(RotateRequest {}).await.unwrap();
+        }
+        stop(p);
+    }
+    let thousand = startup(&plugin_dir, 5).await;
+
+    println!();
+    println!("Encrypt/Decrypt worst throughput ratio plugin/echo: {worst_tput:.2} (target >= 0.90)");
+    println!("Encrypt/Decrypt worst p99 ratio plugin/echo:        {worst_p99:.2} (target <= 1.20)");
+    println!("start-up to healthz ok, 1 KEK version:      {} ms (median of 5)", ms(one));
+    println!("start-up to healthz ok, 1,000 KEK versions: {} ms (median of 5, target < 100 ms)", ms(thousand));
+    println!("plugin peak RSS under load: {:.1} MiB (target < 30 MiB)", rss as f64 / 1024.0);
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_else(|| "unknown CPU".into())
+}

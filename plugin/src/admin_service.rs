@@ -1,0 +1,84 @@
+//! `edgekms.admin.v1.NodeAdmin` for `kmsctl local`, on the 0600 admin socket.
+
+use std::sync::Arc;
+
+use edgekms_proto::admin::node_admin_server::NodeAdmin;
+use edgekms_proto::admin::{
+    KeyVersion, NodeStatus, ResealRequest, ResealResponse, RetireRequest, RetireResponse, RotateRequest,
+    RotateResponse, StatusRequest,
+};
+use tonic::{Request, Response, Status};
+
+use crate::node::Node;
+
+pub struct AdminService {
+    node: Arc<Node>,
+}
+
+impl AdminService {
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+}
+
+/// Runs a blocking node operation (RocksDB sync writes, TPM calls) off the
+/// async workers, so Status stays fast meanwhile.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::error::NodeError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("admin task failed: {e}")))?
+        .map_err(Status::from)
+}
+
+#[tonic::async_trait]
+impl NodeAdmin for AdminService {
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<NodeStatus>, Status> {
+        let r = self.node.report();
+        let (primary_version, primary_key_id) = r.primary.unwrap_or_default();
+        Ok(Response::new(NodeStatus {
+            cluster: r.cluster,
+            node: r.node,
+            healthz: r.healthz,
+            primary_version,
+            primary_key_id,
+            versions: r
+                .versions
+                .into_iter()
+                .map(|(version, state, key_id, created_unix)| KeyVersion {
+                    version,
+                    state: state.into(),
+                    key_id,
+                    created_unix,
+                })
+                .collect(),
+            sealer: r.sealer.into_iter().collect(),
+            hardware_backed: r.hardware_backed,
+            unsealed: r.unsealed,
+        }))
+    }
+
+    async fn rotate(&self, _: Request<RotateRequest>) -> Result<Response<RotateResponse>, Status> {
+        let node = self.node.clone();
+        let kv = blocking(move || node.rotate()).await?;
+        Ok(Response::new(RotateResponse {
+            version: kv.version,
+            key_id: kv.key_id,
+        }))
+    }
+
+    async fn retire(&self, request: Request<RetireRequest>) -> Result<Response<RetireResponse>, Status> {
+        let node = self.node.clone();
+        let version = request.into_inner().version;
+        blocking(move || node.retire(version)).await?;
+        Ok(Response::new(RetireResponse {}))
+    }
+
+    async fn reseal(&self, request: Request<ResealRequest>) -> Result<Response<ResealResponse>, Status> {
+        let node = self.node.clone();
+        let passphrase = zeroize::Zeroizing::new(request.into_inner().recovery_passphrase);
+        blocking(move || node.reseal(&passphrase)).await?;
+        Ok(Response::new(ResealResponse {}))
+    }
+}

@@ -1,0 +1,212 @@
+//! Plugin configuration: one struct serves as command-line flags and as the
+//! TOML config file; flags win over the file. [`Settings::validate`] turns it
+//! into a [`Config`], reporting every bad field at once.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, ValueEnum};
+use serde::Deserialize;
+
+pub const DEFAULT_SOCKET: &str = "/var/run/edgekms/kms.sock";
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/edgekms";
+pub const DEFAULT_TPM_TCTI: &str = "device:/dev/tpmrm0";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SealerKind {
+    /// TPM 2.0 (default on real nodes).
+    Tpm,
+    /// Key file on disk. INSECURE: development only.
+    Soft,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// What the operator can set, from flags or the config file.
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// KMS v2 unix socket that kube-apiserver connects to [default: /var/run/edgekms/kms.sock]
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Directory for the key cache (RocksDB) and the sealed node key [default: /var/lib/edgekms]
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Cluster this node belongs to (a DNS label, e.g. edge-1); bound into every ciphertext
+    #[arg(long, value_name = "NAME")]
+    pub cluster: Option<String>,
+    /// This node's name [default: the host name]
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+    /// Where the node sealing key is sealed: tpm (real nodes) or soft (INSECURE, development) [default: tpm]
+    #[arg(long, value_enum)]
+    pub sealer: Option<SealerKind>,
+    /// Admin socket for `kmsctl local` [default: admin.sock beside --socket]
+    #[arg(long, value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+    /// TPM TCTI: device:/dev/tpmrm0, swtpm:path=..., swtpm:host=127.0.0.1,port=2321, mssim:..., tabrmd [default: device:/dev/tpmrm0]
+    #[arg(long, value_name = "TCTI")]
+    pub tpm_tcti: Option<String>,
+    /// Bind the sealed key to these PCRs, e.g. sha256:7 or sha256:0,2,7 [default: no PCR policy]
+    #[arg(long, value_name = "BANK:LIST")]
+    pub tpm_pcrs: Option<String>,
+    /// Log format [default: text]
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub socket: PathBuf,
+    pub admin_socket: PathBuf,
+    pub data_dir: PathBuf,
+    pub cluster: String,
+    pub node: String,
+    pub sealer: SealerKind,
+    pub tpm_tcti: String,
+    pub tpm_pcrs: Option<String>,
+    pub log_format: LogFormat,
+}
+
+impl Settings {
+    /// Reads a TOML config file with the same keys as the flags
+    /// (`data_dir`, `tpm_tcti`, ...).
+    pub fn from_file(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| {
+            format!("config {}: {}", path.display(), e.message())
+        })
+    }
+
+    /// `self` with every unset field taken from `file`.
+    pub fn or(self, file: Settings) -> Settings {
+        Settings {
+            socket: self.socket.or(file.socket),
+            data_dir: self.data_dir.or(file.data_dir),
+            cluster: self.cluster.or(file.cluster),
+            node: self.node.or(file.node),
+            sealer: self.sealer.or(file.sealer),
+            admin_socket: self.admin_socket.or(file.admin_socket),
+            tpm_tcti: self.tpm_tcti.or(file.tpm_tcti),
+            tpm_pcrs: self.tpm_pcrs.or(file.tpm_pcrs),
+            log_format: self.log_format.or(file.log_format),
+        }
+    }
+
+    /// Applies defaults and checks every field; all problems in one message.
+    pub fn validate(self) -> Result<Config, String> {
+        let mut problems = Vec::new();
+        let socket = self.socket.unwrap_or_else(|| DEFAULT_SOCKET.into());
+        let admin_socket = self
+            .admin_socket
+            .unwrap_or_else(|| socket.with_file_name("admin.sock"));
+        if socket == admin_socket {
+            problems.push("--admin-socket must differ from --socket".to_owned());
+        }
+        let cluster = self.cluster.unwrap_or_default();
+        if cluster.is_empty() {
+            problems.push("--cluster is required (the cluster this node belongs to)".to_owned());
+        } else if let Err(e) = edgekms_kms::keyid::validate_name(&cluster) {
+            problems.push(e.to_string());
+        }
+        let node = self.node.unwrap_or_else(hostname);
+        if let Err(e) = edgekms_kms::keyid::validate_name(&node) {
+            problems.push(format!("--node: {e}"));
+        }
+        let sealer = self.sealer.unwrap_or(SealerKind::Tpm);
+        if sealer == SealerKind::Soft && (self.tpm_pcrs.is_some() || self.tpm_tcti.is_some()) {
+            problems.push("--tpm-tcti/--tpm-pcrs given but --sealer is soft".to_owned());
+        }
+        if problems.is_empty() {
+            Ok(Config {
+                socket,
+                admin_socket,
+                data_dir: self.data_dir.unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+                cluster,
+                node,
+                sealer,
+                tpm_tcti: self.tpm_tcti.unwrap_or_else(|| DEFAULT_TPM_TCTI.into()),
+                tpm_pcrs: self.tpm_pcrs,
+                log_format: self.log_format.unwrap_or_default(),
+            })
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+}
+
+/// The host name as a DNS label, or "node" when it is not one.
+fn hostname() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    let label = name.split('.').next().unwrap_or_default().to_owned();
+    if edgekms_kms::keyid::validate_name(&label).is_ok() {
+        label
+    } else {
+        "node".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_and_defaults_apply() {
+        let file: Settings = toml::from_str(
+            "cluster = \"edge-1\"\nsocket = \"/run/x/kms.sock\"\nsealer = \"soft\"\n",
+        )
+        .unwrap();
+        let flags = Settings {
+            cluster: Some("edge-2".into()),
+            ..Default::default()
+        };
+        let cfg = flags.or(file).validate().unwrap();
+        assert_eq!(cfg.cluster, "edge-2");
+        assert_eq!(cfg.socket, PathBuf::from("/run/x/kms.sock"));
+        assert_eq!(cfg.admin_socket, PathBuf::from("/run/x/admin.sock"));
+        assert_eq!(cfg.sealer, SealerKind::Soft);
+        assert_eq!(cfg.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+    }
+
+    #[test]
+    fn tpm_is_the_default_sealer() {
+        let cfg = Settings {
+            cluster: Some("c".into()),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(cfg.sealer, SealerKind::Tpm);
+        assert_eq!(cfg.tpm_tcti, DEFAULT_TPM_TCTI);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let err = Settings {
+            cluster: Some("Bad_Name".into()),
+            node: Some("-x".into()),
+            socket: Some("/a.sock".into()),
+            admin_socket: Some("/a.sock".into()),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(err.contains("Bad_Name") && err.contains("--node") && err.contains("--admin-socket"), "{err}");
+        assert!(!err.contains('\n'));
+    }
+
+    #[test]
+    fn unknown_config_keys_are_refused() {
+        assert!(toml::from_str::<Settings>("sealr = \"soft\"").is_err());
+    }
+}

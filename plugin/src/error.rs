@@ -1,0 +1,128 @@
+//! The node's error type and its one mapping to gRPC status codes.
+//!
+//! Every variant of every wrapped error is matched by name (no `_` arm), so a
+//! new error cannot reach kube-apiserver as UNKNOWN by accident. Messages say
+//! what was wrong and what to check; they never contain key material.
+
+use edgekms_hsm::SealError;
+use edgekms_kms::envelope::EnvelopeError;
+use edgekms_kms::KeyringError;
+use tonic::{Code, Status};
+
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Keyring(#[from] KeyringError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    #[error("key material is not available: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("recovery refused: {0}")]
+    Recovery(String),
+}
+
+impl From<EnvelopeError> for NodeError {
+    fn from(e: EnvelopeError) -> Self {
+        NodeError::Keyring(e.into())
+    }
+}
+
+fn envelope_code(e: &EnvelopeError) -> Code {
+    match e {
+        EnvelopeError::EmptyPlaintext
+        | EnvelopeError::PlaintextTooLarge { .. }
+        | EnvelopeError::Truncated { .. }
+        | EnvelopeError::CiphertextTooLarge { .. }
+        | EnvelopeError::BadMagic
+        | EnvelopeError::UnsupportedFormat(_)
+        | EnvelopeError::AuthenticationFailed { .. } => Code::InvalidArgument,
+    }
+}
+
+fn keyring_code(e: &KeyringError) -> Code {
+    match e {
+        KeyringError::Envelope(e) => envelope_code(e),
+        KeyringError::KeyIdMismatch { .. } => Code::InvalidArgument,
+        KeyringError::UnknownVersion { .. } => Code::NotFound,
+        KeyringError::Retired { .. }
+        | KeyringError::IllegalTransition { .. }
+        | KeyringError::RetirePrimary { .. } => Code::FailedPrecondition,
+        KeyringError::DuplicateVersion { .. } => Code::AlreadyExists,
+        KeyringError::VersionsExhausted => Code::ResourceExhausted,
+        KeyringError::NoPrimary => Code::Unavailable,
+        KeyringError::InvalidCluster(_) | KeyringError::TwoPrimaries(..) | KeyringError::SelfTest(_) => {
+            Code::Internal
+        }
+    }
+}
+
+fn seal_code(e: &SealError) -> Code {
+    match e {
+        SealError::NoDevice { .. } | SealError::Lockout { .. } => Code::Unavailable,
+        SealError::AuthFailed { .. } => Code::PermissionDenied,
+        SealError::PolicyCheckFailed { .. } => Code::FailedPrecondition,
+        SealError::ForeignBlob { .. }
+        | SealError::CorruptBlob { .. }
+        | SealError::WrongBackend { .. }
+        | SealError::Io { .. }
+        | SealError::Tpm { .. }
+        | SealError::Config(_) => Code::Internal,
+        SealError::Unsupported(_) => Code::Unimplemented,
+    }
+}
+
+fn store_code(e: &StoreError) -> Code {
+    match e {
+        StoreError::Keyring(e) => keyring_code(e),
+        StoreError::Seal(e) => seal_code(e),
+        StoreError::Db { .. }
+        | StoreError::Rocks(_)
+        | StoreError::ClusterMismatch { .. }
+        | StoreError::Corrupt { .. }
+        | StoreError::Unwrap { .. } => Code::Internal,
+    }
+}
+
+impl NodeError {
+    pub fn code(&self) -> Code {
+        match self {
+            NodeError::Keyring(e) => keyring_code(e),
+            NodeError::Store(e) => store_code(e),
+            NodeError::Seal(e) => seal_code(e),
+            NodeError::Unavailable(_) => Code::Unavailable,
+            NodeError::InvalidArgument(_) => Code::InvalidArgument,
+            NodeError::Recovery(_) => Code::PermissionDenied,
+        }
+    }
+}
+
+impl From<NodeError> for Status {
+    fn from(e: NodeError) -> Self {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_input_is_invalid_argument_and_names_the_problem() {
+        let s: Status = NodeError::from(EnvelopeError::PlaintextTooLarge { len: 2000 }).into();
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("2000"));
+        let s: Status = NodeError::from(KeyringError::Retired {
+            version: 3,
+            key_id: "c/v3/ab".into(),
+        })
+        .into();
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert!(s.message().contains("retired"));
+    }
+}

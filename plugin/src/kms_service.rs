@@ -1,0 +1,71 @@
+//! `v2.KeyManagementService` for kube-apiserver: a thin adapter from the
+//! wire messages to [`Node`], with one audit line per Encrypt/Decrypt
+//! (uid, key version, result; never key material or plaintext).
+
+use std::sync::Arc;
+
+use edgekms_proto::kms_v2::key_management_service_server::KeyManagementService;
+use edgekms_proto::kms_v2::{
+    DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::node::Node;
+
+pub struct KmsService {
+    node: Arc<Node>,
+}
+
+impl KmsService {
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+}
+
+#[tonic::async_trait]
+impl KeyManagementService for KmsService {
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let (healthz, key_id) = self.node.status();
+        Ok(Response::new(StatusResponse {
+            version: "v2".into(),
+            healthz,
+            key_id,
+        }))
+    }
+
+    async fn encrypt(&self, request: Request<EncryptRequest>) -> Result<Response<EncryptResponse>, Status> {
+        let req = request.into_inner();
+        match self.node.encrypt(&req.plaintext) {
+            Ok((ciphertext, key_id, version)) => {
+                tracing::info!(target: "audit", op = "encrypt", uid = %req.uid, version, result = "ok");
+                Ok(Response::new(EncryptResponse {
+                    ciphertext: ciphertext.into(),
+                    key_id,
+                    annotations: Default::default(),
+                }))
+            }
+            Err(e) => {
+                tracing::warn!(target: "audit", op = "encrypt", uid = %req.uid, result = %e);
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn decrypt(&self, request: Request<DecryptRequest>) -> Result<Response<DecryptResponse>, Status> {
+        let req = request.into_inner();
+        match self.node.decrypt(&req.ciphertext, &req.key_id) {
+            Ok((plaintext, version)) => {
+                tracing::info!(target: "audit", op = "decrypt", uid = %req.uid, version, result = "ok");
+                // The response buffer is handed to tonic, which does not
+                // zeroize; the seed is the apiserver's own and leaves at once.
+                Ok(Response::new(DecryptResponse {
+                    plaintext: plaintext.to_vec().into(),
+                }))
+            }
+            Err(e) => {
+                tracing::warn!(target: "audit", op = "decrypt", uid = %req.uid, key_id = %req.key_id, result = %e);
+                Err(e.into())
+            }
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! The edgekms node plugin.
+//!
+//! - [`config`]: flags and TOML config, validated into [`config::Config`].
+//! - [`store`]: the local RocksDB cache of KEK versions (wrapped by the node
+//!   sealing key) and the sealed node sealing key itself.
+//! - [`node`]: the node's key manager: unseal at start, publish one keyring
+//!   snapshot that Status/Encrypt/Decrypt read, rotate and retire.
+//! - [`recovery`]: the recovery passphrase that re-seals after a PCR change.
+//! - [`error`]: the node's error type and its one mapping to gRPC status.
+//! - [`kms_service`] / [`admin_service`]: thin tonic adapters.
+//! - [`server`]: the unix-socket server (stale sockets, modes, shutdown).
+
+pub mod admin_service;
+pub mod config;
+pub mod error;
+pub mod kms_service;
+pub mod node;
+pub mod recovery;
+pub mod server;
+pub mod store;

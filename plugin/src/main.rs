@@ -1,0 +1,106 @@
+//! `edgekms-plugin`: the node daemon. Parses flags, hardens the process,
+//! unseals, and serves; everything else lives in the library.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use edgekms_plugin::config::{LogFormat, Settings};
+use edgekms_plugin::node::{sealer_from_config, Node};
+use edgekms_plugin::server;
+
+/// Kubernetes KMS v2 plugin: wraps kube-apiserver's DEK seeds with KEKs kept
+/// in a local cache and sealed to this node's TPM.
+#[derive(Debug, Parser)]
+#[command(name = "edgekms-plugin", version)]
+struct Cli {
+    /// TOML config file with the same keys as the flags (data_dir, tpm_tcti, ...); flags win
+    #[arg(long, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    settings: Settings,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One clear line, not clap's usage block.
+            let text = e.render().to_string();
+            eprintln!("{}", text.lines().next().unwrap_or("invalid arguments"));
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Library errors carry their cause in their own message.
+            eprintln!("edgekms-plugin: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    // The TSS C library prints its own warnings for every TPM error; ours
+    // name the cause and the fix. Still single-threaded here.
+    if std::env::var_os("TSS2_LOG").is_none() {
+        std::env::set_var("TSS2_LOG", "all+none");
+    }
+    let file = match &cli.config {
+        Some(path) => Settings::from_file(path).map_err(anyhow::Error::msg)?,
+        None => Settings::default(),
+    };
+    let cfg = cli.settings.or(file).validate().map_err(anyhow::Error::msg)?;
+    init_logging(cfg.log_format);
+    if let Err(e) = edgekms_hsm::memory::harden_process() {
+        tracing::warn!(error = %e, "cannot disable core dumps for this process");
+    }
+
+    let sealer = sealer_from_config(&cfg)?;
+    let node = Arc::new(Node::open(&cfg, sealer)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(async {
+        // Bound only now that keys are loaded: a connecting apiserver finds a
+        // plugin that can answer.
+        let kms = server::bind(&cfg.socket)?;
+        let admin = server::bind(&cfg.admin_socket)?;
+        server::serve(node, kms, admin, shutdown_signal()).await?;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            std::future::pending::<()>().await
+        }
+    }
+}

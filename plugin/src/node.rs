@@ -1,0 +1,308 @@
+//! The node's key manager: what the KMS and admin services act on.
+//!
+//! At start it unseals the node sealing key (NSK) once, unwraps every cached
+//! KEK version with it, and publishes the keyring as one immutable
+//! [`Snapshot`]. Status, Encrypt and Decrypt each read one snapshot, so they
+//! can never disagree on the primary key_id; rotate and retire build the next
+//! keyring from the current one, persist it, and only then publish it.
+//!
+//! When the sealer refuses for a policy reason (a bound PCR changed), the
+//! node still starts but serves no key material: Status reports the reason
+//! as healthz, and Encrypt/Decrypt fail with UNAVAILABLE.
+
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use edgekms_hsm::{Key256, SealError, Sealer, SealerInfo};
+use edgekms_kms::{KeyVersion, Keyring};
+use zeroize::Zeroizing;
+
+use crate::config::{Config, SealerKind};
+use crate::error::NodeError;
+use crate::recovery;
+use crate::store::Store;
+
+/// What the KMS service reads, published whole.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub keyring: Keyring,
+    /// Why no key material is served, when it is not.
+    pub unavailable: Option<String>,
+}
+
+/// A node's view of itself, for `kmsctl local status`.
+#[derive(Debug, Clone)]
+pub struct NodeReport {
+    pub cluster: String,
+    pub node: String,
+    pub healthz: String,
+    pub primary: Option<(u32, String)>,
+    pub versions: Vec<(u32, &'static str, String, u64)>,
+    pub sealer: SealerInfo,
+    pub hardware_backed: bool,
+    pub unsealed: bool,
+}
+
+pub struct Node {
+    cluster: String,
+    node: String,
+    store: Store,
+    sealer: Box<dyn Sealer>,
+    nsk: Mutex<Option<Arc<Key256>>>,
+    snapshot: RwLock<Arc<Snapshot>>,
+    /// Serializes rotate/retire so that each builds on the last.
+    admin: Mutex<()>,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Shows the recovery passphrase once, on stderr and not through the log
+/// pipeline (which may ship lines off the node).
+fn show_recovery_passphrase(passphrase: &str) {
+    eprintln!(
+        "\n==== edgekms recovery passphrase (shown once, stored nowhere) ====\n{passphrase}\n\
+         Record it offline. `kmsctl local reseal` needs it if the TPM refuses\n\
+         to unseal after a PCR change.\n===================================================================\n"
+    );
+}
+
+/// Builds the sealer the config asks for. Never falls back to another one.
+pub fn sealer_from_config(cfg: &Config) -> Result<Box<dyn Sealer>, NodeError> {
+    create_private_dir(&cfg.data_dir)?;
+    match cfg.sealer {
+        SealerKind::Soft => Ok(Box::new(edgekms_hsm::soft::SoftSealer::open_or_create(
+            &cfg.data_dir.join("soft-sealer.key"),
+        )?)),
+        SealerKind::Tpm => tpm_sealer(cfg),
+    }
+}
+
+/// Creates the data dir with mode 0700 (an existing one keeps its mode).
+fn create_private_dir(dir: &std::path::Path) -> Result<(), NodeError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| {
+            SealError::Io {
+                op: format!("create data dir {}", dir.display()),
+                source,
+            }
+            .into()
+        })
+}
+
+#[cfg(feature = "tpm")]
+fn tpm_sealer(cfg: &Config) -> Result<Box<dyn Sealer>, NodeError> {
+    use edgekms_hsm::tpm::{PcrPolicy, TpmConfig, TpmSealer};
+    let pcrs = cfg.tpm_pcrs.as_deref().map(PcrPolicy::parse).transpose()?;
+    Ok(Box::new(TpmSealer::new(TpmConfig {
+        tcti: cfg.tpm_tcti.clone(),
+        pcrs,
+        owner_auth: None,
+    })?))
+}
+
+#[cfg(not(feature = "tpm"))]
+fn tpm_sealer(_: &Config) -> Result<Box<dyn Sealer>, NodeError> {
+    Err(SealError::Unsupported("--sealer tpm (this build has no `tpm` feature)").into())
+}
+
+impl Node {
+    /// Opens the cache in `cfg.data_dir` and unseals. On first start creates
+    /// the NSK and KEK version 1 (primary).
+    pub fn open(cfg: &Config, sealer: Box<dyn Sealer>) -> Result<Self, NodeError> {
+        create_private_dir(&cfg.data_dir)?;
+        let store = Store::open(&cfg.data_dir, &cfg.cluster)?;
+        let node = Self {
+            cluster: cfg.cluster.clone(),
+            node: cfg.node.clone(),
+            store,
+            sealer,
+            nsk: Mutex::new(None),
+            snapshot: RwLock::new(Arc::new(Snapshot {
+                keyring: Keyring::new(&cfg.cluster)?,
+                unavailable: Some("starting".into()),
+            })),
+            admin: Mutex::new(()),
+        };
+        let nsk = match node.store.sealed_nsk()? {
+            Some(blob) => {
+                edgekms_hsm::check_backend(node.sealer.as_ref(), &blob)?;
+                match node.sealer.unseal(&blob) {
+                    Ok(nsk) => nsk,
+                    Err(SealError::PolicyCheckFailed { reason }) => {
+                        let reason = format!("TPM policy check failed: {reason}");
+                        tracing::error!(%reason, "not serving key material until an operator runs `kmsctl local reseal`");
+                        node.publish(Keyring::new(&node.cluster)?, Some(reason));
+                        return Ok(node);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            None => {
+                let nsk = Key256::generate();
+                let passphrase = recovery::generate_passphrase();
+                let wrapped = recovery::wrap(&nsk, &passphrase, &node.cluster);
+                node.store.put_new_nsk(&node.sealer.seal(&nsk)?, &wrapped)?;
+                tracing::info!(sealer = node.sealer.name(), "created and sealed a new node sealing key");
+                show_recovery_passphrase(&passphrase);
+                nsk
+            }
+        };
+        node.load(nsk)?;
+        Ok(node)
+    }
+
+    /// Loads every cached version with `nsk`, creating version 1 when the
+    /// cache has no primary yet, then self-tests and publishes.
+    fn load(&self, nsk: Key256) -> Result<(), NodeError> {
+        let mut ring = self.store.load_keyring(&nsk)?;
+        if ring.primary().is_none() {
+            let v = ring.add_pending(Key256::generate(), now_unix())?;
+            ring.promote(v)?;
+            self.store.save_versions(&nsk, &ring, &[v])?;
+            tracing::info!(version = v, "created KEK version as primary");
+        }
+        ring.self_test()?;
+        tracing::info!(
+            versions = ring.versions().count(),
+            primary = ring.primary().map(|p| p.key_id.as_str()).unwrap_or(""),
+            "keys loaded"
+        );
+        *self.nsk.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(nsk));
+        self.publish(ring, None);
+        Ok(())
+    }
+
+    fn publish(&self, keyring: Keyring, unavailable: Option<String>) {
+        let snap = Arc::new(Snapshot { keyring, unavailable });
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = snap;
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// KMS Status: `(healthz, key_id)`. healthz is "ok" only when the
+    /// primary is loaded and a round trip under it succeeds right now.
+    pub fn status(&self) -> (String, String) {
+        let snap = self.snapshot();
+        if let Some(reason) = &snap.unavailable {
+            return (reason.clone(), String::new());
+        }
+        let key_id = snap.keyring.primary().map(|p| p.key_id.clone()).unwrap_or_default();
+        match snap.keyring.self_test() {
+            Ok(()) => ("ok".into(), key_id),
+            Err(e) => (e.to_string(), key_id),
+        }
+    }
+
+    fn serving(&self) -> Result<Arc<Snapshot>, NodeError> {
+        let snap = self.snapshot();
+        match &snap.unavailable {
+            Some(reason) => Err(NodeError::Unavailable(reason.clone())),
+            None => Ok(snap),
+        }
+    }
+
+    /// Encrypts under the primary; returns `(ciphertext, key_id, version)`.
+    pub fn encrypt(&self, plaintext: &[u8]) -> Result<(Vec<u8>, String, u32), NodeError> {
+        let snap = self.serving()?;
+        let (ct, kv) = snap.keyring.encrypt(plaintext)?;
+        Ok((ct, kv.key_id.clone(), kv.version))
+    }
+
+    /// Decrypts under the version the envelope names.
+    pub fn decrypt(&self, ciphertext: &[u8], key_id: &str) -> Result<(Zeroizing<Vec<u8>>, u32), NodeError> {
+        let snap = self.serving()?;
+        let (plain, kv) = snap.keyring.decrypt(ciphertext, key_id)?;
+        Ok((plain, kv.version))
+    }
+
+    fn current_nsk(&self) -> Result<Arc<Key256>, NodeError> {
+        self.nsk
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| NodeError::Unavailable("the node sealing key is not unsealed".into()))
+    }
+
+    /// Standalone rotation: a new version becomes primary at once.
+    pub fn rotate(&self) -> Result<KeyVersion, NodeError> {
+        let _guard = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        let nsk = self.current_nsk()?;
+        let mut next = self.serving()?.keyring.clone();
+        let old = next.primary().map(|p| p.version);
+        let v = next.add_pending(Key256::generate(), now_unix())?;
+        next.promote(v)?;
+        next.self_test()?;
+        let changed: Vec<u32> = std::iter::once(v).chain(old).collect();
+        self.store.save_versions(&nsk, &next, &changed)?;
+        let kv = next.get(v).cloned().ok_or(edgekms_kms::KeyringError::NoPrimary)?;
+        self.publish(next, None);
+        tracing::info!(target: "audit", op = "rotate", version = v, key_id = %kv.key_id, result = "ok");
+        Ok(kv)
+    }
+
+    /// Retires `version`, destroying its key here.
+    pub fn retire(&self, version: u32) -> Result<(), NodeError> {
+        let _guard = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        let nsk = self.current_nsk()?;
+        let mut next = self.serving()?.keyring.clone();
+        if let Err(e) = next.retire(version) {
+            tracing::info!(target: "audit", op = "retire", version, result = %e);
+            return Err(e.into());
+        }
+        self.store.save_versions(&nsk, &next, &[version])?;
+        self.publish(next, None);
+        tracing::info!(target: "audit", op = "retire", version, result = "ok");
+        Ok(())
+    }
+
+    /// Recovery after a policy failure: opens the NSK with the recovery
+    /// passphrase, seals it again to the sealer's present state (PCR values),
+    /// and serves. Also works on a serving node (to re-bind after a planned
+    /// firmware update).
+    pub fn reseal(&self, passphrase: &str) -> Result<(), NodeError> {
+        let _guard = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        let blob = self.store.recovery_blob()?.ok_or_else(|| {
+            NodeError::Recovery("this node has no recovery wrapper (created before recovery existed?)".into())
+        })?;
+        let Some(nsk) = recovery::unwrap(&blob, passphrase, &self.cluster) else {
+            tracing::warn!(target: "audit", op = "reseal", result = "wrong recovery passphrase");
+            return Err(NodeError::Recovery("the recovery passphrase is wrong".into()));
+        };
+        self.store.put_sealed_nsk(&self.sealer.seal(&nsk)?)?;
+        self.load(nsk)?;
+        tracing::info!(target: "audit", op = "reseal", sealer = self.sealer.name(), result = "ok");
+        Ok(())
+    }
+
+    /// Everything `kmsctl local status` shows.
+    pub fn report(&self) -> NodeReport {
+        let snap = self.snapshot();
+        let (healthz, _) = self.status();
+        NodeReport {
+            cluster: self.cluster.clone(),
+            node: self.node.clone(),
+            healthz,
+            primary: snap.keyring.primary().map(|p| (p.version, p.key_id.clone())),
+            versions: snap
+                .keyring
+                .versions()
+                .map(|kv| (kv.version, kv.state.as_str(), kv.key_id.clone(), kv.created_unix))
+                .collect(),
+            sealer: self.sealer.info(),
+            hardware_backed: self.sealer.is_hardware_backed(),
+            unsealed: snap.unavailable.is_none(),
+        }
+    }
+}

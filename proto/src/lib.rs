@@ -1,0 +1,17 @@
+//! Wire definitions, generated at build time from `proto/`.
+//!
+//! - [`kms_v2`]: the Kubernetes KMS v2 plugin API (`package v2`), byte for
+//!   byte what kube-apiserver speaks.
+//! - [`admin`]: the node plugin's local admin API used by `kmsctl local`.
+
+#[allow(clippy::all, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+pub mod kms_v2 {
+    tonic::include_proto!("v2");
+}
+
+#[allow(clippy::all, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+pub mod admin {
+    tonic::include_proto!("edgekms.admin.v1");
+}
+
+pub mod uds;

@@ -1,0 +1,392 @@
+//! Shared helpers for the end-to-end tests: find the built binaries, run a
+//! real `edgekms-plugin` on temporary sockets, talk to it over gRPC, run a
+//! real swtpm.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use edgekms_proto::admin::node_admin_client::NodeAdminClient;
+use edgekms_proto::kms_v2::key_management_service_client::KeyManagementServiceClient;
+use edgekms_proto::kms_v2::{DecryptRequest, EncryptRequest, StatusRequest};
+use tonic::transport::Channel;
+
+pub type Kms = KeyManagementServiceClient<Channel>;
+pub type Admin = NodeAdminClient<Channel>;
+
+/// Path of a workspace binary built next to this test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let path = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+/// A running `edgekms-plugin`, killed on drop.
+pub struct Plugin {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub admin_socket: PathBuf,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    pub args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Plugin {
+    /// Arguments for a soft-sealed plugin of `cluster` under `dir`.
+    pub fn soft_args(dir: &Path, cluster: &str) -> Vec<String> {
+        vec![
+            "--socket".into(),
+            dir.join("run/kms.sock").display().to_string(),
+            "--data-dir".into(),
+            dir.join("data").display().to_string(),
+            "--cluster".into(),
+            cluster.into(),
+            "--node".into(),
+            "node-1".into(),
+            "--sealer".into(),
+            "soft".into(),
+        ]
+    }
+
+    /// Starts a soft-sealed plugin and waits for healthz "ok".
+    pub async fn start(dir: &Path, cluster: &str) -> Self {
+        let p = Self::spawn(dir, Self::soft_args(dir, cluster));
+        p.wait_healthy().await;
+        p
+    }
+
+    /// Starts the plugin with `args`, logging to `dir/plugin.log` (appended).
+    pub fn spawn(dir: &Path, args: Vec<String>) -> Self {
+        let log = dir.join("plugin.log");
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let arg = |flag: &str, default: PathBuf| {
+            args.iter()
+                .position(|a| a == flag)
+                .map(|i| PathBuf::from(&args[i + 1]))
+                .unwrap_or(default)
+        };
+        let socket = arg("--socket", dir.join("run/kms.sock"));
+        let admin_socket = arg("--admin-socket", socket.with_file_name("admin.sock"));
+        let data_dir = arg("--data-dir", dir.join("data"));
+        let child = Command::new(bin("edgekms-plugin"))
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Self {
+            dir: dir.to_owned(),
+            socket,
+            admin_socket,
+            data_dir,
+            log,
+            args,
+            child: Some(child),
+        }
+    }
+
+    /// Waits until Status says "ok" (10 s at most).
+    pub async fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut kms) = self.try_kms().await {
+                if let Ok(s) = kms.status(StatusRequest {}).await {
+                    if s.get_ref().healthz == "ok" {
+                        return;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "plugin not healthy in 10 s; log:\n{}", self.log_text());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until the KMS socket answers at all (whatever healthz says).
+    pub async fn wait_serving(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut kms) = self.try_kms().await {
+                if kms.status(StatusRequest {}).await.is_ok() {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "plugin not serving in 10 s; log:\n{}", self.log_text());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn try_kms(&self) -> Result<Kms, tonic::transport::Error> {
+        Ok(KeyManagementServiceClient::new(edgekms_proto::uds::connect(&self.socket).await?))
+    }
+
+    pub async fn kms(&self) -> Kms {
+        self.try_kms().await.unwrap()
+    }
+
+    pub async fn admin(&self) -> Admin {
+        NodeAdminClient::new(edgekms_proto::uds::connect(&self.admin_socket).await.unwrap())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGTERM, then waits for exit; returns the exit status code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        signal(child.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("plugin did not stop within 15 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for the process to exit by itself (e.g. on a start-up error).
+    pub fn wait_exit(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("plugin still running after 15 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Starts again with the same arguments.
+    pub async fn restart(&mut self) {
+        assert_eq!(self.stop(), Some(0));
+        *self = Self::spawn(&self.dir.clone(), self.args.clone());
+        self.wait_healthy().await;
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill").args([format!("-{sig}"), pid.to_string()]).status().unwrap();
+    assert!(ok.success());
+}
+
+pub fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// Runs `kmsctl` with `args`.
+pub fn kmsctl(args: &[&str]) -> Output {
+    Command::new(bin("kmsctl")).args(args).stdin(Stdio::null()).output().unwrap()
+}
+
+/// Runs `kmsctl` and parses its `-o json` output, asserting success.
+pub fn kmsctl_json(args: &[&str]) -> serde_json::Value {
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["-o", "json"]);
+    let out = kmsctl(&all);
+    assert!(
+        out.status.success(),
+        "kmsctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+pub async fn encrypt(kms: &mut Kms, plaintext: &[u8]) -> (Vec<u8>, String) {
+    let r = kms
+        .encrypt(EncryptRequest {
+            plaintext: plaintext.to_vec().into(),
+            uid: "test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (r.ciphertext.to_vec(), r.key_id)
+}
+
+pub async fn decrypt(kms: &mut Kms, ciphertext: &[u8], key_id: &str) -> Result<Vec<u8>, tonic::Status> {
+    kms.decrypt(DecryptRequest {
+        ciphertext: ciphertext.to_vec().into(),
+        uid: "test".into(),
+        key_id: key_id.into(),
+        annotations: Default::default(),
+    })
+    .await
+    .map(|r| r.into_inner().plaintext.to_vec())
+}
+
+pub async fn key_id(kms: &mut Kms) -> String {
+    kms.status(StatusRequest {}).await.unwrap().into_inner().key_id
+}
+
+/// Every file under `dir` that contains `needle`.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                if bytes.windows(needle.len()).any(|w| w == needle) {
+                    hits.push(path);
+                }
+            }
+        }
+    }
+    hits
+}
+
+/// Whether the swtpm tests can run; panics when they must
+/// (`EDGEKMS_REQUIRE_SWTPM=1`, as CI sets) and swtpm is missing.
+pub fn swtpm_available() -> bool {
+    let present = Command::new("swtpm")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !present {
+        assert!(
+            std::env::var("EDGEKMS_REQUIRE_SWTPM").as_deref() != Ok("1"),
+            "EDGEKMS_REQUIRE_SWTPM=1 but swtpm is not installed"
+        );
+        eprintln!("SKIPPED: swtpm is not installed (apt-get install swtpm swtpm-tools)");
+    }
+    present
+}
+
+/// A real software TPM listening on loopback TCP (tss-esapi 7.7's swtpm
+/// TCTI takes only host= and port=), with its state in `state`; stopped on
+/// drop.
+pub struct Swtpm {
+    pub state: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+/// A free loopback port P with P+1 free too (swtpm's control channel).
+fn free_port_pair() -> u16 {
+    static USED: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut used = USED.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if port < u16::MAX
+            && !used.contains(&port)
+            && !used.contains(&(port + 1))
+            && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok()
+        {
+            used.extend([port, port + 1]);
+            return port;
+        }
+    }
+}
+
+impl Swtpm {
+    pub fn start(state: &Path) -> Self {
+        std::fs::create_dir_all(state).unwrap();
+        for _ in 0..5 {
+            let port = free_port_pair();
+            let mut child = Command::new("swtpm")
+                .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
+                .arg("--tpmstate")
+                .arg(format!("dir={}", state.display()))
+                .arg("--server")
+                .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+                .arg("--ctrl")
+                .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let ready = loop {
+                if child.try_wait().unwrap().is_some() {
+                    break false; // lost the port race: try another pair
+                }
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    break true;
+                }
+                assert!(Instant::now() < deadline, "swtpm did not start");
+                std::thread::sleep(Duration::from_millis(5));
+            };
+            if ready {
+                return Self {
+                    state: state.to_owned(),
+                    port,
+                    child: Some(child),
+                };
+            }
+        }
+        panic!("swtpm could not get a port pair");
+    }
+
+    pub fn tcti(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    }
+
+    /// Extends `pcr` in the sha256 bank (as a firmware or boot-loader
+    /// change would), with tpm2-tools.
+    pub fn extend_pcr(&self, pcr: u8) {
+        let out = Command::new("tpm2_pcrextend")
+            .arg(format!("{pcr}:sha256={}", "ab".repeat(32)))
+            .env("TPM2TOOLS_TCTI", self.tcti())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "tpm2_pcrextend: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+impl Drop for Swtpm {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), "TERM");
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Copies a directory tree (a data dir moved to another node).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! The plugin with `--sealer tpm` against a real swtpm started here: restart
+//! and unseal, a data dir copied to another TPM, a changed PCR and the
+//! recovery passphrase, and no key bytes on disk.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+
+use edgekms_e2e::*;
+use edgekms_proto::admin::ResealRequest;
+use tonic::Code;
+
+fn tpm_args(dir: &Path, tpm: &Swtpm, pcrs: Option<&str>) -> Vec<String> {
+    let mut args = Plugin::soft_args(dir, "edge-1");
+    let i = args.iter().position(|a| a == "soft").unwrap();
+    args[i] = "tpm".into();
+    args.extend(["--tpm-tcti".into(), tpm.tcti()]);
+    if let Some(p) = pcrs {
+        args.extend(["--tpm-pcrs".into(), p.into()]);
+    }
+    args
+}
+
+/// The recovery passphrase the plugin printed once at first start.
+fn recovery_passphrase(log: &str) -> String {
+    let mut lines = log.lines();
+    lines.find(|l| l.contains("recovery passphrase")).unwrap();
+    lines.next().unwrap().trim().to_owned()
+}
+
+#[tokio::test]
+async fn seal_restart_unseal_and_decrypt_everything() {
+    if !swtpm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tpm = Swtpm::start(&dir.path().join("tpm"));
+    let mut p = Plugin::spawn(dir.path(), tpm_args(dir.path(), &tpm, None));
+    p.wait_healthy().await;
+    let mut kms = p.kms().await;
+    let mut written = Vec::new();
+    for i in 0..10u8 {
+        written.push(([i; 32], encrypt(&mut kms, &[i; 32]).await));
+    }
+    let tpm_info = kmsctl_json(&["local", "--admin-socket", &p.admin_socket.display().to_string(), "tpm"]);
+    assert_eq!(tpm_info["sealer"]["backend"], "tpm");
+    assert_eq!(tpm_info["unsealed"], true);
+    assert_eq!(tpm_info["hardware_backed"], true);
+    assert!(tpm_info["sealer"]["tcti"].as_str().unwrap().starts_with("swtpm:"));
+    assert!(!p.log_text().contains("INSECURE"));
+
+    p.restart().await;
+    let mut kms = p.kms().await;
+    for (plain, (ct, id)) in &written {
+        assert_eq!(&decrypt(&mut kms, ct, id).await.unwrap(), plain);
+    }
+}
+
+#[tokio::test]
+async fn data_dir_copied_to_another_tpm_is_refused() {
+    if !swtpm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tpm_a = Swtpm::start(&dir.path().join("tpm-a"));
+    let node_a = dir.path().join("a");
+    let mut p = Plugin::spawn(&node_a, tpm_args(&node_a, &tpm_a, None));
+    p.wait_healthy().await;
+    assert_eq!(p.stop(), Some(0));
+
+    let node_b = dir.path().join("b");
+    copy_dir(&node_a.join("data"), &node_b.join("data"));
+    let tpm_b = Swtpm::start(&dir.path().join("tpm-b"));
+    let mut stolen = Plugin::spawn(&node_b, tpm_args(&node_b, &tpm_b, None));
+    assert_ne!(stolen.wait_exit(), Some(0));
+    let log = stolen.log_text();
+    assert!(log.contains("another TPM"), "{log}");
+    assert!(!stolen.socket.exists(), "no key material may be served");
+}
+
+#[tokio::test]
+async fn changed_pcr_refuses_then_recovery_passphrase_reseals() {
+    if !swtpm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tpm = Swtpm::start(&dir.path().join("tpm"));
+    let args = tpm_args(dir.path(), &tpm, Some("sha256:7"));
+    let mut p = Plugin::spawn(dir.path(), args.clone());
+    p.wait_healthy().await;
+    let passphrase = recovery_passphrase(&p.log_text());
+    let mut kms = p.kms().await;
+    let (ct, id) = encrypt(&mut kms, b"written before the PCR changed").await;
+    assert_eq!(p.stop(), Some(0));
+
+    tpm.extend_pcr(7);
+    p = Plugin::spawn(dir.path(), args.clone());
+    p.wait_serving().await;
+    let mut kms = p.kms().await;
+    let status = kms.status(edgekms_proto::kms_v2::StatusRequest {}).await.unwrap().into_inner();
+    assert!(status.healthz.contains("TPM policy check failed: PCR 7 changed"), "{}", status.healthz);
+    let err = kms
+        .encrypt(edgekms_proto::kms_v2::EncryptRequest { plaintext: vec![1; 32].into(), uid: "t".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert_eq!(decrypt(&mut kms, &ct, &id).await.unwrap_err().code(), Code::Unavailable);
+    let admin = p.admin_socket.display().to_string();
+    let info = kmsctl_json(&["local", "--admin-socket", &admin, "tpm"]);
+    assert_eq!(info["unsealed"], false);
+    assert_eq!(info["sealer"]["pcr_policy"], "sha256:7");
+    assert_eq!(p.log_text().matches("PCR 7 changed").count(), 1, "logged once");
+
+    // A wrong passphrase is refused and changes nothing.
+    let mut admin_client = p.admin().await;
+    let wrong = admin_client
+        .reseal(ResealRequest { recovery_passphrase: "0000-0000-0000-0000-0000-0000-0000-0000".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Code::PermissionDenied);
+
+    // The operator checked the node: reseal with the passphrase, via kmsctl.
+    let pass_file = dir.path().join("pass.txt");
+    std::fs::write(&pass_file, &passphrase).unwrap();
+    let out = kmsctl(&["local", "--admin-socket", &admin, "reseal", "--passphrase-file", &pass_file.display().to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(key_id(&mut kms).await, id);
+    assert_eq!(decrypt(&mut kms, &ct, &id).await.unwrap(), b"written before the PCR changed");
+
+    // Sealed to the present PCR values: the next start unseals by itself.
+    p.restart().await;
+    let mut kms = p.kms().await;
+    assert_eq!(decrypt(&mut kms, &ct, &id).await.unwrap(), b"written before the PCR changed");
+}
+
+#[tokio::test]
+async fn a_soft_data_dir_is_never_used_by_a_tpm_config_or_back() {
+    if !swtpm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Plugin::start(dir.path(), "edge-1").await; // soft
+    assert_eq!(p.stop(), Some(0));
+    let tpm = Swtpm::start(&dir.path().join("tpm"));
+    let mut t = Plugin::spawn(dir.path(), tpm_args(dir.path(), &tpm, None));
+    assert_ne!(t.wait_exit(), Some(0));
+    assert!(t.log_text().contains("backend"), "{}", t.log_text());
+
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut t = Plugin::spawn(dir2.path(), tpm_args(dir2.path(), &tpm, None));
+    t.wait_healthy().await;
+    assert_eq!(t.stop(), Some(0));
+    let mut s = Plugin::spawn(dir2.path(), Plugin::soft_args(dir2.path(), "edge-1"));
+    assert_ne!(s.wait_exit(), Some(0));
+    assert!(s.log_text().contains("refusing to switch backends"), "{}", s.log_text());
+}
+
+/// Library-level: the real node code with the TPM sealer on swtpm, so the
+/// test can see the raw NSK and KEKs and look for them in every file.
+#[test]
+fn no_raw_key_bytes_in_a_tpm_data_dir() {
+    use edgekms_plugin::config::{SealerKind, Settings};
+    use edgekms_plugin::node::{sealer_from_config, Node};
+    if !swtpm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tpm = Swtpm::start(&dir.path().join("tpm"));
+    let cfg = Settings {
+        data_dir: Some(dir.path().join("data")),
+        cluster: Some("edge-1".into()),
+        node: Some("n1".into()),
+        sealer: Some(SealerKind::Tpm),
+        tpm_tcti: Some(tpm.tcti()),
+        ..Default::default()
+    }
+    .validate()
+    .unwrap();
+    let mut keys = Vec::new();
+    {
+        let node = Node::open(&cfg, sealer_from_config(&cfg).unwrap()).unwrap();
+        node.rotate().unwrap();
+        for kv in node.snapshot().keyring.versions() {
+            keys.push(kv.key().unwrap().expose().to_vec());
+        }
+    }
+    let store = edgekms_plugin::store::Store::open(&cfg.data_dir, "edge-1").unwrap();
+    let blob = store.sealed_nsk().unwrap().unwrap();
+    drop(store);
+    let sealer = sealer_from_config(&cfg).unwrap();
+    assert_eq!(sealer.name(), "tpm");
+    keys.push(sealer.unseal(&blob).unwrap().expose().to_vec());
+    assert_eq!(keys.len(), 3);
+    for key in &keys {
+        assert!(files_containing(&cfg.data_dir, key).is_empty(), "raw key in the data dir");
+    }
+}
