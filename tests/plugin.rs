@@ -24,14 +24,28 @@ async fn round_trip_through_the_socket() {
 
     let seed = [0x5a; 32];
     let (ct, key_id) = encrypt(&mut kms, &seed).await;
-    assert_eq!(key_id, status.key_id, "Encrypt's key_id must equal Status's");
+    assert_eq!(
+        key_id, status.key_id,
+        "Encrypt's key_id must equal Status's"
+    );
     assert!(ct.len() <= 1024);
     assert_ne!(&ct[..], &seed[..]);
     assert_eq!(decrypt(&mut kms, &ct, &key_id).await.unwrap(), seed);
 
     assert_eq!(mode(&p.socket), 0o600);
     assert_eq!(mode(&p.admin_socket), 0o600);
-    assert!(p.log_text().contains("INSECURE"), "soft sealer must warn at start");
+    assert!(
+        p.log_text().contains("INSECURE"),
+        "soft sealer must warn at start"
+    );
+    // A process holding keys writes no core file.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", p.pid())).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert_eq!(core.split_whitespace().nth(4), Some("0"), "{core}");
+    assert_eq!(core.split_whitespace().nth(5), Some("0"), "{core}");
 }
 
 #[tokio::test]
@@ -73,8 +87,14 @@ async fn rotate_then_decrypt_old_and_new_and_retire() {
     assert_ne!(new_id, old_id);
     let (new_ct, id) = encrypt(&mut kms, b"new seed").await;
     assert_eq!(id, new_id);
-    assert_eq!(decrypt(&mut kms, &old_ct, &old_id).await.unwrap(), b"old seed");
-    assert_eq!(decrypt(&mut kms, &new_ct, &new_id).await.unwrap(), b"new seed");
+    assert_eq!(
+        decrypt(&mut kms, &old_ct, &old_id).await.unwrap(),
+        b"old seed"
+    );
+    assert_eq!(
+        decrypt(&mut kms, &new_ct, &new_id).await.unwrap(),
+        b"new seed"
+    );
 
     let status = kmsctl_json(&["local", "--admin-socket", &admin, "status"]);
     assert_eq!(status["primary_version"], 2);
@@ -90,21 +110,44 @@ async fn rotate_then_decrypt_old_and_new_and_retire() {
     p.restart().await;
     let mut kms = p.kms().await;
     assert_eq!(key_id(&mut kms).await, new_id);
-    assert_eq!(decrypt(&mut kms, &old_ct, &old_id).await.unwrap(), b"old seed");
+    assert_eq!(
+        decrypt(&mut kms, &old_ct, &old_id).await.unwrap(),
+        b"old seed"
+    );
     let out = kmsctl(&["local", "--admin-socket", &admin, "retire", "1"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let err = decrypt(&mut kms, &old_ct, &old_id).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("version 1") && err.message().contains("retired"), "{}", err.message());
-    assert_eq!(decrypt(&mut kms, &new_ct, &new_id).await.unwrap(), b"new seed");
+    assert!(
+        err.message().contains("version 1") && err.message().contains("retired"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        decrypt(&mut kms, &new_ct, &new_id).await.unwrap(),
+        b"new seed"
+    );
 
     // Retirement is durable.
     p.restart().await;
     let mut kms = p.kms().await;
-    assert_eq!(decrypt(&mut kms, &old_ct, &old_id).await.unwrap_err().code(), Code::FailedPrecondition);
+    assert_eq!(
+        decrypt(&mut kms, &old_ct, &old_id)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::FailedPrecondition
+    );
     let human = kmsctl(&["local", "--admin-socket", &admin, "status"]);
     let text = String::from_utf8_lossy(&human.stdout);
-    assert!(text.contains("retired") && text.contains("primary"), "{text}");
+    assert!(
+        text.contains("retired") && text.contains("primary"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -127,52 +170,118 @@ async fn bad_input_gets_a_clear_status_and_never_affects_the_next_call() {
 
     let mut cases: Vec<(&str, tonic::Status)> = Vec::new();
     cases.push(("empty plaintext", encrypt_err(&mut kms, vec![]).await));
-    cases.push(("plaintext over the 1 KiB ciphertext limit", encrypt_err(&mut kms, vec![1; 990]).await));
+    cases.push((
+        "plaintext over the 1 KiB ciphertext limit",
+        encrypt_err(&mut kms, vec![1; 990]).await,
+    ));
     // The largest plaintext that fits makes exactly a 1 KiB ciphertext.
     let (max_ct, max_id) = encrypt(&mut kms, &[1; 989]).await;
     assert_eq!(max_ct.len(), 1024);
-    assert_eq!(decrypt(&mut kms, &max_ct, &max_id).await.unwrap().len(), 989);
+    assert_eq!(
+        decrypt(&mut kms, &max_ct, &max_id).await.unwrap().len(),
+        989
+    );
 
-    cases.push(("truncated", decrypt(&mut kms, &good_ct[..20], &good_id).await.unwrap_err()));
-    cases.push(("empty ciphertext", decrypt(&mut kms, &[], &good_id).await.unwrap_err()));
+    cases.push((
+        "truncated",
+        decrypt(&mut kms, &good_ct[..20], &good_id)
+            .await
+            .unwrap_err(),
+    ));
+    cases.push((
+        "empty ciphertext",
+        decrypt(&mut kms, &[], &good_id).await.unwrap_err(),
+    ));
     let mut tampered = good_ct.clone();
     *tampered.last_mut().unwrap() ^= 1;
-    cases.push(("tampered", decrypt(&mut kms, &tampered, &good_id).await.unwrap_err()));
+    cases.push((
+        "tampered",
+        decrypt(&mut kms, &tampered, &good_id).await.unwrap_err(),
+    ));
     let mut other_kms = other.kms().await;
     let (foreign_ct, foreign_id) = encrypt(&mut other_kms, b"seed").await;
-    cases.push(("foreign cluster's ciphertext", decrypt(&mut kms, &foreign_ct, &foreign_id).await.unwrap_err()));
-    cases.push(("wrong key_id", decrypt(&mut kms, &good_ct, "edge-1/v1/0000000000000000").await.unwrap_err()));
+    cases.push((
+        "foreign cluster's ciphertext",
+        decrypt(&mut kms, &foreign_ct, &foreign_id)
+            .await
+            .unwrap_err(),
+    ));
+    cases.push((
+        "wrong key_id",
+        decrypt(&mut kms, &good_ct, "edge-1/v1/0000000000000000")
+            .await
+            .unwrap_err(),
+    ));
     let mut unknown = good_ct.clone();
     unknown[6] = 99; // header names KEK version 99
-    cases.push(("unknown version", decrypt(&mut kms, &unknown, &good_id).await.unwrap_err()));
-    cases.push(("garbage", decrypt(&mut kms, b"not an envelope at all", &good_id).await.unwrap_err()));
-    cases.push(("oversized ciphertext", decrypt(&mut kms, &[b'E'; 4096], &good_id).await.unwrap_err()));
+    cases.push((
+        "unknown version",
+        decrypt(&mut kms, &unknown, &good_id).await.unwrap_err(),
+    ));
+    cases.push((
+        "garbage",
+        decrypt(&mut kms, b"not an envelope at all", &good_id)
+            .await
+            .unwrap_err(),
+    ));
+    cases.push((
+        "oversized ciphertext",
+        decrypt(&mut kms, &[b'E'; 4096], &good_id)
+            .await
+            .unwrap_err(),
+    ));
 
     for (what, status) in &cases {
         assert!(
-            matches!(status.code(), Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition),
+            matches!(
+                status.code(),
+                Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition
+            ),
             "{what}: {status:?}"
         );
         assert!(!status.message().is_empty(), "{what}: empty message");
         // The next call works.
-        assert_eq!(decrypt(&mut kms, &good_ct, &good_id).await.unwrap(), b"seed", "after {what}");
+        assert_eq!(
+            decrypt(&mut kms, &good_ct, &good_id).await.unwrap(),
+            b"seed",
+            "after {what}"
+        );
     }
     let msg = |i: usize| cases[i].1.message().to_owned();
     assert!(msg(0).contains("empty"));
-    assert!(msg(1).contains("990") && msg(1).contains("989"), "{}", msg(1));
+    assert!(
+        msg(1).contains("990") && msg(1).contains("989"),
+        "{}",
+        msg(1)
+    );
     assert!(msg(2).contains("truncated"), "{}", msg(2));
     assert!(msg(4).contains("tampered"), "{}", msg(4));
     assert!(msg(7).contains("version 99"), "{}", msg(7));
 
     // Garbage on the socket: raw bytes that are not HTTP/2 at all.
-    for junk in [&b"GET / HTTP/1.1\r\n\r\n"[..], &[0xff; 4096][..], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00"] {
+    for junk in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        &[0xff; 4096][..],
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00",
+    ] {
         let mut raw = std::os::unix::net::UnixStream::connect(&p.socket).unwrap();
         let _ = raw.write_all(junk);
         drop(raw);
     }
-    assert_eq!(decrypt(&mut kms, &good_ct, &good_id).await.unwrap(), b"seed");
+    assert_eq!(
+        decrypt(&mut kms, &good_ct, &good_id).await.unwrap(),
+        b"seed"
+    );
     let mut fresh = p.kms().await;
-    assert_eq!(fresh.status(StatusRequest {}).await.unwrap().into_inner().healthz, "ok");
+    assert_eq!(
+        fresh
+            .status(StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .healthz,
+        "ok"
+    );
 }
 
 #[tokio::test]
@@ -213,9 +322,20 @@ async fn sockets_stale_file_replaced_live_one_refused() {
     args[1] = p.socket.display().to_string();
     let mut second = Plugin::spawn(second_dir.path(), args);
     assert_ne!(second.wait_exit(), Some(0));
-    assert!(second.log_text().contains("in use"), "{}", second.log_text());
+    assert!(
+        second.log_text().contains("in use"),
+        "{}",
+        second.log_text()
+    );
     let mut kms = p.kms().await;
-    assert_eq!(kms.status(StatusRequest {}).await.unwrap().into_inner().healthz, "ok");
+    assert_eq!(
+        kms.status(StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .healthz,
+        "ok"
+    );
 
     // A regular file where the socket should be is never deleted.
     let third_dir = tempfile::tempdir().unwrap();
@@ -254,7 +374,13 @@ async fn sigterm_drains_in_flight_calls_and_removes_the_socket() {
                     // answered with garbage or a plugin error.
                     Err(s) => {
                         assert!(Instant::now() >= stop_at, "error before shutdown: {s:?}");
-                        assert!(matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled), "{s:?}");
+                        assert!(
+                            matches!(
+                                s.code(),
+                                Code::Unavailable | Code::Unknown | Code::Cancelled
+                            ),
+                            "{s:?}"
+                        );
                         refused += 1;
                         break;
                     }
@@ -289,7 +415,10 @@ async fn nothing_secret_on_disk() {
     encrypt(&mut kms, known).await;
     assert_eq!(p.stop(), Some(0));
     assert!(files_containing(&p.data_dir, known).is_empty());
-    assert!(files_containing(&p.data_dir, &ct[7..]).is_empty(), "ciphertexts are not cached either");
+    assert!(
+        files_containing(&p.data_dir, &ct[7..]).is_empty(),
+        "ciphertexts are not cached either"
+    );
     assert!(!id.is_empty());
     // The raw key bytes are checked by plugin/tests/at_rest.rs, which can see them.
 }
@@ -297,13 +426,19 @@ async fn nothing_secret_on_disk() {
 #[test]
 fn command_line_errors_are_one_clear_line() {
     let plugin = bin("edgekms-plugin");
-    let out = Command::new(&plugin).arg("--no-such-flag").output().unwrap();
+    let out = Command::new(&plugin)
+        .arg("--no-such-flag")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("--no-such-flag"));
 
-    let out = Command::new(&plugin).args(["--sealer", "soft"]).output().unwrap();
+    let out = Command::new(&plugin)
+        .args(["--sealer", "soft"])
+        .output()
+        .unwrap();
     assert_ne!(out.status.code(), Some(0));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
@@ -312,7 +447,11 @@ fn command_line_errors_are_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("bad.toml");
     std::fs::write(&cfg, "sealr = \"soft\"\n").unwrap();
-    let out = Command::new(&plugin).arg("--config").arg(&cfg).output().unwrap();
+    let out = Command::new(&plugin)
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert_ne!(out.status.code(), Some(0));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
@@ -321,7 +460,16 @@ fn command_line_errors_are_one_clear_line() {
     let help = Command::new(&plugin).arg("--help").output().unwrap();
     assert!(help.status.success());
     let help = String::from_utf8_lossy(&help.stdout);
-    for flag in ["--socket", "--data-dir", "--cluster", "--sealer", "--config", "--admin-socket", "--tpm-tcti", "--tpm-pcrs"] {
+    for flag in [
+        "--socket",
+        "--data-dir",
+        "--cluster",
+        "--sealer",
+        "--config",
+        "--admin-socket",
+        "--tpm-tcti",
+        "--tpm-pcrs",
+    ] {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
     let help = kmsctl(&["local", "--help"]);
@@ -331,7 +479,12 @@ fn command_line_errors_are_one_clear_line() {
         assert!(help.contains(cmd), "kmsctl local --help lacks {cmd}");
     }
     // kmsctl against no plugin: exit 2 and one line.
-    let out = kmsctl(&["local", "--admin-socket", "/nonexistent/admin.sock", "status"]);
+    let out = kmsctl(&[
+        "local",
+        "--admin-socket",
+        "/nonexistent/admin.sock",
+        "status",
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is edgekms-plugin running"));
 }
@@ -348,7 +501,10 @@ async fn config_file_is_read_and_tpm_is_never_silently_replaced_by_soft() {
         ),
     )
     .unwrap();
-    let mut p = Plugin::spawn(dir.path(), vec!["--config".into(), cfg.display().to_string()]);
+    let mut p = Plugin::spawn(
+        dir.path(),
+        vec!["--config".into(), cfg.display().to_string()],
+    );
     p.wait_healthy().await;
     let mut kms = p.kms().await;
     assert!(key_id(&mut kms).await.starts_with("edge-cfg/v1/"));

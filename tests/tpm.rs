@@ -41,11 +41,30 @@ async fn seal_restart_unseal_and_decrypt_everything() {
     for i in 0..10u8 {
         written.push(([i; 32], encrypt(&mut kms, &[i; 32]).await));
     }
-    let tpm_info = kmsctl_json(&["local", "--admin-socket", &p.admin_socket.display().to_string(), "tpm"]);
+    let tpm_info = kmsctl_json(&[
+        "local",
+        "--admin-socket",
+        &p.admin_socket.display().to_string(),
+        "tpm",
+    ]);
     assert_eq!(tpm_info["sealer"]["backend"], "tpm");
     assert_eq!(tpm_info["unsealed"], true);
     assert_eq!(tpm_info["hardware_backed"], true);
-    assert!(tpm_info["sealer"]["tcti"].as_str().unwrap().starts_with("swtpm:"));
+    assert!(tpm_info["sealer"]["tcti"]
+        .as_str()
+        .unwrap()
+        .starts_with("swtpm:"));
+    assert!(
+        !tpm_info["sealer"]["manufacturer"]
+            .as_str()
+            .unwrap_or("")
+            .is_empty(),
+        "{tpm_info}"
+    );
+    assert!(
+        tpm_info["sealer"]["firmware_version"].is_string(),
+        "{tpm_info}"
+    );
     assert!(!p.log_text().contains("INSECURE"));
 
     p.restart().await;
@@ -96,24 +115,50 @@ async fn changed_pcr_refuses_then_recovery_passphrase_reseals() {
     p = Plugin::spawn(dir.path(), args.clone());
     p.wait_serving().await;
     let mut kms = p.kms().await;
-    let status = kms.status(edgekms_proto::kms_v2::StatusRequest {}).await.unwrap().into_inner();
-    assert!(status.healthz.contains("TPM policy check failed: PCR 7 changed"), "{}", status.healthz);
+    let status = kms
+        .status(edgekms_proto::kms_v2::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        status
+            .healthz
+            .contains("TPM policy check failed: PCR 7 changed"),
+        "{}",
+        status.healthz
+    );
     let err = kms
-        .encrypt(edgekms_proto::kms_v2::EncryptRequest { plaintext: vec![1; 32].into(), uid: "t".into() })
+        .encrypt(edgekms_proto::kms_v2::EncryptRequest {
+            plaintext: vec![1; 32].into(),
+            uid: "t".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
-    assert_eq!(decrypt(&mut kms, &ct, &id).await.unwrap_err().code(), Code::Unavailable);
+    assert_eq!(
+        decrypt(&mut kms, &ct, &id).await.unwrap_err().code(),
+        Code::Unavailable
+    );
     let admin = p.admin_socket.display().to_string();
     let info = kmsctl_json(&["local", "--admin-socket", &admin, "tpm"]);
     assert_eq!(info["unsealed"], false);
     assert_eq!(info["sealer"]["pcr_policy"], "sha256:7");
-    assert_eq!(p.log_text().matches("PCR 7 changed").count(), 1, "logged once");
+    // Logged once at start; Status polls add nothing.
+    kms.status(edgekms_proto::kms_v2::StatusRequest {})
+        .await
+        .unwrap();
+    assert_eq!(
+        p.log_text().matches("not serving key material").count(),
+        1,
+        "logged once"
+    );
 
     // A wrong passphrase is refused and changes nothing.
     let mut admin_client = p.admin().await;
     let wrong = admin_client
-        .reseal(ResealRequest { recovery_passphrase: "0000-0000-0000-0000-0000-0000-0000-0000".into() })
+        .reseal(ResealRequest {
+            recovery_passphrase: "0000-0000-0000-0000-0000-0000-0000-0000".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(wrong.code(), Code::PermissionDenied);
@@ -121,15 +166,32 @@ async fn changed_pcr_refuses_then_recovery_passphrase_reseals() {
     // The operator checked the node: reseal with the passphrase, via kmsctl.
     let pass_file = dir.path().join("pass.txt");
     std::fs::write(&pass_file, &passphrase).unwrap();
-    let out = kmsctl(&["local", "--admin-socket", &admin, "reseal", "--passphrase-file", &pass_file.display().to_string()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = kmsctl(&[
+        "local",
+        "--admin-socket",
+        &admin,
+        "reseal",
+        "--passphrase-file",
+        &pass_file.display().to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(key_id(&mut kms).await, id);
-    assert_eq!(decrypt(&mut kms, &ct, &id).await.unwrap(), b"written before the PCR changed");
+    assert_eq!(
+        decrypt(&mut kms, &ct, &id).await.unwrap(),
+        b"written before the PCR changed"
+    );
 
     // Sealed to the present PCR values: the next start unseals by itself.
     p.restart().await;
     let mut kms = p.kms().await;
-    assert_eq!(decrypt(&mut kms, &ct, &id).await.unwrap(), b"written before the PCR changed");
+    assert_eq!(
+        decrypt(&mut kms, &ct, &id).await.unwrap(),
+        b"written before the PCR changed"
+    );
 }
 
 #[tokio::test]
@@ -151,7 +213,11 @@ async fn a_soft_data_dir_is_never_used_by_a_tpm_config_or_back() {
     assert_eq!(t.stop(), Some(0));
     let mut s = Plugin::spawn(dir2.path(), Plugin::soft_args(dir2.path(), "edge-1"));
     assert_ne!(s.wait_exit(), Some(0));
-    assert!(s.log_text().contains("refusing to switch backends"), "{}", s.log_text());
+    assert!(
+        s.log_text().contains("refusing to switch backends"),
+        "{}",
+        s.log_text()
+    );
 }
 
 /// Library-level: the real node code with the TPM sealer on swtpm, so the
@@ -191,6 +257,9 @@ fn no_raw_key_bytes_in_a_tpm_data_dir() {
     keys.push(sealer.unseal(&blob).unwrap().expose().to_vec());
     assert_eq!(keys.len(), 3);
     for key in &keys {
-        assert!(files_containing(&cfg.data_dir, key).is_empty(), "raw key in the data dir");
+        assert!(
+            files_containing(&cfg.data_dir, key).is_empty(),
+            "raw key in the data dir"
+        );
     }
 }

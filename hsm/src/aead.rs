@@ -24,8 +24,10 @@ pub struct OpenError;
 
 /// Encrypts `plaintext` under `key`, appending to `out`.
 pub fn seal_into(key: &Key256, aad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) {
+    // ThreadRng is a CSPRNG (ChaCha12) seeded and periodically reseeded from
+    // the OS: unique random nonces without a getrandom(2) call per request.
     let mut nonce = [0u8; NONCE_LEN];
-    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    rand::thread_rng().fill_bytes(&mut nonce);
     seal_with_nonce(key, &nonce, aad, plaintext, out);
 }
 

@@ -88,7 +88,8 @@ fn header(version: u32) -> [u8; HEADER_LEN] {
 }
 
 fn aad(cluster: &str, key_id: &str, header: &[u8]) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(AAD_DOMAIN.len() + 8 + cluster.len() + key_id.len() + HEADER_LEN);
+    let mut aad =
+        Vec::with_capacity(AAD_DOMAIN.len() + 8 + cluster.len() + key_id.len() + HEADER_LEN);
     aad.extend_from_slice(AAD_DOMAIN);
     for part in [cluster.as_bytes(), key_id.as_bytes()] {
         // Length prefixes keep ("ab","c") and ("a","bc") apart.
@@ -164,12 +165,17 @@ mod tests {
     fn round_trip_and_largest_plaintext_fits_the_apiserver_limit() {
         let key = Key256::generate();
         assert_eq!(
-            open(&key, CLUSTER, KEY_ID, &sealed(&key)).unwrap().as_slice(),
+            open(&key, CLUSTER, KEY_ID, &sealed(&key))
+                .unwrap()
+                .as_slice(),
             &[7u8; 32]
         );
         let big = seal(&key, 1, CLUSTER, KEY_ID, &[1u8; MAX_PLAINTEXT]).unwrap();
         assert_eq!(big.len(), MAX_CIPHERTEXT);
-        assert_eq!(open(&key, CLUSTER, KEY_ID, &big).unwrap().len(), MAX_PLAINTEXT);
+        assert_eq!(
+            open(&key, CLUSTER, KEY_ID, &big).unwrap().len(),
+            MAX_PLAINTEXT
+        );
     }
 
     #[test]
@@ -220,7 +226,10 @@ mod tests {
         let key = Key256::generate();
         let ct = sealed(&key);
         for len in 0..ct.len() {
-            assert!(open(&key, CLUSTER, KEY_ID, &ct[..len]).is_err(), "len {len}");
+            assert!(
+                open(&key, CLUSTER, KEY_ID, &ct[..len]).is_err(),
+                "len {len}"
+            );
         }
         assert_eq!(parse_header(b"XYZ"), Err(EnvelopeError::BadMagic));
         assert_eq!(

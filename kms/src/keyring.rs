@@ -66,7 +66,10 @@ impl KeyState {
         use KeyState::*;
         matches!(
             (self, to),
-            (Pending, Primary) | (Pending, Retired) | (Primary, DecryptOnly) | (DecryptOnly, Retired)
+            (Pending, Primary)
+                | (Pending, Retired)
+                | (Primary, DecryptOnly)
+                | (DecryptOnly, Retired)
         )
     }
 
@@ -106,7 +109,13 @@ impl fmt::Debug for KeyVersion {
 
 impl KeyVersion {
     /// A version holding `key`; its key_id is derived from the key.
-    pub fn new(cluster: &str, version: u32, state: KeyState, key: Key256, created_unix: u64) -> Self {
+    pub fn new(
+        cluster: &str,
+        version: u32,
+        state: KeyState,
+        key: Key256,
+        created_unix: u64,
+    ) -> Self {
         Self {
             version,
             state,
@@ -144,7 +153,11 @@ pub enum KeyringError {
     #[error("KEK version {version} ({key_id}) was retired and its key destroyed: data under it cannot be decrypted (re-encrypt data before retiring a version)")]
     Retired { version: u32, key_id: String },
     #[error("KEK version {version} cannot go from {from} to {to}")]
-    IllegalTransition { version: u32, from: KeyState, to: KeyState },
+    IllegalTransition {
+        version: u32,
+        from: KeyState,
+        to: KeyState,
+    },
     #[error("KEK version {version} is the primary and cannot be retired: rotate first")]
     RetirePrimary { version: u32 },
     #[error("KEK version {version} is already in the keyring")]
@@ -152,7 +165,11 @@ pub enum KeyringError {
     #[error("keyring would hold two primary versions ({0} and {1})")]
     TwoPrimaries(u32, u32),
     #[error("ciphertext is under KEK version {version} whose key_id is {actual:?}, but the request names key_id {requested:?}")]
-    KeyIdMismatch { version: u32, actual: String, requested: String },
+    KeyIdMismatch {
+        version: u32,
+        actual: String,
+        requested: String,
+    },
     #[error("KEK version numbers are exhausted")]
     VersionsExhausted,
     #[error("self-test failed: {0}")]
@@ -184,7 +201,9 @@ impl Keyring {
     /// Adds a version as stored (used when loading a cache).
     pub fn insert(&mut self, kv: KeyVersion) -> Result<(), KeyringError> {
         if self.versions.contains_key(&kv.version) {
-            return Err(KeyringError::DuplicateVersion { version: kv.version });
+            return Err(KeyringError::DuplicateVersion {
+                version: kv.version,
+            });
         }
         if kv.state == KeyState::Primary {
             if let Some(p) = self.primary() {
@@ -237,10 +256,13 @@ impl Keyring {
     }
 
     fn check(&self, version: u32, to: KeyState) -> Result<(), KeyringError> {
-        let kv = self.versions.get(&version).ok_or(KeyringError::UnknownVersion {
-            version,
-            key_id: String::new(),
-        })?;
+        let kv = self
+            .versions
+            .get(&version)
+            .ok_or(KeyringError::UnknownVersion {
+                version,
+                key_id: String::new(),
+            })?;
         if kv.state.can_become(to) {
             Ok(())
         } else {
@@ -259,7 +281,9 @@ impl Keyring {
     }
 
     pub fn primary(&self) -> Option<&KeyVersion> {
-        self.versions.values().find(|kv| kv.state == KeyState::Primary)
+        self.versions
+            .values()
+            .find(|kv| kv.state == KeyState::Primary)
     }
 
     pub fn get(&self, version: u32) -> Option<&KeyVersion> {
@@ -276,18 +300,31 @@ impl Keyring {
     pub fn encrypt(&self, plaintext: &[u8]) -> Result<(Vec<u8>, &KeyVersion), KeyringError> {
         let primary = self.primary().ok_or(KeyringError::NoPrimary)?;
         let key = primary.key().ok_or(KeyringError::NoPrimary)?;
-        let ct = envelope::seal(key, primary.version, &self.cluster, &primary.key_id, plaintext)?;
+        let ct = envelope::seal(
+            key,
+            primary.version,
+            &self.cluster,
+            &primary.key_id,
+            plaintext,
+        )?;
         Ok((ct, primary))
     }
 
     /// Decrypts an envelope under whichever non-retired version its header
     /// names. `key_id` is what Encrypt returned with it.
-    pub fn decrypt(&self, ciphertext: &[u8], key_id: &str) -> Result<(Zeroizing<Vec<u8>>, &KeyVersion), KeyringError> {
+    pub fn decrypt(
+        &self,
+        ciphertext: &[u8],
+        key_id: &str,
+    ) -> Result<(Zeroizing<Vec<u8>>, &KeyVersion), KeyringError> {
         let version = envelope::parse_header(ciphertext)?.kek_version;
-        let kv = self.versions.get(&version).ok_or_else(|| KeyringError::UnknownVersion {
-            version,
-            key_id: key_id.to_owned(),
-        })?;
+        let kv = self
+            .versions
+            .get(&version)
+            .ok_or_else(|| KeyringError::UnknownVersion {
+                version,
+                key_id: key_id.to_owned(),
+            })?;
         let key = kv.key().ok_or_else(|| KeyringError::Retired {
             version,
             key_id: kv.key_id.clone(),
@@ -312,7 +349,9 @@ impl Keyring {
         if plain.as_slice() == PROBE {
             Ok(())
         } else {
-            Err(KeyringError::SelfTest("round trip returned other bytes".into()))
+            Err(KeyringError::SelfTest(
+                "round trip returned other bytes".into(),
+            ))
         }
     }
 }
@@ -333,10 +372,19 @@ mod tests {
 
     #[test]
     fn transition_table_is_exactly_the_documented_one() {
-        let legal = [(Pending, Primary), (Pending, Retired), (Primary, DecryptOnly), (DecryptOnly, Retired)];
+        let legal = [
+            (Pending, Primary),
+            (Pending, Retired),
+            (Primary, DecryptOnly),
+            (DecryptOnly, Retired),
+        ];
         for from in KeyState::ALL {
             for to in KeyState::ALL {
-                assert_eq!(from.can_become(to), legal.contains(&(from, to)), "{from} -> {to}");
+                assert_eq!(
+                    from.can_become(to),
+                    legal.contains(&(from, to)),
+                    "{from} -> {to}"
+                );
             }
         }
     }
@@ -359,14 +407,38 @@ mod tests {
         let v3 = ring.add_pending(Key256::generate(), 0).unwrap();
         let v4 = ring.add_pending(Key256::generate(), 0).unwrap();
         ring.retire(v4).unwrap(); // pending -> retired is legal (abandon)
-        // primary -> primary, decrypt-only -> primary, retired -> anything
-        assert!(matches!(ring.promote(2), Err(KeyringError::IllegalTransition { from: Primary, .. })));
-        assert!(matches!(ring.promote(1), Err(KeyringError::IllegalTransition { from: DecryptOnly, .. })));
-        assert!(matches!(ring.promote(v4), Err(KeyringError::IllegalTransition { from: Retired, .. })));
-        assert!(matches!(ring.retire(v4), Err(KeyringError::IllegalTransition { from: Retired, .. })));
-        assert_eq!(ring.retire(2), Err(KeyringError::RetirePrimary { version: 2 }));
-        assert!(matches!(ring.promote(99), Err(KeyringError::UnknownVersion { version: 99, .. })));
-        assert!(matches!(ring.retire(99), Err(KeyringError::UnknownVersion { version: 99, .. })));
+                                  // primary -> primary, decrypt-only -> primary, retired -> anything
+        assert!(matches!(
+            ring.promote(2),
+            Err(KeyringError::IllegalTransition { from: Primary, .. })
+        ));
+        assert!(matches!(
+            ring.promote(1),
+            Err(KeyringError::IllegalTransition {
+                from: DecryptOnly,
+                ..
+            })
+        ));
+        assert!(matches!(
+            ring.promote(v4),
+            Err(KeyringError::IllegalTransition { from: Retired, .. })
+        ));
+        assert!(matches!(
+            ring.retire(v4),
+            Err(KeyringError::IllegalTransition { from: Retired, .. })
+        ));
+        assert_eq!(
+            ring.retire(2),
+            Err(KeyringError::RetirePrimary { version: 2 })
+        );
+        assert!(matches!(
+            ring.promote(99),
+            Err(KeyringError::UnknownVersion { version: 99, .. })
+        ));
+        assert!(matches!(
+            ring.retire(99),
+            Err(KeyringError::UnknownVersion { version: 99, .. })
+        ));
         // Nothing changed through the refusals.
         assert_eq!(ring.get(1).unwrap().state, DecryptOnly);
         assert_eq!(ring.get(2).unwrap().state, Primary);
@@ -383,7 +455,9 @@ mod tests {
         ring.retire(v3).unwrap();
         assert_eq!(ring.next_version().unwrap(), 4);
         let mut loaded = Keyring::new("edge-1").unwrap();
-        loaded.insert(KeyVersion::retired(7, "edge-1/v7/00".into(), 0)).unwrap();
+        loaded
+            .insert(KeyVersion::retired(7, "edge-1/v7/00".into(), 0))
+            .unwrap();
         assert_eq!(loaded.next_version().unwrap(), 8);
         assert_eq!(
             loaded.insert(KeyVersion::retired(7, "x".into(), 0)),
@@ -394,7 +468,8 @@ mod tests {
     #[test]
     fn insert_refuses_two_primaries() {
         let mut ring = Keyring::new("edge-1").unwrap();
-        ring.insert(KeyVersion::new("edge-1", 1, Primary, Key256::generate(), 0)).unwrap();
+        ring.insert(KeyVersion::new("edge-1", 1, Primary, Key256::generate(), 0))
+            .unwrap();
         assert_eq!(
             ring.insert(KeyVersion::new("edge-1", 2, Primary, Key256::generate(), 0)),
             Err(KeyringError::TwoPrimaries(1, 2))
@@ -404,19 +479,34 @@ mod tests {
     #[test]
     fn decrypt_under_every_non_retired_version() {
         let mut ring = ring_with(1);
-        let (old, v1) = ring.encrypt(b"old seed").map(|(c, kv)| (c, kv.key_id.clone())).unwrap();
+        let (old, v1) = ring
+            .encrypt(b"old seed")
+            .map(|(c, kv)| (c, kv.key_id.clone()))
+            .unwrap();
         let v2 = ring.add_pending(Key256::generate(), 0).unwrap();
         // Another node may already write under a version still pending here.
         let pending_ct = {
             let mut other = ring.clone();
             other.promote(v2).unwrap();
-            other.encrypt(b"new seed").map(|(c, kv)| (c, kv.key_id.clone())).unwrap()
+            other
+                .encrypt(b"new seed")
+                .map(|(c, kv)| (c, kv.key_id.clone()))
+                .unwrap()
         };
-        assert_eq!(ring.decrypt(&pending_ct.0, &pending_ct.1).unwrap().0.as_slice(), b"new seed");
+        assert_eq!(
+            ring.decrypt(&pending_ct.0, &pending_ct.1)
+                .unwrap()
+                .0
+                .as_slice(),
+            b"new seed"
+        );
         ring.promote(v2).unwrap();
         assert_eq!(ring.decrypt(&old, &v1).unwrap().0.as_slice(), b"old seed");
         ring.retire(1).unwrap();
-        assert!(matches!(ring.decrypt(&old, &v1), Err(KeyringError::Retired { version: 1, .. })));
+        assert!(matches!(
+            ring.decrypt(&old, &v1),
+            Err(KeyringError::Retired { version: 1, .. })
+        ));
     }
 
     #[test]
@@ -424,14 +514,23 @@ mod tests {
         let ring = ring_with(1);
         let (ct, kv) = ring.encrypt(b"seed").unwrap();
         let key_id = kv.key_id.clone();
-        assert!(matches!(ring.decrypt(&ct, "edge-1/v1/other"), Err(KeyringError::KeyIdMismatch { .. })));
+        assert!(matches!(
+            ring.decrypt(&ct, "edge-1/v1/other"),
+            Err(KeyringError::KeyIdMismatch { .. })
+        ));
         let mut foreign = ct.clone();
         foreign[6] = 9; // header now names version 9
-        assert!(matches!(ring.decrypt(&foreign, &key_id), Err(KeyringError::UnknownVersion { version: 9, .. })));
+        assert!(matches!(
+            ring.decrypt(&foreign, &key_id),
+            Err(KeyringError::UnknownVersion { version: 9, .. })
+        ));
         let other_cluster = ring_with(1);
         let (theirs, their_kv) = other_cluster.encrypt(b"seed").unwrap();
         assert!(ring.decrypt(&theirs, &their_kv.key_id).is_err());
-        assert!(matches!(Keyring::new("edge-1").unwrap().encrypt(b"x"), Err(KeyringError::NoPrimary)));
+        assert!(matches!(
+            Keyring::new("edge-1").unwrap().encrypt(b"x"),
+            Err(KeyringError::NoPrimary)
+        ));
     }
 
     #[test]
@@ -447,6 +546,8 @@ mod tests {
         let ring = ring_with(1);
         let shown = format!("{ring:?}");
         assert!(shown.contains("[redacted]"));
-        assert!(!shown.contains(&hex::encode(ring.primary().unwrap().key().unwrap().expose())));
+        assert!(!shown.contains(&hex::encode(
+            ring.primary().unwrap().key().unwrap().expose()
+        )));
     }
 }

@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use edgekms_proto::admin::node_admin_server::NodeAdmin;
 use edgekms_proto::admin::{
-    KeyVersion, NodeStatus, ResealRequest, ResealResponse, RetireRequest, RetireResponse, RotateRequest,
-    RotateResponse, StatusRequest,
+    KeyVersion, NodeStatus, ResealRequest, ResealResponse, RetireRequest, RetireResponse,
+    RotateRequest, RotateResponse, StatusRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -68,14 +68,20 @@ impl NodeAdmin for AdminService {
         }))
     }
 
-    async fn retire(&self, request: Request<RetireRequest>) -> Result<Response<RetireResponse>, Status> {
+    async fn retire(
+        &self,
+        request: Request<RetireRequest>,
+    ) -> Result<Response<RetireResponse>, Status> {
         let node = self.node.clone();
         let version = request.into_inner().version;
         blocking(move || node.retire(version)).await?;
         Ok(Response::new(RetireResponse {}))
     }
 
-    async fn reseal(&self, request: Request<ResealRequest>) -> Result<Response<ResealResponse>, Status> {
+    async fn reseal(
+        &self,
+        request: Request<ResealRequest>,
+    ) -> Result<Response<ResealResponse>, Status> {
         let node = self.node.clone();
         let passphrase = zeroize::Zeroizing::new(request.into_inner().recovery_passphrase);
         blocking(move || node.reseal(&passphrase)).await?;

@@ -56,6 +56,9 @@ pub struct Settings {
     /// Bind the sealed key to these PCRs, e.g. sha256:7 or sha256:0,2,7 [default: no PCR policy]
     #[arg(long, value_name = "BANK:LIST")]
     pub tpm_pcrs: Option<String>,
+    /// File holding the TPM owner-hierarchy authorization, when the owner set one (kept out of argv and the config)
+    #[arg(long, value_name = "FILE")]
+    pub tpm_owner_auth_file: Option<PathBuf>,
     /// Log format [default: text]
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -72,6 +75,7 @@ pub struct Config {
     pub sealer: SealerKind,
     pub tpm_tcti: String,
     pub tpm_pcrs: Option<String>,
+    pub tpm_owner_auth_file: Option<PathBuf>,
     pub log_format: LogFormat,
 }
 
@@ -81,9 +85,7 @@ impl Settings {
     pub fn from_file(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| {
-            format!("config {}: {}", path.display(), e.message())
-        })
+        toml::from_str(&text).map_err(|e| format!("config {}: {}", path.display(), e.message()))
     }
 
     /// `self` with every unset field taken from `file`.
@@ -97,6 +99,7 @@ impl Settings {
             admin_socket: self.admin_socket.or(file.admin_socket),
             tpm_tcti: self.tpm_tcti.or(file.tpm_tcti),
             tpm_pcrs: self.tpm_pcrs.or(file.tpm_pcrs),
+            tpm_owner_auth_file: self.tpm_owner_auth_file.or(file.tpm_owner_auth_file),
             log_format: self.log_format.or(file.log_format),
         }
     }
@@ -122,8 +125,12 @@ impl Settings {
             problems.push(format!("--node: {e}"));
         }
         let sealer = self.sealer.unwrap_or(SealerKind::Tpm);
-        if sealer == SealerKind::Soft && (self.tpm_pcrs.is_some() || self.tpm_tcti.is_some()) {
-            problems.push("--tpm-tcti/--tpm-pcrs given but --sealer is soft".to_owned());
+        if sealer == SealerKind::Soft
+            && (self.tpm_pcrs.is_some()
+                || self.tpm_tcti.is_some()
+                || self.tpm_owner_auth_file.is_some())
+        {
+            problems.push("--tpm-* options given but --sealer is soft".to_owned());
         }
         if problems.is_empty() {
             Ok(Config {
@@ -135,6 +142,7 @@ impl Settings {
                 sealer,
                 tpm_tcti: self.tpm_tcti.unwrap_or_else(|| DEFAULT_TPM_TCTI.into()),
                 tpm_pcrs: self.tpm_pcrs,
+                tpm_owner_auth_file: self.tpm_owner_auth_file,
                 log_format: self.log_format.unwrap_or_default(),
             })
         } else {
@@ -201,7 +209,10 @@ mod tests {
         }
         .validate()
         .unwrap_err();
-        assert!(err.contains("Bad_Name") && err.contains("--node") && err.contains("--admin-socket"), "{err}");
+        assert!(
+            err.contains("Bad_Name") && err.contains("--node") && err.contains("--admin-socket"),
+            "{err}"
+        );
         assert!(!err.contains('\n'));
     }
 

@@ -56,9 +56,9 @@ fn keyring_code(e: &KeyringError) -> Code {
         KeyringError::DuplicateVersion { .. } => Code::AlreadyExists,
         KeyringError::VersionsExhausted => Code::ResourceExhausted,
         KeyringError::NoPrimary => Code::Unavailable,
-        KeyringError::InvalidCluster(_) | KeyringError::TwoPrimaries(..) | KeyringError::SelfTest(_) => {
-            Code::Internal
-        }
+        KeyringError::InvalidCluster(_)
+        | KeyringError::TwoPrimaries(..)
+        | KeyringError::SelfTest(_) => Code::Internal,
     }
 }
 

@@ -33,7 +33,10 @@ impl KeyManagementService for KmsService {
         }))
     }
 
-    async fn encrypt(&self, request: Request<EncryptRequest>) -> Result<Response<EncryptResponse>, Status> {
+    async fn encrypt(
+        &self,
+        request: Request<EncryptRequest>,
+    ) -> Result<Response<EncryptResponse>, Status> {
         let req = request.into_inner();
         match self.node.encrypt(&req.plaintext) {
             Ok((ciphertext, key_id, version)) => {
@@ -51,7 +54,10 @@ impl KeyManagementService for KmsService {
         }
     }
 
-    async fn decrypt(&self, request: Request<DecryptRequest>) -> Result<Response<DecryptResponse>, Status> {
+    async fn decrypt(
+        &self,
+        request: Request<DecryptRequest>,
+    ) -> Result<Response<DecryptResponse>, Status> {
         let req = request.into_inner();
         match self.node.decrypt(&req.ciphertext, &req.key_id) {
             Ok((plaintext, version)) => {

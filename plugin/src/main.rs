@@ -48,7 +48,9 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -65,7 +67,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(path) => Settings::from_file(path).map_err(anyhow::Error::msg)?,
         None => Settings::default(),
     };
-    let cfg = cli.settings.or(file).validate().map_err(anyhow::Error::msg)?;
+    let cfg = cli
+        .settings
+        .or(file)
+        .validate()
+        .map_err(anyhow::Error::msg)?;
     init_logging(cfg.log_format);
     if let Err(e) = edgekms_hsm::memory::harden_process() {
         tracing::warn!(error = %e, "cannot disable core dumps for this process");
@@ -91,7 +97,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 /// Resolves on SIGTERM or SIGINT.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

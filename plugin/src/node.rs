@@ -102,10 +102,25 @@ fn create_private_dir(dir: &std::path::Path) -> Result<(), NodeError> {
 fn tpm_sealer(cfg: &Config) -> Result<Box<dyn Sealer>, NodeError> {
     use edgekms_hsm::tpm::{PcrPolicy, TpmConfig, TpmSealer};
     let pcrs = cfg.tpm_pcrs.as_deref().map(PcrPolicy::parse).transpose()?;
+    let owner_auth = match &cfg.tpm_owner_auth_file {
+        Some(path) => {
+            let text =
+                zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
+                    SealError::Io {
+                        op: format!("read TPM owner auth {}", path.display()),
+                        source,
+                    }
+                })?);
+            Some(zeroize::Zeroizing::new(
+                text.trim_end_matches(['\r', '\n']).to_owned(),
+            ))
+        }
+        None => None,
+    };
     Ok(Box::new(TpmSealer::new(TpmConfig {
         tcti: cfg.tpm_tcti.clone(),
         pcrs,
-        owner_auth: None,
+        owner_auth,
     })?))
 }
 
@@ -151,7 +166,10 @@ impl Node {
                 let passphrase = recovery::generate_passphrase();
                 let wrapped = recovery::wrap(&nsk, &passphrase, &node.cluster);
                 node.store.put_new_nsk(&node.sealer.seal(&nsk)?, &wrapped)?;
-                tracing::info!(sealer = node.sealer.name(), "created and sealed a new node sealing key");
+                tracing::info!(
+                    sealer = node.sealer.name(),
+                    "created and sealed a new node sealing key"
+                );
                 show_recovery_passphrase(&passphrase);
                 nsk
             }
@@ -182,13 +200,19 @@ impl Node {
     }
 
     fn publish(&self, keyring: Keyring, unavailable: Option<String>) {
-        let snap = Arc::new(Snapshot { keyring, unavailable });
+        let snap = Arc::new(Snapshot {
+            keyring,
+            unavailable,
+        });
         *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = snap;
     }
 
     /// The current snapshot.
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.snapshot.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.snapshot
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// KMS Status: `(healthz, key_id)`. healthz is "ok" only when the
@@ -198,7 +222,11 @@ impl Node {
         if let Some(reason) = &snap.unavailable {
             return (reason.clone(), String::new());
         }
-        let key_id = snap.keyring.primary().map(|p| p.key_id.clone()).unwrap_or_default();
+        let key_id = snap
+            .keyring
+            .primary()
+            .map(|p| p.key_id.clone())
+            .unwrap_or_default();
         match snap.keyring.self_test() {
             Ok(()) => ("ok".into(), key_id),
             Err(e) => (e.to_string(), key_id),
@@ -221,7 +249,11 @@ impl Node {
     }
 
     /// Decrypts under the version the envelope names.
-    pub fn decrypt(&self, ciphertext: &[u8], key_id: &str) -> Result<(Zeroizing<Vec<u8>>, u32), NodeError> {
+    pub fn decrypt(
+        &self,
+        ciphertext: &[u8],
+        key_id: &str,
+    ) -> Result<(Zeroizing<Vec<u8>>, u32), NodeError> {
         let snap = self.serving()?;
         let (plain, kv) = snap.keyring.decrypt(ciphertext, key_id)?;
         Ok((plain, kv.version))
@@ -246,7 +278,10 @@ impl Node {
         next.self_test()?;
         let changed: Vec<u32> = std::iter::once(v).chain(old).collect();
         self.store.save_versions(&nsk, &next, &changed)?;
-        let kv = next.get(v).cloned().ok_or(edgekms_kms::KeyringError::NoPrimary)?;
+        let kv = next
+            .get(v)
+            .cloned()
+            .ok_or(edgekms_kms::KeyringError::NoPrimary)?;
         self.publish(next, None);
         tracing::info!(target: "audit", op = "rotate", version = v, key_id = %kv.key_id, result = "ok");
         Ok(kv)
@@ -274,11 +309,15 @@ impl Node {
     pub fn reseal(&self, passphrase: &str) -> Result<(), NodeError> {
         let _guard = self.admin.lock().unwrap_or_else(|e| e.into_inner());
         let blob = self.store.recovery_blob()?.ok_or_else(|| {
-            NodeError::Recovery("this node has no recovery wrapper (created before recovery existed?)".into())
+            NodeError::Recovery(
+                "this node has no recovery wrapper (created before recovery existed?)".into(),
+            )
         })?;
         let Some(nsk) = recovery::unwrap(&blob, passphrase, &self.cluster) else {
             tracing::warn!(target: "audit", op = "reseal", result = "wrong recovery passphrase");
-            return Err(NodeError::Recovery("the recovery passphrase is wrong".into()));
+            return Err(NodeError::Recovery(
+                "the recovery passphrase is wrong".into(),
+            ));
         };
         self.store.put_sealed_nsk(&self.sealer.seal(&nsk)?)?;
         self.load(nsk)?;
@@ -294,11 +333,21 @@ impl Node {
             cluster: self.cluster.clone(),
             node: self.node.clone(),
             healthz,
-            primary: snap.keyring.primary().map(|p| (p.version, p.key_id.clone())),
+            primary: snap
+                .keyring
+                .primary()
+                .map(|p| (p.version, p.key_id.clone())),
             versions: snap
                 .keyring
                 .versions()
-                .map(|kv| (kv.version, kv.state.as_str(), kv.key_id.clone(), kv.created_unix))
+                .map(|kv| {
+                    (
+                        kv.version,
+                        kv.state.as_str(),
+                        kv.key_id.clone(),
+                        kv.created_unix,
+                    )
+                })
                 .collect(),
             sealer: self.sealer.info(),
             hardware_backed: self.sealer.is_hardware_backed(),

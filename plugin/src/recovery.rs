@@ -59,7 +59,12 @@ pub fn wrap(nsk: &Key256, passphrase: &str, cluster: &str) -> Vec<u8> {
     rand::rngs::OsRng.fill_bytes(&mut salt);
     let mut out = vec![VERSION];
     out.extend_from_slice(&salt);
-    aead::seal_into(&derive(&salt, passphrase), cluster.as_bytes(), nsk.expose(), &mut out);
+    aead::seal_into(
+        &derive(&salt, passphrase),
+        cluster.as_bytes(),
+        nsk.expose(),
+        &mut out,
+    );
     out
 }
 

@@ -69,13 +69,15 @@ pub fn bind(path: &Path) -> Result<BoundSocket, ServerError> {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => return Err(ServerError::InUse(path.display().to_string())),
-            Err(_) => {
-                tracing::info!(socket = %path.display(), "replacing stale socket");
-                std::fs::remove_file(path).map_err(err)?;
+        Ok(meta) if meta.file_type().is_socket() => {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => return Err(ServerError::InUse(path.display().to_string())),
+                Err(_) => {
+                    tracing::info!(socket = %path.display(), "replacing stale socket");
+                    std::fs::remove_file(path).map_err(err)?;
+                }
             }
-        },
+        }
         Ok(_) => return Err(ServerError::NotASocket(path.display().to_string())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(e)),
@@ -109,17 +111,20 @@ pub async fn serve(
         let path = sock.path.display().to_string();
         let listener = sock.listener.take();
         async move {
-            let Some(listener) = listener else { return Ok(()) };
+            let Some(listener) = listener else {
+                return Ok(());
+            };
             router
                 .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped(rx))
                 .await
                 .map_err(|source| ServerError::Serve { path, source })
         }
     };
-    let kms_router = tonic::transport::Server::builder()
-        .add_service(KeyManagementServiceServer::new(KmsService::new(node.clone())));
-    let admin_router =
-        tonic::transport::Server::builder().add_service(NodeAdminServer::new(AdminService::new(node.clone())));
+    let kms_router = tonic::transport::Server::builder().add_service(
+        KeyManagementServiceServer::new(KmsService::new(node.clone())),
+    );
+    let admin_router = tonic::transport::Server::builder()
+        .add_service(NodeAdminServer::new(AdminService::new(node.clone())));
     let kms_task = serve_one(&mut kms, kms_router, stop_rx.clone());
     let admin_task = serve_one(&mut admin, admin_router, stop_rx);
     tracing::info!(kms = %kms.path.display(), admin = %admin.path.display(), "serving");
@@ -135,7 +140,9 @@ pub async fn serve(
     match tokio::time::timeout(DRAIN_TIMEOUT, servers).await {
         Ok(res) => res,
         Err(_) => {
-            tracing::warn!("in-flight calls did not finish within {DRAIN_TIMEOUT:?}; exiting anyway");
+            tracing::warn!(
+                "in-flight calls did not finish within {DRAIN_TIMEOUT:?}; exiting anyway"
+            );
             Ok(())
         }
     }

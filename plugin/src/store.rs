@@ -89,13 +89,23 @@ pub fn encode_record(cluster: &str, nsk: &Key256, kv: &KeyVersion) -> Vec<u8> {
     out.extend_from_slice(&(kv.key_id.len() as u16).to_be_bytes());
     out.extend_from_slice(kv.key_id.as_bytes());
     if let Some(key) = kv.key() {
-        aead::seal_into(nsk, &wrap_aad(cluster, kv.version, &kv.key_id), key.expose(), &mut out);
+        aead::seal_into(
+            nsk,
+            &wrap_aad(cluster, kv.version, &kv.key_id),
+            key.expose(),
+            &mut out,
+        );
     }
     out
 }
 
 /// Decodes a record written by [`encode_record`].
-pub fn decode_record(cluster: &str, nsk: &Key256, version: u32, raw: &[u8]) -> Result<KeyVersion, StoreError> {
+pub fn decode_record(
+    cluster: &str,
+    nsk: &Key256,
+    version: u32,
+    raw: &[u8],
+) -> Result<KeyVersion, StoreError> {
     let corrupt = |detail: &str| StoreError::Corrupt {
         key: format!("kek/{version}"),
         detail: detail.to_owned(),
@@ -113,7 +123,9 @@ pub fn decode_record(cluster: &str, nsk: &Key256, version: u32, raw: &[u8]) -> R
         return Err(corrupt("truncated key_id"));
     }
     let (id, wrapped) = rest.split_at(id_len);
-    let key_id = std::str::from_utf8(id).map_err(|_| corrupt("key_id is not UTF-8"))?.to_owned();
+    let key_id = std::str::from_utf8(id)
+        .map_err(|_| corrupt("key_id is not UTF-8"))?
+        .to_owned();
     if state == KeyState::Retired {
         return Ok(KeyVersion::retired(version, key_id, created_unix));
     }
@@ -197,7 +209,12 @@ impl Store {
     }
 
     /// Writes the given versions of `keyring` in one synced batch.
-    pub fn save_versions(&self, nsk: &Key256, keyring: &Keyring, versions: &[u32]) -> Result<(), StoreError> {
+    pub fn save_versions(
+        &self,
+        nsk: &Key256,
+        keyring: &Keyring,
+        versions: &[u32],
+    ) -> Result<(), StoreError> {
         self.write(|b| {
             for kv in versions.iter().filter_map(|v| keyring.get(*v)) {
                 b.put(kek_key(kv.version), encode_record(&self.cluster, nsk, kv));
@@ -213,10 +230,13 @@ impl Store {
             if !key.starts_with(KEK_PREFIX) {
                 break;
             }
-            let version_bytes: [u8; 4] = key[KEK_PREFIX.len()..].try_into().map_err(|_| StoreError::Corrupt {
-                key: String::from_utf8_lossy(&key).into_owned(),
-                detail: "bad version key".into(),
-            })?;
+            let version_bytes: [u8; 4] =
+                key[KEK_PREFIX.len()..]
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt {
+                        key: String::from_utf8_lossy(&key).into_owned(),
+                        detail: "bad version key".into(),
+                    })?;
             let version = u32::from_be_bytes(version_bytes);
             ring.insert(decode_record(&self.cluster, nsk, version, &value)?)?;
         }
@@ -234,13 +254,22 @@ mod tests {
         let kv = KeyVersion::new("edge-1", 4, KeyState::Primary, Key256::generate(), 77);
         let raw = encode_record("edge-1", &nsk, &kv);
         let back = decode_record("edge-1", &nsk, 4, &raw).unwrap();
-        assert_eq!((back.version, back.state, back.created_unix), (4, KeyState::Primary, 77));
+        assert_eq!(
+            (back.version, back.state, back.created_unix),
+            (4, KeyState::Primary, 77)
+        );
         assert_eq!(back.key_id, kv.key_id);
         assert!(back.key().unwrap() == kv.key().unwrap());
         assert!(!raw.windows(32).any(|w| w == kv.key().unwrap().expose()));
-        assert!(matches!(decode_record("edge-1", &nsk, 5, &raw), Err(StoreError::Unwrap { version: 5 })));
+        assert!(matches!(
+            decode_record("edge-1", &nsk, 5, &raw),
+            Err(StoreError::Unwrap { version: 5 })
+        ));
         assert!(decode_record("edge-2", &nsk, 4, &raw).is_err());
-        assert!(matches!(decode_record("edge-1", &Key256::generate(), 4, &raw), Err(StoreError::Unwrap { .. })));
+        assert!(matches!(
+            decode_record("edge-1", &Key256::generate(), 4, &raw),
+            Err(StoreError::Unwrap { .. })
+        ));
         for len in 0..raw.len() {
             assert!(decode_record("edge-1", &nsk, 4, &raw[..len]).is_err());
         }
@@ -267,7 +296,10 @@ mod tests {
             store.save_versions(&nsk, &ring, &[v]).unwrap();
         }
         let store = Store::open(dir.path(), "edge-1").unwrap();
-        assert_eq!(store.load_keyring(&nsk).unwrap().primary().unwrap().version, 1);
+        assert_eq!(
+            store.load_keyring(&nsk).unwrap().primary().unwrap().version,
+            1
+        );
         drop(store);
         assert!(matches!(
             Store::open(dir.path(), "edge-2"),

@@ -18,7 +18,11 @@ fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
         let path = entry.unwrap().path();
         if path.is_dir() {
             hits.extend(files_containing(&path, needle));
-        } else if std::fs::read(&path).unwrap().windows(needle.len()).any(|w| w == needle) {
+        } else if std::fs::read(&path)
+            .unwrap()
+            .windows(needle.len())
+            .any(|w| w == needle)
+        {
             hits.push(path.display().to_string());
         }
     }
@@ -61,9 +65,18 @@ fn no_key_or_plaintext_in_the_data_dir() {
     keys.push(soft.unseal(&blob).unwrap().expose().to_vec());
 
     for key in &keys {
-        assert!(files_containing(&cfg.data_dir, key).is_empty(), "raw key on disk");
+        assert!(
+            files_containing(&cfg.data_dir, key).is_empty(),
+            "raw key on disk"
+        );
         let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-        assert!(files_containing(&cfg.data_dir, hex.as_bytes()).is_empty(), "hex key on disk");
+        assert!(
+            files_containing(&cfg.data_dir, hex.as_bytes()).is_empty(),
+            "hex key on disk"
+        );
     }
-    assert!(files_containing(&cfg.data_dir, known).is_empty(), "plaintext on disk");
+    assert!(
+        files_containing(&cfg.data_dir, known).is_empty(),
+        "plaintext on disk"
+    );
 }

@@ -66,8 +66,13 @@ impl Plugin {
 
     /// Starts the plugin with `args`, logging to `dir/plugin.log` (appended).
     pub fn spawn(dir: &Path, args: Vec<String>) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
         let log = dir.join("plugin.log");
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let arg = |flag: &str, default: PathBuf| {
             args.iter()
                 .position(|a| a == flag)
@@ -106,7 +111,11 @@ impl Plugin {
                     }
                 }
             }
-            assert!(Instant::now() < deadline, "plugin not healthy in 10 s; log:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "plugin not healthy in 10 s; log:\n{}",
+                self.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -120,13 +129,19 @@ impl Plugin {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "plugin not serving in 10 s; log:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "plugin not serving in 10 s; log:\n{}",
+                self.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     pub async fn try_kms(&self) -> Result<Kms, tonic::transport::Error> {
-        Ok(KeyManagementServiceClient::new(edgekms_proto::uds::connect(&self.socket).await?))
+        Ok(KeyManagementServiceClient::new(
+            edgekms_proto::uds::connect(&self.socket).await?,
+        ))
     }
 
     pub async fn kms(&self) -> Kms {
@@ -134,7 +149,11 @@ impl Plugin {
     }
 
     pub async fn admin(&self) -> Admin {
-        NodeAdminClient::new(edgekms_proto::uds::connect(&self.admin_socket).await.unwrap())
+        NodeAdminClient::new(
+            edgekms_proto::uds::connect(&self.admin_socket)
+                .await
+                .unwrap(),
+        )
     }
 
     pub fn log_text(&self) -> String {
@@ -196,7 +215,10 @@ impl Drop for Plugin {
 }
 
 pub fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill").args([format!("-{sig}"), pid.to_string()]).status().unwrap();
+    let ok = Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .status()
+        .unwrap();
     assert!(ok.success());
 }
 
@@ -206,7 +228,11 @@ pub fn mode(path: &Path) -> u32 {
 
 /// Runs `kmsctl` with `args`.
 pub fn kmsctl(args: &[&str]) -> Output {
-    Command::new(bin("kmsctl")).args(args).stdin(Stdio::null()).output().unwrap()
+    Command::new(bin("kmsctl"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
 }
 
 /// Runs `kmsctl` and parses its `-o json` output, asserting success.
@@ -234,7 +260,11 @@ pub async fn encrypt(kms: &mut Kms, plaintext: &[u8]) -> (Vec<u8>, String) {
     (r.ciphertext.to_vec(), r.key_id)
 }
 
-pub async fn decrypt(kms: &mut Kms, ciphertext: &[u8], key_id: &str) -> Result<Vec<u8>, tonic::Status> {
+pub async fn decrypt(
+    kms: &mut Kms,
+    ciphertext: &[u8],
+    key_id: &str,
+) -> Result<Vec<u8>, tonic::Status> {
     kms.decrypt(DecryptRequest {
         ciphertext: ciphertext.to_vec().into(),
         uid: "test".into(),
@@ -246,7 +276,11 @@ pub async fn decrypt(kms: &mut Kms, ciphertext: &[u8], key_id: &str) -> Result<V
 }
 
 pub async fn key_id(kms: &mut Kms) -> String {
-    kms.status(StatusRequest {}).await.unwrap().into_inner().key_id
+    kms.status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .key_id
 }
 
 /// Every file under `dir` that contains `needle`.
@@ -301,7 +335,11 @@ fn free_port_pair() -> u16 {
     static USED: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let mut used = USED.lock().unwrap_or_else(|e| e.into_inner());
     loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         if port < u16::MAX
             && !used.contains(&port)
             && !used.contains(&(port + 1))
@@ -364,7 +402,11 @@ impl Swtpm {
             .env("TPM2TOOLS_TCTI", self.tcti())
             .output()
             .unwrap();
-        assert!(out.status.success(), "tpm2_pcrextend: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "tpm2_pcrextend: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 

@@ -25,7 +25,11 @@ const DEFAULT_ADMIN_SOCKET: &str = "/var/run/edgekms/admin.sock";
 const DEFAULT_KMS_SOCKET: &str = "/var/run/edgekms/kms.sock";
 
 #[derive(Debug, Parser)]
-#[command(name = "kmsctl", version, about = "Operate edgekms: the local node plugin and its keys")]
+#[command(
+    name = "kmsctl",
+    version,
+    about = "Operate edgekms: the local node plugin and its keys"
+)]
 struct Cli {
     /// Output format
     #[arg(short = 'o', long, value_enum, default_value = "human", global = true)]
@@ -122,8 +126,23 @@ impl From<tonic::Status> for Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One clear line, not clap's usage block.
+            let text = e.render().to_string();
+            eprintln!("{}", text.lines().next().unwrap_or("invalid arguments"));
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("kmsctl: cannot start: {e}");
@@ -144,15 +163,21 @@ fn main() -> ExitCode {
 }
 
 async fn channel(path: &Path) -> Result<tonic::transport::Channel, Failure> {
-    edgekms_proto::uds::connect(path)
-        .await
-        .map_err(|e| Failure::Usage(format!("cannot reach the plugin at {}: {e} (is edgekms-plugin running?)", path.display())))
+    edgekms_proto::uds::connect(path).await.map_err(|e| {
+        Failure::Usage(format!(
+            "cannot reach the plugin at {}: {e} (is edgekms-plugin running?)",
+            path.display()
+        ))
+    })
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     let json = cli.output == Output::Json;
     match cli.command {
-        Command::Local { admin_socket, command } => {
+        Command::Local {
+            admin_socket,
+            command,
+        } => {
             let mut admin = NodeAdminClient::new(channel(&admin_socket).await?);
             local(&mut admin, command, json).await
         }
@@ -186,12 +211,19 @@ async fn local(
                     })).collect::<Vec<_>>(),
                 }));
             } else {
-                println!("cluster:  {}\nnode:     {}\nhealthz:  {}", s.cluster, s.node, s.healthz);
+                println!(
+                    "cluster:  {}\nnode:     {}\nhealthz:  {}",
+                    s.cluster, s.node, s.healthz
+                );
                 println!("primary:  v{} ({})", s.primary_version, s.primary_key_id);
                 println!(
                     "sealer:   {}{}",
                     s.sealer.get("backend").map(String::as_str).unwrap_or("?"),
-                    if s.hardware_backed { "" } else { " (INSECURE: not hardware-protected)" }
+                    if s.hardware_backed {
+                        ""
+                    } else {
+                        " (INSECURE: not hardware-protected)"
+                    }
                 );
                 println!("\n{:>7}  {:<12}  KEY ID", "VERSION", "STATE");
                 for v in &s.versions {
@@ -218,7 +250,9 @@ async fn local(
         LocalCommand::Tpm => {
             let s = admin.status(StatusRequest {}).await?.into_inner();
             if json {
-                print_json(json!({"sealer": s.sealer, "hardware_backed": s.hardware_backed, "unsealed": s.unsealed, "healthz": s.healthz}));
+                print_json(
+                    json!({"sealer": s.sealer, "hardware_backed": s.hardware_backed, "unsealed": s.unsealed, "healthz": s.healthz}),
+                );
             } else {
                 for (k, v) in &s.sealer {
                     println!("{k:<16} {v}");
@@ -252,9 +286,9 @@ fn read_passphrase(file: Option<&Path>) -> Result<Zeroizing<String>, Failure> {
                 .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", path.display())))?;
         }
         None => {
-            std::io::stdin()
-                .read_to_string(&mut text)
-                .map_err(|e| Failure::Usage(format!("cannot read the passphrase from stdin: {e}")))?;
+            std::io::stdin().read_to_string(&mut text).map_err(|e| {
+                Failure::Usage(format!("cannot read the passphrase from stdin: {e}"))
+            })?;
         }
     }
     let trimmed = Zeroizing::new(text.trim().to_owned());
@@ -276,7 +310,10 @@ async fn kms_cmd(
             if json {
                 print_json(json!({"version": s.version, "healthz": s.healthz, "key_id": s.key_id}));
             } else {
-                println!("version: {}\nhealthz: {}\nkey_id:  {}", s.version, s.healthz, s.key_id);
+                println!(
+                    "version: {}\nhealthz: {}\nkey_id:  {}",
+                    s.version, s.healthz, s.key_id
+                );
             }
         }
         KmsCommand::Encrypt { text, uid } => {
@@ -290,10 +327,18 @@ async fn kms_cmd(
             if json {
                 print_json(json!({"key_id": r.key_id, "ciphertext": b64.encode(&r.ciphertext)}));
             } else {
-                println!("key_id:     {}\nciphertext: {}", r.key_id, b64.encode(&r.ciphertext));
+                println!(
+                    "key_id:     {}\nciphertext: {}",
+                    r.key_id,
+                    b64.encode(&r.ciphertext)
+                );
             }
         }
-        KmsCommand::Decrypt { ciphertext, key_id, uid } => {
+        KmsCommand::Decrypt {
+            ciphertext,
+            key_id,
+            uid,
+        } => {
             let ct = b64
                 .decode(ciphertext.trim())
                 .map_err(|e| Failure::Usage(format!("ciphertext is not base64: {e}")))?;
@@ -339,13 +384,30 @@ async fn kms_cmd(
                     "match": same,
                 }));
             } else {
-                println!("Status  -> version={} healthz={} key_id={}", s.version, s.healthz, s.key_id);
-                println!("Encrypt -> key_id={} ciphertext({} bytes)={}", e.key_id, e.ciphertext.len(), b64.encode(&e.ciphertext));
+                println!(
+                    "Status  -> version={} healthz={} key_id={}",
+                    s.version, s.healthz, s.key_id
+                );
+                println!(
+                    "Encrypt -> key_id={} ciphertext({} bytes)={}",
+                    e.key_id,
+                    e.ciphertext.len(),
+                    b64.encode(&e.ciphertext)
+                );
                 println!("Decrypt -> {:?}", String::from_utf8_lossy(&d.plaintext));
-                println!("{}", if same { "round trip OK" } else { "round trip MISMATCH" });
+                println!(
+                    "{}",
+                    if same {
+                        "round trip OK"
+                    } else {
+                        "round trip MISMATCH"
+                    }
+                );
             }
             if !same {
-                return Err(Failure::Usage("decrypted text differs from the input".into()));
+                return Err(Failure::Usage(
+                    "decrypted text differs from the input".into(),
+                ));
             }
         }
     }
