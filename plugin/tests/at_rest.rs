@@ -4,6 +4,8 @@
 //! Runs the real node code against a real RocksDB; this test can see the
 //! raw keys, which the end-to-end tests cannot.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::path::Path;
 
 use edgekms_hsm::soft::SoftSealer;
