@@ -2,7 +2,11 @@
 //! no system protoc.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["kms/v2/api.proto", "edgekms/admin/v1/admin.proto"];
+    let protos = [
+        "kms/v2/api.proto",
+        "edgekms/admin/v1/admin.proto",
+        "edgekms/fleet/v1/fleet.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

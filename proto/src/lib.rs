@@ -3,6 +3,7 @@
 //! - [`kms_v2`]: the Kubernetes KMS v2 plugin API (`package v2`), byte for
 //!   byte what kube-apiserver speaks.
 //! - [`admin`]: the node plugin's local admin API used by `kmsctl local`.
+//! - [`fleet`]: the central key service: node join and sync, operator API.
 
 #[allow(clippy::all, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 pub mod kms_v2 {
@@ -12,6 +13,11 @@ pub mod kms_v2 {
 #[allow(clippy::all, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 pub mod admin {
     tonic::include_proto!("edgekms.admin.v1");
+}
+
+#[allow(clippy::all, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+pub mod fleet {
+    tonic::include_proto!("edgekms.fleet.v1");
 }
 
 pub mod uds;

@@ -3,10 +3,15 @@
 //! - `kmsctl local ...` talks to this node's plugin over its admin socket
 //!   (status, rotate, retire, tpm, reseal);
 //! - `kmsctl kms ...` talks KMS v2 to the plugin's socket exactly as
-//!   kube-apiserver does (status, encrypt, decrypt, roundtrip).
+//!   kube-apiserver does (status, encrypt, decrypt, roundtrip);
+//! - `kmsctl node|rotate|retire|status|audit` talk to the central key
+//!   service with the operator's certificate ([`fleet`]).
 //!
 //! Human output by default, `-o json` for scripts. Exit codes: 0 success,
-//! 1 the plugin refused or failed, 2 bad usage or unreachable plugin.
+//! 1 the plugin or service refused or failed, 2 bad usage or unreachable
+//! plugin or service, 3 gave up waiting (`rotate --wait --timeout`).
+
+mod fleet;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -28,12 +33,18 @@ const DEFAULT_KMS_SOCKET: &str = "/var/run/edgekms/kms.sock";
 #[command(
     name = "kmsctl",
     version,
-    about = "Operate edgekms: the local node plugin and its keys"
+    about = "Operate edgekms: the central key service, the local node plugin and its keys"
 )]
 struct Cli {
     /// Output format
     #[arg(short = 'o', long, value_enum, default_value = "human", global = true)]
     output: Output,
+    /// The central key service, https://HOST:PORT
+    #[arg(long, env = "KMSCTL_SERVER", global = true, value_name = "URL")]
+    server: Option<String>,
+    /// Directory with the operator's ca.pem, cert.pem and key.pem
+    #[arg(long, env = "KMSCTL_OPERATOR_DIR", global = true, value_name = "DIR")]
+    operator_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -61,6 +72,23 @@ enum Command {
         socket: PathBuf,
         #[command(subcommand)]
         command: KmsCommand,
+    },
+    /// Enrol or revoke nodes (central service)
+    Node {
+        #[command(subcommand)]
+        command: fleet::NodeCommand,
+    },
+    /// Start a two-phase rotation of a cluster's KEK (central service)
+    Rotate(fleet::RotateArgs),
+    /// Retire a decrypt-only version: every node destroys it, then the central copy (central service)
+    Retire { cluster: String, version: u32 },
+    /// Versions and nodes per cluster (central service)
+    Status { cluster: Option<String> },
+    /// The central service's audit log
+    Audit {
+        /// Only records newer than this (e.g. 1h, 7d)
+        #[arg(long, value_name = "DURATION")]
+        since: Option<String>,
     },
 }
 
@@ -112,11 +140,13 @@ enum KmsCommand {
 }
 
 /// Why kmsctl failed, which decides the exit code.
-enum Failure {
+pub(crate) enum Failure {
     /// Bad usage or unreachable plugin.
     Usage(String),
     /// The plugin answered with an error.
     Refused(tonic::Status),
+    /// Gave up waiting.
+    Timeout(String),
 }
 
 impl From<tonic::Status> for Failure {
@@ -159,6 +189,10 @@ fn main() -> ExitCode {
             eprintln!("kmsctl: {:?}: {}", status.code(), status.message());
             ExitCode::FAILURE
         }
+        Err(Failure::Timeout(msg)) => {
+            eprintln!("kmsctl: {msg}");
+            ExitCode::from(3)
+        }
     }
 }
 
@@ -185,10 +219,44 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let mut kms = KeyManagementServiceClient::new(channel(&socket).await?);
             kms_cmd(&mut kms, command, json).await
         }
+        Command::Node { command } => {
+            fleet_cmd(cli.server, cli.operator_dir, fleet::FleetCommand::Node(command), json).await
+        }
+        Command::Rotate(args) => {
+            fleet_cmd(cli.server, cli.operator_dir, fleet::FleetCommand::Rotate(args), json).await
+        }
+        Command::Retire { cluster, version } => {
+            let cmd = fleet::FleetCommand::Retire { cluster, version };
+            fleet_cmd(cli.server, cli.operator_dir, cmd, json).await
+        }
+        Command::Status { cluster } => {
+            let cmd = fleet::FleetCommand::Status { cluster };
+            fleet_cmd(cli.server, cli.operator_dir, cmd, json).await
+        }
+        Command::Audit { since } => {
+            let cmd = fleet::FleetCommand::Audit { since };
+            fleet_cmd(cli.server, cli.operator_dir, cmd, json).await
+        }
     }
 }
 
-fn print_json(value: serde_json::Value) {
+async fn fleet_cmd(
+    server: Option<String>,
+    operator_dir: Option<PathBuf>,
+    command: fleet::FleetCommand,
+    json: bool,
+) -> Result<(), Failure> {
+    let server = server.ok_or_else(|| {
+        Failure::Usage("--server (or KMSCTL_SERVER) is required: https://HOST:PORT of edgekms-server".into())
+    })?;
+    let dir = operator_dir.ok_or_else(|| {
+        Failure::Usage("--operator-dir (or KMSCTL_OPERATOR_DIR) is required: the directory with ca.pem, cert.pem, key.pem".into())
+    })?;
+    let mut client = fleet::connect(&server, &dir).await?;
+    fleet::run(&mut client, command, json).await
+}
+
+pub(crate) fn print_json(value: serde_json::Value) {
     println!("{value:#}");
 }
 

@@ -1,0 +1,187 @@
+//! Creating and opening a central data dir.
+//!
+//! `init` makes the root key (sealed by the chosen sealer), the CA, the
+//! server certificate and the first operator's client certificate, and
+//! writes the operator's files to `<data-dir>/operator/`. Only the
+//! operator's own key is ever written in the clear, with mode 0600, for the
+//! operator to move off the host.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use clap::ValueEnum;
+use edgekms_hsm::{Key256, SealError, Sealer};
+use serde::Deserialize;
+
+use super::error::ServerError;
+use super::store::Store;
+use super::Core;
+use crate::fleet::pki;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SealerKind {
+    /// TPM 2.0 of the central host.
+    Tpm,
+    /// Key file on disk. INSECURE: development only.
+    Soft,
+}
+
+/// Builds the sealer for the root key. Never falls back to another one.
+pub fn sealer(data_dir: &Path, kind: SealerKind, tcti: &str) -> Result<Box<dyn Sealer>, ServerError> {
+    private_dir(data_dir)?;
+    match kind {
+        SealerKind::Soft => Ok(Box::new(edgekms_hsm::soft::SoftSealer::open_or_create(
+            &data_dir.join("soft-sealer.key"),
+        )?)),
+        SealerKind::Tpm => tpm(tcti),
+    }
+}
+
+#[cfg(feature = "tpm")]
+fn tpm(tcti: &str) -> Result<Box<dyn Sealer>, ServerError> {
+    use edgekms_hsm::tpm::{TpmConfig, TpmSealer};
+    Ok(Box::new(TpmSealer::new(TpmConfig {
+        tcti: tcti.to_owned(),
+        pcrs: None,
+        owner_auth: None,
+    })?))
+}
+
+#[cfg(not(feature = "tpm"))]
+fn tpm(_: &str) -> Result<Box<dyn Sealer>, ServerError> {
+    Err(SealError::Unsupported("--sealer tpm (this build has no `tpm` feature)").into())
+}
+
+fn io(op: String) -> impl FnOnce(std::io::Error) -> ServerError {
+    move |source| SealError::Io { op, source }.into()
+}
+
+/// Creates `dir` with mode 0700 (an existing one keeps its mode).
+fn private_dir(dir: &Path) -> Result<(), ServerError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(format!("create {}", dir.display())))
+}
+
+fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), ServerError> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io(format!("create {}", path.display())))?;
+    f.write_all(contents)
+        .and_then(|_| f.sync_all())
+        .map_err(io(format!("write {}", path.display())))
+}
+
+/// What `init` made.
+#[derive(Debug)]
+pub struct Initialized {
+    pub operator_dir: PathBuf,
+    pub ca_hash: String,
+    pub server_names: Vec<String>,
+}
+
+/// The names the server certificate carries: loopback, the host name, and
+/// whatever the operator adds with `--san`.
+pub fn server_names(extra: &[String]) -> Vec<String> {
+    let mut names = vec!["localhost".to_owned(), "127.0.0.1".into(), "::1".into()];
+    if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        let host = host.trim();
+        if !host.is_empty() {
+            names.push(host.to_owned());
+        }
+    }
+    for name in extra {
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+    names
+}
+
+/// Initializes `data_dir`. Refuses a data dir that is already initialized.
+pub fn init(
+    data_dir: &Path,
+    sealer: &dyn Sealer,
+    names: &[String],
+) -> Result<Initialized, ServerError> {
+    private_dir(data_dir)?;
+    let store = Store::open(data_dir)?;
+    if store.initialized()? {
+        return Err(ServerError::InvalidArgument(format!(
+            "{} is already initialized; refusing to overwrite its keys",
+            data_dir.display()
+        )));
+    }
+    let operator_dir = data_dir.join("operator");
+    if operator_dir.exists() {
+        return Err(ServerError::InvalidArgument(format!(
+            "{} exists; move it away first",
+            operator_dir.display()
+        )));
+    }
+    let root = Key256::generate();
+    let sealed = sealer.seal(&root)?;
+    let ca_issued = pki::new_ca()?;
+    let ca = pki::Ca::load(&ca_issued.cert_der, &ca_issued.key)?;
+    let server = ca.issue_server(names)?;
+    let operator = ca.issue_operator("admin")?;
+
+    private_dir(&operator_dir)?;
+    let ca_pem = pki::cert_pem(&ca_issued.cert_der);
+    write_file(&operator_dir.join("ca.pem"), ca_pem.as_bytes(), 0o644)?;
+    write_file(
+        &operator_dir.join("cert.pem"),
+        pki::cert_pem(&operator.cert_der).as_bytes(),
+        0o644,
+    )?;
+    write_file(
+        &operator_dir.join("key.pem"),
+        operator.key.pem()?.as_bytes(),
+        0o600,
+    )?;
+    write_file(&data_dir.join("ca.pem"), ca_pem.as_bytes(), 0o644)?;
+    // Last: until this lands, the data dir counts as not initialized.
+    store.put_init(
+        &sealed,
+        &root,
+        &ca_issued.cert_der,
+        &ca_issued.key,
+        &server.cert_der,
+        &server.key,
+    )?;
+    Ok(Initialized {
+        operator_dir,
+        ca_hash: ca.pin()?,
+        server_names: names.to_vec(),
+    })
+}
+
+/// Opens an initialized data dir: unseals the root key, loads the state.
+pub fn open(data_dir: &Path, sealer: &dyn Sealer) -> Result<Core, ServerError> {
+    if !data_dir.join("state").exists() {
+        return Err(ServerError::InvalidArgument(format!(
+            "{} is not initialized: run `edgekms-server init --data-dir {}` first",
+            data_dir.display(),
+            data_dir.display()
+        )));
+    }
+    let store = Store::open(data_dir)?;
+    if !store.initialized()? {
+        return Err(ServerError::InvalidArgument(format!(
+            "{} is not initialized: run `edgekms-server init --data-dir {}` first",
+            data_dir.display(),
+            data_dir.display()
+        )));
+    }
+    let blob = store.sealed_root()?;
+    edgekms_hsm::check_backend(sealer, &blob)?;
+    let root = sealer.unseal(&blob)?;
+    Core::load(store, root)
+}

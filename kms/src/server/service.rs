@@ -1,0 +1,354 @@
+//! The gRPC face of [`Core`]: who may call what, and the node sync stream.
+//!
+//! `Join` is the only call allowed without a client certificate. `Sync`
+//! needs the live certificate of an active node; `Operator` calls need an
+//! operator certificate. Every refusal is audited.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use edgekms_proto::fleet as pb;
+use edgekms_proto::fleet::fleet_server::{Fleet, FleetServer};
+use edgekms_proto::fleet::operator_server::{Operator, OperatorServer};
+use tokio::net::TcpListener;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::audit::AuditRecord;
+use super::error::ServerError;
+use super::{Core, DEFAULT_TOKEN_TTL};
+use crate::fleet::pki::Identity;
+use crate::fleet::tls::{self, PeerInfo};
+
+fn peer<T>(req: &Request<T>) -> Option<PeerInfo> {
+    req.extensions().get::<PeerInfo>().cloned()
+}
+
+fn peer_addr(peer: &Option<PeerInfo>) -> String {
+    peer.as_ref()
+        .map(|p| p.addr.to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Refuses and audits.
+fn refuse(core: &Core, peer: &Option<PeerInfo>, what: &str, e: ServerError) -> Status {
+    let actor = match peer.as_ref().and_then(|p| p.identity.as_ref()) {
+        Some(id) => format!("{id} at {}", peer_addr(peer)),
+        None => format!("peer {}", peer_addr(peer)),
+    };
+    core.audit(
+        AuditRecord::new("refused", &actor)
+            .result(&e.to_string())
+            .detail(what),
+    );
+    e.into()
+}
+
+#[derive(Clone)]
+pub struct OperatorService {
+    core: Arc<Core>,
+}
+
+impl OperatorService {
+    /// The calling operator's name, or a refusal.
+    fn operator<T>(&self, req: &Request<T>, what: &str) -> Result<String, Status> {
+        let peer = peer(req);
+        match peer.as_ref().map(|p| (&p.cert_der, &p.identity)) {
+            Some((Some(_), Some(Identity::Operator { name }))) => Ok(format!("operator {name}")),
+            Some((Some(_), Some(other))) => Err(refuse(
+                &self.core,
+                &peer,
+                what,
+                ServerError::PermissionDenied(format!(
+                    "{other} may not call the operator API: an operator certificate is required"
+                )),
+            )),
+            _ => Err(refuse(
+                &self.core,
+                &peer,
+                what,
+                ServerError::Unauthenticated(
+                    "the operator API needs an operator certificate (kmsctl --operator-dir)".into(),
+                ),
+            )),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Operator for OperatorService {
+    async fn add_node(
+        &self,
+        req: Request<pb::AddNodeRequest>,
+    ) -> Result<Response<pb::AddNodeResponse>, Status> {
+        let actor = self.operator(&req, "node add")?;
+        let r = req.into_inner();
+        let ttl = match r.ttl_seconds {
+            0 => DEFAULT_TOKEN_TTL,
+            s => std::time::Duration::from_secs(s),
+        };
+        let inv = self.core.add_node(&actor, &r.cluster, &r.node, ttl)?;
+        Ok(Response::new(pb::AddNodeResponse {
+            token: inv.token,
+            expires_unix: inv.expires_unix,
+            ca_hash: inv.ca_hash,
+            cluster_created: inv.cluster_created,
+        }))
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
+        let actor = self.operator(&req, "node remove")?;
+        let r = req.into_inner();
+        self.core.remove_node(&actor, &r.cluster, &r.node)?;
+        Ok(Response::new(pb::RemoveNodeResponse {}))
+    }
+
+    async fn rotate(
+        &self,
+        req: Request<pb::RotateRequest>,
+    ) -> Result<Response<pb::RotateResponse>, Status> {
+        let actor = self.operator(&req, "rotate")?;
+        let r = req.into_inner();
+        let (version, key_id, created, promoted) = self.core.rotate(&actor, &r.cluster)?;
+        Ok(Response::new(pb::RotateResponse {
+            version,
+            key_id,
+            created,
+            promoted,
+        }))
+    }
+
+    async fn force_promote(
+        &self,
+        req: Request<pb::ForcePromoteRequest>,
+    ) -> Result<Response<pb::ForcePromoteResponse>, Status> {
+        let actor = self.operator(&req, "rotate --force")?;
+        let r = req.into_inner();
+        let stale_nodes = self.core.force_promote(&actor, &r.cluster, r.version)?;
+        Ok(Response::new(pb::ForcePromoteResponse { stale_nodes }))
+    }
+
+    async fn retire(
+        &self,
+        req: Request<pb::RetireRequest>,
+    ) -> Result<Response<pb::RetireResponse>, Status> {
+        let actor = self.operator(&req, "retire")?;
+        let r = req.into_inner();
+        let (destroyed, waiting_for) = self.core.retire(&actor, &r.cluster, r.version)?;
+        Ok(Response::new(pb::RetireResponse {
+            destroyed,
+            waiting_for,
+        }))
+    }
+
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        self.operator(&req, "status")?;
+        Ok(Response::new(self.core.status(&req.get_ref().cluster)?))
+    }
+
+    async fn audit(
+        &self,
+        req: Request<pb::AuditRequest>,
+    ) -> Result<Response<pb::AuditResponse>, Status> {
+        self.operator(&req, "audit")?;
+        let records = self
+            .core
+            .audit_since(req.get_ref().since_unix)?
+            .into_iter()
+            .map(|r| pb::AuditRecord {
+                time_unix_ms: r.time_ms,
+                json: String::from_utf8_lossy(&r.to_json()).into_owned(),
+            })
+            .collect();
+        Ok(Response::new(pb::AuditResponse { records }))
+    }
+}
+
+#[derive(Clone)]
+pub struct FleetService {
+    core: Arc<Core>,
+}
+
+type StateStream = Pin<Box<dyn Stream<Item = Result<pb::ClusterState, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Fleet for FleetService {
+    async fn join(
+        &self,
+        req: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let addr = peer(&req)
+            .map(|p| p.addr)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let (cert, ca) = self.core.join(addr, req.get_ref())?;
+        Ok(Response::new(pb::JoinResponse {
+            certificate_der: cert.into(),
+            ca_der: ca.into(),
+        }))
+    }
+
+    type SyncStream = StateStream;
+
+    async fn sync(
+        &self,
+        req: Request<Streaming<pb::NodeReport>>,
+    ) -> Result<Response<StateStream>, Status> {
+        let peer = peer(&req);
+        let (cluster, node, cert) = match peer.as_ref().map(|p| (&p.cert_der, &p.identity)) {
+            Some((Some(cert), Some(Identity::Node { cluster, node }))) => {
+                (cluster.clone(), node.clone(), cert.clone())
+            }
+            Some((Some(_), Some(other))) => {
+                return Err(refuse(
+                    &self.core,
+                    &peer,
+                    "sync",
+                    ServerError::PermissionDenied(format!("{other} is not a node")),
+                ))
+            }
+            _ => {
+                return Err(refuse(
+                    &self.core,
+                    &peer,
+                    "sync",
+                    ServerError::Unauthenticated(
+                        "sync needs the node certificate issued at join".into(),
+                    ),
+                ))
+            }
+        };
+        if let Err(e) = self.core.authorize_node(&cluster, &node, &cert) {
+            return Err(refuse(&self.core, &peer, "sync", e));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let core = self.core.clone();
+        let inbound = req.into_inner();
+        tokio::spawn(async move {
+            let id = core.connect(&cluster, &node);
+            tracing::debug!(%cluster, %node, "node connected");
+            run_stream(&core, &cluster, &node, &cert, inbound, &tx).await;
+            core.disconnect(&cluster, &node, id);
+            tracing::debug!(%cluster, %node, "node disconnected");
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+type Tx = tokio::sync::mpsc::Sender<Result<pb::ClusterState, Status>>;
+
+/// One node's stream: reports in, cluster state out whenever the node is
+/// behind, heartbeats in between. Ends on disconnect, revocation or
+/// shutdown.
+async fn run_stream(
+    core: &Core,
+    cluster: &str,
+    node: &str,
+    cert: &[u8],
+    mut inbound: Streaming<pb::NodeReport>,
+    tx: &Tx,
+) {
+    let mut changes = core.subscribe(cluster);
+    let mut shutdown = core.shutdown_signal();
+    let mut heartbeat = tokio::time::interval(core.heartbeat);
+    heartbeat.tick().await;
+    let mut last: Option<(u64, BTreeSet<u32>)> = None;
+    let mut reported = false;
+    loop {
+        tokio::select! {
+            msg = inbound.message() => match msg {
+                Ok(Some(report)) => {
+                    reported = true;
+                    if let Err(e) = core.report(cluster, node, &report) {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                }
+                Ok(None) | Err(_) => return,
+            },
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = heartbeat.tick() => {
+                let beat = pb::ClusterState { heartbeat: true, ..Default::default() };
+                if tx.send(Ok(beat)).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            _ = shutdown.changed() => {
+                let _ = tx.send(Err(ServerError::ShuttingDown.into())).await;
+                return;
+            }
+        }
+        if !core.still_authorized(cluster, node, cert) {
+            let status = match core.authorize_node(cluster, node, cert) {
+                Err(e) => e.into(),
+                Ok(()) => Status::permission_denied("refused"),
+            };
+            let _ = tx.send(Err(status)).await;
+            return;
+        }
+        // Nothing goes out before the node said what it holds.
+        if !reported {
+            continue;
+        }
+        match core.next_message(cluster, node, &mut last) {
+            Ok(Some(state)) => {
+                if tx.send(Ok(state)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(%cluster, %node, error = %e, "cannot build the node's state");
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Serves both services on `listener` until `shutdown` resolves.
+pub async fn serve(
+    core: Arc<Core>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let (ca, cert, key) = core.tls_identity()?;
+    let cfg = tls::server_config(&ca, &cert, &key)?;
+    let audit_core = core.clone();
+    let incoming = tls::serve_incoming(
+        listener,
+        cfg,
+        Arc::new(move |addr, reason| {
+            audit_core.audit(
+                AuditRecord::new("refused", &format!("peer {addr}"))
+                    .result(&reason)
+                    .detail("connection"),
+            );
+        }),
+    );
+    let stop_core = core.clone();
+    tonic::transport::Server::builder()
+        .add_service(FleetServer::new(FleetService { core: core.clone() }))
+        .add_service(OperatorServer::new(OperatorService { core }))
+        .serve_with_incoming_shutdown(incoming, async move {
+            shutdown.await;
+            // Long-lived sync streams end now, so the server can drain.
+            stop_core.shut_down();
+        })
+        .await?;
+    Ok(())
+}
