@@ -1,6 +1,7 @@
 //! The plugin with `--sealer tpm` against a real swtpm started here: restart
 //! and unseal, a data dir copied to another TPM, a changed PCR and the
-//! recovery passphrase, and no key bytes on disk.
+//! recovery passphrase (with /readyz and the metrics following), and no key
+//! bytes on disk.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
@@ -127,6 +128,28 @@ async fn changed_pcr_refuses_then_recovery_passphrase_reseals() {
         "{}",
         status.healthz
     );
+    // /readyz and edgekms_ready say what Status says.
+    assert_eq!(p.http_get("/readyz").await, (503, status.healthz.clone()));
+    assert_eq!(p.http_get("/healthz").await, (200, "ok".into()));
+    let scrape = p.scrape().await;
+    assert_eq!(sample(&scrape, "edgekms_ready", &[]), Some(0.0));
+    assert_eq!(
+        sample(&scrape, "edgekms_primary_key_version", &[]),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&scrape, "edgekms_cached_key_versions", &[]),
+        Some(0.0)
+    );
+    let tpm_ops = |s: &prometheus_parse::Scrape, op| {
+        sample(
+            s,
+            "edgekms_tpm_operation_duration_seconds_count",
+            &[("op", op), ("backend", "tpm")],
+        )
+    };
+    assert_eq!(tpm_ops(&scrape, "unseal"), Some(1.0), "the refused unseal");
+    assert_eq!(tpm_ops(&scrape, "seal"), None);
     let err = kms
         .encrypt(edgekms_proto::kms_v2::EncryptRequest {
             plaintext: vec![1; 32].into(),
@@ -162,6 +185,7 @@ async fn changed_pcr_refuses_then_recovery_passphrase_reseals() {
         .await
         .unwrap_err();
     assert_eq!(wrong.code(), Code::PermissionDenied);
+    assert_eq!(p.http_get("/readyz").await.0, 503);
 
     // The operator checked the node: reseal with the passphrase, via kmsctl.
     let pass_file = dir.path().join("pass.txt");
@@ -184,6 +208,18 @@ async fn changed_pcr_refuses_then_recovery_passphrase_reseals() {
         decrypt(&mut kms, &ct, &id).await.unwrap(),
         b"written before the PCR changed"
     );
+    assert_eq!(p.http_get("/readyz").await, (200, "ok".into()));
+    let scrape = p.scrape().await;
+    assert_eq!(sample(&scrape, "edgekms_ready", &[]), Some(1.0));
+    assert_eq!(
+        sample(&scrape, "edgekms_primary_key_version", &[]),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&scrape, "edgekms_cached_key_versions", &[]),
+        Some(1.0)
+    );
+    assert_eq!(tpm_ops(&scrape, "seal"), Some(1.0), "the reseal");
 
     // Sealed to the present PCR values: the next start unseals by itself.
     p.restart().await;

@@ -9,9 +9,11 @@
 //! - [`fleet`]: the central service's rotation protocol, PKI and TLS.
 //! - [`server`]: the central key service daemon (`edgekms-server`).
 //! - [`duration`]: `30d`-style durations.
+//! - [`ops`]: the daemons' `/metrics`, `/healthz` and `/readyz` HTTP
+//!   endpoint.
 //!
 //! Daemons (the node plugin, the central service) and `kmsctl` are thin
-//! shells around the pure types; only [`server`] does I/O.
+//! shells around the pure types; only [`server`] and [`ops`] do I/O.
 
 pub mod delivery;
 pub mod duration;
@@ -19,6 +21,7 @@ pub mod envelope;
 pub mod fleet;
 pub mod keyid;
 pub mod keyring;
+pub mod ops;
 pub mod server;
 
 pub use keyring::{KeyState, KeyVersion, Keyring, KeyringError};

@@ -2,6 +2,7 @@
 //! TOML config file; flags win over the file. [`Settings::validate`] turns it
 //! into a [`Config`], reporting every bad field at once.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
@@ -10,6 +11,8 @@ use serde::Deserialize;
 pub const DEFAULT_SOCKET: &str = "/var/run/edgekms/kms.sock";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/edgekms";
 pub const DEFAULT_TPM_TCTI: &str = "device:/dev/tpmrm0";
+/// Where `/metrics`, `/healthz` and `/readyz` are served unless told otherwise.
+pub const DEFAULT_METRICS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9464);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -62,6 +65,13 @@ pub struct Settings {
     /// Log format [default: text]
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Address for the HTTP endpoint serving /metrics (Prometheus), /healthz and /readyz [default: 127.0.0.1:9464]
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Serve no metrics or health endpoint (binds no TCP port); wins over metrics_addr in the config file
+    #[arg(long, conflicts_with = "metrics_addr")]
+    #[serde(default)]
+    pub no_metrics: bool,
 }
 
 /// Validated configuration.
@@ -77,6 +87,8 @@ pub struct Config {
     pub tpm_pcrs: Option<String>,
     pub tpm_owner_auth_file: Option<PathBuf>,
     pub log_format: LogFormat,
+    /// The metrics and health endpoint; `None` with `--no-metrics`.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Settings {
@@ -101,6 +113,9 @@ impl Settings {
             tpm_pcrs: self.tpm_pcrs.or(file.tpm_pcrs),
             tpm_owner_auth_file: self.tpm_owner_auth_file.or(file.tpm_owner_auth_file),
             log_format: self.log_format.or(file.log_format),
+            metrics_addr: self.metrics_addr.or(file.metrics_addr),
+            // Off if either says off: a flag can switch off what the file sets.
+            no_metrics: self.no_metrics || file.no_metrics,
         }
     }
 
@@ -144,6 +159,11 @@ impl Settings {
                 tpm_pcrs: self.tpm_pcrs,
                 tpm_owner_auth_file: self.tpm_owner_auth_file,
                 log_format: self.log_format.unwrap_or_default(),
+                metrics_addr: if self.no_metrics {
+                    None
+                } else {
+                    Some(self.metrics_addr.unwrap_or(DEFAULT_METRICS_ADDR))
+                },
             })
         } else {
             Err(problems.join("; "))
@@ -214,6 +234,51 @@ mod tests {
             "{err}"
         );
         assert!(!err.contains('\n'));
+    }
+
+    #[test]
+    fn metrics_default_to_loopback_and_can_be_moved_or_turned_off() {
+        let base = || Settings {
+            cluster: Some("c".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            base().validate().unwrap().metrics_addr,
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
+        let file: Settings =
+            toml::from_str("metrics_addr = \"127.0.0.1:9100\"\ncluster = \"c\"\n").unwrap();
+        assert_eq!(
+            Settings::default()
+                .or(file.clone())
+                .validate()
+                .unwrap()
+                .metrics_addr,
+            Some("127.0.0.1:9100".parse().unwrap())
+        );
+        let flags = Settings {
+            metrics_addr: Some("[::1]:9200".parse().unwrap()),
+            ..Default::default()
+        };
+        assert_eq!(
+            flags.or(file.clone()).validate().unwrap().metrics_addr,
+            Some("[::1]:9200".parse().unwrap())
+        );
+        let off = Settings {
+            no_metrics: true,
+            ..Default::default()
+        };
+        assert_eq!(off.or(file).validate().unwrap().metrics_addr, None);
+        let off_in_file: Settings = toml::from_str("no_metrics = true\ncluster = \"c\"").unwrap();
+        assert_eq!(
+            Settings::default()
+                .or(off_in_file)
+                .validate()
+                .unwrap()
+                .metrics_addr,
+            None
+        );
+        assert!(toml::from_str::<Settings>("metrics_addr = \"localhost\"").is_err());
     }
 
     #[test]

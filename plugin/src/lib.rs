@@ -8,12 +8,14 @@
 //! - [`recovery`]: the recovery passphrase that re-seals after a PCR change.
 //! - [`error`]: the node's error type and its one mapping to gRPC status.
 //! - [`kms_service`] / [`admin_service`]: thin tonic adapters.
+//! - [`metrics`]: every Prometheus metric the plugin exports, in one place.
 //! - [`server`]: the unix-socket server (stale sockets, modes, shutdown).
 
 pub mod admin_service;
 pub mod config;
 pub mod error;
 pub mod kms_service;
+pub mod metrics;
 pub mod node;
 pub mod recovery;
 pub mod server;

@@ -1,11 +1,14 @@
 //! `edgekms-plugin`: the node daemon. Parses flags, hardens the process,
-//! unseals, and serves; everything else lives in the library.
+//! starts the metrics and health endpoint, unseals, and serves; everything
+//! else lives in the library.
 
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use clap::Parser;
+use edgekms_kms::ops::{Handlers, OpsServer};
 use edgekms_plugin::config::{LogFormat, Settings};
+use edgekms_plugin::metrics;
 use edgekms_plugin::node::{sealer_from_config, Node};
 use edgekms_plugin::server;
 
@@ -77,13 +80,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "cannot disable core dumps for this process");
     }
 
-    let sealer = sealer_from_config(&cfg)?;
-    let node = Arc::new(Node::open(&cfg, sealer)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
     runtime.block_on(async {
+        // Up before unsealing (which may wait on a busy TPM): /healthz
+        // answers at once, /readyz says "starting" until the node is open.
+        let opened: Arc<OnceLock<Arc<Node>>> = Arc::default();
+        if let Some(addr) = cfg.metrics_addr {
+            let ops = OpsServer::bind(addr).await?;
+            if !addr.ip().is_loopback() {
+                tracing::warn!(%addr, "the metrics and health endpoint has no authentication and is reachable from other hosts");
+            }
+            tracing::info!(addr = %ops.local_addr(), "serving /metrics, /healthz and /readyz");
+            tokio::spawn(ops.serve(handlers(opened.clone())));
+        }
+        let node = {
+            let cfg = cfg.clone();
+            tokio::task::spawn_blocking(move || {
+                let sealer = sealer_from_config(&cfg)?;
+                Node::open(&cfg, sealer)
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("unsealing stopped: {e}"))??
+        };
+        let node = Arc::new(node);
+        let _ = opened.set(node.clone());
         // Bound only now that keys are loaded: a connecting apiserver finds a
         // plugin that can answer.
         let kms = server::bind(&cfg.socket)?;
@@ -92,6 +115,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// `/readyz` answers exactly what KMS Status reports as healthz ("ok", or
+/// the reason), and "starting" until the node is open; `/metrics` renders
+/// the plugin's metrics with `edgekms_ready` computed the same way.
+fn handlers(opened: Arc<OnceLock<Arc<Node>>>) -> Handlers {
+    let ready = move || match opened.get() {
+        None => Err("starting".to_owned()),
+        Some(node) => match node.status().0 {
+            healthz if healthz == "ok" => Ok(()),
+            reason => Err(reason),
+        },
+    };
+    let ready = Arc::new(ready);
+    let for_metrics = ready.clone();
+    Handlers::new(
+        move || ready(),
+        move || metrics::render(for_metrics().is_ok()),
+    )
 }
 
 /// Resolves on SIGTERM or SIGINT.

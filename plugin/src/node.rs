@@ -11,14 +11,15 @@
 //! as healthz, and Encrypt/Decrypt fail with UNAVAILABLE.
 
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use edgekms_hsm::{Key256, SealError, Sealer, SealerInfo};
+use edgekms_hsm::{Key256, SealError, SealedBlob, Sealer, SealerInfo};
 use edgekms_kms::{KeyVersion, Keyring};
 use zeroize::Zeroizing;
 
 use crate::config::{Config, SealerKind};
 use crate::error::NodeError;
+use crate::metrics::{self, SealerOp};
 use crate::recovery;
 use crate::store::Store;
 
@@ -150,7 +151,7 @@ impl Node {
         let nsk = match node.store.sealed_nsk()? {
             Some(blob) => {
                 edgekms_hsm::check_backend(node.sealer.as_ref(), &blob)?;
-                match node.sealer.unseal(&blob) {
+                match node.unseal(&blob) {
                     Ok(nsk) => nsk,
                     Err(SealError::PolicyCheckFailed { reason }) => {
                         let reason = format!("TPM policy check failed: {reason}");
@@ -165,7 +166,7 @@ impl Node {
                 let nsk = Key256::generate();
                 let passphrase = recovery::generate_passphrase();
                 let wrapped = recovery::wrap(&nsk, &passphrase, &node.cluster);
-                node.store.put_new_nsk(&node.sealer.seal(&nsk)?, &wrapped)?;
+                node.store.put_new_nsk(&node.seal(&nsk)?, &wrapped)?;
                 tracing::info!(
                     sealer = node.sealer.name(),
                     "created and sealed a new node sealing key"
@@ -199,7 +200,27 @@ impl Node {
         Ok(())
     }
 
+    /// Seals with the configured sealer, timed for the metrics.
+    fn seal(&self, nsk: &Key256) -> Result<SealedBlob, SealError> {
+        let start = Instant::now();
+        let sealed = self.sealer.seal(nsk);
+        metrics::observe_sealer(SealerOp::Seal, self.sealer.name(), start.elapsed());
+        sealed
+    }
+
+    /// Unseals with the configured sealer, timed for the metrics.
+    fn unseal(&self, blob: &SealedBlob) -> Result<Key256, SealError> {
+        let start = Instant::now();
+        let nsk = self.sealer.unseal(blob);
+        metrics::observe_sealer(SealerOp::Unseal, self.sealer.name(), start.elapsed());
+        nsk
+    }
+
     fn publish(&self, keyring: Keyring, unavailable: Option<String>) {
+        metrics::set_keys(
+            keyring.primary().map_or(0, |p| p.version),
+            keyring.versions().filter(|kv| kv.key().is_some()).count(),
+        );
         let snap = Arc::new(Snapshot {
             keyring,
             unavailable,
@@ -319,7 +340,7 @@ impl Node {
                 "the recovery passphrase is wrong".into(),
             ));
         };
-        self.store.put_sealed_nsk(&self.sealer.seal(&nsk)?)?;
+        self.store.put_sealed_nsk(&self.seal(&nsk)?)?;
         self.load(nsk)?;
         tracing::info!(target: "audit", op = "reseal", sealer = self.sealer.name(), result = "ok");
         Ok(())

@@ -1,8 +1,10 @@
 //! Shared helpers for the end-to-end tests: find the built binaries, run a
-//! real `edgekms-plugin` on temporary sockets, talk to it over gRPC, run a
+//! real `edgekms-plugin` on temporary sockets (and a free loopback port for
+//! its metrics and health endpoint), talk to it over gRPC and HTTP, run a
 //! real swtpm.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -37,6 +39,8 @@ pub struct Plugin {
     pub data_dir: PathBuf,
     pub log: PathBuf,
     pub args: Vec<String>,
+    /// The metrics and health endpoint; `None` with `--no-metrics`.
+    pub metrics_addr: Option<SocketAddr>,
     child: Option<Child>,
 }
 
@@ -65,8 +69,20 @@ impl Plugin {
     }
 
     /// Starts the plugin with `args`, logging to `dir/plugin.log` (appended).
-    pub fn spawn(dir: &Path, args: Vec<String>) -> Self {
+    /// Unless `args` name `--metrics-addr` or `--no-metrics`, the metrics
+    /// and health endpoint goes to a free loopback port (kept on restart),
+    /// so that tests running side by side never share the default port.
+    pub fn spawn(dir: &Path, mut args: Vec<String>) -> Self {
         std::fs::create_dir_all(dir).unwrap();
+        if !args
+            .iter()
+            .any(|a| a == "--metrics-addr" || a == "--no-metrics")
+        {
+            args.extend([
+                "--metrics-addr".into(),
+                format!("127.0.0.1:{}", free_port()),
+            ]);
+        }
         let log = dir.join("plugin.log");
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -82,6 +98,11 @@ impl Plugin {
         let socket = arg("--socket", dir.join("run/kms.sock"));
         let admin_socket = arg("--admin-socket", socket.with_file_name("admin.sock"));
         let data_dir = arg("--data-dir", dir.join("data"));
+        let metrics_addr = args
+            .iter()
+            .position(|a| a == "--metrics-addr")
+            .map(|i| args[i + 1].parse().unwrap())
+            .filter(|_| !args.iter().any(|a| a == "--no-metrics"));
         let child = Command::new(bin("edgekms-plugin"))
             .args(&args)
             .env("RUST_LOG", "info")
@@ -96,7 +117,42 @@ impl Plugin {
             data_dir,
             log,
             args,
+            metrics_addr,
             child: Some(child),
+        }
+    }
+
+    /// The metrics and health endpoint (panics under `--no-metrics`).
+    pub fn ops_addr(&self) -> SocketAddr {
+        self.metrics_addr
+            .expect("this plugin runs with --no-metrics")
+    }
+
+    /// GET `path` on the metrics and health endpoint: (status, body).
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        http_get(self.ops_addr(), path).await.unwrap()
+    }
+
+    /// Scrapes `/metrics` and parses it as the Prometheus text format.
+    pub async fn scrape(&self) -> prometheus_parse::Scrape {
+        let (status, body) = self.http_get("/metrics").await;
+        assert_eq!(status, 200, "{body}");
+        prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap()
+    }
+
+    /// Waits until `/healthz` answers 200 (10 s at most).
+    pub async fn wait_live(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok((200, _)) = http_get(self.ops_addr(), "/healthz").await {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no /healthz in 10 s; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -212,6 +268,83 @@ impl Drop for Plugin {
             let _ = child.wait();
         }
     }
+}
+
+/// One GET over a fresh HTTP/1.1 connection: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8(body.to_vec()).unwrap()))
+}
+
+/// The value of the sample `name` whose labels are exactly `labels`
+/// (counters, gauges and the `_count`/`_sum` of histograms).
+pub fn sample(
+    scrape: &prometheus_parse::Scrape,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == name
+                && s.labels.len() == labels.len()
+                && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+        })
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            ref other => panic!("{name} is not a single value: {other:?}"),
+        })
+}
+
+/// Loopback TCP ports process `pid` listens on (from /proc: the socket
+/// inodes among its file descriptors, looked up in /proc/net/tcp{,6}).
+pub fn tcp_listen_ports(pid: u32) -> Vec<u16> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let t = target.to_string_lossy().into_owned();
+            Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address is f[1] (hex ip:port), st is f[3] (0A = LISTEN), inode is f[9].
+            if f.len() > 9 && f[3] == "0A" && inodes.iter().any(|i| i == f[9]) {
+                let port = f[1].rsplit(':').next().unwrap();
+                ports.push(u16::from_str_radix(port, 16).unwrap());
+            }
+        }
+    }
+    ports
 }
 
 pub fn signal(pid: u32, sig: &str) {
@@ -330,10 +463,28 @@ pub struct Swtpm {
     child: Option<Child>,
 }
 
+/// Ports this test process has handed out.
+static USED_PORTS: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
+/// A free loopback port, not handed out before by this process.
+pub fn free_port() -> u16 {
+    let mut used = USED_PORTS.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !used.contains(&port) {
+            used.push(port);
+            return port;
+        }
+    }
+}
+
 /// A free loopback port P with P+1 free too (swtpm's control channel).
 fn free_port_pair() -> u16 {
-    static USED: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut used = USED.lock().unwrap_or_else(|e| e.into_inner());
+    let mut used = USED_PORTS.lock().unwrap_or_else(|e| e.into_inner());
     loop {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -394,6 +545,16 @@ impl Swtpm {
         format!("swtpm:host=127.0.0.1,port={}", self.port)
     }
 
+    /// Freezes swtpm (SIGSTOP): connections are still accepted by the
+    /// kernel, but no command is answered until [`Swtpm::resume`].
+    pub fn pause(&self) {
+        signal(self.child.as_ref().unwrap().id(), "STOP");
+    }
+
+    pub fn resume(&self) {
+        signal(self.child.as_ref().unwrap().id(), "CONT");
+    }
+
     /// Extends `pcr` in the sha256 bank (as a firmware or boot-loader
     /// change would), with tpm2-tools.
     pub fn extend_pcr(&self, pcr: u8) {
@@ -413,6 +574,7 @@ impl Swtpm {
 impl Drop for Swtpm {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            signal(child.id(), "CONT");
             signal(child.id(), "TERM");
             let _ = child.wait();
         }
