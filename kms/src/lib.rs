@@ -9,6 +9,7 @@
 //! - [`fleet`]: the central service's rotation protocol, PKI and TLS.
 //! - [`server`]: the central key service daemon (`edgekms-server`).
 //! - [`duration`]: `30d`-style durations.
+//! - [`failpoint`]: crash points for the crash-safety tests.
 //! - [`ops`]: the daemons' `/metrics`, `/healthz` and `/readyz` HTTP
 //!   endpoint.
 //!
@@ -18,6 +19,7 @@
 pub mod delivery;
 pub mod duration;
 pub mod envelope;
+pub mod failpoint;
 pub mod fleet;
 pub mod keyid;
 pub mod keyring;

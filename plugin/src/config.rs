@@ -72,6 +72,9 @@ pub struct Settings {
     #[arg(long, conflicts_with = "metrics_addr")]
     #[serde(default)]
     pub no_metrics: bool,
+    /// After `join`: longest wait between reconnects to the central key service [default: 30s]
+    #[arg(long, value_name = "DURATION")]
+    pub sync_backoff_max: Option<String>,
 }
 
 /// Validated configuration.
@@ -87,6 +90,7 @@ pub struct Config {
     pub tpm_pcrs: Option<String>,
     pub tpm_owner_auth_file: Option<PathBuf>,
     pub log_format: LogFormat,
+    pub sync_backoff_max: std::time::Duration,
     /// The metrics and health endpoint; `None` with `--no-metrics`.
     pub metrics_addr: Option<SocketAddr>,
 }
@@ -116,6 +120,7 @@ impl Settings {
             metrics_addr: self.metrics_addr.or(file.metrics_addr),
             // Off if either says off: a flag can switch off what the file sets.
             no_metrics: self.no_metrics || file.no_metrics,
+            sync_backoff_max: self.sync_backoff_max.or(file.sync_backoff_max),
         }
     }
 
@@ -147,8 +152,23 @@ impl Settings {
         {
             problems.push("--tpm-* options given but --sealer is soft".to_owned());
         }
+        let sync_backoff_max = match self.sync_backoff_max.as_deref() {
+            None => std::time::Duration::from_secs(30),
+            Some(text) => match edgekms_kms::duration::parse(text) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => {
+                    problems.push("--sync-backoff-max must be at least 1s".to_owned());
+                    std::time::Duration::from_secs(30)
+                }
+                Err(e) => {
+                    problems.push(format!("--sync-backoff-max: {e}"));
+                    std::time::Duration::from_secs(30)
+                }
+            },
+        };
         if problems.is_empty() {
             Ok(Config {
+                sync_backoff_max,
                 socket,
                 admin_socket,
                 data_dir: self.data_dir.unwrap_or_else(|| DEFAULT_DATA_DIR.into()),

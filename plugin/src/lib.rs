@@ -10,6 +10,7 @@
 //! - [`kms_service`] / [`admin_service`]: thin tonic adapters.
 //! - [`metrics`]: every Prometheus metric the plugin exports, in one place.
 //! - [`server`]: the unix-socket server (stale sockets, modes, shutdown).
+//! - [`sync`]: `join` and the sync stream to the central key service.
 
 pub mod admin_service;
 pub mod config;
@@ -20,3 +21,4 @@ pub mod node;
 pub mod recovery;
 pub mod server;
 pub mod store;
+pub mod sync;

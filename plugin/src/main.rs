@@ -7,17 +7,43 @@ use std::sync::{Arc, OnceLock};
 
 use clap::Parser;
 use edgekms_kms::ops::{Handlers, OpsServer};
-use edgekms_plugin::config::{LogFormat, Settings};
+use edgekms_plugin::config::{Config, LogFormat, Settings};
 use edgekms_plugin::metrics;
 use edgekms_plugin::node::{sealer_from_config, Node};
-use edgekms_plugin::server;
+use edgekms_plugin::{server, sync};
 
 /// Kubernetes KMS v2 plugin: wraps kube-apiserver's DEK seeds with KEKs kept
 /// in a local cache and sealed to this node's TPM.
 #[derive(Debug, Parser)]
-#[command(name = "edgekms-plugin", version)]
+#[command(name = "edgekms-plugin", version, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML config file with the same keys as the flags (data_dir, tpm_tcti, ...); flags win
+    #[arg(long, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    settings: Settings,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Enrol this node with the central key service (once), then receive its cluster's keys
+    Join(JoinArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct JoinArgs {
+    /// The central key service, https://HOST:PORT
+    #[arg(long, value_name = "URL")]
+    server: String,
+    /// The one-time join token from `kmsctl node add`
+    #[arg(long, value_name = "TOKEN")]
+    token: String,
+    /// The service CA's public-key hash from `kmsctl node add` (sha256:HEX)
+    #[arg(long, value_name = "sha256:HEX")]
+    ca_hash: String,
+    /// TOML config file with the same keys as the flags; flags win
     #[arg(long, value_name = "FILE")]
     config: Option<std::path::PathBuf>,
     #[command(flatten)]
@@ -38,7 +64,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(cli) {
+    let result = match cli.command {
+        Some(Command::Join(args)) => run_join(args),
+        None => run(cli),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Library errors carry their cause in their own message.
@@ -60,31 +90,58 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+/// Flags over the config file, validated; then logging and hardening.
+fn prepare(config: Option<&std::path::Path>, settings: Settings) -> anyhow::Result<Config> {
     // The TSS C library prints its own warnings for every TPM error; ours
     // name the cause and the fix. Still single-threaded here.
     if std::env::var_os("TSS2_LOG").is_none() {
         std::env::set_var("TSS2_LOG", "all+none");
     }
-    let file = match &cli.config {
+    let file = match config {
         Some(path) => Settings::from_file(path).map_err(anyhow::Error::msg)?,
         None => Settings::default(),
     };
-    let cfg = cli
-        .settings
-        .or(file)
-        .validate()
-        .map_err(anyhow::Error::msg)?;
+    let cfg = settings.or(file).validate().map_err(anyhow::Error::msg)?;
     init_logging(cfg.log_format);
     if let Err(e) = edgekms_hsm::memory::harden_process() {
         tracing::warn!(error = %e, "cannot disable core dumps for this process");
     }
+    Ok(cfg)
+}
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
-    runtime.block_on(async {
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
+}
+
+fn run_join(args: JoinArgs) -> anyhow::Result<()> {
+    let cfg = prepare(args.config.as_deref(), args.settings)?;
+    let joined = runtime()?.block_on(sync::join(&cfg, &args.server, &args.token, &args.ca_hash))?;
+    println!(
+        "joined: node {}/{} is enrolled with {}",
+        cfg.cluster, cfg.node, args.server
+    );
+    match joined.first_sync {
+        Ok(()) => println!(
+            "holds versions {:?}, primary v{}; start the plugin with --data-dir {} and it syncs by itself",
+            joined.holding.held,
+            joined.holding.primary,
+            cfg.data_dir.display()
+        ),
+        Err(e) => println!(
+            "enrolled, but the first sync failed ({e}); the plugin started with --data-dir {} retries by itself",
+            cfg.data_dir.display()
+        ),
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let cfg = prepare(cli.config.as_deref(), cli.settings)?;
+
+    runtime()?.block_on(async {
         // Up before unsealing (which may wait on a busy TPM): /healthz
         // answers at once, /readyz says "starting" until the node is open.
         let opened: Arc<OnceLock<Arc<Node>>> = Arc::default();
@@ -111,6 +168,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         // plugin that can answer.
         let kms = server::bind(&cfg.socket)?;
         let admin = server::bind(&cfg.admin_socket)?;
+        match sync::SyncClient::for_node(node.clone(), cfg.sync_backoff_max) {
+            Ok(Some(client)) => {
+                tokio::spawn(client.run());
+            }
+            Ok(None) => tracing::info!("standalone: not joined to a central key service"),
+            Err(e) => tracing::error!(error = %e, "cannot start syncing with the central key service; serving cached keys"),
+        }
         server::serve(node, kms, admin, shutdown_signal()).await?;
         tracing::info!("stopped");
         Ok(())

@@ -6,6 +6,10 @@
 //! can never disagree on the primary key_id; rotate and retire build the next
 //! keyring from the current one, persist it, and only then publish it.
 //!
+//! A node that joined the central key service ("fleet mode") never makes
+//! keys itself: [`Node::apply_cluster_state`] takes the versions and states
+//! the service sends, stores them durably, and only then publishes them.
+//!
 //! When the sealer refuses for a policy reason (a bound PCR changed), the
 //! node still starts but serves no key material: Status reports the reason
 //! as healthz, and Encrypt/Decrypt fail with UNAVAILABLE.
@@ -14,7 +18,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use edgekms_hsm::{Key256, SealError, SealedBlob, Sealer, SealerInfo};
-use edgekms_kms::{KeyVersion, Keyring};
+use edgekms_kms::delivery::{Binding, DeliveryKey};
+use edgekms_kms::{KeyState, KeyVersion, Keyring};
+use edgekms_proto::fleet::{ClusterState, VersionState as PbState};
 use zeroize::Zeroizing;
 
 use crate::config::{Config, SealerKind};
@@ -51,8 +57,21 @@ pub struct Node {
     sealer: Box<dyn Sealer>,
     nsk: Mutex<Option<Arc<Key256>>>,
     snapshot: RwLock<Arc<Snapshot>>,
-    /// Serializes rotate/retire so that each builds on the last.
+    /// Serializes rotate/retire/apply so that each builds on the last.
     admin: Mutex<()>,
+    /// Joined to the central key service: keys come only from there.
+    fleet: bool,
+    /// The last central cluster state applied.
+    fleet_seq: std::sync::atomic::AtomicU64,
+}
+
+/// What a node reports to the central service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holding {
+    /// Versions whose key is durable in the cache.
+    pub held: Vec<u32>,
+    pub applied_seq: u64,
+    pub primary: u32,
 }
 
 fn now_unix() -> u64 {
@@ -132,10 +151,35 @@ fn tpm_sealer(_: &Config) -> Result<Box<dyn Sealer>, NodeError> {
 
 impl Node {
     /// Opens the cache in `cfg.data_dir` and unseals. On first start creates
-    /// the NSK and KEK version 1 (primary).
+    /// the NSK and, unless the node joined the central service, KEK version 1
+    /// (primary).
     pub fn open(cfg: &Config, sealer: Box<dyn Sealer>) -> Result<Self, NodeError> {
+        Self::open_as(cfg, sealer, false)
+    }
+
+    /// Opens for `join`: like [`Node::open`], but makes no KEK version, and
+    /// refuses a cache that already has standalone keys.
+    pub fn open_for_join(cfg: &Config, sealer: Box<dyn Sealer>) -> Result<Self, NodeError> {
+        Self::open_as(cfg, sealer, true)
+    }
+
+    fn open_as(cfg: &Config, sealer: Box<dyn Sealer>, joining: bool) -> Result<Self, NodeError> {
         create_private_dir(&cfg.data_dir)?;
         let store = Store::open(&cfg.data_dir, &cfg.cluster)?;
+        let joined = store.fleet()?.is_some();
+        if joining && joined {
+            return Err(NodeError::InvalidArgument(format!(
+                "{} already joined the central key service; the plugin syncs by itself (start it with this --data-dir)",
+                cfg.data_dir.display()
+            )));
+        }
+        if joining && store.has_versions()? {
+            return Err(NodeError::InvalidArgument(format!(
+                "{} holds standalone keys; joining would mix two key sources. Use an empty --data-dir",
+                cfg.data_dir.display()
+            )));
+        }
+        let fleet_seq = store.fleet_seq()?;
         let node = Self {
             cluster: cfg.cluster.clone(),
             node: cfg.node.clone(),
@@ -147,6 +191,8 @@ impl Node {
                 unavailable: Some("starting".into()),
             })),
             admin: Mutex::new(()),
+            fleet: joining || joined,
+            fleet_seq: std::sync::atomic::AtomicU64::new(fleet_seq),
         };
         let nsk = match node.store.sealed_nsk()? {
             Some(blob) => {
@@ -179,10 +225,18 @@ impl Node {
         Ok(node)
     }
 
-    /// Loads every cached version with `nsk`, creating version 1 when the
-    /// cache has no primary yet, then self-tests and publishes.
+    /// Loads every cached version with `nsk`, creating version 1 when a
+    /// standalone cache has no primary yet, then self-tests and publishes.
     fn load(&self, nsk: Key256) -> Result<(), NodeError> {
         let mut ring = self.store.load_keyring(&nsk)?;
+        if ring.primary().is_none() && self.fleet {
+            *self.nsk.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(nsk));
+            self.publish(
+                ring,
+                Some("no KEK delivered yet: waiting for the central key service".into()),
+            );
+            return Ok(());
+        }
         if ring.primary().is_none() {
             let v = ring.add_pending(Key256::generate(), now_unix())?;
             ring.promote(v)?;
@@ -288,8 +342,19 @@ impl Node {
             .ok_or_else(|| NodeError::Unavailable("the node sealing key is not unsealed".into()))
     }
 
+    fn refuse_if_fleet(&self, what: &str) -> Result<(), NodeError> {
+        if self.fleet {
+            return Err(NodeError::InvalidArgument(format!(
+                "this node's keys are managed by the central key service: use `kmsctl {what} {}` there, not `kmsctl local`",
+                self.cluster
+            )));
+        }
+        Ok(())
+    }
+
     /// Standalone rotation: a new version becomes primary at once.
     pub fn rotate(&self) -> Result<KeyVersion, NodeError> {
+        self.refuse_if_fleet("rotate")?;
         let _guard = self.admin.lock().unwrap_or_else(|e| e.into_inner());
         let nsk = self.current_nsk()?;
         let mut next = self.serving()?.keyring.clone();
@@ -310,6 +375,7 @@ impl Node {
 
     /// Retires `version`, destroying its key here.
     pub fn retire(&self, version: u32) -> Result<(), NodeError> {
+        self.refuse_if_fleet("retire")?;
         let _guard = self.admin.lock().unwrap_or_else(|e| e.into_inner());
         let nsk = self.current_nsk()?;
         let mut next = self.serving()?.keyring.clone();
@@ -344,6 +410,146 @@ impl Node {
         self.load(nsk)?;
         tracing::info!(target: "audit", op = "reseal", sealer = self.sealer.name(), result = "ok");
         Ok(())
+    }
+
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
+    pub fn name(&self) -> &str {
+        &self.node
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The NSK, for wrapping the node's fleet keys.
+    pub fn sealing_key(&self) -> Result<Arc<Key256>, NodeError> {
+        self.current_nsk()
+    }
+
+    /// What this node holds, for its report to the central service.
+    pub fn holding(&self) -> Holding {
+        let snap = self.snapshot();
+        Holding {
+            held: snap
+                .keyring
+                .versions()
+                .filter(|kv| kv.key().is_some())
+                .map(|kv| kv.version)
+                .collect(),
+            applied_seq: self.fleet_seq.load(std::sync::atomic::Ordering::SeqCst),
+            primary: snap.keyring.primary().map_or(0, |p| p.version),
+        }
+    }
+
+    /// Converges on the central service's state for this cluster: stores
+    /// every version it sends (unwrapping delivered keys with `delivery`),
+    /// destroys the retired ones, and publishes only once all of it is
+    /// durable. A version the service does not mention is kept, demoted to
+    /// decrypt-only if it was primary: keys are destroyed only when told.
+    pub fn apply_cluster_state(
+        &self,
+        state: &ClusterState,
+        delivery: &DeliveryKey,
+    ) -> Result<Holding, NodeError> {
+        let _guard = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        let nsk = self.current_nsk()?;
+        let current = self.snapshot().keyring.clone();
+        let mut next = Keyring::new(&self.cluster)?;
+        let mut mentioned = std::collections::BTreeSet::new();
+        for entry in &state.versions {
+            let target = match entry.state() {
+                PbState::Pending => KeyState::Pending,
+                PbState::Primary => KeyState::Primary,
+                PbState::DecryptOnly => KeyState::DecryptOnly,
+                PbState::Unspecified => {
+                    return Err(NodeError::InvalidArgument(format!(
+                        "central service sent version {} without a state",
+                        entry.version
+                    )))
+                }
+            };
+            mentioned.insert(entry.version);
+            let kv = match current.get(entry.version).filter(|kv| kv.key().is_some()) {
+                Some(kv) if kv.key_id == entry.key_id => {
+                    let mut kv = kv.clone();
+                    kv.state = target;
+                    kv
+                }
+                _ if !entry.wrapped_key.is_empty() => {
+                    let key = delivery
+                        .unwrap(
+                            Binding {
+                                cluster: &self.cluster,
+                                node: &self.node,
+                                version: entry.version,
+                                key_id: &entry.key_id,
+                            },
+                            &entry.wrapped_key,
+                        )
+                        .map_err(|e| NodeError::InvalidArgument(e.to_string()))?;
+                    KeyVersion::new(&self.cluster, entry.version, target, key, now_unix())
+                }
+                Some(kv) => {
+                    return Err(NodeError::InvalidArgument(format!(
+                        "central service names version {} {:?} but this node holds it as {:?} (was the service restored from a backup?)",
+                        entry.version, entry.key_id, kv.key_id
+                    )))
+                }
+                None => {
+                    return Err(NodeError::InvalidArgument(format!(
+                        "central service did not send the key of version {} that this node lacks",
+                        entry.version
+                    )))
+                }
+            };
+            next.insert(kv)?;
+        }
+        for kv in current.versions() {
+            if mentioned.contains(&kv.version) {
+                continue;
+            }
+            if state.retired.contains(&kv.version) || kv.state == KeyState::Retired {
+                next.insert(KeyVersion::retired(
+                    kv.version,
+                    kv.key_id.clone(),
+                    kv.created_unix,
+                ))?;
+            } else {
+                let mut kv = kv.clone();
+                if kv.state == KeyState::Primary {
+                    kv.state = KeyState::DecryptOnly;
+                }
+                next.insert(kv)?;
+            }
+        }
+        if next.primary().is_some() {
+            next.self_test()?;
+        }
+        let all: Vec<u32> = next.versions().map(|kv| kv.version).collect();
+        edgekms_kms::failpoint::hit("plugin-before-store");
+        self.store.save_versions_at(&nsk, &next, &all, state.seq)?;
+        edgekms_kms::failpoint::hit("plugin-after-store");
+        let old_primary = current.primary().map(|p| p.version);
+        let new_primary = next.primary().map(|p| p.version);
+        let unavailable = match new_primary {
+            Some(_) => None,
+            None => Some("no primary KEK delivered yet: waiting for the central key service".into()),
+        };
+        self.publish(next, unavailable);
+        self.fleet_seq
+            .store(state.seq, std::sync::atomic::Ordering::SeqCst);
+        if old_primary != new_primary {
+            tracing::info!(target: "audit", op = "promote", version = new_primary.unwrap_or(0), source = "central", result = "ok");
+        }
+        for v in &state.retired {
+            if current.get(*v).is_some_and(|kv| kv.key().is_some()) {
+                tracing::info!(target: "audit", op = "retire", version = *v, source = "central", result = "ok");
+            }
+        }
+        Ok(self.holding())
     }
 
     /// Everything `kmsctl local status` shows.

@@ -6,6 +6,9 @@
 //! | `meta/nsk` | the node sealing key, sealed by the configured [`Sealer`](edgekms_hsm::Sealer) |
 //! | `meta/recovery` | the NSK wrapped under the recovery passphrase ([`crate::recovery`]) |
 //! | `kek/<version u32 BE>` | a KEK version record (below) |
+//! | `meta/fleet` | after `join`: the central service's URL, its CA and this node's certificate (public), JSON |
+//! | `meta/fleet-keys` | after `join`: the node's TLS and delivery private keys, wrapped by the NSK |
+//! | `meta/fleet-seq` | the last central cluster state applied (u64 BE) |
 //!
 //! KEK record: `1 | state u8 | created_unix u64 BE | len u16 BE | key_id |
 //! wrapped key`, the key wrapped with AES-256-GCM under the node sealing key
@@ -18,11 +21,15 @@ use std::path::Path;
 use edgekms_hsm::{aead, Key256, SealedBlob};
 use edgekms_kms::{KeyState, KeyVersion, Keyring, KeyringError};
 use rocksdb::{BlockBasedOptions, Cache, Options, WriteBatch, WriteOptions, DB};
+use zeroize::Zeroizing;
 
 const CLUSTER_KEY: &[u8] = b"meta/cluster";
 const NSK_KEY: &[u8] = b"meta/nsk";
 const RECOVERY_KEY: &[u8] = b"meta/recovery";
 const KEK_PREFIX: &[u8] = b"kek/";
+const FLEET_KEY: &[u8] = b"meta/fleet";
+const FLEET_KEYS_KEY: &[u8] = b"meta/fleet-keys";
+const FLEET_SEQ_KEY: &[u8] = b"meta/fleet-seq";
 const RECORD_V1: u8 = 1;
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +52,33 @@ pub enum StoreError {
     Keyring(#[from] KeyringError),
     #[error(transparent)]
     Seal(#[from] edgekms_hsm::SealError),
+}
+
+/// What a joined node knows of the central service (public).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FleetRecord {
+    pub server: String,
+    pub node: String,
+    pub ca_der: String,
+    pub cert_der: String,
+}
+
+/// A joined node's private keys, unwrapped: PKCS#8 TLS key, delivery key.
+pub struct FleetKeys {
+    pub tls_key: Zeroizing<Vec<u8>>,
+    pub delivery_key: Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for FleetKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FleetKeys([redacted])")
+    }
+}
+
+fn fleet_keys_aad(cluster: &str) -> Vec<u8> {
+    let mut aad = b"edgekms fleet-keys v1\0".to_vec();
+    aad.extend_from_slice(cluster.as_bytes());
+    aad
 }
 
 /// The RocksDB-backed cache. Every write is synced before it returns.
@@ -222,6 +256,103 @@ impl Store {
         })
     }
 
+    /// Writes the given versions and the applied central state `seq` in
+    /// one synced batch.
+    pub fn save_versions_at(
+        &self,
+        nsk: &Key256,
+        keyring: &Keyring,
+        versions: &[u32],
+        seq: u64,
+    ) -> Result<(), StoreError> {
+        self.write(|b| {
+            for kv in versions.iter().filter_map(|v| keyring.get(*v)) {
+                b.put(kek_key(kv.version), encode_record(&self.cluster, nsk, kv));
+            }
+            b.put(FLEET_SEQ_KEY, seq.to_be_bytes());
+        })
+    }
+
+    /// The last central state applied (0: none).
+    pub fn fleet_seq(&self) -> Result<u64, StoreError> {
+        Ok(match self.db.get(FLEET_SEQ_KEY)? {
+            Some(raw) => raw
+                .as_slice()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt {
+                    key: "meta/fleet-seq".into(),
+                    detail: "not 8 bytes".into(),
+                })?,
+            None => 0,
+        })
+    }
+
+    /// Whether the cache holds any KEK version.
+    pub fn has_versions(&self) -> Result<bool, StoreError> {
+        Ok(self
+            .db
+            .prefix_iterator(KEK_PREFIX)
+            .next()
+            .transpose()?
+            .is_some_and(|(k, _)| k.starts_with(KEK_PREFIX)))
+    }
+
+    pub fn fleet(&self) -> Result<Option<FleetRecord>, StoreError> {
+        match self.db.get(FLEET_KEY)? {
+            None => Ok(None),
+            Some(raw) => serde_json::from_slice(&raw)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt {
+                    key: "meta/fleet".into(),
+                    detail: e.to_string(),
+                }),
+        }
+    }
+
+    /// Records a join: public record and the private keys wrapped by `nsk`.
+    pub fn put_fleet(
+        &self,
+        nsk: &Key256,
+        record: &FleetRecord,
+        keys: &FleetKeys,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(record).map_err(|e| StoreError::Corrupt {
+            key: "meta/fleet".into(),
+            detail: e.to_string(),
+        })?;
+        let mut plain = Zeroizing::new(Vec::new());
+        plain.extend_from_slice(&(keys.tls_key.len() as u32).to_be_bytes());
+        plain.extend_from_slice(&keys.tls_key);
+        plain.extend_from_slice(&keys.delivery_key);
+        let wrapped = aead::seal(nsk, &fleet_keys_aad(&self.cluster), &plain);
+        self.write(|b| {
+            b.put(FLEET_KEY, json);
+            b.put(FLEET_KEYS_KEY, wrapped);
+        })
+    }
+
+    pub fn fleet_keys(&self, nsk: &Key256) -> Result<FleetKeys, StoreError> {
+        let corrupt = |detail: &str| StoreError::Corrupt {
+            key: "meta/fleet-keys".into(),
+            detail: detail.into(),
+        };
+        let wrapped = self.db.get(FLEET_KEYS_KEY)?.ok_or_else(|| corrupt("missing"))?;
+        let plain = aead::open(nsk, &fleet_keys_aad(&self.cluster), &wrapped)
+            .map_err(|_| corrupt("does not open with this node's sealing key"))?;
+        let len_bytes: [u8; 4] = plain
+            .get(..4)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| corrupt("truncated"))?;
+        let len = u32::from_be_bytes(len_bytes) as usize;
+        let tls = plain.get(4..4 + len).ok_or_else(|| corrupt("truncated"))?;
+        let delivery = plain.get(4 + len..).ok_or_else(|| corrupt("truncated"))?;
+        Ok(FleetKeys {
+            tls_key: Zeroizing::new(tls.to_vec()),
+            delivery_key: Zeroizing::new(delivery.to_vec()),
+        })
+    }
+
     /// Loads every cached version, unwrapping each with `nsk`.
     pub fn load_keyring(&self, nsk: &Key256) -> Result<Keyring, StoreError> {
         let mut ring = Keyring::new(&self.cluster)?;
@@ -273,6 +404,51 @@ mod tests {
         for len in 0..raw.len() {
             assert!(decode_record("edge-1", &nsk, 4, &raw[..len]).is_err());
         }
+    }
+
+    #[test]
+    fn fleet_keys_are_wrapped_by_the_nsk() {
+        let dir = tempfile::tempdir().unwrap();
+        let nsk = Key256::generate();
+        let store = Store::open(dir.path(), "edge-1").unwrap();
+        assert!(store.fleet().unwrap().is_none());
+        let rec = FleetRecord {
+            server: "https://127.0.0.1:1".into(),
+            node: "n1".into(),
+            ca_der: "00".into(),
+            cert_der: "11".into(),
+        };
+        let keys = FleetKeys {
+            tls_key: Zeroizing::new(vec![7; 138]),
+            delivery_key: Zeroizing::new(vec![9; 32]),
+        };
+        store.put_fleet(&nsk, &rec, &keys).unwrap();
+        assert_eq!(store.fleet().unwrap().unwrap(), rec);
+        let back = store.fleet_keys(&nsk).unwrap();
+        assert_eq!((&back.tls_key[..], &back.delivery_key[..]), (&[7u8; 138][..], &[9u8; 32][..]));
+        assert!(store.fleet_keys(&Key256::generate()).is_err());
+        assert!(format!("{back:?}").contains("redacted"));
+        drop(store);
+        let files = files_with(dir.path(), &[7u8; 32]);
+        assert!(files.is_empty(), "TLS key in the clear in {files:?}");
+    }
+
+    /// Files under `dir` containing `needle`.
+    pub(crate) fn files_with(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                out.extend(files_with(&path, needle));
+            } else if std::fs::read(&path)
+                .unwrap()
+                .windows(needle.len())
+                .any(|w| w == needle)
+            {
+                out.push(path);
+            }
+        }
+        out
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! real swtpm.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod fleet;
+
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -18,8 +20,12 @@ use tonic::transport::Channel;
 pub type Kms = KeyManagementServiceClient<Channel>;
 pub type Admin = NodeAdminClient<Channel>;
 
-/// Path of a workspace binary built next to this test executable.
+/// Path of a workspace binary built next to this test executable, or in
+/// `EDGEKMS_BIN_DIR` when set (for worktrees sharing one target dir).
 pub fn bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("EDGEKMS_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
     let exe = std::env::current_exe().unwrap();
     // target/<profile>/deps/<test> -> target/<profile>/<name>
     let path = exe.parent().unwrap().parent().unwrap().join(name);
@@ -72,7 +78,12 @@ impl Plugin {
     /// Unless `args` name `--metrics-addr` or `--no-metrics`, the metrics
     /// and health endpoint goes to a free loopback port (kept on restart),
     /// so that tests running side by side never share the default port.
-    pub fn spawn(dir: &Path, mut args: Vec<String>) -> Self {
+    pub fn spawn(dir: &Path, args: Vec<String>) -> Self {
+        Self::spawn_with_env(dir, args, &[])
+    }
+
+    /// [`Plugin::spawn`] with extra environment (e.g. a failpoint).
+    pub fn spawn_with_env(dir: &Path, mut args: Vec<String>, env: &[(&str, &str)]) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         if !args
             .iter()
@@ -106,6 +117,7 @@ impl Plugin {
         let child = Command::new(bin("edgekms-plugin"))
             .args(&args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
@@ -232,6 +244,34 @@ impl Plugin {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 panic!("plugin did not stop within 15 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL, as `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether the process has exited by itself within `within`.
+    pub fn died_within(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            match self.child.as_mut() {
+                None => return true,
+                Some(c) => {
+                    if c.try_wait().unwrap().is_some() {
+                        self.child = None;
+                        return true;
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return false;
             }
             std::thread::sleep(Duration::from_millis(10));
         }

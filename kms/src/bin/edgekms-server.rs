@@ -270,8 +270,19 @@ fn serve(core: Arc<edgekms_kms::server::Core>, listen: SocketAddr, data_dir: &Pa
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         let ticker = core.clone();
+        // Often enough for the shortest configured interval, at most 10 s.
+        let shortest = core
+            .auto_rotate
+            .clusters
+            .values()
+            .flatten()
+            .chain(core.auto_rotate.default.iter())
+            .min()
+            .copied()
+            .unwrap_or(Duration::from_secs(40));
+        let period = (shortest / 4).clamp(Duration::from_secs(1), Duration::from_secs(10));
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            let mut tick = tokio::time::interval(period);
             loop {
                 tick.tick().await;
                 ticker.auto_rotate_due();

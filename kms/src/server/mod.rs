@@ -198,6 +198,9 @@ impl Core {
             let mut change = Change::default();
             let (out, events) = f(&mut next, &mut change)?;
             self.persist(&mut change, &next, &events)?;
+            if events.iter().any(|e| matches!(e, Event::Promoted { .. })) {
+                crate::failpoint::hit("server-after-promote-commit");
+            }
             state.clusters.insert(next.name.clone(), next);
             (out, events)
         };
@@ -396,6 +399,7 @@ impl Core {
                 .get(&version)
                 .map(|m| m.key_id.clone())
                 .unwrap_or_default();
+            crate::failpoint::hit("server-rotate-before-commit");
             let promoted = c
                 .versions
                 .get(&version)
@@ -646,7 +650,7 @@ impl Core {
             c.join(&node, secret, now_unix(), fingerprint, public)?;
             Ok(((), Vec::new()))
         })?;
-        lock(&self.state).tokens.remove(id);
+        // The id stays known, so a second use is refused as "already used".
         Ok((cert, self.ca.cert_der.clone()))
     }
 

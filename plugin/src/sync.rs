@@ -1,0 +1,259 @@
+//! The node's link to the central key service: `join` once, then one
+//! long-lived sync stream, reconnecting with backoff for as long as it
+//! takes.
+//!
+//! Nothing here is on the KMS path: Status, Encrypt and Decrypt read the
+//! published snapshot and never wait on the network. A received state is
+//! applied on a blocking thread ([`Node::apply_cluster_state`]: durable
+//! first, then published), and only then acknowledged by a report.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edgekms_kms::delivery::DeliveryKey;
+use edgekms_kms::fleet::pki::{self, PrivateKey};
+use edgekms_kms::fleet::tls;
+use edgekms_proto::fleet::fleet_client::FleetClient;
+use edgekms_proto::fleet::{JoinRequest, NodeReport};
+use rand::Rng;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::config::Config;
+use crate::error::NodeError;
+use crate::metrics;
+use crate::node::{sealer_from_config, Holding, Node};
+use crate::store::{FleetKeys, FleetRecord};
+
+/// How often a connected node reports even when nothing changed, so the
+/// service sees it alive.
+const REPORT_EVERY: Duration = Duration::from_secs(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("the central key service refused: {0}")]
+    Refused(String),
+    #[error("sync stream broke: {0}")]
+    Stream(String),
+    #[error("cannot apply the central state: {0}")]
+    Apply(#[from] NodeError),
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    #[error("{0}")]
+    Config(String),
+}
+
+impl SyncError {
+    /// A short fixed word for the sync-errors metric.
+    fn kind(&self) -> &'static str {
+        match self {
+            SyncError::Tls(_) => "connect",
+            SyncError::Refused(_) => "refused",
+            SyncError::Stream(_) => "stream",
+            SyncError::Apply(_) => "apply",
+            SyncError::Pki(_) | SyncError::Config(_) => "config",
+        }
+    }
+}
+
+fn status_error(s: tonic::Status) -> SyncError {
+    match s.code() {
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
+            SyncError::Refused(s.message().to_owned())
+        }
+        _ => SyncError::Stream(format!("{:?}: {}", s.code(), s.message())),
+    }
+}
+
+fn report(h: Holding) -> NodeReport {
+    NodeReport {
+        held: h.held,
+        applied_seq: h.applied_seq,
+        primary: h.primary,
+    }
+}
+
+/// A joined node's sync client.
+pub struct SyncClient {
+    node: Arc<Node>,
+    server: String,
+    tls: Arc<rustls::ClientConfig>,
+    delivery: Arc<DeliveryKey>,
+    backoff_max: Duration,
+}
+
+impl SyncClient {
+    /// The client for a joined node; `None` for a standalone one.
+    pub fn for_node(node: Arc<Node>, backoff_max: Duration) -> Result<Option<Self>, SyncError> {
+        let Some(record) = node.store().fleet().map_err(NodeError::from)? else {
+            return Ok(None);
+        };
+        let nsk = node.sealing_key()?;
+        let keys = node.store().fleet_keys(&nsk).map_err(NodeError::from)?;
+        let bad = |what: &str| SyncError::Config(format!("join record: {what} is not hex"));
+        let ca = hex::decode(&record.ca_der).map_err(|_| bad("CA"))?;
+        let cert = hex::decode(&record.cert_der).map_err(|_| bad("certificate"))?;
+        let tls_key = PrivateKey::from_der(keys.tls_key.to_vec());
+        let tls = tls::client_config(tls::Trust::Ca(&ca), Some((&cert, &tls_key)))?;
+        let delivery = DeliveryKey::from_bytes(&keys.delivery_key)
+            .map_err(|e| SyncError::Config(e.to_string()))?;
+        Ok(Some(Self {
+            node,
+            server: record.server,
+            tls,
+            delivery: Arc::new(delivery),
+            backoff_max,
+        }))
+    }
+
+    /// Syncs forever: reconnects with exponential backoff (with jitter, up
+    /// to `backoff_max`), never giving up.
+    pub async fn run(self) {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let started = Instant::now();
+            let err = match self.session(false).await {
+                Ok(()) => SyncError::Stream("the service closed the stream".into()),
+                Err(e) => e,
+            };
+            metrics::record_sync_error(err.kind());
+            match &err {
+                SyncError::Refused(_) => tracing::error!(error = %err, "the central key service refuses this node; serving cached keys"),
+                _ => tracing::warn!(error = %err, "sync with the central key service interrupted; serving cached keys"),
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = Duration::from_millis(500);
+            }
+            let jitter = rand::thread_rng().gen_range(0.8..1.2);
+            tokio::time::sleep(backoff.mul_f64(jitter).min(self.backoff_max)).await;
+            backoff = (backoff * 2).min(self.backoff_max);
+        }
+    }
+
+    /// One stream. With `until_primary`, returns once the node holds a
+    /// primary KEK and reported it (the end of `join`).
+    async fn session(&self, until_primary: bool) -> Result<(), SyncError> {
+        let channel = tls::connect(&self.server, self.tls.clone()).await?;
+        let mut client = FleetClient::new(channel);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let send = |tx: &tokio::sync::mpsc::Sender<NodeReport>, r: NodeReport| {
+            let tx = tx.clone();
+            async move {
+                tx.send(r)
+                    .await
+                    .map_err(|_| SyncError::Stream("report channel closed".into()))
+            }
+        };
+        send(&tx, report(self.node.holding())).await?;
+        let mut inbound = client
+            .sync(ReceiverStream::new(rx))
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        metrics::record_sync_contact();
+        tracing::info!(server = %self.server, "connected to the central key service");
+        let mut tick = tokio::time::interval(REPORT_EVERY);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                msg = inbound.message() => {
+                    let Some(state) = msg.map_err(status_error)? else {
+                        return Err(SyncError::Stream("the service ended the stream".into()));
+                    };
+                    metrics::record_sync_contact();
+                    if state.heartbeat {
+                        continue;
+                    }
+                    let node = self.node.clone();
+                    let delivery = self.delivery.clone();
+                    let holding = tokio::task::spawn_blocking(move || {
+                        node.apply_cluster_state(&state, &delivery)
+                    })
+                    .await
+                    .map_err(|e| SyncError::Stream(format!("apply task failed: {e}")))??;
+                    edgekms_kms::failpoint::hit("plugin-before-ack");
+                    let has_primary = holding.primary != 0;
+                    send(&tx, report(holding)).await?;
+                    if until_primary && has_primary {
+                        // Let the report reach the service before closing.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        return Ok(());
+                    }
+                }
+                _ = tick.tick() => {
+                    send(&tx, report(self.node.holding())).await?;
+                }
+            }
+        }
+    }
+}
+
+/// What `edgekms-plugin join` reports.
+#[derive(Debug)]
+pub struct Joined {
+    pub holding: Holding,
+    /// The first sync failed after enrolment (the plugin retries when
+    /// started).
+    pub first_sync: Result<(), SyncError>,
+}
+
+/// `edgekms-plugin join`: enrols this node with a one-time token, trusting
+/// the service only through the CA pin, then syncs until it holds its
+/// cluster's keys.
+pub async fn join(cfg: &Config, server: &str, token: &str, ca_hash: &str) -> Result<Joined, SyncError> {
+    let pin = pki::parse_pin(ca_hash)?;
+    let node = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || {
+            let sealer = sealer_from_config(&cfg)?;
+            Node::open_for_join(&cfg, sealer)
+        })
+        .await
+        .map_err(|e| SyncError::Config(format!("opening the data dir failed: {e}")))??
+    };
+    let node = Arc::new(node);
+    let (tls_key, csr) = pki::node_key_and_csr()?;
+    let delivery = DeliveryKey::generate();
+    let channel = tls::connect(server, tls::client_config(tls::Trust::Pin(pin), None)?).await?;
+    let resp = FleetClient::new(channel)
+        .join(JoinRequest {
+            token: token.trim().to_owned(),
+            cluster: cfg.cluster.clone(),
+            node: cfg.node.clone(),
+            csr_der: csr.into(),
+            delivery_public_key: delivery.public_key().into(),
+        })
+        .await
+        .map_err(|s| SyncError::Refused(s.message().to_owned()))?
+        .into_inner();
+    let nsk = node.sealing_key()?;
+    node.store()
+        .put_fleet(
+            &nsk,
+            &FleetRecord {
+                server: server.to_owned(),
+                node: cfg.node.clone(),
+                ca_der: hex::encode(&resp.ca_der),
+                cert_der: hex::encode(&resp.certificate_der),
+            },
+            &FleetKeys {
+                tls_key: zeroize::Zeroizing::new(tls_key.der().to_vec()),
+                delivery_key: delivery.to_bytes(),
+            },
+        )
+        .map_err(NodeError::from)?;
+    let first_sync = match SyncClient::for_node(node.clone(), Duration::from_secs(1))? {
+        Some(client) => {
+            match tokio::time::timeout(Duration::from_secs(60), client.session(true)).await {
+                Ok(result) => result,
+                Err(_) => Err(SyncError::Stream("no keys within 60 s".into())),
+            }
+        }
+        None => Err(SyncError::Config("join record missing after join".into())),
+    };
+    Ok(Joined {
+        holding: node.holding(),
+        first_sync,
+    })
+}
