@@ -137,6 +137,14 @@ impl Store {
         Ok(self.db.get(ROOT)?.is_some())
     }
 
+    /// Whether the store holds no record at all (a restore's target).
+    pub fn is_empty(&self) -> Result<bool, StoreError> {
+        match self.db.iterator(IteratorMode::Start).next() {
+            None => Ok(true),
+            Some(item) => item.map(|_| false).map_err(StoreError::from),
+        }
+    }
+
     /// Writes what `init` made, in one batch.
     pub fn put_init(
         &self,
