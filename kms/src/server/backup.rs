@@ -712,6 +712,7 @@ mod tests {
         assert!(key_id.starts_with("edge-1/v4/"));
 
         // A second restore into the now initialized dir is refused.
+        drop(back);
         let err = restore(&dump, &new_dir, &sealer, None).unwrap_err();
         assert!(matches!(err, BackupError::Initialized(_)), "{err}");
     }
