@@ -80,7 +80,10 @@ impl Server {
         .map(String::from)
         .into();
         // A free port for the metrics endpoint unless the test picks.
-        if !extra.iter().any(|a| *a == "--metrics-addr" || *a == "--no-metrics") {
+        if !extra
+            .iter()
+            .any(|a| *a == "--metrics-addr" || *a == "--no-metrics")
+        {
             args.extend(["--metrics-addr".into(), ops.to_string()]);
         }
         let child = Command::new(bin("edgekms-server"))
@@ -184,7 +187,12 @@ impl Drop for Server {
 /// `kmsctl --server URL --operator-dir DIR ARGS`.
 fn ctl(s: &Server, operator: &Path, args: &[&str]) -> Output {
     Command::new(bin("kmsctl"))
-        .args(["--server", &s.url, "--operator-dir", operator.to_str().unwrap()])
+        .args([
+            "--server",
+            &s.url,
+            "--operator-dir",
+            operator.to_str().unwrap(),
+        ])
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -241,8 +249,8 @@ impl TestNode {
     async fn join(url: &str, token: &str, ca_hash: &str, cluster: &str, node: &str) -> Self {
         let (key, csr) = pki::node_key_and_csr().unwrap();
         let delivery = DeliveryKey::generate();
-        let cfg = tls::client_config(tls::Trust::Pin(pki::parse_pin(ca_hash).unwrap()), None)
-            .unwrap();
+        let cfg =
+            tls::client_config(tls::Trust::Pin(pki::parse_pin(ca_hash).unwrap()), None).unwrap();
         let mut client = FleetClient::new(tls::connect(url, cfg).await.unwrap());
         let r = client
             .join(pb::JoinRequest {
@@ -268,8 +276,8 @@ impl TestNode {
     /// Opens a sync stream, reports `held`, and returns the first
     /// non-heartbeat message (or the stream's error).
     async fn sync(&self, url: &str, held: &[u32]) -> Result<pb::ClusterState, tonic::Status> {
-        let cfg = tls::client_config(tls::Trust::Ca(&self.ca), Some((&self.cert, &self.key)))
-            .unwrap();
+        let cfg =
+            tls::client_config(tls::Trust::Ca(&self.ca), Some((&self.cert, &self.key))).unwrap();
         let mut client = FleetClient::new(tls::connect(url, cfg).await.unwrap());
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tx.send(pb::NodeReport {
@@ -340,7 +348,11 @@ fn restore(file: &Path, key_file: &Path, data_dir: &Path) -> Output {
 /// no data dir created.
 fn assert_refused(out: &Output, needle: &str, data_dir: &Path) {
     let err = text(&out.stderr);
-    assert!(!out.status.success(), "restore succeeded: {}", text(&out.stdout));
+    assert!(
+        !out.status.success(),
+        "restore succeeded: {}",
+        text(&out.stdout)
+    );
     assert!(err.contains(needle), "expected {needle:?} in: {err}");
     assert!(!data_dir.exists(), "{} was created", data_dir.display());
 }
@@ -356,18 +368,29 @@ async fn backup_and_restore_keep_clusters_versions_key_ids_and_keys() {
     let mut old = Server::start(&old_dir).await;
 
     // Two clusters; three invitations issued before the backup.
-    let add = |cluster: &str, node: &str| ctl_json(&old, &operator, &["node", "add", cluster, node]);
+    let add =
+        |cluster: &str, node: &str| ctl_json(&old, &operator, &["node", "add", cluster, node]);
     let cp1 = add("edge-1", "cp-1");
     assert_eq!(cp1["cluster_created"], true);
     let cp2 = add("edge-1", "cp-2");
     add("edge-2", "cp-1");
     // No node joined yet: the rotation promotes at once.
     let rotated = ctl_json(&old, &operator, &["rotate", "edge-1"]);
-    assert_eq!((rotated["version"].as_u64(), rotated["state"].as_str()), (Some(2), Some("primary")));
+    assert_eq!(
+        (rotated["version"].as_u64(), rotated["state"].as_str()),
+        (Some(2), Some("primary"))
+    );
 
     // cp-1 of edge-1 joins the old server and receives v1 and v2.
     let ca_hash = cp1["ca_hash"].as_str().unwrap();
-    let node1 = TestNode::join(&old.url, cp1["token"].as_str().unwrap(), ca_hash, "edge-1", "cp-1").await;
+    let node1 = TestNode::join(
+        &old.url,
+        cp1["token"].as_str().unwrap(),
+        ca_hash,
+        "edge-1",
+        "cp-1",
+    )
+    .await;
     let first = node1.sync(&old.url, &[]).await.unwrap();
     let keys_old = node1.open(&first);
     assert_eq!(keys_old.keys().copied().collect::<Vec<_>>(), [1, 2]);
@@ -375,7 +398,10 @@ async fn backup_and_restore_keep_clusters_versions_key_ids_and_keys() {
     node1.sync(&old.url, &[1, 2]).await.unwrap();
     let before = ctl_json(&old, &operator, &["status"]);
     let cp1_held = &before["clusters"][0]["nodes"][0];
-    assert_eq!((cp1_held["name"].as_str(), cp1_held["held"].clone()), (Some("cp-1"), serde_json::json!([1, 2])));
+    assert_eq!(
+        (cp1_held["name"].as_str(), cp1_held["held"].clone()),
+        (Some("cp-1"), serde_json::json!([1, 2]))
+    );
 
     // Back up.
     let key_file = tmp.path().join("backup.key");
@@ -384,9 +410,18 @@ async fn backup_and_restore_keep_clusters_versions_key_ids_and_keys() {
     let b = ctl_json(
         &old,
         &operator,
-        &["backup", file.to_str().unwrap(), "--key-file", key_file.to_str().unwrap()],
+        &[
+            "backup",
+            file.to_str().unwrap(),
+            "--key-file",
+            key_file.to_str().unwrap(),
+        ],
     );
-    assert_eq!((b["clusters"].as_u64(), b["key_versions"].as_u64()), (Some(2), Some(3)), "{b}");
+    assert_eq!(
+        (b["clusters"].as_u64(), b["key_versions"].as_u64()),
+        (Some(2), Some(3)),
+        "{b}"
+    );
     assert!(b["audit_records"].as_u64().unwrap() > 0);
     assert_eq!(mode(&file), 0o600);
     let blob = std::fs::read(&file).unwrap();
@@ -396,24 +431,57 @@ async fn backup_and_restore_keep_clusters_versions_key_ids_and_keys() {
     let key_id = rotated["key_id"].as_str().unwrap();
     let fingerprint = key_id.rsplit('/').next().unwrap();
     for needle in [fingerprint, "edge-1", "cp-2"] {
-        assert!(!blob.windows(needle.len()).any(|w| w == needle.as_bytes()), "{needle} in the clear");
+        assert!(
+            !blob.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            "{needle} in the clear"
+        );
     }
     // An existing file is never overwritten; a bad key file is refused.
-    let again = ctl(&old, &operator, &["backup", file.to_str().unwrap(), "--key-file", key_file.to_str().unwrap()]);
+    let again = ctl(
+        &old,
+        &operator,
+        &[
+            "backup",
+            file.to_str().unwrap(),
+            "--key-file",
+            key_file.to_str().unwrap(),
+        ],
+    );
     assert_eq!(again.status.code(), Some(2));
-    assert!(text(&again.stderr).contains("refusing to overwrite"), "{}", text(&again.stderr));
+    assert!(
+        text(&again.stderr).contains("refusing to overwrite"),
+        "{}",
+        text(&again.stderr)
+    );
     assert_eq!(std::fs::read(&file).unwrap(), blob);
     let short_key = tmp.path().join("short.key");
     std::fs::write(&short_key, "abcd\n").unwrap();
     let other = tmp.path().join("other.bak");
-    let bad = ctl(&old, &operator, &["backup", other.to_str().unwrap(), "--key-file", short_key.to_str().unwrap()]);
+    let bad = ctl(
+        &old,
+        &operator,
+        &[
+            "backup",
+            other.to_str().unwrap(),
+            "--key-file",
+            short_key.to_str().unwrap(),
+        ],
+    );
     assert_eq!(bad.status.code(), Some(2));
-    assert!(text(&bad.stderr).contains("64 hex digits"), "{}", text(&bad.stderr));
+    assert!(
+        text(&bad.stderr).contains("64 hex digits"),
+        "{}",
+        text(&bad.stderr)
+    );
     assert!(!other.exists());
     // The backup is audited on the server it was taken from.
     let audit = ctl_json(&old, &operator, &["audit"]);
     assert!(
-        audit.as_array().unwrap().iter().any(|r| r["event"] == "backup" && r["actor"] == "operator admin"),
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["event"] == "backup" && r["actor"] == "operator admin"),
         "{audit:#}"
     );
     assert_eq!(old.stop().await, Some(0));
@@ -423,20 +491,40 @@ async fn backup_and_restore_keep_clusters_versions_key_ids_and_keys() {
     let new_dir = tmp.path().join("new");
     let wrong_key = tmp.path().join("wrong.key");
     write_key(&wrong_key, 0x43);
-    assert_refused(&restore(&file, &wrong_key, &new_dir), "backup does not open with this key", &new_dir);
+    assert_refused(
+        &restore(&file, &wrong_key, &new_dir),
+        "backup does not open with this key",
+        &new_dir,
+    );
     let truncated = tmp.path().join("truncated.bak");
     std::fs::write(&truncated, &blob[..blob.len() - 100]).unwrap();
-    assert_refused(&restore(&truncated, &key_file, &new_dir), "backup is truncated", &new_dir);
+    assert_refused(
+        &restore(&truncated, &key_file, &new_dir),
+        "backup is truncated",
+        &new_dir,
+    );
     let altered = tmp.path().join("altered.bak");
     let mut flipped = blob.clone();
     let mid = flipped.len() / 2;
     flipped[mid] ^= 0x01;
     std::fs::write(&altered, &flipped).unwrap();
-    assert_refused(&restore(&altered, &key_file, &new_dir), "backup is corrupt", &new_dir);
+    assert_refused(
+        &restore(&altered, &key_file, &new_dir),
+        "backup is corrupt",
+        &new_dir,
+    );
     let not_backup = tmp.path().join("not.bak");
     std::fs::write(&not_backup, b"hello").unwrap();
-    assert_refused(&restore(&not_backup, &key_file, &new_dir), "not an edgekms backup", &new_dir);
-    assert_refused(&restore(&file, &key_file, &old_dir), "refusing to overwrite", &tmp.path().join("absent"));
+    assert_refused(
+        &restore(&not_backup, &key_file, &new_dir),
+        "not an edgekms backup",
+        &new_dir,
+    );
+    assert_refused(
+        &restore(&file, &key_file, &old_dir),
+        "refusing to overwrite",
+        &tmp.path().join("absent"),
+    );
 
     // The restore.
     let out = restore(&file, &key_file, &new_dir);
@@ -451,7 +539,11 @@ async fn backup_and_restore_keep_clusters_versions_key_ids_and_keys() {
     // Not twice.
     let twice = restore(&file, &key_file, &new_dir);
     assert!(!twice.status.success());
-    assert!(text(&twice.stderr).contains("refusing to overwrite"), "{}", text(&twice.stderr));
+    assert!(
+        text(&twice.stderr).contains("refusing to overwrite"),
+        "{}",
+        text(&twice.stderr)
+    );
 
     // The restored server: the same operator credentials work (same CA),
     // the same clusters, versions, states and key_ids.
@@ -459,14 +551,28 @@ async fn backup_and_restore_keep_clusters_versions_key_ids_and_keys() {
     let after = ctl_json(&new, &operator, &["status"]);
     assert_eq!(durable(&after), durable(&before));
     let v2 = &after["clusters"][0]["versions"][1];
-    assert_eq!((v2["version"].as_u64(), v2["state"].as_str(), v2["key_id"].as_str()), (Some(2), Some("primary"), Some(key_id)));
+    assert_eq!(
+        (
+            v2["version"].as_u64(),
+            v2["state"].as_str(),
+            v2["key_id"].as_str()
+        ),
+        (Some(2), Some("primary"), Some(key_id))
+    );
 
     // cp-1 keeps its certificate: the restored server accepts its stream.
     let state = node1.sync(&new.url, &[1, 2]).await.unwrap();
     assert!(node1.open(&state).is_empty(), "it holds everything already");
     // cp-2 joins with the token issued before the backup, and receives the
     // very keys cp-1 got from the old server.
-    let node2 = TestNode::join(&new.url, cp2["token"].as_str().unwrap(), ca_hash, "edge-1", "cp-2").await;
+    let node2 = TestNode::join(
+        &new.url,
+        cp2["token"].as_str().unwrap(),
+        ca_hash,
+        "edge-1",
+        "cp-2",
+    )
+    .await;
     let keys_new = node2.open(&node2.sync(&new.url, &[]).await.unwrap());
     assert_eq!(keys_new.len(), 2);
     for (version, (key_id, key)) in &keys_old {
@@ -480,8 +586,16 @@ async fn backup_and_restore_keep_clusters_versions_key_ids_and_keys() {
     assert_eq!(next["version"].as_u64(), Some(3));
     assert!(next["key_id"].as_str().unwrap().starts_with("edge-1/v3/"));
     let audit = ctl_json(&new, &operator, &["audit"]);
-    let events: Vec<&str> = audit.as_array().unwrap().iter().filter_map(|r| r["event"].as_str()).collect();
-    assert!(events.contains(&"restore") && events.contains(&"enrol-invite"), "{events:?}");
+    let events: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["event"].as_str())
+        .collect();
+    assert!(
+        events.contains(&"restore") && events.contains(&"enrol-invite"),
+        "{events:?}"
+    );
 }
 
 #[tokio::test]
@@ -491,8 +605,14 @@ async fn metrics_count_nodes_and_calls_and_readyz_follows_the_server() {
     let operator = dir.join("operator");
     init(&dir);
     let mut s = Server::start(&dir).await;
-    assert_eq!(http_get(s.ops, "/healthz").await.unwrap(), (200, "ok".into()));
-    assert_eq!(http_get(s.ops, "/readyz").await.unwrap(), (200, "ok".into()));
+    assert_eq!(
+        http_get(s.ops, "/healthz").await.unwrap(),
+        (200, "ok".into())
+    );
+    assert_eq!(
+        http_get(s.ops, "/readyz").await.unwrap(),
+        (200, "ok".into())
+    );
 
     let nodes = |scrape: &prometheus_parse::Scrape, state: &str| {
         sample(scrape, "edgekms_server_nodes", &[("state", state)])
@@ -501,10 +621,20 @@ async fn metrics_count_nodes_and_calls_and_readyz_follows_the_server() {
     for state in ["invited", "active", "revoked", "connected"] {
         assert_eq!(nodes(&m, state), Some(0.0), "{state}");
     }
-    assert_eq!(sample(&m, "edgekms_server_clusters_pending_rotation", &[]), Some(0.0));
-    assert_eq!(sample(&m, "edgekms_server_oldest_unacked_delivery_seconds", &[]), Some(0.0));
+    assert_eq!(
+        sample(&m, "edgekms_server_clusters_pending_rotation", &[]),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&m, "edgekms_server_oldest_unacked_delivery_seconds", &[]),
+        Some(0.0)
+    );
     let calls = |scrape: &prometheus_parse::Scrape, method: &str, code: &str| {
-        sample(scrape, "edgekms_server_requests_total", &[("method", method), ("code", code)])
+        sample(
+            scrape,
+            "edgekms_server_requests_total",
+            &[("method", method), ("code", code)],
+        )
     };
     assert_eq!(calls(&m, "AddNode", "OK"), Some(0.0));
 
@@ -531,19 +661,35 @@ async fn metrics_count_nodes_and_calls_and_readyz_follows_the_server() {
     .await;
     ctl_json(&s, &operator, &["node", "remove", "edge-1", "cp-2"]);
     let m = s.scrape().await;
-    assert_eq!((nodes(&m, "invited"), nodes(&m, "active"), nodes(&m, "revoked")), (Some(0.0), Some(1.0), Some(1.0)));
+    assert_eq!(
+        (
+            nodes(&m, "invited"),
+            nodes(&m, "active"),
+            nodes(&m, "revoked")
+        ),
+        (Some(0.0), Some(1.0), Some(1.0))
+    );
     assert_eq!(calls(&m, "Join", "OK"), Some(1.0));
     let r = ctl_json(&s, &operator, &["rotate", "edge-1"]);
     assert_eq!(r["state"], "pending");
     let m = s.scrape().await;
-    assert_eq!(sample(&m, "edgekms_server_clusters_pending_rotation", &[]), Some(1.0));
+    assert_eq!(
+        sample(&m, "edgekms_server_clusters_pending_rotation", &[]),
+        Some(1.0)
+    );
     // The node acks v1 and v2 on its stream: the rotation completes.
     let state = node.sync(&s.url, &[]).await.unwrap();
     assert_eq!(node.open(&state).len(), 2);
     node.sync(&s.url, &[1, 2]).await.unwrap();
     let m = s.scrape().await;
-    assert_eq!(sample(&m, "edgekms_server_clusters_pending_rotation", &[]), Some(0.0));
-    assert_eq!(sample(&m, "edgekms_server_oldest_unacked_delivery_seconds", &[]), Some(0.0));
+    assert_eq!(
+        sample(&m, "edgekms_server_clusters_pending_rotation", &[]),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&m, "edgekms_server_oldest_unacked_delivery_seconds", &[]),
+        Some(0.0)
+    );
     assert!(calls(&m, "Sync", "OK").unwrap() >= 2.0);
     assert_eq!(s.stop().await, Some(0));
 

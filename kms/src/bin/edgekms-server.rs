@@ -25,7 +25,11 @@ const DEFAULT_METRICS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LO
 /// The edgekms central key service: enrols nodes, delivers KEK versions
 /// wrapped to each node, and rotates them cluster by cluster (mTLS gRPC).
 #[derive(Debug, Parser)]
-#[command(name = "edgekms-server", version, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "edgekms-server",
+    version,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,

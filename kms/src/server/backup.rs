@@ -64,7 +64,9 @@ pub enum BackupError {
     NotABackup,
     #[error("backup format {0} is not supported: this edgekms-server reads format {FORMAT}; restore with the version that wrote it, or a newer one")]
     Format(u8),
-    #[error("backup does not open with this key: it was made under another key file (check --key-file)")]
+    #[error(
+        "backup does not open with this key: it was made under another key file (check --key-file)"
+    )]
     WrongKey,
     #[error("backup is truncated: {0}; use a complete copy")]
     Truncated(String),
@@ -225,7 +227,11 @@ fn store_err(key: &str, e: impl std::fmt::Display) -> ServerError {
 
 /// The `Backup` RPC: the whole state, one consistent cut of it, encrypted
 /// under `key`.
-pub fn make(core: &Core, key: &Key256, with_audit: bool) -> Result<(Vec<u8>, Summary), ServerError> {
+pub fn make(
+    core: &Core,
+    key: &Key256,
+    with_audit: bool,
+) -> Result<(Vec<u8>, Summary), ServerError> {
     let created_unix = now_unix();
     let (ca_cert, ca_key, server_cert, server_key, clusters, keks) = {
         // Every change commits under this lock: clusters and KEKs read
@@ -481,12 +487,17 @@ fn parse(plain: &[u8]) -> Result<Dump, BackupError> {
         audit.push(r.bytes("an audit record")?.to_vec());
     }
     if !r.rest.is_empty() {
-        return Err(corrupt(format!("{} unexplained bytes at the end", r.rest.len())));
+        return Err(corrupt(format!(
+            "{} unexplained bytes at the end",
+            r.rest.len()
+        )));
     }
     // The primary and every version nodes must hold need their key.
     for c in &clusters {
         for (&version, meta) in &c.versions {
-            let has = keks.iter().any(|k| k.cluster == c.name && k.version == version);
+            let has = keks
+                .iter()
+                .any(|k| k.cluster == c.name && k.version == version);
             if meta.state.held_by_nodes() && !has {
                 return Err(corrupt(format!(
                     "cluster {} version {version} ({}) has no key in the backup",
@@ -627,7 +638,9 @@ pub fn restore(
         )));
     }
     for k in &dump.keks {
-        let back = core.store().kek(core.root(), &k.cluster, k.version, &k.key_id)?;
+        let back = core
+            .store()
+            .kek(core.root(), &k.cluster, k.version, &k.key_id)?;
         if back.as_ref() != Some(&k.key) {
             return Err(unreadable(format!("KEK {} v{}", k.cluster, k.version)));
         }
@@ -688,17 +701,41 @@ mod tests {
 
         let back = init::open(&new_dir, &sealer).unwrap();
         assert!(back.root() != core.root(), "a new root key");
-        assert_eq!(back.status("").unwrap().clusters, core.status("").unwrap().clusters);
-        assert_eq!(back.tls_identity().unwrap().0, core.tls_identity().unwrap().0);
+        assert_eq!(
+            back.status("").unwrap().clusters,
+            core.status("").unwrap().clusters
+        );
+        assert_eq!(
+            back.tls_identity().unwrap().0,
+            core.tls_identity().unwrap().0
+        );
         for (cluster, version) in [("edge-1", 2), ("edge-1", 3), ("edge-2", 1)] {
             let s = core.status(cluster).unwrap();
-            let key_id = &s.clusters[0].versions.iter().find(|v| v.version == version).unwrap().key_id;
-            let old = core.store().kek(core.root(), cluster, version, key_id).unwrap().unwrap();
-            let new = back.store().kek(back.root(), cluster, version, key_id).unwrap().unwrap();
+            let key_id = &s.clusters[0]
+                .versions
+                .iter()
+                .find(|v| v.version == version)
+                .unwrap()
+                .key_id;
+            let old = core
+                .store()
+                .kek(core.root(), cluster, version, key_id)
+                .unwrap()
+                .unwrap();
+            let new = back
+                .store()
+                .kek(back.root(), cluster, version, key_id)
+                .unwrap()
+                .unwrap();
             assert!(old == new, "{cluster} v{version}");
         }
         assert!(!back.store().has_kek("edge-1", 1).unwrap());
-        let events: Vec<String> = back.audit_since(0).unwrap().into_iter().map(|r| r.event).collect();
+        let events: Vec<String> = back
+            .audit_since(0)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.event)
+            .collect();
         assert_eq!(events.last().map(String::as_str), Some("restore"));
         assert!(events.contains(&"retirement".to_owned()));
         assert_eq!(
@@ -726,9 +763,18 @@ mod tests {
 
         let err = open(&blob, &Key256::generate()).unwrap_err();
         assert!(matches!(err, BackupError::WrongKey));
-        assert!(err.to_string().contains("does not open with this key"), "{err}");
+        assert!(
+            err.to_string().contains("does not open with this key"),
+            "{err}"
+        );
 
-        for cut in [blob.len() - 1, blob.len() / 2, HEADER_LEN, HEADER_LEN - 1, 4] {
+        for cut in [
+            blob.len() - 1,
+            blob.len() / 2,
+            HEADER_LEN,
+            HEADER_LEN - 1,
+            4,
+        ] {
             let err = open(&blob[..cut], &key).unwrap_err();
             assert!(matches!(err, BackupError::Truncated(_)), "cut {cut}: {err}");
             assert!(err.to_string().starts_with("backup is truncated"), "{err}");
@@ -745,8 +791,14 @@ mod tests {
         assert!(matches!(open(&longer, &key), Err(BackupError::Corrupt(_))));
         let mut other_format = blob.clone();
         other_format[4] = 2;
-        assert!(matches!(open(&other_format, &key), Err(BackupError::Format(2))));
-        assert!(matches!(open(b"{\"not\":1}", &key), Err(BackupError::NotABackup)));
+        assert!(matches!(
+            open(&other_format, &key),
+            Err(BackupError::Format(2))
+        ));
+        assert!(matches!(
+            open(b"{\"not\":1}", &key),
+            Err(BackupError::NotABackup)
+        ));
         assert!(matches!(open(b"", &key), Err(BackupError::Truncated(_))));
     }
 
@@ -767,7 +819,10 @@ mod tests {
         std::fs::write(&file, "not hex\n").unwrap();
         let err = read_key_file(&file).unwrap_err().to_string();
         assert!(err.contains("64 hex digits"), "{err}");
-        assert!(!err.contains("not hex"), "the file's contents are never echoed: {err}");
+        assert!(
+            !err.contains("not hex"),
+            "the file's contents are never echoed: {err}"
+        );
     }
 
     #[test]

@@ -29,7 +29,11 @@ pub enum SealerKind {
 }
 
 /// Builds the sealer for the root key. Never falls back to another one.
-pub fn sealer(data_dir: &Path, kind: SealerKind, tcti: &str) -> Result<Box<dyn Sealer>, ServerError> {
+pub fn sealer(
+    data_dir: &Path,
+    kind: SealerKind,
+    tcti: &str,
+) -> Result<Box<dyn Sealer>, ServerError> {
     private_dir(data_dir)?;
     match kind {
         SealerKind::Soft => Ok(Box::new(edgekms_hsm::soft::SoftSealer::open_or_create(

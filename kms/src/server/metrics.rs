@@ -45,7 +45,11 @@ pub fn method_label(path: &str) -> &'static str {
         .strip_prefix("/edgekms.fleet.v1.Fleet/")
         .or_else(|| path.strip_prefix("/edgekms.fleet.v1.Operator/"));
     match method {
-        Some(m) => METHODS.iter().find(|k| **k == m).copied().unwrap_or("other"),
+        Some(m) => METHODS
+            .iter()
+            .find(|k| **k == m)
+            .copied()
+            .unwrap_or("other"),
         None => "other",
     }
 }
@@ -159,10 +163,7 @@ pub fn observe_request(method: &str, code: Code) {
 
 /// The `/metrics` body; `core` is `None` until the state is loaded.
 pub fn render(core: Option<&Core>) -> String {
-    METRICS
-        .as_ref()
-        .map(|m| m.render(core))
-        .unwrap_or_default()
+    METRICS.as_ref().map(|m| m.render(core)).unwrap_or_default()
 }
 
 /// Counts every gRPC call in `edgekms_server_requests_total` (for
@@ -245,7 +246,10 @@ mod tests {
         assert!(!text.contains(NODES), "{text}");
         assert!(!text.contains(OLDEST_UNACKED), "{text}");
         assert_eq!(
-            value(&text, "edgekms_server_requests_total{code=\"OK\",method=\"Backup\"}"),
+            value(
+                &text,
+                "edgekms_server_requests_total{code=\"OK\",method=\"Backup\"}"
+            ),
             Some(0.0),
             "{text}"
         );
@@ -253,7 +257,10 @@ mod tests {
         m.observe_request("Rotate", Code::NotFound);
         let text = m.render(None);
         assert_eq!(
-            value(&text, "edgekms_server_requests_total{code=\"NotFound\",method=\"Rotate\"}"),
+            value(
+                &text,
+                "edgekms_server_requests_total{code=\"NotFound\",method=\"Rotate\"}"
+            ),
             Some(2.0)
         );
     }
@@ -278,8 +285,14 @@ mod tests {
         core.add_node("op", "edge-1", "cp-2", day).unwrap();
         core.remove_node("op", "edge-1", "cp-2").unwrap();
         let text = m.render(Some(&core));
-        assert_eq!(value(&text, &format!("{NODES}{{state=\"invited\"}}")), Some(1.0));
-        assert_eq!(value(&text, &format!("{NODES}{{state=\"revoked\"}}")), Some(1.0));
+        assert_eq!(
+            value(&text, &format!("{NODES}{{state=\"invited\"}}")),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&text, &format!("{NODES}{{state=\"revoked\"}}")),
+            Some(1.0)
+        );
         assert!(text.contains(&format!("# TYPE {NODES} gauge")));
     }
 }

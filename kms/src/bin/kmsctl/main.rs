@@ -223,10 +223,22 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             kms_cmd(&mut kms, command, json).await
         }
         Command::Node { command } => {
-            fleet_cmd(cli.server, cli.operator_dir, fleet::FleetCommand::Node(command), json).await
+            fleet_cmd(
+                cli.server,
+                cli.operator_dir,
+                fleet::FleetCommand::Node(command),
+                json,
+            )
+            .await
         }
         Command::Rotate(args) => {
-            fleet_cmd(cli.server, cli.operator_dir, fleet::FleetCommand::Rotate(args), json).await
+            fleet_cmd(
+                cli.server,
+                cli.operator_dir,
+                fleet::FleetCommand::Rotate(args),
+                json,
+            )
+            .await
         }
         Command::Retire { cluster, version } => {
             let cmd = fleet::FleetCommand::Retire { cluster, version };
@@ -261,9 +273,12 @@ async fn fleet_cmd(
 async fn operator_client(
     server: Option<String>,
     operator_dir: Option<PathBuf>,
-) -> Result<edgekms_proto::fleet::operator_client::OperatorClient<tonic::transport::Channel>, Failure> {
+) -> Result<edgekms_proto::fleet::operator_client::OperatorClient<tonic::transport::Channel>, Failure>
+{
     let server = server.ok_or_else(|| {
-        Failure::Usage("--server (or KMSCTL_SERVER) is required: https://HOST:PORT of edgekms-server".into())
+        Failure::Usage(
+            "--server (or KMSCTL_SERVER) is required: https://HOST:PORT of edgekms-server".into(),
+        )
     })?;
     let dir = operator_dir.ok_or_else(|| {
         Failure::Usage("--operator-dir (or KMSCTL_OPERATOR_DIR) is required: the directory with ca.pem, cert.pem, key.pem".into())
