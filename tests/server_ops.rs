@@ -82,7 +82,7 @@ impl Server {
         // A free port for the metrics endpoint unless the test picks.
         if !extra
             .iter()
-            .any(|a| *a == "--metrics-addr" || *a == "--no-metrics")
+            .any(|a| ["--metrics-addr", "--no-metrics", "--config"].contains(a))
         {
             args.extend(["--metrics-addr".into(), ops.to_string()]);
         }
@@ -702,6 +702,23 @@ async fn metrics_count_nodes_and_calls_and_readyz_follows_the_server() {
     }
     assert_eq!(tcp_listen_ports(quiet.pid()), [quiet.listen.port()]);
     drop(quiet);
+
+    // The config file's metrics_addr works like the flag.
+    let port = free_port();
+    let config = tmp.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!("metrics_addr = \"127.0.0.1:{port}\"\nno_metrics = false\n"),
+    )
+    .unwrap();
+    let from_file = Server::spawn(&dir, &["--config", config.to_str().unwrap()]);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while http_get(addr, "/readyz").await != Ok((200, "ok".into())) {
+        assert!(Instant::now() < deadline, "{}", from_file.log_text());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    drop(from_file);
 
     // A taken metrics port stops the start, naming the address.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -120,6 +120,7 @@ struct ServeArgs {
     auto_rotate_every: Option<String>,
     /// Per-cluster automatic rotation (config file only)
     #[arg(skip)]
+    #[serde(default)]
     cluster_auto_rotate: BTreeMap<String, String>,
     /// How often each node stream gets a heartbeat [default: 15s]
     #[arg(long, value_name = "DURATION")]
