@@ -1,26 +1,35 @@
-//! `edgekms-server`: the central key service. `init` creates a data dir;
-//! without a subcommand it serves. Everything else lives in
-//! `edgekms_kms::server`.
+//! `edgekms-server`: the central key service. `init` creates a data dir,
+//! `restore` makes one from a `kmsctl backup`; without a subcommand it
+//! serves (with its `/metrics`, `/healthz`, `/readyz` endpoint). Everything
+//! else lives in `edgekms_kms::server`.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use edgekms_kms::ops::{Handlers, OpsServer};
 use edgekms_kms::server::init::{self, SealerKind};
-use edgekms_kms::server::{service, AutoRotate};
+use edgekms_kms::server::{backup, metrics, service, AutoRotate, Core};
 use serde::Deserialize;
 
 const DEFAULT_TCTI: &str = "device:/dev/tpmrm0";
+/// Where `/metrics`, `/healthz` and `/readyz` are served unless told otherwise.
+const DEFAULT_METRICS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9465);
 
 /// The edgekms central key service: enrols nodes, delivers KEK versions
 /// wrapped to each node, and rotates them cluster by cluster (mTLS gRPC).
 #[derive(Debug, Parser)]
-#[command(name = "edgekms-server", version, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "edgekms-server",
+    version,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -32,6 +41,8 @@ struct Cli {
 enum Command {
     /// Create the root key, the CA and the first operator certificate
     Init(InitArgs),
+    /// Create a data dir from a `kmsctl backup` file, with a new root key sealed on this host
+    Restore(RestoreArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
@@ -55,6 +66,30 @@ struct InitArgs {
     tpm_tcti: String,
     /// Extra DNS name or IP address nodes dial the server by (repeatable);
     /// localhost, 127.0.0.1, ::1 and the host name are always included
+    #[arg(long = "san", value_name = "NAME")]
+    sans: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct RestoreArgs {
+    /// Backup file written by `kmsctl backup`
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+    /// The backup's key: 64 hex digits (32 bytes), as given to `kmsctl backup`
+    #[arg(long, value_name = "KEYFILE")]
+    key_file: PathBuf,
+    /// Data directory to create; one that holds a state is refused
+    #[arg(long, value_name = "DIR")]
+    data_dir: PathBuf,
+    /// Where the new root key is sealed: tpm, or soft (INSECURE, development)
+    #[arg(long, value_enum, default_value = "tpm")]
+    sealer: SealerKind,
+    /// TPM TCTI (device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321, ...)
+    #[arg(long, value_name = "TCTI", default_value = DEFAULT_TCTI)]
+    tpm_tcti: String,
+    /// Issue a new server certificate (same CA) for this DNS name or IP
+    /// (repeatable), plus localhost, 127.0.0.1, ::1 and this host's name;
+    /// without it the backed-up server certificate is kept
     #[arg(long = "san", value_name = "NAME")]
     sans: Vec<String>,
 }
@@ -85,6 +120,7 @@ struct ServeArgs {
     auto_rotate_every: Option<String>,
     /// Per-cluster automatic rotation (config file only)
     #[arg(skip)]
+    #[serde(default)]
     cluster_auto_rotate: BTreeMap<String, String>,
     /// How often each node stream gets a heartbeat [default: 15s]
     #[arg(long, value_name = "DURATION")]
@@ -92,6 +128,13 @@ struct ServeArgs {
     /// Log format [default: text]
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    /// Address for the HTTP endpoint serving /metrics (Prometheus), /healthz and /readyz [default: 127.0.0.1:9465]
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_addr: Option<SocketAddr>,
+    /// Serve no metrics or health endpoint (binds no TCP port); wins over metrics_addr in the config file
+    #[arg(long, conflicts_with = "metrics_addr")]
+    #[serde(default)]
+    no_metrics: bool,
 }
 
 impl ServeArgs {
@@ -106,6 +149,18 @@ impl ServeArgs {
             cluster_auto_rotate: file.cluster_auto_rotate,
             heartbeat: self.heartbeat.or(file.heartbeat),
             log_format: self.log_format.or(file.log_format),
+            metrics_addr: self.metrics_addr.or(file.metrics_addr),
+            // Off if either says off: a flag can switch off what the file sets.
+            no_metrics: self.no_metrics || file.no_metrics,
+        }
+    }
+
+    /// The metrics and health endpoint; `None` with `no_metrics`.
+    fn metrics(&self) -> Option<SocketAddr> {
+        if self.no_metrics {
+            None
+        } else {
+            Some(self.metrics_addr.unwrap_or(DEFAULT_METRICS_ADDR))
         }
     }
 }
@@ -125,6 +180,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Some(Command::Init(args)) => run_init(args),
+        Some(Command::Restore(args)) => run_restore(args),
         None => run_serve(cli.serve),
     };
     match result {
@@ -169,6 +225,37 @@ fn run_init(args: InitArgs) -> anyhow::Result<()> {
         names = done.server_names.join(", "),
         hash = done.ca_hash,
         op = done.operator_dir.display(),
+    );
+    Ok(())
+}
+
+fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
+    quiet_tss();
+    init_logging(LogFormat::Text);
+    let file = args.file.display().to_string();
+    let key = backup::read_key_file(&args.key_file)?;
+    let blob = std::fs::read(&args.file).with_context(|| format!("cannot read {file}"))?;
+    // Everything is checked before anything is created.
+    let dump = backup::open(&blob, &key).with_context(|| format!("cannot restore {file}"))?;
+    backup::check_target(&args.data_dir)?;
+    let sealer = init::sealer(&args.data_dir, args.sealer, &args.tpm_tcti)?;
+    let names = (!args.sans.is_empty()).then(|| init::server_names(&args.sans));
+    let done = backup::restore(&dump, &args.data_dir, sealer.as_ref(), names.as_deref())
+        .with_context(|| format!("cannot restore {file}"))?;
+    let s = done.summary;
+    println!(
+        "restored {dir} from {file} (backup made at unix time {created})\n  {clusters} clusters, {keks} key versions, {audit} audit records\n  new root key sealed by: {sealer}\n  CA hash (unchanged; nodes and operators keep their certificates): {hash}\n  server certificate: {cert}\n  CA certificate: {dir}/ca.pem\nstart it: edgekms-server --data-dir {dir} --listen 0.0.0.0:8443 --sealer {sealer}",
+        dir = args.data_dir.display(),
+        created = s.created_unix,
+        clusters = s.clusters,
+        keks = s.key_versions,
+        audit = s.audit_records,
+        sealer = sealer.name(),
+        hash = done.ca_hash,
+        cert = match &done.reissued {
+            Some(names) => format!("issued anew for {}", names.join(", ")),
+            None => "kept from the backup (same names)".into(),
+        },
     );
     Ok(())
 }
@@ -248,24 +335,73 @@ fn run_serve(flags: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "cannot disable core dumps for this process");
     }
     raise_fd_limit();
-    let sealer = init::sealer(
-        &data_dir,
-        args.sealer.unwrap_or(SealerKind::Tpm),
-        args.tpm_tcti.as_deref().unwrap_or(DEFAULT_TCTI),
-    )?;
-    let mut core = init::open(&data_dir, sealer.as_ref())?;
-    core.auto_rotate = rotate;
-    core.heartbeat = heartbeat;
-    let core = Arc::new(core);
-    serve(core, listen, &data_dir)
+    let open = Open {
+        data_dir,
+        sealer: args.sealer.unwrap_or(SealerKind::Tpm),
+        tcti: args.tpm_tcti.clone().unwrap_or_else(|| DEFAULT_TCTI.into()),
+        auto_rotate: rotate,
+        heartbeat,
+    };
+    serve(open, listen, args.metrics())
 }
 
-fn serve(core: Arc<edgekms_kms::server::Core>, listen: SocketAddr, data_dir: &Path) -> anyhow::Result<()> {
+/// How to open the data dir (unsealing the root key).
+struct Open {
+    data_dir: PathBuf,
+    sealer: SealerKind,
+    tcti: String,
+    auto_rotate: AutoRotate,
+    heartbeat: Duration,
+}
+
+impl Open {
+    fn open(self) -> anyhow::Result<Core> {
+        let sealer = init::sealer(&self.data_dir, self.sealer, &self.tcti)?;
+        let mut core = init::open(&self.data_dir, sealer.as_ref())?;
+        core.auto_rotate = self.auto_rotate;
+        core.heartbeat = self.heartbeat;
+        Ok(core)
+    }
+}
+
+/// `/readyz`: 503 "starting" until the root key is unsealed, the state
+/// loaded and the gRPC listener bound; 503 "stopping" once shutting down.
+/// `/metrics`: the server's metrics, gauges from the loaded state.
+fn handlers(core: Arc<OnceLock<Arc<Core>>>, stopping: Arc<AtomicBool>) -> Handlers {
+    let for_metrics = core.clone();
+    Handlers::new(
+        move || match core.get() {
+            None => Err("starting".to_owned()),
+            Some(_) if stopping.load(Ordering::SeqCst) => Err("stopping".to_owned()),
+            Some(_) => Ok(()),
+        },
+        move || metrics::render(for_metrics.get().map(|c| c.as_ref())),
+    )
+}
+
+fn serve(open: Open, listen: SocketAddr, metrics_addr: Option<SocketAddr>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let data_dir = open.data_dir.clone();
     runtime.block_on(async move {
+        // Up before unsealing (which may wait on a busy TPM): /healthz
+        // answers at once, /readyz says "starting" until the state is open.
+        let ready: Arc<OnceLock<Arc<Core>>> = Arc::default();
+        let stopping = Arc::new(AtomicBool::new(false));
+        if let Some(addr) = metrics_addr {
+            let ops = OpsServer::bind(addr).await?;
+            if !addr.ip().is_loopback() {
+                tracing::warn!(%addr, "the metrics and health endpoint has no authentication and is reachable from other hosts");
+            }
+            tracing::info!(addr = %ops.local_addr(), "serving /metrics, /healthz and /readyz");
+            tokio::spawn(ops.serve(handlers(ready.clone(), stopping.clone())));
+        }
+        let core = tokio::task::spawn_blocking(move || open.open())
+            .await
+            .map_err(|e| anyhow::anyhow!("unsealing stopped: {e}"))??;
+        let core = Arc::new(core);
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
@@ -293,7 +429,12 @@ fn serve(core: Arc<edgekms_kms::server::Core>, listen: SocketAddr, data_dir: &Pa
             data_dir = %data_dir.display(),
             "serving"
         );
-        service::serve(core, listener, shutdown_signal())
+        let _ = ready.set(core.clone());
+        let shutdown = async move {
+            shutdown_signal().await;
+            stopping.store(true, Ordering::SeqCst);
+        };
+        service::serve(core, listener, shutdown)
             .await
             .map_err(|e| anyhow::anyhow!("server failed: {e}"))?;
         tracing::info!("stopped");

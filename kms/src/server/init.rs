@@ -29,7 +29,11 @@ pub enum SealerKind {
 }
 
 /// Builds the sealer for the root key. Never falls back to another one.
-pub fn sealer(data_dir: &Path, kind: SealerKind, tcti: &str) -> Result<Box<dyn Sealer>, ServerError> {
+pub fn sealer(
+    data_dir: &Path,
+    kind: SealerKind,
+    tcti: &str,
+) -> Result<Box<dyn Sealer>, ServerError> {
     private_dir(data_dir)?;
     match kind {
         SealerKind::Soft => Ok(Box::new(edgekms_hsm::soft::SoftSealer::open_or_create(
@@ -59,7 +63,7 @@ fn io(op: String) -> impl FnOnce(std::io::Error) -> ServerError {
 }
 
 /// Creates `dir` with mode 0700 (an existing one keeps its mode).
-fn private_dir(dir: &Path) -> Result<(), ServerError> {
+pub(super) fn private_dir(dir: &Path) -> Result<(), ServerError> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -67,7 +71,7 @@ fn private_dir(dir: &Path) -> Result<(), ServerError> {
         .map_err(io(format!("create {}", dir.display())))
 }
 
-fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), ServerError> {
+pub(super) fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), ServerError> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

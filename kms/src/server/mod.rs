@@ -10,8 +10,10 @@
 //! protocol on.
 
 pub mod audit;
+pub mod backup;
 pub mod error;
 pub mod init;
+pub mod metrics;
 pub mod service;
 pub mod store;
 

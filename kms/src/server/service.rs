@@ -170,6 +170,27 @@ impl Operator for OperatorService {
             .collect();
         Ok(Response::new(pb::AuditResponse { records }))
     }
+
+    async fn backup(
+        &self,
+        req: Request<pb::BackupRequest>,
+    ) -> Result<Response<pb::BackupResponse>, Status> {
+        let actor = self.operator(&req, "backup")?;
+        let r = req.into_inner();
+        let key = edgekms_hsm::Key256::from_slice(&r.key).ok_or_else(|| {
+            Status::from(ServerError::InvalidArgument(
+                "the backup key must be 32 bytes".into(),
+            ))
+        })?;
+        let (blob, s) = self.core.backup(&actor, &key, !r.skip_audit)?;
+        Ok(Response::new(pb::BackupResponse {
+            blob: blob.into(),
+            clusters: s.clusters,
+            key_versions: s.key_versions,
+            audit_records: s.audit_records,
+            created_unix: s.created_unix,
+        }))
+    }
 }
 
 #[derive(Clone)]
@@ -342,6 +363,7 @@ pub async fn serve(
     );
     let stop_core = core.clone();
     tonic::transport::Server::builder()
+        .layer(super::metrics::CountRequests)
         .add_service(FleetServer::new(FleetService { core: core.clone() }))
         .add_service(OperatorServer::new(OperatorService { core }))
         .serve_with_incoming_shutdown(incoming, async move {

@@ -43,7 +43,9 @@ pub enum StoreError {
     Rocks(#[from] rocksdb::Error),
     #[error("state record {key} is corrupted: {detail}")]
     Corrupt { key: String, detail: String },
-    #[error("state record {key} does not open with the root key (tampered, or from another server)")]
+    #[error(
+        "state record {key} does not open with the root key (tampered, or from another server)"
+    )]
     Unwrap { key: String },
     #[error(transparent)]
     Seal(#[from] edgekms_hsm::SealError),
@@ -96,7 +98,14 @@ impl Change {
         Ok(())
     }
 
-    pub fn put_kek(&mut self, root: &Key256, cluster: &str, version: u32, key_id: &str, kek: &Key256) {
+    pub fn put_kek(
+        &mut self,
+        root: &Key256,
+        cluster: &str,
+        version: u32,
+        key_id: &str,
+        kek: &Key256,
+    ) {
         let key = kek_key(cluster, version);
         let wrapped = aead::seal(root, &aad(&key, key_id), kek.expose());
         self.batch.put(key, wrapped);
@@ -135,6 +144,14 @@ impl Store {
 
     pub fn initialized(&self) -> Result<bool, StoreError> {
         Ok(self.db.get(ROOT)?.is_some())
+    }
+
+    /// Whether the store holds no record at all (a restore's target).
+    pub fn is_empty(&self) -> Result<bool, StoreError> {
+        match self.db.iterator(IteratorMode::Start).next() {
+            None => Ok(true),
+            Some(item) => item.map(|_| false).map_err(StoreError::from),
+        }
     }
 
     /// Writes what `init` made, in one batch.
@@ -225,11 +242,10 @@ impl Store {
         let Some(wrapped) = self.db.get(&key)? else {
             return Ok(None);
         };
-        let plain = aead::open(root, &aad(&key, key_id), &wrapped).map_err(|_| {
-            StoreError::Unwrap {
+        let plain =
+            aead::open(root, &aad(&key, key_id), &wrapped).map_err(|_| StoreError::Unwrap {
                 key: format!("kek/{cluster}/{version}"),
-            }
-        })?;
+            })?;
         Key256::from_slice(&plain)
             .map(Some)
             .ok_or_else(|| StoreError::Corrupt {
@@ -262,7 +278,10 @@ impl Store {
         match iter.next() {
             Some(item) => {
                 let (key, _) = item?;
-                match key.strip_prefix(AUDIT_PREFIX).and_then(|s| s.try_into().ok()) {
+                match key
+                    .strip_prefix(AUDIT_PREFIX)
+                    .and_then(|s| s.try_into().ok())
+                {
                     Some(bytes) => Ok(u64::from_be_bytes(bytes)),
                     None => Ok(0),
                 }

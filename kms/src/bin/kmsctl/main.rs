@@ -4,13 +4,14 @@
 //!   (status, rotate, retire, tpm, reseal);
 //! - `kmsctl kms ...` talks KMS v2 to the plugin's socket exactly as
 //!   kube-apiserver does (status, encrypt, decrypt, roundtrip);
-//! - `kmsctl node|rotate|retire|status|audit` talk to the central key
-//!   service with the operator's certificate ([`fleet`]).
+//! - `kmsctl node|rotate|retire|status|audit|backup` talk to the central
+//!   key service with the operator's certificate ([`fleet`], [`backup`]).
 //!
 //! Human output by default, `-o json` for scripts. Exit codes: 0 success,
 //! 1 the plugin or service refused or failed, 2 bad usage or unreachable
 //! plugin or service, 3 gave up waiting (`rotate --wait --timeout`).
 
+mod backup;
 mod fleet;
 
 use std::io::Read;
@@ -90,6 +91,8 @@ enum Command {
         #[arg(long, value_name = "DURATION")]
         since: Option<String>,
     },
+    /// Write the central service's whole state, encrypted under your key, to a new file (restore: `edgekms-server restore`)
+    Backup(backup::BackupArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -220,10 +223,22 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             kms_cmd(&mut kms, command, json).await
         }
         Command::Node { command } => {
-            fleet_cmd(cli.server, cli.operator_dir, fleet::FleetCommand::Node(command), json).await
+            fleet_cmd(
+                cli.server,
+                cli.operator_dir,
+                fleet::FleetCommand::Node(command),
+                json,
+            )
+            .await
         }
         Command::Rotate(args) => {
-            fleet_cmd(cli.server, cli.operator_dir, fleet::FleetCommand::Rotate(args), json).await
+            fleet_cmd(
+                cli.server,
+                cli.operator_dir,
+                fleet::FleetCommand::Rotate(args),
+                json,
+            )
+            .await
         }
         Command::Retire { cluster, version } => {
             let cmd = fleet::FleetCommand::Retire { cluster, version };
@@ -237,6 +252,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let cmd = fleet::FleetCommand::Audit { since };
             fleet_cmd(cli.server, cli.operator_dir, cmd, json).await
         }
+        Command::Backup(args) => {
+            let key = backup::prepare(&args)?;
+            let client = operator_client(cli.server, cli.operator_dir).await?;
+            backup::run(client, args, key, json).await
+        }
     }
 }
 
@@ -246,14 +266,24 @@ async fn fleet_cmd(
     command: fleet::FleetCommand,
     json: bool,
 ) -> Result<(), Failure> {
+    let mut client = operator_client(server, operator_dir).await?;
+    fleet::run(&mut client, command, json).await
+}
+
+async fn operator_client(
+    server: Option<String>,
+    operator_dir: Option<PathBuf>,
+) -> Result<edgekms_proto::fleet::operator_client::OperatorClient<tonic::transport::Channel>, Failure>
+{
     let server = server.ok_or_else(|| {
-        Failure::Usage("--server (or KMSCTL_SERVER) is required: https://HOST:PORT of edgekms-server".into())
+        Failure::Usage(
+            "--server (or KMSCTL_SERVER) is required: https://HOST:PORT of edgekms-server".into(),
+        )
     })?;
     let dir = operator_dir.ok_or_else(|| {
         Failure::Usage("--operator-dir (or KMSCTL_OPERATOR_DIR) is required: the directory with ca.pem, cert.pem, key.pem".into())
     })?;
-    let mut client = fleet::connect(&server, &dir).await?;
-    fleet::run(&mut client, command, json).await
+    fleet::connect(&server, &dir).await
 }
 
 pub(crate) fn print_json(value: serde_json::Value) {
