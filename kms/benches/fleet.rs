@@ -19,6 +19,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeSet;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -53,12 +54,14 @@ const TARGET_RSS_MIB: f64 = 500.0;
 struct Server {
     child: Child,
     url: String,
-    dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
+    /// Keep the data dir and server.log (`--keep`).
+    keep: bool,
 }
 
 impl Server {
-    fn start() -> Server {
-        let dir = tempfile::tempdir().unwrap();
+    fn start(tmp: &Path, keep: bool) -> Server {
+        let dir = tempfile::tempdir_in(tmp).unwrap();
         let data = dir.path().join("data");
         let out = Command::new(SERVER)
             .args(["init", "--sealer", "soft", "--data-dir"])
@@ -88,12 +91,20 @@ impl Server {
         Server {
             child,
             url: format!("https://127.0.0.1:{port}"),
-            dir,
+            dir: Some(dir),
+            keep,
         }
     }
 
+    fn path(&self) -> PathBuf {
+        self.dir
+            .as_ref()
+            .map(|d| d.path().to_owned())
+            .unwrap_or_default()
+    }
+
     fn operator_dir(&self) -> PathBuf {
-        self.dir.path().join("data/operator")
+        self.path().join("data/operator")
     }
 
     fn pid(&self) -> u32 {
@@ -101,7 +112,7 @@ impl Server {
     }
 
     fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+        let log = std::fs::read_to_string(self.path().join("server.log")).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
@@ -117,6 +128,17 @@ impl Server {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         kib as f64 / 1024.0
+    }
+
+    /// Sockets the server holds open (listener, operator, one per node).
+    fn sockets(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|dir| {
+                dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                    .filter(|target| target.to_string_lossy().starts_with("socket:"))
+                    .count()
+            })
+            .unwrap_or(0)
     }
 
     /// User + system CPU time so far, seconds.
@@ -140,15 +162,34 @@ impl Drop for Server {
             libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
         }
         let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
+        while Instant::now() < deadline && !matches!(self.child.try_wait(), Ok(Some(_))) {
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let (true, Some(dir)) = (self.keep, self.dir.take()) {
+            println!("kept {}", dir.keep().display());
+        }
     }
+}
+
+/// Median time of a 4 KiB write + fdatasync in `dir`, ms: what one synced
+/// state commit of the server costs at least, on that file system, now.
+fn sync_latency_ms(dir: &Path) -> f64 {
+    let path = dir.join("sync-probe");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let mut times: Vec<f64> = (0..50)
+        .map(|_| {
+            let start = Instant::now();
+            f.write_all(&[0u8; 4096]).unwrap();
+            f.sync_data().unwrap();
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
 }
 
 /// This process's own user + system CPU time, seconds.
@@ -357,6 +398,8 @@ struct Figures {
     nodes_primary: Duration,
     server_agrees: Duration,
     rss_mib: f64,
+    sockets: usize,
+    sync_ms: f64,
     cpu_total: f64,
     cpu_rotation: f64,
     bench_cpu: f64,
@@ -371,7 +414,12 @@ async fn until(what: &str, server: &Server, progress: &Progress, done: impl Fn()
             panic!(
                 "{what}: {} node(s) failed, first: {}\nserver log:\n{}",
                 progress.failed.load(Ordering::SeqCst),
-                progress.first_error.lock().unwrap().clone().unwrap_or_default(),
+                progress
+                    .first_error
+                    .lock()
+                    .unwrap()
+                    .clone()
+                    .unwrap_or_default(),
                 server.log_tail()
             );
         }
@@ -389,7 +437,12 @@ async fn until(what: &str, server: &Server, progress: &Progress, done: impl Fn()
 
 /// Whether the server's Status shows every cluster on `version` and every
 /// node holding it as primary, up to date.
-async fn server_agrees(op: &mut OperatorClient<Channel>, clusters: usize, nodes: usize, version: u32) -> bool {
+async fn server_agrees(
+    op: &mut OperatorClient<Channel>,
+    clusters: usize,
+    nodes: usize,
+    version: u32,
+) -> bool {
     let status = op
         .status(pb::StatusRequest::default())
         .await
@@ -400,16 +453,20 @@ async fn server_agrees(op: &mut OperatorClient<Channel>, clusters: usize, nodes:
         && status.clusters.iter().all(|c| {
             c.primary == version
                 && c.pending == 0
-                && c.nodes
-                    .iter()
-                    .all(|n| n.state == "active" && n.primary == version && !n.behind && n.connected)
+                && c.nodes.iter().all(|n| {
+                    n.state == "active" && n.primary == version && !n.behind && n.connected
+                })
         })
 }
 
-async fn run(nodes: usize, clusters: usize) -> Figures {
-    assert!(clusters >= 1 && nodes >= clusters, "need nodes >= clusters >= 1");
+async fn run(nodes: usize, clusters: usize, tmp: &Path, keep: bool) -> Figures {
+    assert!(
+        clusters >= 1 && nodes >= clusters,
+        "need nodes >= clusters >= 1"
+    );
     let cpu_bench_start = own_cpu_seconds();
-    let server = Server::start();
+    let sync_ms = sync_latency_ms(tmp);
+    let server = Server::start(tmp, keep);
     let mut op = operator(&server).await;
     let progress = Arc::new(Progress::default());
 
@@ -433,7 +490,14 @@ async fn run(nodes: usize, clusters: usize) -> Figures {
                 .unwrap_or_else(|e| panic!("add_node {cluster}/{node}: {e}"))
                 .into_inner();
             drop(permit);
-            (NodeSpec { cluster, node, token: r.token }, r.ca_hash)
+            (
+                NodeSpec {
+                    cluster,
+                    node,
+                    token: r.token,
+                },
+                r.ca_hash,
+            )
         });
     }
     let mut specs = Vec::with_capacity(nodes);
@@ -509,6 +573,7 @@ async fn run(nodes: usize, clusters: usize) -> Figures {
     let server_agrees = start.elapsed();
     let cpu_total = server.cpu_seconds();
     let rss_mib = server.peak_rss_mib();
+    let sockets = server.sockets();
     let bench_cpu = own_cpu_seconds() - cpu_bench_start;
 
     drop(op);
@@ -532,6 +597,8 @@ async fn run(nodes: usize, clusters: usize) -> Figures {
         nodes_primary,
         server_agrees,
         rss_mib,
+        sockets,
+        sync_ms,
         cpu_total,
         cpu_rotation: cpu_total - cpu_before,
         bench_cpu,
@@ -561,7 +628,7 @@ fn machine() -> String {
 fn print_table(runs: &[Figures]) {
     println!();
     println!(
-        "{:>6} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "{:>6} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}",
         "nodes",
         "clusters",
         "enrol s",
@@ -571,11 +638,12 @@ fn print_table(runs: &[Figures]) {
         "RSS MiB",
         "CPU s",
         "rot CPU s",
-        "bench CPU"
+        "bench CPU",
+        "sync ms"
     );
     for f in runs {
         println!(
-            "{:>6} {:>8} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.1} {:>9.2} {:>9.2} {:>9.2}",
+            "{:>6} {:>8} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.1} {:>9.2} {:>9.2} {:>9.2} {:>8.2}",
             f.nodes,
             f.clusters,
             secs(f.enrol),
@@ -586,6 +654,7 @@ fn print_table(runs: &[Figures]) {
             f.cpu_total,
             f.cpu_rotation,
             f.bench_cpu,
+            f.sync_ms,
         );
     }
     if runs.len() > 1 {
@@ -630,13 +699,15 @@ fn print_table(runs: &[Figures]) {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: cargo bench -p edgekms-kms --bench fleet [-- --nodes N --clusters M]");
+    eprintln!("usage: cargo bench -p edgekms-kms --bench fleet [-- --nodes N --clusters M] [--tmpdir DIR] [--keep]");
     std::process::exit(2);
 }
 
 fn main() {
     let mut nodes = None;
     let mut clusters = None;
+    let mut keep = false;
+    let mut tmp = std::env::temp_dir();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut number = || -> usize {
@@ -647,6 +718,8 @@ fn main() {
         match arg.as_str() {
             "--nodes" => nodes = Some(number()),
             "--clusters" => clusters = Some(number()),
+            "--keep" => keep = true,
+            "--tmpdir" => tmp = args.next().map(PathBuf::from).unwrap_or_else(|| usage()),
             // cargo bench passes --bench to every bench binary.
             "--bench" => {}
             _ => usage(),
@@ -667,19 +740,24 @@ fn main() {
     println!(
         "nodes = every node reports v2 primary; primary = server Status agrees (the figure for the target);"
     );
-    println!("RSS = server peak (VmHWM); CPU = server user+system, whole run / rotation only");
+    println!("RSS = server peak (VmHWM); CPU = server user+system, whole run / rotation only;");
+    println!(
+        "sync ms = median 4 KiB write + fdatasync in the data dir's file system before the run"
+    );
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut runs = Vec::new();
     for (n, c) in series {
-        let f = rt.block_on(run(n, c));
+        let f = rt.block_on(run(n, c, &tmp, keep));
         println!(
-            "{n} nodes / {c} clusters: invite {:.3} s, enrolled {:.3} s, rotated {:.3} s, all primary {:.3} s, RSS {:.1} MiB, CPU {:.2} s",
+            "{n} nodes / {c} clusters: invite {:.3} s, enrolled {:.3} s, rotated {:.3} s, all primary {:.3} s, RSS {:.1} MiB, CPU {:.2} s, server sockets {}, fdatasync {:.2} ms",
             secs(f.invite),
             secs(f.enrol),
             secs(f.rotate_calls),
             secs(f.server_agrees),
             f.rss_mib,
-            f.cpu_total
+            f.cpu_total,
+            f.sockets,
+            f.sync_ms
         );
         runs.push(f);
     }
