@@ -35,7 +35,15 @@ use edgekms_proto::fleet::operator_client::OperatorClient;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::transport::Channel;
 
+/// Built by `cargo bench` with this bench; `EDGEKMS_SERVER=path` runs
+/// another build instead (to compare two versions of the server).
 const SERVER: &str = env!("CARGO_BIN_EXE_edgekms-server");
+
+fn server_bin() -> PathBuf {
+    std::env::var_os("EDGEKMS_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(SERVER))
+}
 /// Operator calls in flight at once (one HTTP/2 connection).
 const OPERATOR_PARALLEL: usize = 32;
 /// Nodes joining at once (join, connect, first sync).
@@ -63,7 +71,7 @@ impl Server {
     fn start(tmp: &Path, keep: bool) -> Server {
         let dir = tempfile::tempdir_in(tmp).unwrap();
         let data = dir.path().join("data");
-        let out = Command::new(SERVER)
+        let out = Command::new(server_bin())
             .args(["init", "--sealer", "soft", "--data-dir"])
             .arg(&data)
             .output()
@@ -78,7 +86,7 @@ impl Server {
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new(SERVER)
+        let child = Command::new(server_bin())
             .args(["--sealer", "soft", "--data-dir"])
             .arg(&data)
             .arg("--listen")
@@ -734,6 +742,7 @@ fn main() {
     println!("edgekms central service at scale: real edgekms-server (soft sealer) on loopback,");
     println!("simulated nodes in this process, one TCP + mTLS connection and Sync stream each");
     println!("machine: {}; open-file limit {fds}", machine());
+    println!("server: {}", server_bin().display());
     println!(
         "columns: enrol = invite + join + first sync of every node; rotate = all Rotate calls answered;"
     );
