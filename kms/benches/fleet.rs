@@ -44,6 +44,7 @@ fn server_bin() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(SERVER))
 }
+
 /// Operator calls in flight at once (one HTTP/2 connection).
 const OPERATOR_PARALLEL: usize = 32;
 /// Nodes joining at once (join, connect, first sync).
