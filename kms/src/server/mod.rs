@@ -691,7 +691,11 @@ impl Core {
         }
     }
 
-    /// A node's report. Only a report that changes something is committed.
+    /// A node's report. Only a report that changes what the node holds is
+    /// committed: `applied_seq` and `primary` alone change in memory and
+    /// reach the store with the cluster's next commit (a node reports them
+    /// again whenever it connects). One synced commit fewer per node and
+    /// state change, which is what bounds a fleet-wide rotation.
     pub fn report(
         &self,
         cluster: &str,
@@ -706,8 +710,9 @@ impl Core {
                 .get_mut(cluster)
                 .ok_or_else(|| FleetError::UnknownCluster(cluster.to_owned()))?;
             if let Some(n) = c.nodes.get_mut(node) {
-                if n.held == held && n.applied_seq == report.applied_seq && n.primary == report.primary
-                {
+                if n.held == held && n.state == NodeState::Active {
+                    n.applied_seq = report.applied_seq;
+                    n.primary = report.primary;
                     n.last_contact_unix = now_unix();
                     return Ok(());
                 }
