@@ -138,7 +138,9 @@ async fn clusters_share_keys_inside_and_nothing_across() {
     assert!(audit
         .iter()
         .any(|r| r["event"] == "delivery" && r["cluster"] == "a" && r["node"] == "n2"));
-    assert!(audit.iter().any(|r| r["event"] == "enrol" && r["result"] == "ok"));
+    assert!(audit
+        .iter()
+        .any(|r| r["event"] == "enrol" && r["result"] == "ok"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,11 +180,23 @@ async fn rotation_waits_for_a_disconnected_node_then_promotes_everywhere() {
     let (after, after_id) = encrypt(&mut n2.kms().await, b"after").await;
     assert_eq!(after_id, v2_id);
     for p in [&n1, &n2] {
-        assert_eq!(decrypt(&mut p.kms().await, &before, &before_id).await.unwrap(), b"before");
-        assert_eq!(decrypt(&mut p.kms().await, &after, &after_id).await.unwrap(), b"after");
+        assert_eq!(
+            decrypt(&mut p.kms().await, &before, &before_id)
+                .await
+                .unwrap(),
+            b"before"
+        );
+        assert_eq!(
+            decrypt(&mut p.kms().await, &after, &after_id)
+                .await
+                .unwrap(),
+            b"after"
+        );
     }
     let audit = server.audit();
-    assert!(audit.iter().any(|r| r["event"] == "promotion" && r["version"] == 2));
+    assert!(audit
+        .iter()
+        .any(|r| r["event"] == "promotion" && r["version"] == 2));
     assert!(audit
         .iter()
         .any(|r| r["event"] == "ack" && r["node"] == "n2" && r["version"] == 2));
@@ -214,7 +228,9 @@ async fn nodes_serve_through_a_server_outage_and_catch_up() {
     // A restart while the service is down unseals from the cache.
     n1.restart().await;
     assert_eq!(key_id(&mut n1.kms().await).await, v1_id);
-    assert!(n1.log_text().contains("sync with the central key service interrupted"));
+    assert!(n1
+        .log_text()
+        .contains("sync with the central key service interrupted"));
 
     // The service comes back; a rotation made now reaches both.
     server.spawn();
@@ -248,12 +264,23 @@ async fn bad_tokens_revoked_nodes_and_foreign_clients_are_refused_and_audited() 
     let wrong_pin = format!("sha256:{}", "ab".repeat(32));
     let out = join(&server, &dir, "a", "n1", &token, &wrong_pin);
     assert!(!out.status.success());
-    assert!(text(&out).contains("does not match --ca-hash"), "{}", text(&out));
+    assert!(
+        text(&out).contains("does not match --ca-hash"),
+        "{}",
+        text(&out)
+    );
 
     // Expired.
     let v = server.kmsctl_json(&["node", "add", "a", "n2", "--ttl", "1s"]);
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let out = join(&server, &tmp.path().join("n2"), "a", "n2", v["token"].as_str().unwrap(), &hash);
+    let out = join(
+        &server,
+        &tmp.path().join("n2"),
+        "a",
+        "n2",
+        v["token"].as_str().unwrap(),
+        &hash,
+    );
     assert!(!out.status.success());
     assert!(text(&out).contains("expired"), "{}", text(&out));
 
@@ -271,7 +298,11 @@ async fn bad_tokens_revoked_nodes_and_foreign_clients_are_refused_and_audited() 
     assert!(out.status.success(), "{}", text(&out));
     let deadline = Instant::now() + Duration::from_secs(10);
     while !n1.log_text().contains("was removed from the fleet") {
-        assert!(Instant::now() < deadline, "no refusal in the plugin log:\n{}", n1.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "no refusal in the plugin log:\n{}",
+            n1.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     n1.wait_healthy().await;
@@ -296,6 +327,11 @@ async fn bad_tokens_revoked_nodes_and_foreign_clients_are_refused_and_audited() 
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("not issued by its CA"),
+        "{}",
+        text(&out)
+    );
     let out = std::process::Command::new(edgekms_e2e::bin("kmsctl"))
         .args(["--server", &server.url(), "--operator-dir"])
         .arg(&no_cert)
@@ -317,9 +353,14 @@ async fn bad_tokens_revoked_nodes_and_foreign_clients_are_refused_and_audited() 
     assert!(refused("expired"));
     assert!(refused("already used"));
     assert!(refused("removed from the fleet"));
-    assert!(refused("TLS handshake failed"), "foreign CA not audited: {audit:#?}");
+    assert!(
+        refused("TLS handshake failed"),
+        "foreign CA not audited: {audit:#?}"
+    );
     assert!(refused("client certificate required"));
-    assert!(audit.iter().any(|r| r["event"] == "revocation" && r["node"] == "n1"));
+    assert!(audit
+        .iter()
+        .any(|r| r["event"] == "revocation" && r["node"] == "n1"));
 }
 
 /// A TLS client that trusts the server but presents no certificate.
@@ -366,7 +407,9 @@ async fn rotate_wait_force_and_retire_from_kmsctl() {
         .await;
     assert_eq!(node(&c, "n1")["held"], serde_json::json!([2]));
     for p in [&n1, &n2] {
-        let err = decrypt(&mut p.kms().await, &old, &old_id).await.unwrap_err();
+        let err = decrypt(&mut p.kms().await, &old, &old_id)
+            .await
+            .unwrap_err();
         assert!(err.message().contains("retired"), "{}", err.message());
     }
 
@@ -390,7 +433,10 @@ async fn rotate_wait_force_and_retire_from_kmsctl() {
     // Human status output: tables.
     let out = server.kmsctl(&["status", "a"]);
     let s = String::from_utf8_lossy(&out.stdout);
-    assert!(s.contains("CLUSTER a") && s.contains("VERSION") && s.contains("NODE"), "{s}");
+    assert!(
+        s.contains("CLUSTER a") && s.contains("VERSION") && s.contains("NODE"),
+        "{s}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -399,7 +445,9 @@ async fn automatic_rotation_follows_the_configured_interval() {
     let server = Server::start_with(tmp.path(), &["--auto-rotate-every", "2s"]).await;
     server.add_node("a", "n1");
     let c = server
-        .wait_cluster("a", "an automatic rotation", |c| c["primary"].as_u64() >= Some(2))
+        .wait_cluster("a", "an automatic rotation", |c| {
+            c["primary"].as_u64() >= Some(2)
+        })
         .await;
     assert!(version_key_id(&c, 2).starts_with("a/v2/"));
     assert!(server
@@ -468,10 +516,16 @@ async fn crash_during_rotation(failpoint: &str, crash_server: bool) {
     assert_no_primary_missing_elsewhere(&[&n1, &n2]);
     for p in [&n1, &n2] {
         let mut kms = p.kms().await;
-        assert_eq!(decrypt(&mut kms, &before, &before_id).await.unwrap(), b"before");
+        assert_eq!(
+            decrypt(&mut kms, &before, &before_id).await.unwrap(),
+            b"before"
+        );
         let (ct, id) = encrypt(&mut kms, b"after").await;
         for q in [&n1, &n2] {
-            assert_eq!(decrypt(&mut q.kms().await, &ct, &id).await.unwrap(), b"after");
+            assert_eq!(
+                decrypt(&mut q.kms().await, &ct, &id).await.unwrap(),
+                b"after"
+            );
         }
     }
 }

@@ -110,7 +110,12 @@ impl DeliveryKey {
         let (point, sealed) = wrapped[1..].split_at(POINT_LEN);
         let eph = PublicKey::from_sec1_bytes(point).map_err(|_| malformed)?;
         let shared = p256::ecdh::diffie_hellman(self.secret.to_nonzero_scalar(), eph.as_affine());
-        let kek = derive(shared.raw_secret_bytes(), point, &self.public_key(), binding);
+        let kek = derive(
+            shared.raw_secret_bytes(),
+            point,
+            &self.public_key(),
+            binding,
+        );
         let open = DeliveryError::Open {
             version: binding.version,
         };
@@ -194,9 +199,7 @@ mod tests {
         let key_id = crate::keyid::derive("a", 2, &kek);
         let wrapped = wrap(&node.public_key(), binding(&key_id), &kek).unwrap();
         assert_eq!(wrapped.len(), WRAPPED_LEN);
-        assert!(!wrapped
-            .windows(32)
-            .any(|w| w == kek.expose().as_slice()));
+        assert!(!wrapped.windows(32).any(|w| w == kek.expose().as_slice()));
         let got = node.unwrap(binding(&key_id), &wrapped).unwrap();
         assert_eq!(got, kek);
 

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid duration {0:?}: use a whole number followed by s, m, h or d (e.g. 90s, 15m, 24h, 30d)")]
+#[error(
+    "invalid duration {0:?}: use a whole number followed by s, m, h or d (e.g. 90s, 15m, 24h, 30d)"
+)]
 pub struct BadDuration(pub String);
 
 pub fn parse(text: &str) -> Result<Duration, BadDuration> {

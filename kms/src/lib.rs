@@ -9,6 +9,7 @@
 //! - [`fleet`]: the central service's rotation protocol, PKI and TLS.
 //! - [`server`]: the central key service daemon (`edgekms-server`).
 //! - [`duration`]: `30d`-style durations.
+//! - [`cli`]: start-up and shutdown shared by the binaries.
 //! - [`failpoint`]: crash points for the crash-safety tests.
 //! - [`ops`]: the daemons' `/metrics`, `/healthz` and `/readyz` HTTP
 //!   endpoint.
@@ -16,6 +17,7 @@
 //! Daemons (the node plugin, the central service) and `kmsctl` are thin
 //! shells around the pure types; only [`server`] and [`ops`] do I/O.
 
+pub mod cli;
 pub mod delivery;
 pub mod duration;
 pub mod envelope;

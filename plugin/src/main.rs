@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, OnceLock};
 
 use clap::Parser;
+use edgekms_kms::cli;
 use edgekms_kms::ops::{Handlers, OpsServer};
 use edgekms_plugin::config::{Config, LogFormat, Settings};
 use edgekms_plugin::metrics;
@@ -15,7 +16,11 @@ use edgekms_plugin::{server, sync};
 /// Kubernetes KMS v2 plugin: wraps kube-apiserver's DEK seeds with KEKs kept
 /// in a local cache and sealed to this node's TPM.
 #[derive(Debug, Parser)]
-#[command(name = "edgekms-plugin", version, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "edgekms-plugin",
+    version,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -51,18 +56,9 @@ struct JoinArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match cli::parse::<Cli>() {
         Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            // One clear line, not clap's usage block.
-            let text = e.render().to_string();
-            eprintln!("{}", text.lines().next().unwrap_or("invalid arguments"));
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let result = match cli.command {
         Some(Command::Join(args)) => run_join(args),
@@ -78,31 +74,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 /// Flags over the config file, validated; then logging and hardening.
 fn prepare(config: Option<&std::path::Path>, settings: Settings) -> anyhow::Result<Config> {
-    // The TSS C library prints its own warnings for every TPM error; ours
-    // name the cause and the fix. Still single-threaded here.
-    if std::env::var_os("TSS2_LOG").is_none() {
-        std::env::set_var("TSS2_LOG", "all+none");
-    }
+    cli::quiet_tss();
     let file = match config {
         Some(path) => Settings::from_file(path).map_err(anyhow::Error::msg)?,
         None => Settings::default(),
     };
     let cfg = settings.or(file).validate().map_err(anyhow::Error::msg)?;
-    init_logging(cfg.log_format);
+    cli::init_logging(cfg.log_format == LogFormat::Json);
     if let Err(e) = edgekms_hsm::memory::harden_process() {
         tracing::warn!(error = %e, "cannot disable core dumps for this process");
     }
@@ -175,7 +155,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(None) => tracing::info!("standalone: not joined to a central key service"),
             Err(e) => tracing::error!(error = %e, "cannot start syncing with the central key service; serving cached keys"),
         }
-        server::serve(node, kms, admin, shutdown_signal()).await?;
+        server::serve(node, kms, admin, cli::shutdown_signal()).await?;
         tracing::info!("stopped");
         Ok(())
     })
@@ -198,24 +178,4 @@ fn handlers(opened: Arc<OnceLock<Arc<Node>>>) -> Handlers {
         move || ready(),
         move || metrics::render(for_metrics().is_ok()),
     )
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            tracing::error!("cannot install signal handlers; stop with SIGKILL");
-            std::future::pending::<()>().await
-        }
-    }
 }

@@ -536,7 +536,9 @@ impl Node {
         let new_primary = next.primary().map(|p| p.version);
         let unavailable = match new_primary {
             Some(_) => None,
-            None => Some("no primary KEK delivered yet: waiting for the central key service".into()),
+            None => {
+                Some("no primary KEK delivered yet: waiting for the central key service".into())
+            }
         };
         self.publish(next, unavailable);
         self.fleet_seq

@@ -337,7 +337,10 @@ impl Store {
             key: "meta/fleet-keys".into(),
             detail: detail.into(),
         };
-        let wrapped = self.db.get(FLEET_KEYS_KEY)?.ok_or_else(|| corrupt("missing"))?;
+        let wrapped = self
+            .db
+            .get(FLEET_KEYS_KEY)?
+            .ok_or_else(|| corrupt("missing"))?;
         let plain = aead::open(nsk, &fleet_keys_aad(&self.cluster), &wrapped)
             .map_err(|_| corrupt("does not open with this node's sealing key"))?;
         let len_bytes: [u8; 4] = plain
@@ -425,7 +428,10 @@ mod tests {
         store.put_fleet(&nsk, &rec, &keys).unwrap();
         assert_eq!(store.fleet().unwrap().unwrap(), rec);
         let back = store.fleet_keys(&nsk).unwrap();
-        assert_eq!((&back.tls_key[..], &back.delivery_key[..]), (&[7u8; 138][..], &[9u8; 32][..]));
+        assert_eq!(
+            (&back.tls_key[..], &back.delivery_key[..]),
+            (&[7u8; 138][..], &[9u8; 32][..])
+        );
         assert!(store.fleet_keys(&Key256::generate()).is_err());
         assert!(format!("{back:?}").contains("redacted"));
         drop(store);

@@ -119,8 +119,12 @@ impl SyncClient {
             };
             metrics::record_sync_error(err.kind());
             match &err {
-                SyncError::Refused(_) => tracing::error!(error = %err, "the central key service refuses this node; serving cached keys"),
-                _ => tracing::warn!(error = %err, "sync with the central key service interrupted; serving cached keys"),
+                SyncError::Refused(_) => {
+                    tracing::error!(error = %err, "the central key service refuses this node; serving cached keys")
+                }
+                _ => {
+                    tracing::warn!(error = %err, "sync with the central key service interrupted; serving cached keys")
+                }
             }
             if started.elapsed() > Duration::from_secs(30) {
                 backoff = Duration::from_millis(500);
@@ -201,7 +205,12 @@ pub struct Joined {
 /// `edgekms-plugin join`: enrols this node with a one-time token, trusting
 /// the service only through the CA pin, then syncs until it holds its
 /// cluster's keys.
-pub async fn join(cfg: &Config, server: &str, token: &str, ca_hash: &str) -> Result<Joined, SyncError> {
+pub async fn join(
+    cfg: &Config,
+    server: &str,
+    token: &str,
+    ca_hash: &str,
+) -> Result<Joined, SyncError> {
     let pin = pki::parse_pin(ca_hash)?;
     let node = {
         let cfg = cfg.clone();

@@ -61,7 +61,14 @@ impl Server {
             .open(&self.log)
             .unwrap();
         let child = Command::new(bin("edgekms-server"))
-            .args(["--sealer", "soft", "--heartbeat", "1s", "--no-metrics", "--data-dir"])
+            .args([
+                "--sealer",
+                "soft",
+                "--heartbeat",
+                "1s",
+                "--no-metrics",
+                "--data-dir",
+            ])
             .arg(&self.data_dir)
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
             .args(&self.extra_args)
@@ -221,10 +228,25 @@ pub fn node_args(dir: &Path, cluster: &str, node: &str) -> Vec<String> {
 }
 
 /// `edgekms-plugin join` for `cluster/node` into `dir`'s data dir.
-pub fn join(server: &Server, dir: &Path, cluster: &str, node: &str, token: &str, ca_hash: &str) -> Output {
+pub fn join(
+    server: &Server,
+    dir: &Path,
+    cluster: &str,
+    node: &str,
+    token: &str,
+    ca_hash: &str,
+) -> Output {
     std::fs::create_dir_all(dir).unwrap();
     Command::new(bin("edgekms-plugin"))
-        .args(["join", "--server", &server.url(), "--token", token, "--ca-hash", ca_hash])
+        .args([
+            "join",
+            "--server",
+            &server.url(),
+            "--token",
+            token,
+            "--ca-hash",
+            ca_hash,
+        ])
         .args(node_args(dir, cluster, node))
         .output()
         .unwrap()

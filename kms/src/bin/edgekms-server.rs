@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use edgekms_kms::cli;
 use edgekms_kms::ops::{Handlers, OpsServer};
 use edgekms_kms::server::init::{self, SealerKind};
 use edgekms_kms::server::{backup, metrics, service, AutoRotate, Core};
@@ -166,17 +167,9 @@ impl ServeArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match cli::parse::<Cli>() {
         Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            let text = e.render().to_string();
-            eprintln!("{}", text.lines().next().unwrap_or("invalid arguments"));
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let result = match cli.command {
         Some(Command::Init(args)) => run_init(args),
@@ -192,29 +185,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
-fn quiet_tss() {
-    // The TSS C library prints its own warnings for every TPM error; ours
-    // name the cause. Still single-threaded here.
-    if std::env::var_os("TSS2_LOG").is_none() {
-        std::env::set_var("TSS2_LOG", "all+none");
-    }
-}
-
 fn run_init(args: InitArgs) -> anyhow::Result<()> {
-    quiet_tss();
-    init_logging(LogFormat::Text);
+    cli::quiet_tss();
+    cli::init_logging(false);
     let sealer = init::sealer(&args.data_dir, args.sealer, &args.tpm_tcti)?;
     let names = init::server_names(&args.sans);
     let done = init::init(&args.data_dir, sealer.as_ref(), &names)?;
@@ -230,8 +203,8 @@ fn run_init(args: InitArgs) -> anyhow::Result<()> {
 }
 
 fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
-    quiet_tss();
-    init_logging(LogFormat::Text);
+    cli::quiet_tss();
+    cli::init_logging(false);
     let file = args.file.display().to_string();
     let key = backup::read_key_file(&args.key_file)?;
     let blob = std::fs::read(&args.file).with_context(|| format!("cannot read {file}"))?;
@@ -299,7 +272,7 @@ fn raise_fd_limit() {
 }
 
 fn run_serve(flags: ServeArgs) -> anyhow::Result<()> {
-    quiet_tss();
+    cli::quiet_tss();
     let file = match &flags.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -330,7 +303,7 @@ fn run_serve(flags: ServeArgs) -> anyhow::Result<()> {
         .map(|v| duration("heartbeat", v))
         .transpose()?
         .unwrap_or(Duration::from_secs(15));
-    init_logging(args.log_format.unwrap_or_default());
+    cli::init_logging(args.log_format.unwrap_or_default() == LogFormat::Json);
     if let Err(e) = edgekms_hsm::memory::harden_process() {
         tracing::warn!(error = %e, "cannot disable core dumps for this process");
     }
@@ -431,7 +404,7 @@ fn serve(open: Open, listen: SocketAddr, metrics_addr: Option<SocketAddr>) -> an
         );
         let _ = ready.set(core.clone());
         let shutdown = async move {
-            shutdown_signal().await;
+            cli::shutdown_signal().await;
             stopping.store(true, Ordering::SeqCst);
         };
         service::serve(core, listener, shutdown)
@@ -440,24 +413,4 @@ fn serve(open: Open, listen: SocketAddr, metrics_addr: Option<SocketAddr>) -> an
         tracing::info!("stopped");
         Ok(())
     })
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            tracing::error!("cannot install signal handlers; stop with SIGKILL");
-            std::future::pending::<()>().await
-        }
-    }
 }

@@ -53,9 +53,10 @@ impl Identity {
                 node: node.to_owned(),
             });
         }
-        rest.strip_prefix("operator:").map(|name| Identity::Operator {
-            name: name.to_owned(),
-        })
+        rest.strip_prefix("operator:")
+            .map(|name| Identity::Operator {
+                name: name.to_owned(),
+            })
     }
 }
 
@@ -330,7 +331,9 @@ mod tests {
                 name: "admin".into()
             })
         );
-        let server = ca.issue_server(&["localhost".into(), "127.0.0.1".into()]).unwrap();
+        let server = ca
+            .issue_server(&["localhost".into(), "127.0.0.1".into()])
+            .unwrap();
         assert_eq!(identity_of(&server.cert_der), None);
         assert!(ca.sign_node_csr(b"garbage", "a", "n1").is_err());
     }
@@ -339,7 +342,10 @@ mod tests {
     fn pins() {
         let ca = new_ca().unwrap();
         let pin = spki_pin(&ca.cert_der).unwrap();
-        assert_eq!(parse_pin(&pin.to_uppercase().replace("SHA256", "sha256")).unwrap(), pin);
+        assert_eq!(
+            parse_pin(&pin.to_uppercase().replace("SHA256", "sha256")).unwrap(),
+            pin
+        );
         assert!(parse_pin("sha256:abc").is_err());
         assert!(parse_pin(&pin.replace("sha256:", "md5:")).is_err());
         assert_ne!(pin, spki_pin(&new_ca().unwrap().cert_der).unwrap());

@@ -141,7 +141,9 @@ pub enum FleetError {
     Revoked { cluster: String, node: String },
     #[error("node {cluster}/{node} has not joined")]
     NotJoined { cluster: String, node: String },
-    #[error("this certificate is not the one issued to node {cluster}/{node} (re-enrolled since?)")]
+    #[error(
+        "this certificate is not the one issued to node {cluster}/{node} (re-enrolled since?)"
+    )]
     StaleCertificate { cluster: String, node: String },
     #[error("cluster {cluster} has no version {version}")]
     UnknownVersion { cluster: String, version: u32 },
@@ -168,11 +170,22 @@ pub enum FleetError {
 /// What a transition did, for the audit log and the server's bookkeeping.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    Acked { node: String, version: u32 },
-    Dropped { node: String, version: u32 },
-    Promoted { version: u32, without: Vec<String> },
+    Acked {
+        node: String,
+        version: u32,
+    },
+    Dropped {
+        node: String,
+        version: u32,
+    },
+    Promoted {
+        version: u32,
+        without: Vec<String>,
+    },
     /// The central copy must be destroyed now.
-    Destroyed { version: u32 },
+    Destroyed {
+        version: u32,
+    },
 }
 
 /// One version of the state a node must converge to.
@@ -202,6 +215,9 @@ pub struct Cluster {
     pub nodes: BTreeMap<String, NodeRecord>,
     pub created_unix: u64,
 }
+
+/// How far a node's report may push the next version number.
+const MAX_VERSION_SKIP: u32 = 1000;
 
 /// SHA-256 of a token secret, hex.
 pub fn token_hash(secret: &str) -> String {
@@ -393,6 +409,16 @@ impl Cluster {
             node: node.to_owned(),
             version,
         }));
+        // A node holding a version this service never issued saw a service
+        // that was later restored from an older backup: never mint that
+        // number again (bounded, so a node cannot exhaust the numbers).
+        if let Some(&top) = held.iter().next_back() {
+            if top >= self.next_version && top < self.next_version.saturating_add(MAX_VERSION_SKIP)
+            {
+                self.next_version = top + 1;
+            }
+        }
+        let rec = self.node_mut(node)?;
         rec.held = held;
         rec.applied_seq = applied_seq;
         rec.primary = primary;
@@ -597,7 +623,10 @@ mod tests {
     }
 
     fn states(c: &Cluster) -> Vec<(u32, &'static str)> {
-        c.versions.iter().map(|(v, m)| (*v, m.state.as_str())).collect()
+        c.versions
+            .iter()
+            .map(|(v, m)| (*v, m.state.as_str()))
+            .collect()
     }
 
     #[test]
@@ -605,12 +634,16 @@ mod tests {
         let mut c = Cluster::new("a", "a/v1/x".into(), 100);
         c.invite("n1", token("t1", "secret", 200)).unwrap();
         assert_eq!(c.check_token("n1", "wrong", 150), Err(FleetError::BadToken));
-        assert_eq!(c.check_token("n2", "secret", 150), Err(FleetError::BadToken));
+        assert_eq!(
+            c.check_token("n2", "secret", 150),
+            Err(FleetError::BadToken)
+        );
         assert_eq!(
             c.check_token("n1", "secret", 200),
             Err(FleetError::TokenExpired { expired_unix: 200 })
         );
-        c.join("n1", "secret", 150, "c".into(), "pk".into()).unwrap();
+        c.join("n1", "secret", 150, "c".into(), "pk".into())
+            .unwrap();
         assert_eq!(
             c.join("n1", "secret", 151, "c2".into(), "pk".into()),
             Err(FleetError::TokenUsed)
@@ -733,25 +766,39 @@ mod tests {
     #[test]
     fn retirement_refuses_primary_and_pending_and_waits_for_every_node() {
         let mut c = two_nodes();
-        assert!(matches!(c.retire(1, 150), Err(FleetError::RetirePrimary { .. })));
-        assert!(matches!(c.retire(9, 150), Err(FleetError::UnknownVersion { .. })));
+        assert!(matches!(
+            c.retire(1, 150),
+            Err(FleetError::RetirePrimary { .. })
+        ));
+        assert!(matches!(
+            c.retire(9, 150),
+            Err(FleetError::UnknownVersion { .. })
+        ));
         c.rotate("a/v2/y".into(), 200).unwrap();
-        assert!(matches!(c.retire(2, 150), Err(FleetError::RetirePending { .. })));
+        assert!(matches!(
+            c.retire(2, 150),
+            Err(FleetError::RetirePending { .. })
+        ));
         for n in ["n1", "n2"] {
             c.report(n, [1, 2].into(), c.seq, 1, 210).unwrap();
         }
         assert!(c.retire(1, 300).unwrap().is_empty());
         assert_eq!(c.desired("n1").retired, [1]);
         assert!(c.desired("n1").versions.iter().all(|dv| dv.version != 1));
-        assert!(c.report("n1", [2].into(), c.seq, 2, 310).unwrap()
-            == [Event::Dropped {
-                node: "n1".into(),
-                version: 1
-            }]);
+        assert!(
+            c.report("n1", [2].into(), c.seq, 2, 310).unwrap()
+                == [Event::Dropped {
+                    node: "n1".into(),
+                    version: 1
+                }]
+        );
         let events = c.report("n2", [2].into(), c.seq, 2, 320).unwrap();
         assert!(events.contains(&Event::Destroyed { version: 1 }));
         assert_eq!(states(&c), [(1, "retired"), (2, "primary")]);
-        assert!(matches!(c.retire(1, 330), Err(FleetError::AlreadyRetired { .. })));
+        assert!(matches!(
+            c.retire(1, 330),
+            Err(FleetError::AlreadyRetired { .. })
+        ));
     }
 
     #[test]
@@ -765,10 +812,25 @@ mod tests {
     }
 
     #[test]
+    fn versions_nodes_hold_from_before_a_restore_are_never_minted_again() {
+        let mut c = two_nodes();
+        // The service was restored to before it issued v2 and v3.
+        c.report("n1", [1, 2, 3].into(), c.seq, 3, 300).unwrap();
+        assert_eq!(c.upcoming_version(), 4);
+        // A report cannot push numbers arbitrarily far.
+        c.report("n2", [1, 1_000_000].into(), c.seq, 1, 310)
+            .unwrap();
+        assert_eq!(c.upcoming_version(), 4);
+    }
+
+    #[test]
     fn records_round_trip_through_json() {
         let c = two_nodes();
         let text = serde_json::to_string(&c).unwrap();
-        assert!(!text.contains("s-n1"), "token secrets are stored only hashed");
+        assert!(
+            !text.contains("s-n1"),
+            "token secrets are stored only hashed"
+        );
         let back: Cluster = serde_json::from_str(&text).unwrap();
         assert_eq!(back, c);
     }

@@ -101,9 +101,8 @@ pub fn client_config(
             .with_custom_certificate_verifier(Arc::new(PinnedCa { pin })),
     };
     let mut cfg = match identity {
-        Some((cert, key)) => {
-            builder.with_client_auth_cert(vec![CertificateDer::from(cert.to_vec())], key_der(key))?
-        }
+        Some((cert, key)) => builder
+            .with_client_auth_cert(vec![CertificateDer::from(cert.to_vec())], key_der(key))?,
         None => builder.with_no_client_auth(),
     };
     cfg.alpn_protocols = vec![b"h2".to_vec()];
@@ -188,10 +187,15 @@ fn parse_url(url: &str) -> Result<(String, u16, ServerName<'static>), TlsError> 
         .parse()
         .map_err(|_| bad("not a URL; expected https://HOST:PORT"))?;
     if uri.scheme_str() != Some("https") {
-        return Err(bad("must start with https:// (the service speaks only TLS)"));
+        return Err(bad(
+            "must start with https:// (the service speaks only TLS)",
+        ));
     }
     let host = uri.host().ok_or_else(|| bad("no host"))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
     let port = uri.port_u16().unwrap_or(443);
     let name = ServerName::try_from(host.clone()).map_err(|_| bad("host is not a valid name"))?;
     Ok((host, port, name))

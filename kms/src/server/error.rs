@@ -57,9 +57,8 @@ impl ServerError {
             ServerError::Pki(PkiError::BadCsr(_)) | ServerError::Pki(PkiError::BadPin(_)) => {
                 Code::InvalidArgument
             }
-            ServerError::Pki(PkiError::Generate(_)) | ServerError::Pki(PkiError::BadCertificate) => {
-                Code::Internal
-            }
+            ServerError::Pki(PkiError::Generate(_))
+            | ServerError::Pki(PkiError::BadCertificate) => Code::Internal,
             ServerError::Delivery(DeliveryError::BadPublicKey) => Code::InvalidArgument,
             ServerError::Delivery(
                 DeliveryError::BadPrivateKey

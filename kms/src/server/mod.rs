@@ -230,9 +230,10 @@ impl Core {
     fn audit_events(&self, cluster: &str, events: &[Event]) {
         for event in events {
             let rec = match event {
-                Event::Acked { node, version } => {
-                    AuditRecord::new("ack", "node").cluster(cluster).node(node).version(*version)
-                }
+                Event::Acked { node, version } => AuditRecord::new("ack", "node")
+                    .cluster(cluster)
+                    .node(node)
+                    .version(*version),
                 Event::Dropped { node, version } => AuditRecord::new("drop-ack", "node")
                     .cluster(cluster)
                     .node(node)
@@ -365,7 +366,9 @@ impl Core {
             let events = c.revoke(node, now_unix())?;
             Ok((token, events))
         });
-        let rec = AuditRecord::new("revocation", actor).cluster(cluster).node(node);
+        let rec = AuditRecord::new("revocation", actor)
+            .cluster(cluster)
+            .node(node);
         match result {
             Ok((token, _)) => {
                 if let Some(t) = token {
@@ -753,7 +756,11 @@ impl Core {
             if up_to_date {
                 return Ok(None);
             }
-            (c.desired(node), rec.delivery_public_key.clone(), rec.held.clone())
+            (
+                c.desired(node),
+                rec.delivery_public_key.clone(),
+                rec.held.clone(),
+            )
         };
         let public = hex::decode(&public).map_err(|_| delivery::DeliveryError::BadPublicKey)?;
         let mut versions = Vec::with_capacity(desired.versions.len());
@@ -798,10 +805,5 @@ impl Core {
             retired: desired.retired,
             heartbeat: false,
         }))
-    }
-
-    /// Whether the node may still stream (not revoked since it connected).
-    pub fn still_authorized(&self, cluster: &str, node: &str, cert_der: &[u8]) -> bool {
-        self.authorize_node(cluster, node, cert_der).is_ok()
     }
 }

@@ -313,12 +313,15 @@ async fn run_stream(
                 return;
             }
         }
-        if !core.still_authorized(cluster, node, cert) {
-            let status = match core.authorize_node(cluster, node, cert) {
-                Err(e) => e.into(),
-                Ok(()) => Status::permission_denied("refused"),
-            };
-            let _ = tx.send(Err(status)).await;
+        if let Err(e) = core.authorize_node(cluster, node, cert) {
+            core.audit(
+                AuditRecord::new("refused", &format!("node {cluster}/{node}"))
+                    .cluster(cluster)
+                    .node(node)
+                    .result(&e.to_string())
+                    .detail("sync stream ended"),
+            );
+            let _ = tx.send(Err(e.into())).await;
             return;
         }
         // Nothing goes out before the node said what it holds.
@@ -362,7 +365,8 @@ pub async fn serve(
         }),
     );
     let stop_core = core.clone();
-    tonic::transport::Server::builder()
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
         .layer(super::metrics::CountRequests)
         .add_service(FleetServer::new(FleetService { core: core.clone() }))
         .add_service(OperatorServer::new(OperatorService { core }))
@@ -370,7 +374,21 @@ pub async fn serve(
             shutdown.await;
             // Long-lived sync streams end now, so the server can drain.
             stop_core.shut_down();
-        })
-        .await?;
+            let _ = stopping_tx.send(());
+        });
+    // A peer that never reads its stream would hold the drain forever.
+    let deadline = async {
+        if stopping_rx.await.is_ok() {
+            tokio::time::sleep(DRAIN_TIMEOUT).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        result = server => result?,
+        _ = deadline => tracing::warn!("connections still open after {DRAIN_TIMEOUT:?}; stopping anyway"),
+    }
     Ok(())
 }
+
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -64,7 +64,10 @@ fn read(dir: &Path, name: &str) -> Result<String, Failure> {
 }
 
 /// Connects to the service with the operator's credentials.
-pub async fn connect(server: &str, operator_dir: &Path) -> Result<OperatorClient<Channel>, Failure> {
+pub async fn connect(
+    server: &str,
+    operator_dir: &Path,
+) -> Result<OperatorClient<Channel>, Failure> {
     let bad_pem = |name: &str| {
         Failure::Usage(format!(
             "{} has no PEM block it should have",
@@ -117,7 +120,10 @@ pub async fn run(
                 if r.cluster_created {
                     println!("created cluster {cluster} (version 1 is primary)");
                 }
-                println!("node {cluster}/{node} may join until {}", utc(r.expires_unix));
+                println!(
+                    "node {cluster}/{node} may join until {}",
+                    utc(r.expires_unix)
+                );
                 println!("token:   {}", r.token);
                 println!("ca-hash: {}", r.ca_hash);
                 println!(
@@ -154,7 +160,9 @@ pub async fn run(
                     "destroyed": r.destroyed, "waiting_for": r.waiting_for,
                 }));
             } else if r.destroyed {
-                println!("retired {cluster} v{version}: every node dropped it, central copy destroyed");
+                println!(
+                    "retired {cluster} v{version}: every node dropped it, central copy destroyed"
+                );
             } else {
                 println!(
                     "retiring {cluster} v{version}: waiting for {} to drop it; the central copy goes once they have",
@@ -277,7 +285,11 @@ async fn rotate(
     if !json {
         progress.show(format!(
             "{} {cluster} v{version} ({}): pending until every node holds it",
-            if r.created { "rotating" } else { "rotation already pending:" },
+            if r.created {
+                "rotating"
+            } else {
+                "rotation already pending:"
+            },
             r.key_id
         ));
     }
@@ -444,7 +456,10 @@ fn versions_list(v: &[u32]) -> String {
     if v.is_empty() {
         return "-".into();
     }
-    v.iter().map(|v| format!("v{v}")).collect::<Vec<_>>().join(",")
+    v.iter()
+        .map(|v| format!("v{v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn print_status(s: &pb::StatusResponse) {

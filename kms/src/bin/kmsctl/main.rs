@@ -154,23 +154,24 @@ pub(crate) enum Failure {
 
 impl From<tonic::Status> for Failure {
     fn from(s: tonic::Status) -> Self {
+        // The peer dropped the connection rather than answering: with TLS
+        // 1.3 that is how a server refuses a client certificate.
+        if matches!(s.code(), tonic::Code::Unknown | tonic::Code::Unavailable)
+            && s.message().contains("transport error")
+        {
+            return Failure::Usage(format!(
+                "the connection was closed without an answer ({}): the central service refuses certificates not issued by its CA (is --operator-dir from this service's `init`?), or the peer is going down",
+                s.message()
+            ));
+        }
         Failure::Refused(s)
     }
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match edgekms_kms::cli::parse::<Cli>() {
         Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            // One clear line, not clap's usage block.
-            let text = e.render().to_string();
-            eprintln!("{}", text.lines().next().unwrap_or("invalid arguments"));
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -1,0 +1,64 @@
+//! What the three binaries (`edgekms-plugin`, `edgekms-server`, `kmsctl`)
+//! do alike at start and stop: parse flags with one-line errors, set up
+//! logging, quiet the TSS library, wait for SIGTERM/SIGINT.
+
+use std::process::ExitCode;
+
+/// Parses the command line. On `--help`/`--version` prints and exits 0; on
+/// bad usage prints clap's first line (not the whole usage block), exit 2.
+pub fn parse<C: clap::Parser>() -> Result<C, ExitCode> {
+    match C::try_parse() {
+        Ok(cli) => Ok(cli),
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            Err(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            let text = e.render().to_string();
+            eprintln!("{}", text.lines().next().unwrap_or("invalid arguments"));
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+/// Logs to stderr, levels from `RUST_LOG` (default info), text or JSON.
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// The TSS C library prints its own warnings for every TPM error; ours name
+/// the cause and the fix. Call while still single-threaded.
+pub fn quiet_tss() {
+    if std::env::var_os("TSS2_LOG").is_none() {
+        std::env::set_var("TSS2_LOG", "all+none");
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            std::future::pending::<()>().await
+        }
+    }
+}
