@@ -299,3 +299,77 @@ fn no_raw_key_bytes_in_a_tpm_data_dir() {
         );
     }
 }
+
+/// A joined node whose PCRs changed serves nothing and acks nothing (so a
+/// rotation waits for it); once resealed it syncs and catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joined_node_with_changed_pcrs_syncs_again_after_reseal() {
+    use edgekms_e2e::fleet::{node_args, text, Server};
+    if !swtpm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let tpm = Swtpm::start(&dir.path().join("tpm"));
+    let node_dir = dir.path().join("node");
+    let mut args = node_args(&node_dir, "edge-1", "n1");
+    let i = args.iter().position(|a| a == "soft").unwrap();
+    args[i] = "tpm".into();
+    args.extend([
+        "--tpm-tcti".into(),
+        tpm.tcti(),
+        "--tpm-pcrs".into(),
+        "sha256:7".into(),
+    ]);
+    let (token, hash) = server.add_node("edge-1", "n1");
+    std::fs::create_dir_all(&node_dir).unwrap();
+    let out = std::process::Command::new(bin("edgekms-plugin"))
+        .args(["join", "--server", &server.url(), "--token", &token])
+        .args(["--ca-hash", &hash])
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let passphrase = recovery_passphrase(&String::from_utf8_lossy(&out.stderr));
+
+    tpm.extend_pcr(7);
+    let p = Plugin::spawn(&node_dir, args);
+    p.wait_serving().await;
+    let healthz = p
+        .kms()
+        .await
+        .status(edgekms_proto::kms_v2::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .healthz;
+    assert!(healthz.contains("PCR"), "{healthz}");
+    // The rotation cannot complete without it.
+    server.kmsctl_json(&["rotate", "edge-1"]);
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(server.cluster("edge-1")["pending"], 2);
+
+    let pass_file = dir.path().join("pass.txt");
+    std::fs::write(&pass_file, &passphrase).unwrap();
+    let admin = p.admin_socket.display().to_string();
+    let out = kmsctl(&[
+        "local",
+        "--admin-socket",
+        &admin,
+        "reseal",
+        "--passphrase-file",
+        &pass_file.display().to_string(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let c = server
+        .wait_cluster("edge-1", "promotion after the reseal", |c| {
+            c["primary"] == 2
+        })
+        .await;
+    let want = c["versions"][1]["key_id"].as_str().unwrap().to_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while key_id(&mut p.kms().await).await != want {
+        assert!(std::time::Instant::now() < deadline, "{}", p.log_text());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

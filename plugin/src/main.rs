@@ -148,13 +148,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         // plugin that can answer.
         let kms = server::bind(&cfg.socket)?;
         let admin = server::bind(&cfg.admin_socket)?;
-        match sync::SyncClient::for_node(node.clone(), cfg.sync_backoff_max) {
-            Ok(Some(client)) => {
-                tokio::spawn(client.run());
-            }
-            Ok(None) => tracing::info!("standalone: not joined to a central key service"),
-            Err(e) => tracing::error!(error = %e, "cannot start syncing with the central key service; serving cached keys"),
-        }
+        tokio::spawn(sync::run(node.clone(), cfg.sync_backoff_max));
         server::serve(node, kms, admin, cli::shutdown_signal()).await?;
         tracing::info!("stopped");
         Ok(())

@@ -193,6 +193,29 @@ impl SyncClient {
     }
 }
 
+/// The plugin's sync task: nothing for a standalone node; for a joined one,
+/// waits until its keys are unsealed (after a PCR failure, until
+/// `kmsctl local reseal`), then syncs forever.
+pub async fn run(node: Arc<Node>, backoff_max: Duration) {
+    let mut warned = false;
+    loop {
+        match SyncClient::for_node(node.clone(), backoff_max) {
+            Ok(Some(client)) => return client.run().await,
+            Ok(None) => {
+                tracing::info!("standalone: not joined to a central key service");
+                return;
+            }
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(error = %e, "not syncing with the central key service until the node's keys are unsealed");
+                    warned = true;
+                }
+                tokio::time::sleep(backoff_max).await;
+            }
+        }
+    }
+}
+
 /// What `edgekms-plugin join` reports.
 #[derive(Debug)]
 pub struct Joined {

@@ -68,7 +68,7 @@ impl SoftSealer {
         };
         tracing::warn!(
             key_file = %path.display(),
-            "INSECURE: the soft sealer is in use; the node sealing key is protected only by a file on disk, not by a TPM. Use --sealer tpm on real nodes."
+            "INSECURE: the soft sealer is in use; the key it seals is protected only by a file on disk, not by a TPM. Use --sealer tpm outside development."
         );
         Ok(Self {
             path: path.to_owned(),
