@@ -11,7 +11,7 @@ use edgekms_e2e::*;
 use edgekms_proto::kms_v2::{EncryptRequest, StatusRequest};
 use tonic::Code;
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_trip_through_the_socket() {
     let dir = tempfile::tempdir().unwrap();
     let p = Plugin::start(dir.path(), "edge-1").await;
@@ -48,7 +48,7 @@ async fn round_trip_through_the_socket() {
     assert_eq!(core.split_whitespace().nth(5), Some("0"), "{core}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_decrypts_everything_written_before() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = Plugin::start(dir.path(), "edge-1").await;
@@ -71,7 +71,7 @@ async fn restart_decrypts_everything_written_before() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotate_then_decrypt_old_and_new_and_retire() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = Plugin::start(dir.path(), "edge-1").await;
@@ -150,7 +150,7 @@ async fn rotate_then_decrypt_old_and_new_and_retire() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_clear_status_and_never_affects_the_next_call() {
     let dir = tempfile::tempdir().unwrap();
     let p = Plugin::start(dir.path(), "edge-1").await;
@@ -284,7 +284,7 @@ async fn bad_input_gets_a_clear_status_and_never_affects_the_next_call() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_concurrent_clients_see_no_error() {
     let dir = tempfile::tempdir().unwrap();
     let p = Plugin::start(dir.path(), "edge-1").await;
@@ -306,7 +306,7 @@ async fn sixty_four_concurrent_clients_see_no_error() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sockets_stale_file_replaced_live_one_refused() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
@@ -403,7 +403,7 @@ async fn sigterm_drains_in_flight_calls_and_removes_the_socket() {
     assert!(p.log_text().contains("draining"));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_secret_on_disk() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = Plugin::start(dir.path(), "edge-1").await;
@@ -489,7 +489,7 @@ fn command_line_errors_are_one_clear_line() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is edgekms-plugin running"));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_file_is_read_and_tpm_is_never_silently_replaced_by_soft() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("plugin.toml");

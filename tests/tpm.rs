@@ -28,7 +28,7 @@ fn recovery_passphrase(log: &str) -> String {
     lines.next().unwrap().trim().to_owned()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seal_restart_unseal_and_decrypt_everything() {
     if !swtpm_available() {
         return;
@@ -75,7 +75,7 @@ async fn seal_restart_unseal_and_decrypt_everything() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_dir_copied_to_another_tpm_is_refused() {
     if !swtpm_available() {
         return;
@@ -97,7 +97,7 @@ async fn data_dir_copied_to_another_tpm_is_refused() {
     assert!(!stolen.socket.exists(), "no key material may be served");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changed_pcr_refuses_then_recovery_passphrase_reseals() {
     if !swtpm_available() {
         return;
@@ -230,7 +230,7 @@ async fn changed_pcr_refuses_then_recovery_passphrase_reseals() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_soft_data_dir_is_never_used_by_a_tpm_config_or_back() {
     if !swtpm_available() {
         return;
