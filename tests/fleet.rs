@@ -284,8 +284,22 @@ async fn bad_tokens_revoked_nodes_and_foreign_clients_are_refused_and_audited() 
     assert!(!out.status.success());
     assert!(text(&out).contains("expired"), "{}", text(&out));
 
-    // Good, then reused.
-    let out = join(&server, &dir, "a", "n1", &token, &hash);
+    // Good (from a file, out of the process list), then reused.
+    let token_file = tmp.path().join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let out = std::process::Command::new(edgekms_e2e::bin("edgekms-plugin"))
+        .args([
+            "join",
+            "--server",
+            &server.url(),
+            "--ca-hash",
+            &hash,
+            "--token-file",
+        ])
+        .arg(&token_file)
+        .args(node_args(&dir, "a", "n1"))
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let out = join(&server, &tmp.path().join("again"), "a", "n1", &token, &hash);
     assert!(!out.status.success());

@@ -43,8 +43,16 @@ struct JoinArgs {
     #[arg(long, value_name = "URL")]
     server: String,
     /// The one-time join token from `kmsctl node add`
-    #[arg(long, value_name = "TOKEN")]
-    token: String,
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        required_unless_present = "token_file",
+        conflicts_with = "token_file"
+    )]
+    token: Option<String>,
+    /// Read the join token from this file instead (keeps it out of the process list)
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<std::path::PathBuf>,
     /// The service CA's public-key hash from `kmsctl node add` (sha256:HEX)
     #[arg(long, value_name = "sha256:HEX")]
     ca_hash: String,
@@ -97,8 +105,16 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn run_join(args: JoinArgs) -> anyhow::Result<()> {
+    let token = match (&args.token, &args.token_file) {
+        (Some(token), _) => zeroize::Zeroizing::new(token.clone()),
+        (None, Some(path)) => zeroize::Zeroizing::new(
+            std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("cannot read --token-file {}: {e}", path.display()))?,
+        ),
+        (None, None) => anyhow::bail!("--token or --token-file is required"),
+    };
     let cfg = prepare(args.config.as_deref(), args.settings)?;
-    let joined = runtime()?.block_on(sync::join(&cfg, &args.server, &args.token, &args.ca_hash))?;
+    let joined = runtime()?.block_on(sync::join(&cfg, &args.server, &token, &args.ca_hash))?;
     println!(
         "joined: node {}/{} is enrolled with {}",
         cfg.cluster, cfg.node, args.server
