@@ -210,22 +210,6 @@ fn own_cpu_seconds() -> f64 {
     secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
-/// One socket per simulated node: raise the soft limit to the hard one.
-fn raise_fd_limit() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-    lim.rlim_cur
-}
-
 async fn operator(server: &Server) -> OperatorClient<Channel> {
     let dir = server.operator_dir();
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
@@ -739,7 +723,7 @@ fn main() {
         (Some(n), c) => vec![(n, c.unwrap_or((n / 2).max(1)))],
         (None, Some(c)) => vec![(c * 2, c)],
     };
-    let fds = raise_fd_limit();
+    let fds = edgekms_kms::cli::raise_fd_limit();
     println!("edgekms central service at scale: real edgekms-server (soft sealer) on loopback,");
     println!("simulated nodes in this process, one TCP + mTLS connection and Sync stream each");
     println!("machine: {}; open-file limit {fds}", machine());

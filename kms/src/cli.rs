@@ -1,6 +1,7 @@
 //! What the three binaries (`edgekms-plugin`, `edgekms-server`, `kmsctl`)
 //! do alike at start and stop: parse flags with one-line errors, set up
-//! logging, quiet the TSS library, wait for SIGTERM/SIGINT.
+//! logging, quiet the TSS library, raise the open-file limit, wait for
+//! SIGTERM/SIGINT.
 
 use std::process::ExitCode;
 
@@ -41,6 +42,23 @@ pub fn quiet_tss() {
     if std::env::var_os("TSS2_LOG").is_none() {
         std::env::set_var("TSS2_LOG", "all+none");
     }
+}
+
+/// Raises the soft open-file limit to the hard one (one socket per node,
+/// for the server and the fleet benchmark); returns the soft limit now.
+pub fn raise_fd_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+    lim.rlim_cur
 }
 
 /// Resolves on SIGTERM or SIGINT.

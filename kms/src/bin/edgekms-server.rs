@@ -54,17 +54,24 @@ enum LogFormat {
     Json,
 }
 
+/// Where a new root key is sealed (`init`, `restore`).
 #[derive(Debug, Args)]
-struct InitArgs {
-    /// Data directory to create (state store, sealed root key, operator/)
-    #[arg(long, value_name = "DIR")]
-    data_dir: PathBuf,
+struct SealerArgs {
     /// Where the root key is sealed: tpm, or soft (INSECURE, development)
     #[arg(long, value_enum, default_value = "tpm")]
     sealer: SealerKind,
     /// TPM TCTI (device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321, ...)
     #[arg(long, value_name = "TCTI", default_value = DEFAULT_TCTI)]
     tpm_tcti: String,
+}
+
+#[derive(Debug, Args)]
+struct InitArgs {
+    /// Data directory to create (state store, sealed root key, operator/)
+    #[arg(long, value_name = "DIR")]
+    data_dir: PathBuf,
+    #[command(flatten)]
+    sealer: SealerArgs,
     /// Extra DNS name or IP address nodes dial the server by (repeatable);
     /// localhost, 127.0.0.1, ::1 and the host name are always included
     #[arg(long = "san", value_name = "NAME")]
@@ -82,12 +89,8 @@ struct RestoreArgs {
     /// Data directory to create; one that holds a state is refused
     #[arg(long, value_name = "DIR")]
     data_dir: PathBuf,
-    /// Where the new root key is sealed: tpm, or soft (INSECURE, development)
-    #[arg(long, value_enum, default_value = "tpm")]
-    sealer: SealerKind,
-    /// TPM TCTI (device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321, ...)
-    #[arg(long, value_name = "TCTI", default_value = DEFAULT_TCTI)]
-    tpm_tcti: String,
+    #[command(flatten)]
+    sealer: SealerArgs,
     /// Issue a new server certificate (same CA) for this DNS name or IP
     /// (repeatable), plus localhost, 127.0.0.1, ::1 and this host's name;
     /// without it the backed-up server certificate is kept
@@ -188,7 +191,7 @@ fn main() -> ExitCode {
 fn run_init(args: InitArgs) -> anyhow::Result<()> {
     cli::quiet_tss();
     cli::init_logging(false);
-    let sealer = init::sealer(&args.data_dir, args.sealer, &args.tpm_tcti)?;
+    let sealer = init::sealer(&args.data_dir, args.sealer.sealer, &args.sealer.tpm_tcti)?;
     let names = init::server_names(&args.sans);
     let done = init::init(&args.data_dir, sealer.as_ref(), &names)?;
     println!(
@@ -211,7 +214,7 @@ fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
     // Everything is checked before anything is created.
     let dump = backup::open(&blob, &key).with_context(|| format!("cannot restore {file}"))?;
     backup::check_target(&args.data_dir)?;
-    let sealer = init::sealer(&args.data_dir, args.sealer, &args.tpm_tcti)?;
+    let sealer = init::sealer(&args.data_dir, args.sealer.sealer, &args.sealer.tpm_tcti)?;
     let names = (!args.sans.is_empty()).then(|| init::server_names(&args.sans));
     let done = backup::restore(&dump, &args.data_dir, sealer.as_ref(), names.as_deref())
         .with_context(|| format!("cannot restore {file}"))?;
@@ -256,21 +259,6 @@ fn auto_rotate(args: &ServeArgs) -> anyhow::Result<AutoRotate> {
     Ok(out)
 }
 
-/// A server with thousands of nodes holds one socket per node.
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
 fn run_serve(flags: ServeArgs) -> anyhow::Result<()> {
     cli::quiet_tss();
     let file = match &flags.config {
@@ -307,7 +295,7 @@ fn run_serve(flags: ServeArgs) -> anyhow::Result<()> {
     if let Err(e) = edgekms_hsm::memory::harden_process() {
         tracing::warn!(error = %e, "cannot disable core dumps for this process");
     }
-    raise_fd_limit();
+    cli::raise_fd_limit();
     let open = Open {
         data_dir,
         sealer: args.sealer.unwrap_or(SealerKind::Tpm),

@@ -40,8 +40,12 @@ pub enum TlsError {
     Connect { url: String, detail: String },
 }
 
+/// The one ring provider, built once: verifiers use it on every handshake.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    static PROVIDER: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
 }
 
 fn key_der(key: &PrivateKey) -> PrivateKeyDer<'static> {

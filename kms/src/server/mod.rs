@@ -659,17 +659,16 @@ impl Core {
         Ok((cert, self.ca.cert_der.clone()))
     }
 
-    /// Checks a node's certificate at the start of a sync stream.
+    /// Checks that `cert_sha256` ([`pki::fingerprint`] of the peer's
+    /// certificate) is the live certificate of an active node.
     pub fn authorize_node(
         &self,
         cluster: &str,
         node: &str,
-        cert_der: &[u8],
+        cert_sha256: &str,
     ) -> Result<(), ServerError> {
         let state = lock(&self.state);
-        state
-            .cluster(cluster)?
-            .authorize(node, &pki::fingerprint(cert_der))?;
+        state.cluster(cluster)?.authorize(node, cert_sha256)?;
         Ok(())
     }
 

@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::audit::AuditRecord;
 use super::error::ServerError;
 use super::{Core, DEFAULT_TOKEN_TTL};
-use crate::fleet::pki::Identity;
+use crate::fleet::pki::{self, Identity};
 use crate::fleet::tls::{self, PeerInfo};
 
 fn peer<T>(req: &Request<T>) -> Option<PeerInfo> {
@@ -225,7 +225,8 @@ impl Fleet for FleetService {
         let peer = peer(&req);
         let (cluster, node, cert) = match peer.as_ref().map(|p| (&p.cert_der, &p.identity)) {
             Some((Some(cert), Some(Identity::Node { cluster, node }))) => {
-                (cluster.clone(), node.clone(), cert.clone())
+                // Hashed once: the stream re-checks it at every event.
+                (cluster.clone(), node.clone(), pki::fingerprint(cert))
             }
             Some((Some(_), Some(other))) => {
                 return Err(refuse(
@@ -274,7 +275,7 @@ async fn run_stream(
     core: &Core,
     cluster: &str,
     node: &str,
-    cert: &[u8],
+    cert_sha256: &str,
     mut inbound: Streaming<pb::NodeReport>,
     tx: &Tx,
 ) {
@@ -313,7 +314,7 @@ async fn run_stream(
                 return;
             }
         }
-        if let Err(e) = core.authorize_node(cluster, node, cert) {
+        if let Err(e) = core.authorize_node(cluster, node, cert_sha256) {
             core.audit(
                 AuditRecord::new("refused", &format!("node {cluster}/{node}"))
                     .cluster(cluster)
