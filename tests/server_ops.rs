@@ -7,11 +7,12 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use edgekms_e2e::{bin, free_port, http_get, mode, sample, signal, tcp_listen_ports};
+use edgekms_e2e::fleet::Server;
+use edgekms_e2e::{bin, free_port, http_get, mode, sample, tcp_listen_ports};
 use edgekms_hsm::Key256;
 use edgekms_kms::delivery::{Binding, DeliveryKey};
 use edgekms_kms::fleet::{pki, tls};
@@ -19,7 +20,7 @@ use edgekms_proto::fleet as pb;
 use edgekms_proto::fleet::fleet_client::FleetClient;
 use serde_json::Value;
 
-// ---- helpers: a server process, kmsctl against it, a minimal node ----
+// ---- helpers: a minimal node ----
 
 /// Runs `edgekms-server` with `args` to completion (init, restore).
 fn server_cmd(args: &[&str]) -> Output {
@@ -33,184 +34,6 @@ fn server_cmd(args: &[&str]) -> Output {
 
 fn text(out: &[u8]) -> String {
     String::from_utf8_lossy(out).into_owned()
-}
-
-/// `edgekms-server init --sealer soft` into `data_dir`.
-fn init(data_dir: &Path) {
-    let out = server_cmd(&[
-        "init",
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-        "--sealer",
-        "soft",
-    ]);
-    assert!(out.status.success(), "init: {}", text(&out.stderr));
-}
-
-/// A serving `edgekms-server`, killed on drop.
-struct Server {
-    url: String,
-    listen: SocketAddr,
-    ops: SocketAddr,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Server {
-    /// Serves `data_dir` (soft sealer) on free loopback ports.
-    fn spawn(data_dir: &Path, extra: &[&str]) -> Self {
-        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let log = data_dir.with_extension("log");
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let mut args: Vec<String> = [
-            "--data-dir",
-            data_dir.to_str().unwrap(),
-            "--listen",
-            &listen.to_string(),
-            "--sealer",
-            "soft",
-            "--heartbeat",
-            "1s",
-        ]
-        .map(String::from)
-        .into();
-        // A free port for the metrics endpoint unless the test picks.
-        if !extra
-            .iter()
-            .any(|a| ["--metrics-addr", "--no-metrics", "--config"].contains(a))
-        {
-            args.extend(["--metrics-addr".into(), ops.to_string()]);
-        }
-        let child = Command::new(bin("edgekms-server"))
-            .args(&args)
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        Self {
-            url: format!("https://127.0.0.1:{}", listen.port()),
-            listen,
-            ops,
-            log,
-            child: Some(child),
-        }
-    }
-
-    /// Starts and waits for `/readyz` 200.
-    async fn start(data_dir: &Path) -> Self {
-        let s = Self::spawn(data_dir, &[]);
-        s.wait_ready().await;
-        s
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Ok((200, _)) = http_get(self.ops, "/readyz").await {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "server not ready in 15 s; log:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    async fn scrape(&self) -> prometheus_parse::Scrape {
-        let (status, body) = http_get(self.ops, "/metrics").await.unwrap();
-        assert_eq!(status, 200, "{body}");
-        prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap()
-    }
-
-    /// SIGTERM; returns the exit code. Async: this test's own client
-    /// connections must keep running to close their streams while the
-    /// server drains.
-    async fn stop(&mut self) -> Option<i32> {
-        let mut child = self.child.take()?;
-        signal(child.id(), "TERM");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("server did not stop within 15 s of SIGTERM");
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// Waits for the process to exit by itself (a start-up error).
-    fn wait_exit(&mut self) -> Option<i32> {
-        let mut child = self.child.take()?;
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("server still running after 15 s");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// `kmsctl --server URL --operator-dir DIR ARGS`.
-fn ctl(s: &Server, operator: &Path, args: &[&str]) -> Output {
-    Command::new(bin("kmsctl"))
-        .args([
-            "--server",
-            &s.url,
-            "--operator-dir",
-            operator.to_str().unwrap(),
-        ])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-/// [`ctl`] with `-o json`, asserting success.
-fn ctl_json(s: &Server, operator: &Path, args: &[&str]) -> Value {
-    let mut all = args.to_vec();
-    all.extend(["-o", "json"]);
-    let out = ctl(s, operator, &all);
-    assert!(
-        out.status.success(),
-        "kmsctl {args:?}: {}\nserver log:\n{}",
-        text(&out.stderr),
-        s.log_text()
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// What must survive a restore: per cluster, its versions (state, key_id,
@@ -364,18 +187,18 @@ async fn backup_and_restore_keep_clusters_versions_key_ids_and_keys() {
     let tmp = tempfile::tempdir().unwrap();
     let old_dir = tmp.path().join("old");
     let operator = old_dir.join("operator");
-    init(&old_dir);
-    let mut old = Server::start(&old_dir).await;
+    Server::init(&old_dir);
+    let mut old = Server::serve(&old_dir).await;
 
     // Two clusters; three invitations issued before the backup.
     let add =
-        |cluster: &str, node: &str| ctl_json(&old, &operator, &["node", "add", cluster, node]);
+        |cluster: &str, node: &str| old.kmsctl_json_as(&operator, &["node", "add", cluster, node]);
     let cp1 = add("edge-1", "cp-1");
     assert_eq!(cp1["cluster_created"], true);
     let cp2 = add("edge-1", "cp-2");
     add("edge-2", "cp-1");
     // No node joined yet: the rotation promotes at once.
-    let rotated = ctl_json(&old, &operator, &["rotate", "edge-1"]);
+    let rotated = old.kmsctl_json_as(&operator, &["rotate", "edge-1"]);
     assert_eq!(
         (rotated["version"].as_u64(), rotated["state"].as_str()),
         (Some(2), Some("primary"))
@@ -384,19 +207,19 @@ async fn backup_and_restore_keep_clusters_versions_key_ids_and_keys() {
     // cp-1 of edge-1 joins the old server and receives v1 and v2.
     let ca_hash = cp1["ca_hash"].as_str().unwrap();
     let node1 = TestNode::join(
-        &old.url,
+        &old.url(),
         cp1["token"].as_str().unwrap(),
         ca_hash,
         "edge-1",
         "cp-1",
     )
     .await;
-    let first = node1.sync(&old.url, &[]).await.unwrap();
+    let first = node1.sync(&old.url(), &[]).await.unwrap();
     let keys_old = node1.open(&first);
     assert_eq!(keys_old.keys().copied().collect::<Vec<_>>(), [1, 2]);
     // It reports holding them (a second stream), as a plugin would.
-    node1.sync(&old.url, &[1, 2]).await.unwrap();
-    let before = ctl_json(&old, &operator, &["status"]);
+    node1.sync(&old.url(), &[1, 2]).await.unwrap();
+    let before = old.kmsctl_json_as(&operator, &["status"]);
     let cp1_held = &before["clusters"][0]["nodes"][0];
     assert_eq!(
         (cp1_held["name"].as_str(), cp1_held["held"].clone()),
@@ -407,8 +230,7 @@ async fn backup_and_restore_keep_clusters_versions_key_ids_and_keys() {
     let key_file = tmp.path().join("backup.key");
     write_key(&key_file, 0x42);
     let file = tmp.path().join("edgekms.bak");
-    let b = ctl_json(
-        &old,
+    let b = old.kmsctl_json_as(
         &operator,
         &[
             "backup",
@@ -437,8 +259,7 @@ async fn backup_and_restore_keep_clusters_versions_key_ids_and_keys() {
         );
     }
     // An existing file is never overwritten; a bad key file is refused.
-    let again = ctl(
-        &old,
+    let again = old.kmsctl_as(
         &operator,
         &[
             "backup",
@@ -457,8 +278,7 @@ async fn backup_and_restore_keep_clusters_versions_key_ids_and_keys() {
     let short_key = tmp.path().join("short.key");
     std::fs::write(&short_key, "abcd\n").unwrap();
     let other = tmp.path().join("other.bak");
-    let bad = ctl(
-        &old,
+    let bad = old.kmsctl_as(
         &operator,
         &[
             "backup",
@@ -475,7 +295,7 @@ async fn backup_and_restore_keep_clusters_versions_key_ids_and_keys() {
     );
     assert!(!other.exists());
     // The backup is audited on the server it was taken from.
-    let audit = ctl_json(&old, &operator, &["audit"]);
+    let audit = old.kmsctl_json_as(&operator, &["audit"]);
     assert!(
         audit
             .as_array()
@@ -547,8 +367,8 @@ async fn backup_and_restore_keep_clusters_versions_key_ids_and_keys() {
 
     // The restored server: the same operator credentials work (same CA),
     // the same clusters, versions, states and key_ids.
-    let new = Server::start(&new_dir).await;
-    let after = ctl_json(&new, &operator, &["status"]);
+    let new = Server::serve(&new_dir).await;
+    let after = new.kmsctl_json_as(&operator, &["status"]);
     assert_eq!(durable(&after), durable(&before));
     let v2 = &after["clusters"][0]["versions"][1];
     assert_eq!(
@@ -561,19 +381,19 @@ async fn backup_and_restore_keep_clusters_versions_key_ids_and_keys() {
     );
 
     // cp-1 keeps its certificate: the restored server accepts its stream.
-    let state = node1.sync(&new.url, &[1, 2]).await.unwrap();
+    let state = node1.sync(&new.url(), &[1, 2]).await.unwrap();
     assert!(node1.open(&state).is_empty(), "it holds everything already");
     // cp-2 joins with the token issued before the backup, and receives the
     // very keys cp-1 got from the old server.
     let node2 = TestNode::join(
-        &new.url,
+        &new.url(),
         cp2["token"].as_str().unwrap(),
         ca_hash,
         "edge-1",
         "cp-2",
     )
     .await;
-    let keys_new = node2.open(&node2.sync(&new.url, &[]).await.unwrap());
+    let keys_new = node2.open(&node2.sync(&new.url(), &[]).await.unwrap());
     assert_eq!(keys_new.len(), 2);
     for (version, (key_id, key)) in &keys_old {
         let (new_id, new_key) = &keys_new[version];
@@ -582,10 +402,10 @@ async fn backup_and_restore_keep_clusters_versions_key_ids_and_keys() {
     }
 
     // Versions continue: the next rotation makes v3, a new key_id.
-    let next = ctl_json(&new, &operator, &["rotate", "edge-1"]);
+    let next = new.kmsctl_json_as(&operator, &["rotate", "edge-1"]);
     assert_eq!(next["version"].as_u64(), Some(3));
     assert!(next["key_id"].as_str().unwrap().starts_with("edge-1/v3/"));
-    let audit = ctl_json(&new, &operator, &["audit"]);
+    let audit = new.kmsctl_json_as(&operator, &["audit"]);
     let events: Vec<&str> = audit
         .as_array()
         .unwrap()
@@ -603,8 +423,8 @@ async fn metrics_count_nodes_and_calls_and_readyz_follows_the_server() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
     let operator = dir.join("operator");
-    init(&dir);
-    let mut s = Server::start(&dir).await;
+    Server::init(&dir);
+    let mut s = Server::serve(&dir).await;
     assert_eq!(
         http_get(s.ops, "/healthz").await.unwrap(),
         (200, "ok".into())
@@ -638,28 +458,28 @@ async fn metrics_count_nodes_and_calls_and_readyz_follows_the_server() {
     };
     assert_eq!(calls(&m, "AddNode", "OK"), Some(0.0));
 
-    let added = ctl_json(&s, &operator, &["node", "add", "edge-1", "cp-1"]);
-    ctl_json(&s, &operator, &["node", "add", "edge-1", "cp-2"]);
+    let added = s.kmsctl_json_as(&operator, &["node", "add", "edge-1", "cp-1"]);
+    s.kmsctl_json_as(&operator, &["node", "add", "edge-1", "cp-2"]);
     let m = s.scrape().await;
     assert_eq!(nodes(&m, "invited"), Some(2.0));
     assert_eq!(calls(&m, "AddNode", "OK"), Some(2.0));
 
     // A refused call counts under its code.
-    let out = ctl(&s, &operator, &["rotate", "no-such-cluster"]);
+    let out = s.kmsctl_as(&operator, &["rotate", "no-such-cluster"]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(calls(&s.scrape().await, "Rotate", "NotFound"), Some(1.0));
 
     // A joined node that has not acked a pending version: a rotation
     // waits, and the delivery's age shows.
     let node = TestNode::join(
-        &s.url,
+        &s.url(),
         added["token"].as_str().unwrap(),
         added["ca_hash"].as_str().unwrap(),
         "edge-1",
         "cp-1",
     )
     .await;
-    ctl_json(&s, &operator, &["node", "remove", "edge-1", "cp-2"]);
+    s.kmsctl_json_as(&operator, &["node", "remove", "edge-1", "cp-2"]);
     let m = s.scrape().await;
     assert_eq!(
         (
@@ -670,7 +490,7 @@ async fn metrics_count_nodes_and_calls_and_readyz_follows_the_server() {
         (Some(0.0), Some(1.0), Some(1.0))
     );
     assert_eq!(calls(&m, "Join", "OK"), Some(1.0));
-    let r = ctl_json(&s, &operator, &["rotate", "edge-1"]);
+    let r = s.kmsctl_json_as(&operator, &["rotate", "edge-1"]);
     assert_eq!(r["state"], "pending");
     let m = s.scrape().await;
     assert_eq!(
@@ -678,9 +498,9 @@ async fn metrics_count_nodes_and_calls_and_readyz_follows_the_server() {
         Some(1.0)
     );
     // The node acks v1 and v2 on its stream: the rotation completes.
-    let state = node.sync(&s.url, &[]).await.unwrap();
+    let state = node.sync(&s.url(), &[]).await.unwrap();
     assert_eq!(node.open(&state).len(), 2);
-    node.sync(&s.url, &[1, 2]).await.unwrap();
+    node.sync(&s.url(), &[1, 2]).await.unwrap();
     let m = s.scrape().await;
     assert_eq!(
         sample(&m, "edgekms_server_clusters_pending_rotation", &[]),
@@ -724,7 +544,11 @@ async fn metrics_count_nodes_and_calls_and_readyz_follows_the_server() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let mut busy = Server::spawn(&dir, &["--metrics-addr", &addr]);
-    assert_eq!(busy.wait_exit(), Some(1));
+    assert_eq!(
+        busy.exited_within(Duration::from_secs(15))
+            .and_then(|status| status.code()),
+        Some(1)
+    );
     let log = busy.log_text();
     assert!(log.contains(&addr) && log.contains("--no-metrics"), "{log}");
 }

@@ -1,16 +1,22 @@
 //! Helpers for the central key service tests: a real `edgekms-server` on a
 //! free loopback port, `kmsctl` against it, and plugins that join it.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{bin, free_port, signal, Plugin};
+use super::{bin, free_port, http_get, signal, Plugin};
 
-/// A running `edgekms-server` (soft sealer), killed on drop.
+/// A running `edgekms-server` (soft sealer) on free loopback ports, killed
+/// on drop.
 pub struct Server {
     pub data_dir: PathBuf,
-    pub port: u16,
+    /// The gRPC address, kept across restarts.
+    pub listen: SocketAddr,
+    /// The metrics and health endpoint, unless the arguments chose one or
+    /// turned it off.
+    pub ops: SocketAddr,
     pub log: PathBuf,
     pub extra_args: Vec<String>,
     pub env: Vec<(String, String)>,
@@ -18,42 +24,73 @@ pub struct Server {
 }
 
 impl Server {
-    /// `edgekms-server init` in `dir/server`, then serve.
+    /// `edgekms-server init --sealer soft` into `data_dir`.
+    pub fn init(data_dir: &Path) {
+        let out = Command::new(bin("edgekms-server"))
+            .args(["init", "--sealer", "soft", "--data-dir"])
+            .arg(data_dir)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "init failed: {}", text(&out));
+    }
+
+    /// `init` in `dir/server`, then serve, ready.
     pub async fn start(dir: &Path) -> Self {
         Self::start_with(dir, &[]).await
     }
 
     pub async fn start_with(dir: &Path, extra_args: &[&str]) -> Self {
         let data_dir = dir.join("server");
-        let out = Command::new(bin("edgekms-server"))
-            .args(["init", "--sealer", "soft", "--data-dir"])
-            .arg(&data_dir)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "init failed: {}", text(&out));
-        let mut s = Self {
-            data_dir,
-            port: free_port(),
-            log: dir.join("server.log"),
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-            env: Vec::new(),
-            child: None,
-        };
-        s.spawn();
+        Self::init(&data_dir);
+        let s = Self::spawn(&data_dir, extra_args);
         s.wait_up().await;
         s
     }
 
+    /// Serves an existing data dir (made by `init` or `restore`), ready.
+    pub async fn serve(data_dir: &Path) -> Self {
+        let s = Self::spawn(data_dir, &[]);
+        s.wait_ready().await;
+        s
+    }
+
+    /// Starts serving `data_dir` with `extra_args`, logging to
+    /// `<data_dir>.log`; a free port for the metrics endpoint unless the
+    /// arguments pick one, turn it off or read a config file.
+    pub fn spawn(data_dir: &Path, extra_args: &[&str]) -> Self {
+        let mut extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        let ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        if !extra_args
+            .iter()
+            .any(|a| ["--metrics-addr", "--no-metrics", "--config"].contains(&a.as_str()))
+        {
+            extra_args.extend(["--metrics-addr".into(), ops.to_string()]);
+        }
+        let mut s = Self {
+            data_dir: data_dir.to_owned(),
+            listen: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            ops,
+            log: data_dir.with_extension("log"),
+            extra_args,
+            env: Vec::new(),
+            child: None,
+        };
+        s.respawn();
+        s
+    }
+
     pub fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
+        format!("https://{}", self.listen)
     }
 
     pub fn operator_dir(&self) -> PathBuf {
         self.data_dir.join("operator")
     }
 
-    /// Starts the process (again) on the same port and data dir.
-    pub fn spawn(&mut self) {
+    /// Starts the process (again) on the same address and data dir.
+    pub fn respawn(&mut self) {
         assert!(self.child.is_none(), "already running");
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -61,16 +98,9 @@ impl Server {
             .open(&self.log)
             .unwrap();
         let child = Command::new(bin("edgekms-server"))
-            .args([
-                "--sealer",
-                "soft",
-                "--heartbeat",
-                "1s",
-                "--no-metrics",
-                "--data-dir",
-            ])
+            .args(["--sealer", "soft", "--heartbeat", "1s", "--data-dir"])
             .arg(&self.data_dir)
-            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["--listen", &self.listen.to_string()])
             .args(&self.extra_args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "info")
@@ -97,12 +127,35 @@ impl Server {
         }
     }
 
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok((200, _)) = http_get(self.ops, "/readyz").await {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server not ready in 15 s; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Scrapes `/metrics` and parses it as the Prometheus text format.
+    pub async fn scrape(&self) -> prometheus_parse::Scrape {
+        let (status, body) = http_get(self.ops, "/metrics").await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
     }
 
     /// SIGKILL, as `kill -9`.
@@ -113,50 +166,72 @@ impl Server {
         }
     }
 
-    /// SIGTERM and wait.
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            signal(c.id(), "TERM");
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while c.try_wait().unwrap().is_none() {
-                assert!(Instant::now() < deadline, "server did not stop");
-                std::thread::sleep(Duration::from_millis(10));
+    /// SIGTERM; returns the exit code. Async: the test's own client
+    /// connections must keep running to close while the server drains.
+    pub async fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        signal(child.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
             }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("server did not stop within 15 s of SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
-    /// Waits for the process to exit by itself (a failpoint); true if it did.
-    pub fn wait_died(&mut self, within: Duration) -> bool {
+    /// Waits up to `within` for the process to exit by itself (a failpoint,
+    /// a start-up error); its exit status, or None if it still runs.
+    pub fn exited_within(&mut self, within: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + within;
-        while let Some(c) = self.child.as_mut() {
-            if c.try_wait().unwrap().is_some() {
+        loop {
+            let status = self.child.as_mut()?.try_wait().unwrap();
+            if let Some(status) = status {
                 self.child = None;
-                return true;
+                return Some(status);
             }
             if Instant::now() > deadline {
-                return false;
+                return None;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        true
     }
 
     /// `kmsctl --server .. --operator-dir .. ARGS`.
     pub fn kmsctl(&self, args: &[&str]) -> Output {
+        self.kmsctl_as(&self.operator_dir(), args)
+    }
+
+    /// `kmsctl` with the operator credentials in `operator_dir`.
+    pub fn kmsctl_as(&self, operator_dir: &Path, args: &[&str]) -> Output {
         Command::new(bin("kmsctl"))
             .args(["--server", &self.url(), "--operator-dir"])
-            .arg(self.operator_dir())
+            .arg(operator_dir)
             .args(args)
+            .stdin(Stdio::null())
             .output()
             .unwrap()
     }
 
     /// `kmsctl ... -o json ARGS`, which must succeed.
     pub fn kmsctl_json(&self, args: &[&str]) -> serde_json::Value {
+        self.kmsctl_json_as(&self.operator_dir(), args)
+    }
+
+    pub fn kmsctl_json_as(&self, operator_dir: &Path, args: &[&str]) -> serde_json::Value {
         let mut all = vec!["-o", "json"];
         all.extend_from_slice(args);
-        let out = self.kmsctl(&all);
-        assert!(out.status.success(), "kmsctl {args:?}: {}", text(&out));
+        let out = self.kmsctl_as(operator_dir, &all);
+        assert!(
+            out.status.success(),
+            "kmsctl {args:?}: {}\nserver log:\n{}",
+            text(&out),
+            self.log_text()
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
