@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{bin, free_port, http_get, signal, Plugin};
+use super::{bin, free_port, http_get, poll_until, signal, Plugin};
 
 /// A running `edgekms-server` (soft sealer) on free loopback ports, killed
 /// on drop.
@@ -113,34 +113,25 @@ impl Server {
 
     /// Waits until the service answers `kmsctl status`.
     pub async fn wait_up(&self) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if self.kmsctl(&["status"]).status.success() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "server not up in 15 s; log:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        poll_until(
+            "server not up",
+            15,
+            || self.log_text(),
+            || async { self.kmsctl(&["status"]).status.success() },
+        )
+        .await;
     }
 
     /// Waits until `/readyz` answers 200.
     pub async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Ok((200, _)) = http_get(self.ops, "/readyz").await {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "server not ready in 15 s; log:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        let ops = self.ops;
+        poll_until(
+            "server not ready",
+            15,
+            || self.log_text(),
+            || async move { matches!(http_get(ops, "/readyz").await, Ok((200, _))) },
+        )
+        .await;
     }
 
     /// Scrapes `/metrics` and parses it as the Prometheus text format.

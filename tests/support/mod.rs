@@ -154,56 +154,49 @@ impl Plugin {
 
     /// Waits until `/healthz` answers 200 (10 s at most).
     pub async fn wait_live(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok((200, _)) = http_get(self.ops_addr(), "/healthz").await {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no /healthz in 10 s; log:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let addr = self.ops_addr();
+        poll_until(
+            "no /healthz",
+            10,
+            || self.log_text(),
+            || async move { matches!(http_get(addr, "/healthz").await, Ok((200, _))) },
+        )
+        .await;
     }
 
     /// Waits until Status says "ok" (10 s at most).
     pub async fn wait_healthy(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(mut kms) = self.try_kms().await {
-                if let Ok(s) = kms.status(StatusRequest {}).await {
-                    if s.get_ref().healthz == "ok" {
-                        return;
-                    }
+        poll_until(
+            "plugin not healthy",
+            10,
+            || self.log_text(),
+            || async {
+                match self.try_kms().await {
+                    Ok(mut kms) => kms
+                        .status(StatusRequest {})
+                        .await
+                        .is_ok_and(|s| s.get_ref().healthz == "ok"),
+                    Err(_) => false,
                 }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "plugin not healthy in 10 s; log:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            },
+        )
+        .await;
     }
 
     /// Waits until the KMS socket answers at all (whatever healthz says).
     pub async fn wait_serving(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(mut kms) = self.try_kms().await {
-                if kms.status(StatusRequest {}).await.is_ok() {
-                    return;
+        poll_until(
+            "plugin not serving",
+            10,
+            || self.log_text(),
+            || async {
+                match self.try_kms().await {
+                    Ok(mut kms) => kms.status(StatusRequest {}).await.is_ok(),
+                    Err(_) => false,
                 }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "plugin not serving in 10 s; log:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            },
+        )
+        .await;
     }
 
     pub async fn try_kms(&self) -> Result<Kms, tonic::transport::Error> {
@@ -307,6 +300,24 @@ impl Drop for Plugin {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Polls `ready` every 20 ms until it holds; fails with "`what` in
+/// `secs` s" and the process log after `secs` seconds.
+pub async fn poll_until<F, Fut>(what: &str, secs: u64, log: impl Fn() -> String, mut ready: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !ready().await {
+        assert!(
+            Instant::now() < deadline,
+            "{what} in {secs} s; log:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
