@@ -23,12 +23,14 @@ impl Key256 {
 
     /// Takes a key from bytes; the caller's copy should itself be zeroizing.
     pub fn from_slice(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() != 32 {
-            return None;
-        }
+        bytes.try_into().ok().map(Self::from_bytes)
+    }
+
+    /// [`Key256::from_slice`] for a slice known to be 32 bytes long.
+    pub fn from_bytes(bytes: &[u8; 32]) -> Self {
         let mut key = Self::zeroed();
         key.0.copy_from_slice(bytes);
-        Some(key)
+        key
     }
 
     fn zeroed() -> Self {

@@ -140,7 +140,7 @@ fn derive(shared: &[u8], eph_point: &[u8], node_point: &[u8], binding: Binding<'
     let mut okm = Zeroizing::new([0u8; 32]);
     // 32 bytes is far below HKDF-SHA256's limit of 255 * 32.
     let _ = hk.expand(&info, &mut okm[..]);
-    Key256::from_slice(&okm[..]).unwrap_or_else(Key256::generate)
+    Key256::from_bytes(&okm)
 }
 
 /// Checks a node's delivery public key at enrolment.
