@@ -8,6 +8,8 @@
 //! - [`delivery`]: how a KEK version travels wrapped to one node.
 //! - [`fleet`]: the central service's rotation protocol, PKI and TLS.
 //! - [`server`]: the central key service daemon (`edgekms-server`).
+//! - [`durable`]: data-dir checks, the creation marker, strict RocksDB
+//!   options and redundant record files, for both daemons' stores.
 //! - [`duration`]: `30d`-style durations.
 //! - [`cli`]: start-up and shutdown shared by the binaries.
 //! - [`failpoint`]: crash points for the crash-safety tests.
@@ -15,10 +17,12 @@
 //!   endpoint.
 //!
 //! Daemons (the node plugin, the central service) and `kmsctl` are thin
-//! shells around the pure types; only [`server`] and [`ops`] do I/O.
+//! shells around the pure types; [`server`], [`ops`], [`durable`],
+//! [`cli`] and `fleet::tls` do I/O.
 
 pub mod cli;
 pub mod delivery;
+pub mod durable;
 pub mod duration;
 pub mod envelope;
 pub mod failpoint;
