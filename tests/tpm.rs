@@ -323,7 +323,7 @@ async fn a_joined_node_with_changed_pcrs_syncs_again_after_reseal() {
     ]);
     let (token, hash) = server.add_node("edge-1", "n1");
     std::fs::create_dir_all(&node_dir).unwrap();
-    let out = std::process::Command::new(bin("edgekms-plugin"))
+    let out = edgekms_e2e::without_terminal(std::process::Command::new(bin("edgekms-plugin")))
         .args(["join", "--server", &server.url(), "--token", &token])
         .args(["--ca-hash", &hash])
         .args(&args)

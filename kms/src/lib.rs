@@ -9,6 +9,7 @@
 //! - [`fleet`]: the central service's rotation protocol, PKI and TLS.
 //! - [`server`]: the central key service daemon (`edgekms-server`).
 //! - [`duration`]: `30d`-style durations.
+//! - [`logfmt`]: escaped, bounded log fields and caller-facing messages.
 //! - [`cli`]: start-up and shutdown shared by the binaries.
 //! - [`failpoint`]: crash points for the crash-safety tests.
 //! - [`ops`]: the daemons' `/metrics`, `/healthz` and `/readyz` HTTP
@@ -25,6 +26,7 @@ pub mod failpoint;
 pub mod fleet;
 pub mod keyid;
 pub mod keyring;
+pub mod logfmt;
 pub mod ops;
 pub mod server;
 
