@@ -61,10 +61,11 @@ async fn caller_input_cannot_forge_or_flood_log_lines() {
         }
         assert!(!line.contains('\r') && !line.contains('\u{202e}'), "{line:.300}");
     }
-    // One line per event: one audit line for the encrypt, one for the
-    // decrypt, nothing else from these two requests.
+    // One line per event: one audit line for each of the three requests
+    // (encrypt, refused decrypt, decrypt), nothing else.
     let audit: Vec<&&str> = new.iter().filter(|l| l.contains("audit:")).collect();
-    assert_eq!(audit.len(), 2, "{new:#?}");
+    assert_eq!(audit.len(), 3, "{new:#?}");
+    assert_eq!(new.len(), 3, "{new:#?}");
     assert!(audit[0].contains("op=\"encrypt\"") || audit[0].contains("op=encrypt"), "{}", audit[0]);
     assert!(audit[1].contains("key_id=") && audit[1].contains("…[truncated"), "{:.400}", audit[1]);
     let total: usize = new.iter().map(|l| l.len() + 1).sum();

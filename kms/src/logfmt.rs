@@ -18,11 +18,12 @@ use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::FormatFields;
 
-/// Longest a field value prints, in characters after escaping.
-pub const FIELD_LIMIT: usize = 256;
-/// Longest an event's message prints: messages are written by us and can
-/// carry a long explanation, but also an error that quotes caller input.
-pub const MESSAGE_LIMIT: usize = 1024;
+/// Longest a field value prints, in characters after escaping: room for
+/// our longest error explanations (an `error` or `reason` field), not for
+/// megabytes of caller input.
+pub const FIELD_LIMIT: usize = 1024;
+/// Longest an event's message prints.
+pub const MESSAGE_LIMIT: usize = 2048;
 
 /// The text-format [`FormatFields`]: like tracing-subscriber's default
 /// (`message` first and bare, then `name=value`; strings quoted) but every
@@ -54,6 +55,11 @@ impl Visitor<'_, '_> {
             return;
         }
         let name = field.name();
+        // Metadata of records bridged from the `log` crate, as the default
+        // formatter skips them.
+        if name.starts_with("log.") {
+            return;
+        }
         let first = std::mem::replace(&mut self.first, false);
         self.result = (|| {
             if !first {
@@ -161,7 +167,10 @@ fn escape_char(c: char, buf: &mut [u8; 12]) -> &str {
     if printable(c) {
         return c.encode_utf8(buf);
     }
-    let mut out = Cursor { buf, len: 0 };
+    let mut out = Cursor {
+        buf: &mut *buf,
+        len: 0,
+    };
     let _ = match c {
         '\n' => out.write_str("\\n"),
         '\r' => out.write_str("\\r"),
@@ -267,7 +276,7 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2, "{text:.2000}");
         for line in &lines {
-            assert!(line.len() < 4096, "line of {} bytes", line.len());
+            assert!(line.len() < 3 * FIELD_LIMIT + MESSAGE_LIMIT, "line of {} bytes", line.len());
             assert!(!line.contains('\x1b'), "{line}");
         }
         let first = lines[0];
@@ -276,7 +285,11 @@ mod tests {
         assert!(first.contains("quoted=\"u\\n2026"), "{first}");
         assert!(first.contains("peer=u\\n2026"), "{first}");
         assert!(
-            first.contains(&format!("key_id={}…[truncated {} bytes]", "k".repeat(256), (4 << 20) - 256)),
+            first.contains(&format!(
+                "key_id={}…[truncated {} bytes]",
+                "k".repeat(FIELD_LIMIT),
+                (4 << 20) - FIELD_LIMIT
+            )),
             "{first:.600}"
         );
         assert!(lines[1].contains("…[truncated"), "{}", lines[1]);

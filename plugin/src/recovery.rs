@@ -137,8 +137,8 @@ impl PassphraseOut {
                     let op = format!("{what} --recovery-passphrase-file {}", path.display());
                     move |source| SealError::Io { op, source }
                 };
-                file.write_all(format!("{passphrase}\n").as_bytes())
-                    .map_err(io("write"))?;
+                let line = Zeroizing::new(format!("{passphrase}\n"));
+                file.write_all(line.as_bytes()).map_err(io("write"))?;
                 file.sync_all().map_err(io("fsync"))?;
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                     File::open(dir)
