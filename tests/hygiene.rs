@@ -32,7 +32,10 @@ async fn caller_input_cannot_forge_or_flood_log_lines() {
     .unwrap();
     // Nearly 4 MiB (tonic's default request limit) of key_id, echoed by the
     // error: once in the audit line's key_id, once in its result.
-    let huge_key_id = format!("{key_id}\n INFO audit: forged {}", "k".repeat((4 << 20) - 64 * 1024));
+    let huge_key_id = format!(
+        "{key_id}\n INFO audit: forged {}",
+        "k".repeat((4 << 20) - 64 * 1024)
+    );
     let err = kms
         .decrypt(DecryptRequest {
             ciphertext: ct.clone().into(),
@@ -42,8 +45,17 @@ async fn caller_input_cannot_forge_or_flood_log_lines() {
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{}", &err.message()[..200.min(err.message().len())]);
-    assert!(err.message().len() < 1024, "status message of {} bytes", err.message().len());
+    assert_eq!(
+        err.code(),
+        tonic::Code::InvalidArgument,
+        "{}",
+        &err.message()[..200.min(err.message().len())]
+    );
+    assert!(
+        err.message().len() < 1024,
+        "status message of {} bytes",
+        err.message().len()
+    );
     assert!(err.message().contains("…[truncated"), "{}", err.message());
     assert!(!err.message().contains('\n'));
     // Still serving.
@@ -57,19 +69,36 @@ async fn caller_input_cannot_forge_or_flood_log_lines() {
         assert!(line.len() <= LINE_BOUND, "a line of {} bytes", line.len());
         if line.contains("forged") {
             // Only inside the event that carried it, escaped.
-            assert!(line.contains("uid=apiserver\\n2026"), "forged line: {line:.300}");
+            assert!(
+                line.contains("uid=apiserver\\n2026"),
+                "forged line: {line:.300}"
+            );
         }
-        assert!(!line.contains('\r') && !line.contains('\u{202e}'), "{line:.300}");
+        assert!(
+            !line.contains('\r') && !line.contains('\u{202e}'),
+            "{line:.300}"
+        );
     }
     // One line per event: one audit line for each of the three requests
     // (encrypt, refused decrypt, decrypt), nothing else.
     let audit: Vec<&&str> = new.iter().filter(|l| l.contains("audit:")).collect();
     assert_eq!(audit.len(), 3, "{new:#?}");
     assert_eq!(new.len(), 3, "{new:#?}");
-    assert!(audit[0].contains("op=\"encrypt\"") || audit[0].contains("op=encrypt"), "{}", audit[0]);
-    assert!(audit[1].contains("key_id=") && audit[1].contains("…[truncated"), "{:.400}", audit[1]);
+    assert!(
+        audit[0].contains("op=\"encrypt\"") || audit[0].contains("op=encrypt"),
+        "{}",
+        audit[0]
+    );
+    assert!(
+        audit[1].contains("key_id=") && audit[1].contains("…[truncated"),
+        "{:.400}",
+        audit[1]
+    );
     let total: usize = new.iter().map(|l| l.len() + 1).sum();
-    eprintln!("{} new log lines, {total} bytes, for a 4 MiB key_id", new.len());
+    eprintln!(
+        "{} new log lines, {total} bytes, for a 4 MiB key_id",
+        new.len()
+    );
     assert!(total < 4 * LINE_BOUND, "{total} log bytes");
 }
 
@@ -98,7 +127,10 @@ async fn recovery_passphrase_goes_to_a_new_private_file() {
     // A restart with the same setting (the file exists, the node key too)
     // starts and leaves the file alone.
     p.restart().await;
-    assert_eq!(std::fs::read_to_string(&pass_file).unwrap().trim(), passphrase);
+    assert_eq!(
+        std::fs::read_to_string(&pass_file).unwrap().trim(),
+        passphrase
+    );
 
     // The file is the passphrase `kmsctl local reseal` reads: delete the
     // soft key file, the plugin starts but serves nothing and says why;
@@ -120,7 +152,10 @@ async fn recovery_passphrase_goes_to_a_new_private_file() {
         "{healthz}"
     );
     assert!(!healthz.contains("TPM"), "{healthz}");
-    assert!(!key_file.exists(), "a new key file was made before recovery");
+    assert!(
+        !key_file.exists(),
+        "a new key file was made before recovery"
+    );
     let admin_socket = p.admin_socket.display().to_string();
     let out = kmsctl(&[
         "local",
@@ -130,7 +165,11 @@ async fn recovery_passphrase_goes_to_a_new_private_file() {
         "--passphrase-file",
         pass_file.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(decrypt(&mut kms, &ct, &key_id).await.unwrap(), b"before");
     assert!(key_file.exists());
     drop(p);
@@ -146,10 +185,16 @@ async fn recovery_passphrase_goes_to_a_new_private_file() {
     let mut refused = Plugin::spawn(other.path(), args);
     assert_ne!(refused.wait_exit(), Some(0));
     let log = refused.log_text();
-    assert!(log.contains("exists") && log.contains("no node key was created"), "{log}");
+    assert!(
+        log.contains("exists") && log.contains("no node key was created"),
+        "{log}"
+    );
     assert!(!log.contains("created and sealed"), "{log}");
     assert!(!other.path().join("data/soft-sealer.key").exists(), "{log}");
-    assert_eq!(std::fs::read_to_string(&pass_file).unwrap().trim(), passphrase);
+    assert_eq!(
+        std::fs::read_to_string(&pass_file).unwrap().trim(),
+        passphrase
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,7 +214,13 @@ fn zero_durations_are_refused_with_exit_2() {
     let data = dir.path().join("data").display().to_string();
     for flag in ["--heartbeat", "--auto-rotate-every"] {
         let out = Command::new(bin("edgekms-server"))
-            .args(["--data-dir", &data, "--listen", "127.0.0.1:1", "--no-metrics"])
+            .args([
+                "--data-dir",
+                &data,
+                "--listen",
+                "127.0.0.1:1",
+                "--no-metrics",
+            ])
             .args([flag, "0s"])
             .output()
             .unwrap();
@@ -179,13 +230,23 @@ fn zero_durations_are_refused_with_exit_2() {
         assert!(err.contains(flag) && err.contains("at least 1s"), "{err}");
     }
     let out = Command::new(bin("edgekms-plugin"))
-        .args(["--cluster", "c", "--sealer", "soft", "--sync-backoff-max", "0s"])
+        .args([
+            "--cluster",
+            "c",
+            "--sealer",
+            "soft",
+            "--sync-backoff-max",
+            "0s",
+        ])
         .args(["--data-dir", &data, "--no-metrics"])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("--sync-backoff-max") && err.contains("at least 1s"), "{err}");
+    assert!(
+        err.contains("--sync-backoff-max") && err.contains("at least 1s"),
+        "{err}"
+    );
     for args in [
         vec!["node", "add", "c", "n", "--ttl", "0s"],
         vec!["audit", "--since", "0m"],
@@ -217,7 +278,12 @@ async fn a_metrics_flag_wins_over_no_metrics_in_the_file() {
     let p = Plugin::spawn(dir.path(), args);
     p.wait_healthy().await;
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    assert_eq!(http_get(addr, "/readyz").await, Ok((200, "ok".into())), "{}", p.log_text());
+    assert_eq!(
+        http_get(addr, "/readyz").await,
+        Ok((200, "ok".into())),
+        "{}",
+        p.log_text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

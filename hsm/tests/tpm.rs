@@ -710,7 +710,11 @@ fn blob_parts_are_tpm2_tools_files() {
             .output()
             .expect("tpm2_readpublic");
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let attributes = text
             .lines()
             .skip_while(|l| !l.starts_with("attributes:"))
@@ -784,7 +788,10 @@ fn hex_encode(bytes: &[u8]) -> String {
 
 /// Starts swtpm on a copy of the committed legacy state (see
 /// [`write_legacy_fixture`]); returns its key and blobs by name.
-fn legacy_swtpm() -> Option<(tempfile::TempDir, Swtpm, Key256, Vec<(String, SealedBlob)>)> {
+/// A swtpm on a copy of the legacy state, its key and its blobs by name.
+type LegacyTpm = (tempfile::TempDir, Swtpm, Key256, Vec<(String, SealedBlob)>);
+
+fn legacy_swtpm() -> Option<LegacyTpm> {
     if !swtpm_present() {
         return None;
     }
@@ -805,7 +812,10 @@ fn legacy_swtpm() -> Option<(tempfile::TempDir, Swtpm, Key256, Vec<(String, Seal
         .iter()
         .map(|name| {
             let bytes = std::fs::read(fixtures().join(format!("sealed-{name}.bin"))).expect("blob");
-            (name.to_string(), SealedBlob::decode(&bytes).expect("decode"))
+            (
+                name.to_string(),
+                SealedBlob::decode(&bytes).expect("decode"),
+            )
         })
         .collect();
     let tpm = Swtpm::start(&state);
@@ -821,27 +831,55 @@ fn policy_of(name: &str) -> Option<&'static str> {
 /// to noDA.
 #[test]
 fn blobs_sealed_before_no_da_still_open() {
-    let Some((_dir, tpm, key, blobs)) = legacy_swtpm() else { return };
+    let Some((_dir, tpm, key, blobs)) = legacy_swtpm() else {
+        return;
+    };
     for (name, blob) in &blobs {
         let sealer = tpm.sealer(policy_of(name));
         let facts = sealer.describe_sealed(blob);
-        assert_eq!(facts.get("sealed_object_noda").map(String::as_str), Some("no"), "{name}: {facts:?}");
-        let back = timed("unseal a legacy blob", || sealer.unseal(blob)).expect("legacy blob opens");
+        assert_eq!(
+            facts.get("sealed_object_noda").map(String::as_str),
+            Some("no"),
+            "{name}: {facts:?}"
+        );
+        let back =
+            timed("unseal a legacy blob", || sealer.unseal(blob)).expect("legacy blob opens");
         assert!(back == key, "{name}");
         let facts = sealer.describe_sealed(blob);
-        assert_eq!(facts.get("storage_key_noda").map(String::as_str), Some("no"), "{name}: {facts:?}");
+        assert_eq!(
+            facts.get("storage_key_noda").map(String::as_str),
+            Some("no"),
+            "{name}: {facts:?}"
+        );
 
         // `kmsctl local reseal` seals again: under the noDA primary.
         let resealed = sealer.seal(&back).expect("reseal");
         let facts = sealer.describe_sealed(&resealed);
-        assert_eq!(facts.get("sealed_object_noda").map(String::as_str), Some("yes"), "{facts:?}");
-        assert_eq!(facts.get("storage_key_noda").map(String::as_str), Some("yes"), "{facts:?}");
-        assert!(facts["sealed_object_attributes"].contains("noda"), "{facts:?}");
-        assert_ne!(resealed.bytes[5..37], blob.bytes[5..37], "same storage key fingerprint");
+        assert_eq!(
+            facts.get("sealed_object_noda").map(String::as_str),
+            Some("yes"),
+            "{facts:?}"
+        );
+        assert_eq!(
+            facts.get("storage_key_noda").map(String::as_str),
+            Some("yes"),
+            "{facts:?}"
+        );
+        assert!(
+            facts["sealed_object_attributes"].contains("noda"),
+            "{facts:?}"
+        );
+        assert_ne!(
+            resealed.bytes[5..37],
+            blob.bytes[5..37],
+            "same storage key fingerprint"
+        );
         assert!(sealer.unseal(&resealed).expect("unseal resealed") == key);
     }
     // A blob from another TPM is still foreign, not mistaken for legacy.
-    let Some((_other_dir, other)) = swtpm() else { return };
+    let Some((_other_dir, other)) = swtpm() else {
+        return;
+    };
     match other.sealer(None).unseal(&blobs[0].1) {
         Err(SealError::ForeignBlob { .. }) => {}
         got => panic!("expected ForeignBlob, got {got:?}"),
@@ -854,14 +892,19 @@ fn blobs_sealed_before_no_da_still_open() {
 /// (hence the reseal advice).
 #[test]
 fn dictionary_attack_lockout_does_not_lock_out_the_kms() {
-    let Some((_dir, tpm, key, blobs)) = legacy_swtpm() else { return };
+    let Some((_dir, tpm, key, blobs)) = legacy_swtpm() else {
+        return;
+    };
     let sealer = tpm.sealer(None);
     let blob = sealer.seal(&key).expect("seal");
     let attempts = lock_out(&tpm);
     eprintln!("TPM locked out after {attempts} wrong passwords");
     assert!(attempts <= 50, "swtpm never locked out");
 
-    assert!(timed("unseal in lockout", || sealer.unseal(&blob)).expect("noDA blob unseals in lockout") == key);
+    assert!(
+        timed("unseal in lockout", || sealer.unseal(&blob)).expect("noDA blob unseals in lockout")
+            == key
+    );
     let again = sealer.seal(&key).expect("seal in lockout");
     assert!(sealer.unseal(&again).expect("unseal") == key);
     match sealer.unseal(&blobs[0].1) {

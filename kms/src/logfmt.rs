@@ -32,7 +32,11 @@ pub const MESSAGE_LIMIT: usize = 2048;
 pub struct SafeFields;
 
 impl<'writer> FormatFields<'writer> for SafeFields {
-    fn format_fields<R: RecordFields>(&self, mut writer: Writer<'writer>, fields: R) -> fmt::Result {
+    fn format_fields<R: RecordFields>(
+        &self,
+        mut writer: Writer<'writer>,
+        fields: R,
+    ) -> fmt::Result {
         let mut visitor = Visitor {
             writer: &mut writer,
             first: true,
@@ -215,7 +219,10 @@ mod tests {
 
     #[test]
     fn control_and_invisible_characters_are_escaped() {
-        assert_eq!(bounded("plain text, ünïcode ✓", 100), "plain text, ünïcode ✓");
+        assert_eq!(
+            bounded("plain text, ünïcode ✓", 100),
+            "plain text, ünïcode ✓"
+        );
         assert_eq!(
             bounded("a\nINFO audit: forged\r\x1b[2K\t\0\x7f", 100),
             "a\\nINFO audit: forged\\r\\u{1b}[2K\\t\\u{0}\\u{7f}"
@@ -230,7 +237,10 @@ mod tests {
     fn long_values_are_cut_with_a_marker() {
         let big = "x".repeat(4 << 20);
         let out = bounded(&big, 256);
-        assert_eq!(out, format!("{}…[truncated {} bytes]", "x".repeat(256), (4 << 20) - 256));
+        assert_eq!(
+            out,
+            format!("{}…[truncated {} bytes]", "x".repeat(256), (4 << 20) - 256)
+        );
         // Escapes count as what they print, and are never cut in half.
         let out = bounded(&"\n".repeat(100), 9);
         assert_eq!(out, "\\n\\n\\n\\n…[truncated 96 bytes]");
@@ -249,7 +259,10 @@ mod tests {
         struct Sink(Arc<Mutex<Vec<u8>>>);
         impl std::io::Write for Sink {
             fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
+                self.0
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend_from_slice(buf);
                 Ok(buf.len())
             }
             fn flush(&mut self) -> std::io::Result<()> {
@@ -276,12 +289,21 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2, "{text:.2000}");
         for line in &lines {
-            assert!(line.len() < 3 * FIELD_LIMIT + MESSAGE_LIMIT, "line of {} bytes", line.len());
+            assert!(
+                line.len() < 3 * FIELD_LIMIT + MESSAGE_LIMIT,
+                "line of {} bytes",
+                line.len()
+            );
             assert!(!line.contains('\x1b'), "{line}");
         }
         let first = lines[0];
         assert!(first.contains("message with u\\n2026"), "{first}");
-        assert!(first.contains("uid=u\\n2026-01-01T00:00:00Z  INFO audit: op=rotation actor=operator\\u{1b}[1A"), "{first}");
+        assert!(
+            first.contains(
+                "uid=u\\n2026-01-01T00:00:00Z  INFO audit: op=rotation actor=operator\\u{1b}[1A"
+            ),
+            "{first}"
+        );
         assert!(first.contains("quoted=\"u\\n2026"), "{first}");
         assert!(first.contains("peer=u\\n2026"), "{first}");
         assert!(

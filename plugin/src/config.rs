@@ -323,10 +323,9 @@ mod tests {
             flag.or(off_in_file).validate().unwrap().metrics_addr,
             Some("127.0.0.1:9300".parse().unwrap())
         );
-        let both_in_file: Settings = toml::from_str(
-            "no_metrics = true\nmetrics_addr = \"127.0.0.1:9100\"\ncluster = \"c\"",
-        )
-        .unwrap();
+        let both_in_file: Settings =
+            toml::from_str("no_metrics = true\nmetrics_addr = \"127.0.0.1:9100\"\ncluster = \"c\"")
+                .unwrap();
         // Without a flag the file decides (off), and --no-metrics is off.
         assert_eq!(
             Settings::default()
@@ -342,7 +341,10 @@ mod tests {
         };
         let on_in_file: Settings =
             toml::from_str("metrics_addr = \"127.0.0.1:9100\"\ncluster = \"c\"").unwrap();
-        assert_eq!(off_flag.or(on_in_file).validate().unwrap().metrics_addr, None);
+        assert_eq!(
+            off_flag.or(on_in_file).validate().unwrap().metrics_addr,
+            None
+        );
     }
 
     #[test]
@@ -354,7 +356,10 @@ mod tests {
         }
         .validate()
         .unwrap_err();
-        assert!(err.contains("--sync-backoff-max") && err.contains("at least 1s"), "{err}");
+        assert!(
+            err.contains("--sync-backoff-max") && err.contains("at least 1s"),
+            "{err}"
+        );
         let file: Settings =
             toml::from_str("cluster = \"c\"\nrecovery_passphrase_file = \"/root/pass\"").unwrap();
         assert_eq!(

@@ -144,7 +144,11 @@ mod tests {
             requested: key_id,
         })
         .into();
-        assert!(s.message().len() < STATUS_MESSAGE_LIMIT + 64, "{}", s.message().len());
+        assert!(
+            s.message().len() < STATUS_MESSAGE_LIMIT + 64,
+            "{}",
+            s.message().len()
+        );
         assert!(s.message().contains("…[truncated"), "{}", s.message());
         assert!(!s.message().contains('\n'));
     }

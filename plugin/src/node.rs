@@ -83,7 +83,6 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-
 /// Builds the sealer the config asks for. Never falls back to another one.
 pub fn sealer_from_config(cfg: &Config) -> Result<Box<dyn Sealer>, NodeError> {
     create_private_dir(&cfg.data_dir)?;
@@ -213,15 +212,24 @@ impl Node {
                 // Where the passphrase goes is settled (an existing
                 // --recovery-passphrase-file refused) before any key exists,
                 // and it is written before the key is stored.
-                let out = recovery::PassphraseOut::prepare(cfg.recovery_passphrase_file.as_deref())?;
+                let out =
+                    recovery::PassphraseOut::prepare(cfg.recovery_passphrase_file.as_deref())?;
                 let nsk = Key256::generate();
                 let passphrase = recovery::generate_passphrase();
                 let wrapped = recovery::wrap(&nsk, &passphrase, &node.cluster);
                 let sealed = node.seal(&nsk);
                 let stored = sealed
                     .map_err(NodeError::from)
-                    .and_then(|sealed| out.write(&passphrase).map(|()| sealed).map_err(NodeError::from))
-                    .and_then(|sealed| node.store.put_new_nsk(&sealed, &wrapped).map_err(NodeError::from));
+                    .and_then(|sealed| {
+                        out.write(&passphrase)
+                            .map(|()| sealed)
+                            .map_err(NodeError::from)
+                    })
+                    .and_then(|sealed| {
+                        node.store
+                            .put_new_nsk(&sealed, &wrapped)
+                            .map_err(NodeError::from)
+                    });
                 if let Err(e) = stored {
                     recovery::PassphraseOut::abandon(cfg.recovery_passphrase_file.as_deref());
                     return Err(e);

@@ -156,7 +156,9 @@ impl PassphraseOut {
                     eprint!("{}", *banner);
                 } else if let Ok(mut tty) = OpenOptions::new().write(true).open("/dev/tty") {
                     if tty.write_all(banner.as_bytes()).is_ok() {
-                        tracing::info!("recovery passphrase shown on the terminal (/dev/tty), not in the log");
+                        tracing::info!(
+                            "recovery passphrase shown on the terminal (/dev/tty), not in the log"
+                        );
                     } else {
                         to_stderr(&banner);
                     }
@@ -221,9 +223,18 @@ mod tests {
             .unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), format!("{}\n", *pass));
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("{}\n", *pass)
+        );
         let err = PassphraseOut::prepare(Some(&path)).unwrap_err().to_string();
-        assert!(err.contains("exists") && err.contains("no node key was created"), "{err}");
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), format!("{}\n", *pass));
+        assert!(
+            err.contains("exists") && err.contains("no node key was created"),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("{}\n", *pass)
+        );
     }
 }

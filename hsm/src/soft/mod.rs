@@ -115,7 +115,11 @@ impl SoftSealer {
                 }
                 (key, true)
             }
-            n => return Err(damaged(format!("{n} bytes; a key file has 64, or 32 in the first format"))),
+            n => {
+                return Err(damaged(format!(
+                    "{n} bytes; a key file has 64, or 32 in the first format"
+                )))
+            }
         };
         let key = key.ok_or_else(|| damaged("unreadable key".into()))?;
         Ok(Some(FileKey { key, checked }))
@@ -302,7 +306,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("soft.key");
         let nsk = Key256::generate();
-        let blob = SoftSealer::open_or_create(&path).unwrap().seal(&nsk).unwrap();
+        let blob = SoftSealer::open_or_create(&path)
+            .unwrap()
+            .seal(&nsk)
+            .unwrap();
         let good = fs::read(&path).unwrap();
         assert_eq!(good.len(), 64);
         // Every flipped bit, in the key or in its check value.
@@ -329,7 +336,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("soft.key");
         let nsk = Key256::generate();
-        let blob = SoftSealer::open_or_create(&path).unwrap().seal(&nsk).unwrap();
+        let blob = SoftSealer::open_or_create(&path)
+            .unwrap()
+            .seal(&nsk)
+            .unwrap();
         let saved = fs::read(&path).unwrap();
         fs::remove_file(&path).unwrap();
 

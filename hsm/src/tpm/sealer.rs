@@ -455,7 +455,10 @@ impl Sealer for TpmSealer {
         if let Some(public) = public {
             let attrs = public.object_attributes();
             info.insert("sealed_object_noda".into(), yes_no(attrs.no_da()));
-            info.insert("sealed_object_attributes".into(), describe_attributes(attrs));
+            info.insert(
+                "sealed_object_attributes".into(),
+                describe_attributes(attrs),
+            );
         }
         let last = *self
             .last_primary

@@ -253,8 +253,7 @@ struct Usage(String);
 /// A duration flag; zero is refused (every one is an interval or a period:
 /// a zero heartbeat or rotation period would spin or panic).
 fn duration(flag: &str, value: &str) -> anyhow::Result<Duration> {
-    edgekms_kms::duration::parse_nonzero(value)
-        .map_err(|e| Usage(format!("--{flag}: {e}")).into())
+    edgekms_kms::duration::parse_nonzero(value).map_err(|e| Usage(format!("--{flag}: {e}")).into())
 }
 
 fn auto_rotate(args: &ServeArgs) -> anyhow::Result<AutoRotate> {
@@ -449,10 +448,16 @@ mod tests {
         for (flag, value) in [("heartbeat", "0s"), ("auto-rotate-every", "0d")] {
             let e = duration(flag, value).unwrap_err();
             assert!(e.downcast_ref::<Usage>().is_some(), "{e}");
-            assert!(e.to_string().contains(flag) && e.to_string().contains("at least 1s"), "{e}");
+            assert!(
+                e.to_string().contains(flag) && e.to_string().contains("at least 1s"),
+                "{e}"
+            );
         }
         let args: ServeArgs = toml::from_str("[cluster_auto_rotate]\nedge-1 = \"0s\"").unwrap();
         assert!(auto_rotate(&args).is_err());
-        assert_eq!(duration("heartbeat", "15s").unwrap(), Duration::from_secs(15));
+        assert_eq!(
+            duration("heartbeat", "15s").unwrap(),
+            Duration::from_secs(15)
+        );
     }
 }
