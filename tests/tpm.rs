@@ -50,6 +50,29 @@ async fn seal_restart_unseal_and_decrypt_everything() {
     ]);
     assert_eq!(tpm_info["sealer"]["backend"], "tpm");
     assert_eq!(tpm_info["unsealed"], true);
+    // The node's sealed key and its storage key are exempt from
+    // dictionary-attack lockout.
+    assert_eq!(
+        tpm_info["sealed_key"]["sealed_object_noda"], "yes",
+        "{tpm_info}"
+    );
+    assert_eq!(
+        tpm_info["sealed_key"]["storage_key_noda"], "yes",
+        "{tpm_info}"
+    );
+    let human = edgekms_e2e::kmsctl(&[
+        "local",
+        "--admin-socket",
+        &p.admin_socket.display().to_string(),
+        "tpm",
+    ]);
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        human
+            .lines()
+            .any(|l| l.starts_with("sealed_object_noda") && l.ends_with("yes")),
+        "{human}"
+    );
     assert_eq!(tpm_info["hardware_backed"], true);
     assert!(tpm_info["sealer"]["tcti"]
         .as_str()
