@@ -50,6 +50,29 @@ async fn seal_restart_unseal_and_decrypt_everything() {
     ]);
     assert_eq!(tpm_info["sealer"]["backend"], "tpm");
     assert_eq!(tpm_info["unsealed"], true);
+    // The node's sealed key and its storage key are exempt from
+    // dictionary-attack lockout.
+    assert_eq!(
+        tpm_info["sealed_key"]["sealed_object_noda"], "yes",
+        "{tpm_info}"
+    );
+    assert_eq!(
+        tpm_info["sealed_key"]["storage_key_noda"], "yes",
+        "{tpm_info}"
+    );
+    let human = edgekms_e2e::kmsctl(&[
+        "local",
+        "--admin-socket",
+        &p.admin_socket.display().to_string(),
+        "tpm",
+    ]);
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        human
+            .lines()
+            .any(|l| l.starts_with("sealed_object_noda") && l.ends_with("yes")),
+        "{human}"
+    );
     assert_eq!(tpm_info["hardware_backed"], true);
     assert!(tpm_info["sealer"]["tcti"]
         .as_str()
@@ -323,7 +346,7 @@ async fn a_joined_node_with_changed_pcrs_syncs_again_after_reseal() {
     ]);
     let (token, hash) = server.add_node("edge-1", "n1");
     std::fs::create_dir_all(&node_dir).unwrap();
-    let out = std::process::Command::new(bin("edgekms-plugin"))
+    let out = edgekms_e2e::without_terminal(std::process::Command::new(bin("edgekms-plugin")))
         .args(["join", "--server", &server.url(), "--token", &token])
         .args(["--ca-hash", &hash])
         .args(&args)

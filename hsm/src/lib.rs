@@ -97,6 +97,11 @@ pub trait Sealer: Send + Sync {
     fn unseal(&self, blob: &SealedBlob) -> Result<Key256, SealError>;
     /// Facts for operators: backend, device, manufacturer, policy.
     fn info(&self) -> SealerInfo;
+    /// Facts for operators about one sealed key (TPM: the sealed object's
+    /// attributes, such as noDA); read from the blob, so cheap.
+    fn describe_sealed(&self, _sealed: &SealedBlob) -> SealerInfo {
+        SealerInfo::new()
+    }
 }
 
 /// Checks that `blob` was made by `sealer`'s backend.
@@ -122,6 +127,8 @@ pub enum SealError {
     AuthFailed { detail: String },
     #[error("the sealed key belongs to another TPM: {detail} (was the data dir copied from another node?)")]
     ForeignBlob { detail: String },
+    #[error("the soft-sealer key file {path} {problem}: restore that file from a backup, or recover with the recovery passphrase: move the file away and run `kmsctl local reseal`, which seals the node key under a new key file (edgekms-server: restore a `kmsctl backup`)")]
+    SoftKeyFile { path: String, problem: String },
     #[error("the sealed key blob is corrupted: {detail} (restore the data dir from a backup or re-enrol the node)")]
     CorruptBlob { detail: String },
     #[error("TPM policy check failed: {reason} (check the node, then run `kmsctl local reseal`)")]

@@ -23,16 +23,21 @@ pub fn parse<C: clap::Parser>() -> Result<C, ExitCode> {
 }
 
 /// Logs to stderr, levels from `RUST_LOG` (default info), text or JSON.
+/// Text fields go through [`crate::logfmt::SafeFields`]: escaped and
+/// bounded, one line per event (JSON escapes by itself). Colours only on
+/// a terminal, so that a log file holds no escape sequences of ours.
 pub fn init_logging(json: bool) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
-        builder.init();
+        builder.fmt_fields(crate::logfmt::SafeFields).init();
     }
 }
 

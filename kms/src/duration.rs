@@ -8,6 +8,24 @@ use std::time::Duration;
 )]
 pub struct BadDuration(pub String);
 
+/// A duration where zero makes no sense (an interval, a period, a TTL).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NonZeroError {
+    #[error(transparent)]
+    Invalid(#[from] BadDuration),
+    #[error("{0:?} is zero; it must be at least 1s")]
+    Zero(String),
+}
+
+/// [`parse`], refusing zero.
+pub fn parse_nonzero(text: &str) -> Result<Duration, NonZeroError> {
+    let d = parse(text)?;
+    if d.is_zero() {
+        return Err(NonZeroError::Zero(text.trim().to_owned()));
+    }
+    Ok(d)
+}
+
 pub fn parse(text: &str) -> Result<Duration, BadDuration> {
     let bad = || BadDuration(text.to_owned());
     let text = text.trim();
@@ -52,5 +70,17 @@ mod tests {
         }
         assert_eq!(format(Duration::from_secs(86_400)), "1d");
         assert_eq!(format(Duration::from_secs(90)), "90s");
+    }
+
+    #[test]
+    fn zero_is_refused_where_asked() {
+        assert_eq!(parse("0s").unwrap(), Duration::ZERO);
+        for zero in ["0s", "0m", " 0h", "00d"] {
+            let e = parse_nonzero(zero).unwrap_err();
+            assert!(matches!(e, NonZeroError::Zero(_)), "{zero}: {e}");
+            assert!(e.to_string().contains("at least 1s"), "{e}");
+        }
+        assert!(matches!(parse_nonzero("x"), Err(NonZeroError::Invalid(_))));
+        assert_eq!(parse_nonzero("1s").unwrap(), Duration::from_secs(1));
     }
 }

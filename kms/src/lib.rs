@@ -11,6 +11,7 @@
 //! - [`durable`]: data-dir checks, the creation marker, strict RocksDB
 //!   options and redundant record files, for both daemons' stores.
 //! - [`duration`]: `30d`-style durations.
+//! - [`logfmt`]: escaped, bounded log fields and caller-facing messages.
 //! - [`cli`]: start-up and shutdown shared by the binaries.
 //! - [`failpoint`]: crash points for the crash-safety tests.
 //! - [`ops`]: the daemons' `/metrics`, `/healthz` and `/readyz` HTTP
@@ -29,6 +30,7 @@ pub mod failpoint;
 pub mod fleet;
 pub mod keyid;
 pub mod keyring;
+pub mod logfmt;
 pub mod ops;
 pub mod server;
 

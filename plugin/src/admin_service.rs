@@ -54,6 +54,7 @@ impl NodeAdmin for AdminService {
                 })
                 .collect(),
             sealer: r.sealer.into_iter().collect(),
+            sealed_key: r.sealed_key.into_iter().collect(),
             hardware_backed: r.hardware_backed,
             unsealed: r.unsealed,
         }))

@@ -53,7 +53,7 @@ pub struct Settings {
     /// Admin socket for `kmsctl local` [default: admin.sock beside --socket]
     #[arg(long, value_name = "PATH")]
     pub admin_socket: Option<PathBuf>,
-    /// TPM TCTI: device:/dev/tpmrm0, swtpm:path=..., swtpm:host=127.0.0.1,port=2321, mssim:..., tabrmd [default: device:/dev/tpmrm0]
+    /// TPM TCTI: device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321, mssim:host=...,port=..., tabrmd: [default: device:/dev/tpmrm0]
     #[arg(long, value_name = "TCTI")]
     pub tpm_tcti: Option<String>,
     /// Bind the sealed key to these PCRs, e.g. sha256:7 or sha256:0,2,7 [default: no PCR policy]
@@ -75,6 +75,9 @@ pub struct Settings {
     /// After `join`: longest wait between reconnects to the central key service [default: 30s]
     #[arg(long, value_name = "DURATION")]
     pub sync_backoff_max: Option<String>,
+    /// Write the recovery passphrase, made when the node key is created, to this new file (mode 0600; refused if it exists) instead of the terminal or stderr
+    #[arg(long, value_name = "PATH")]
+    pub recovery_passphrase_file: Option<PathBuf>,
 }
 
 /// Validated configuration.
@@ -93,6 +96,8 @@ pub struct Config {
     pub sync_backoff_max: std::time::Duration,
     /// The metrics and health endpoint; `None` with `--no-metrics`.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where a new recovery passphrase goes, instead of the tty or stderr.
+    pub recovery_passphrase_file: Option<PathBuf>,
 }
 
 impl Settings {
@@ -117,10 +122,19 @@ impl Settings {
             tpm_pcrs: self.tpm_pcrs.or(file.tpm_pcrs),
             tpm_owner_auth_file: self.tpm_owner_auth_file.or(file.tpm_owner_auth_file),
             log_format: self.log_format.or(file.log_format),
-            metrics_addr: self.metrics_addr.or(file.metrics_addr),
-            // Off if either says off: a flag can switch off what the file sets.
-            no_metrics: self.no_metrics || file.no_metrics,
+            // A flag wins over the file, in both directions: --metrics-addr
+            // turns on what `no_metrics = true` in the file turned off, and
+            // --no-metrics turns off what the file's metrics_addr set.
+            metrics_addr: if self.no_metrics {
+                None
+            } else {
+                self.metrics_addr.or(file.metrics_addr)
+            },
+            no_metrics: self.no_metrics || (self.metrics_addr.is_none() && file.no_metrics),
             sync_backoff_max: self.sync_backoff_max.or(file.sync_backoff_max),
+            recovery_passphrase_file: self
+                .recovery_passphrase_file
+                .or(file.recovery_passphrase_file),
         }
     }
 
@@ -154,12 +168,8 @@ impl Settings {
         }
         let sync_backoff_max = match self.sync_backoff_max.as_deref() {
             None => std::time::Duration::from_secs(30),
-            Some(text) => match edgekms_kms::duration::parse(text) {
-                Ok(d) if !d.is_zero() => d,
-                Ok(_) => {
-                    problems.push("--sync-backoff-max must be at least 1s".to_owned());
-                    std::time::Duration::from_secs(30)
-                }
+            Some(text) => match edgekms_kms::duration::parse_nonzero(text) {
+                Ok(d) => d,
                 Err(e) => {
                     problems.push(format!("--sync-backoff-max: {e}"));
                     std::time::Duration::from_secs(30)
@@ -184,6 +194,7 @@ impl Settings {
                 } else {
                     Some(self.metrics_addr.unwrap_or(DEFAULT_METRICS_ADDR))
                 },
+                recovery_passphrase_file: self.recovery_passphrase_file,
             })
         } else {
             Err(problems.join("; "))
@@ -299,6 +310,66 @@ mod tests {
             None
         );
         assert!(toml::from_str::<Settings>("metrics_addr = \"localhost\"").is_err());
+    }
+
+    #[test]
+    fn a_metrics_flag_wins_over_the_file() {
+        let off_in_file: Settings = toml::from_str("no_metrics = true\ncluster = \"c\"").unwrap();
+        let flag = Settings {
+            metrics_addr: Some("127.0.0.1:9300".parse().unwrap()),
+            ..Default::default()
+        };
+        assert_eq!(
+            flag.or(off_in_file).validate().unwrap().metrics_addr,
+            Some("127.0.0.1:9300".parse().unwrap())
+        );
+        let both_in_file: Settings =
+            toml::from_str("no_metrics = true\nmetrics_addr = \"127.0.0.1:9100\"\ncluster = \"c\"")
+                .unwrap();
+        // Without a flag the file decides (off), and --no-metrics is off.
+        assert_eq!(
+            Settings::default()
+                .or(both_in_file.clone())
+                .validate()
+                .unwrap()
+                .metrics_addr,
+            None
+        );
+        let off_flag = Settings {
+            no_metrics: true,
+            ..Default::default()
+        };
+        let on_in_file: Settings =
+            toml::from_str("metrics_addr = \"127.0.0.1:9100\"\ncluster = \"c\"").unwrap();
+        assert_eq!(
+            off_flag.or(on_in_file).validate().unwrap().metrics_addr,
+            None
+        );
+    }
+
+    #[test]
+    fn zero_durations_and_passphrase_file_key() {
+        let err = Settings {
+            cluster: Some("c".into()),
+            sync_backoff_max: Some("0s".into()),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(
+            err.contains("--sync-backoff-max") && err.contains("at least 1s"),
+            "{err}"
+        );
+        let file: Settings =
+            toml::from_str("cluster = \"c\"\nrecovery_passphrase_file = \"/root/pass\"").unwrap();
+        assert_eq!(
+            Settings::default()
+                .or(file)
+                .validate()
+                .unwrap()
+                .recovery_passphrase_file,
+            Some(PathBuf::from("/root/pass"))
+        );
     }
 
     #[test]

@@ -66,7 +66,9 @@ fn seal_code(e: &SealError) -> Code {
     match e {
         SealError::NoDevice { .. } | SealError::Lockout { .. } => Code::Unavailable,
         SealError::AuthFailed { .. } => Code::PermissionDenied,
-        SealError::PolicyCheckFailed { .. } => Code::FailedPrecondition,
+        SealError::PolicyCheckFailed { .. } | SealError::SoftKeyFile { .. } => {
+            Code::FailedPrecondition
+        }
         SealError::ForeignBlob { .. }
         | SealError::CorruptBlob { .. }
         | SealError::WrongBackend { .. }
@@ -102,9 +104,16 @@ impl NodeError {
     }
 }
 
+/// Longest status message sent back: errors can quote caller input (an
+/// unknown `key_id` of any length), which the caller already has.
+pub const STATUS_MESSAGE_LIMIT: usize = 512;
+
 impl From<NodeError> for Status {
     fn from(e: NodeError) -> Self {
-        Status::new(e.code(), e.to_string())
+        Status::new(
+            e.code(),
+            edgekms_kms::logfmt::bounded(&e.to_string(), STATUS_MESSAGE_LIMIT),
+        )
     }
 }
 
@@ -124,5 +133,23 @@ mod tests {
         .into();
         assert_eq!(s.code(), Code::FailedPrecondition);
         assert!(s.message().contains("retired"));
+    }
+
+    #[test]
+    fn caller_input_in_a_status_is_bounded_and_escaped() {
+        let key_id = format!("c/v1/\n{}", "a".repeat(4 << 20));
+        let s: Status = NodeError::from(KeyringError::KeyIdMismatch {
+            version: 1,
+            actual: "c/v1/ab".into(),
+            requested: key_id,
+        })
+        .into();
+        assert!(
+            s.message().len() < STATUS_MESSAGE_LIMIT + 64,
+            "{}",
+            s.message().len()
+        );
+        assert!(s.message().contains("…[truncated"), "{}", s.message());
+        assert!(!s.message().contains('\n'));
     }
 }

@@ -77,19 +77,28 @@ fn main() -> ExitCode {
         Err(e) => {
             // Library errors carry their cause in their own message.
             eprintln!("edgekms-plugin: {e}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<Usage>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
+
+/// A bad flag or config value: exit code 2, like clap's own usage errors.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Usage(String);
 
 /// Flags over the config file, validated; then logging and hardening.
 fn prepare(config: Option<&std::path::Path>, settings: Settings) -> anyhow::Result<Config> {
     cli::quiet_tss();
     let file = match config {
-        Some(path) => Settings::from_file(path).map_err(anyhow::Error::msg)?,
+        Some(path) => Settings::from_file(path).map_err(Usage)?,
         None => Settings::default(),
     };
-    let cfg = settings.or(file).validate().map_err(anyhow::Error::msg)?;
+    let cfg = settings.or(file).validate().map_err(Usage)?;
     cli::init_logging(cfg.log_format == LogFormat::Json);
     if let Err(e) = edgekms_hsm::memory::harden_process() {
         tracing::warn!(error = %e, "cannot disable core dumps for this process");

@@ -46,6 +46,8 @@ pub struct NodeReport {
     pub primary: Option<(u32, String)>,
     pub versions: Vec<(u32, &'static str, String, u64)>,
     pub sealer: SealerInfo,
+    /// What the sealer reads from this node's sealed key (TPM: noDA).
+    pub sealed_key: SealerInfo,
     pub hardware_backed: bool,
     pub unsealed: bool,
 }
@@ -79,16 +81,6 @@ fn now_unix() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-/// Shows the recovery passphrase once, on stderr and not through the log
-/// pipeline (which may ship lines off the node).
-fn show_recovery_passphrase(passphrase: &str) {
-    eprintln!(
-        "\n==== edgekms recovery passphrase (shown once, stored nowhere) ====\n{passphrase}\n\
-         Record it offline. `kmsctl local reseal` needs it if the TPM refuses\n\
-         to unseal after a PCR change.\n===================================================================\n"
-    );
 }
 
 /// Builds the sealer the config asks for. Never falls back to another one.
@@ -205,19 +197,47 @@ impl Node {
                         node.publish(Keyring::new(&node.cluster)?, Some(reason));
                         return Ok(node);
                     }
+                    // Recoverable by the operator with the passphrase
+                    // (`kmsctl local reseal`), which needs a running plugin.
+                    Err(e @ SealError::SoftKeyFile { .. }) => {
+                        let reason = e.to_string();
+                        tracing::error!(%reason, "not serving key material until the key file is restored or an operator runs `kmsctl local reseal`");
+                        node.publish(Keyring::new(&node.cluster)?, Some(reason));
+                        return Ok(node);
+                    }
                     Err(e) => return Err(e.into()),
                 }
             }
             None => {
+                // Where the passphrase goes is settled (an existing
+                // --recovery-passphrase-file refused) before any key exists,
+                // and it is written before the key is stored.
+                let out =
+                    recovery::PassphraseOut::prepare(cfg.recovery_passphrase_file.as_deref())?;
                 let nsk = Key256::generate();
                 let passphrase = recovery::generate_passphrase();
                 let wrapped = recovery::wrap(&nsk, &passphrase, &node.cluster);
-                node.store.put_new_nsk(&node.seal(&nsk)?, &wrapped)?;
+                let sealed = node.seal(&nsk);
+                let stored = sealed
+                    .map_err(NodeError::from)
+                    .and_then(|sealed| {
+                        out.write(&passphrase)
+                            .map(|()| sealed)
+                            .map_err(NodeError::from)
+                    })
+                    .and_then(|sealed| {
+                        node.store
+                            .put_new_nsk(&sealed, &wrapped)
+                            .map_err(NodeError::from)
+                    });
+                if let Err(e) = stored {
+                    recovery::PassphraseOut::abandon(cfg.recovery_passphrase_file.as_deref());
+                    return Err(e);
+                }
                 tracing::info!(
                     sealer = node.sealer.name(),
                     "created and sealed a new node sealing key"
                 );
-                show_recovery_passphrase(&passphrase);
                 nsk
             }
         };
@@ -579,6 +599,10 @@ impl Node {
                 })
                 .collect(),
             sealer: self.sealer.info(),
+            sealed_key: match self.store.sealed_nsk() {
+                Ok(Some(blob)) => self.sealer.describe_sealed(&blob),
+                _ => SealerInfo::new(),
+            },
             hardware_backed: self.sealer.is_hardware_backed(),
             unsealed: snap.unavailable.is_none(),
         }

@@ -114,7 +114,7 @@ impl Plugin {
             .position(|a| a == "--metrics-addr")
             .map(|i| args[i + 1].parse().unwrap())
             .filter(|_| !args.iter().any(|a| a == "--no-metrics"));
-        let child = Command::new(bin("edgekms-plugin"))
+        let child = without_terminal(Command::new(bin("edgekms-plugin")))
             .args(&args)
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
@@ -408,6 +408,22 @@ pub fn signal(pid: u32, sig: &str) {
 
 pub fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// `cmd` run in a session of its own, without a controlling terminal: as
+/// under systemd or the kubelet, whether or not the tests run from one (the
+/// plugin shows its recovery passphrase on `/dev/tty` when there is one).
+pub fn without_terminal(mut cmd: Command) -> Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid(2) is async-signal-safe; the child calls nothing else
+    // before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    cmd
 }
 
 /// Runs `kmsctl` with `args`.

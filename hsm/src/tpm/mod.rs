@@ -13,9 +13,15 @@
 //!   holds three objects; holding it would lock out tpm2-tools and tests.
 //! * The parent is an ECC NIST P-256 storage key in the Owner hierarchy,
 //!   re-created from a fixed template each time (the template of
-//!   `tpm2_createprimary -C o -G ecc`) and never persisted: the owner seed
-//!   makes it the same key every time, on this TPM only. Owner auth, when
-//!   configured, authorises that step.
+//!   `tpm2_createprimary -C o -G ecc`, plus noDA) and never persisted: the
+//!   owner seed makes it the same key every time, on this TPM only. Owner
+//!   auth, when configured, authorises that step. A blob sealed before noDA
+//!   names the parent of the old template by its fingerprint; that one is
+//!   re-created to open it, until `kmsctl local reseal` moves the key.
+//! * noDA, on the parent and on the sealed object: their auth is empty (or
+//!   unused, under a PCR policy), so dictionary-attack protection guards
+//!   nothing, and would only let any local user who fails a few
+//!   authorizations of their own object lock the KMS out of its key.
 //! * The key is a sealed data object (KeyedHash) under that parent. Without
 //!   a PCR policy anyone who can reach the TPM with its owner auth can
 //!   unseal (userWithAuth, empty auth): the protection is that the blob is

@@ -42,6 +42,28 @@ pub struct TpmSealer {
     /// a second open and swtpm queues it, so concurrent calls would only
     /// fail or wait anyway.
     lock: Mutex<()>,
+    /// The storage primary the last seal or unseal used, for `describe`.
+    last_primary: Mutex<Option<PrimaryTemplate>>,
+}
+
+/// Which template the storage primary is made from. Its fingerprint (in
+/// every blob) depends on the template, so a blob names the one it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PrimaryTemplate {
+    /// Since noDA: the template of `tpm2_createprimary -C o -G ecc -a
+    /// fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda|restricted|decrypt`.
+    /// Used for every new seal.
+    NoDa,
+    /// Before noDA (blobs sealed by edgekms up to 5971f57): the template of
+    /// `tpm2_createprimary -C o -G ecc`. Re-created only to open such a
+    /// blob, until `kmsctl local reseal` moves it to the new one.
+    Legacy,
+}
+
+impl PrimaryTemplate {
+    fn no_da(self) -> bool {
+        self == PrimaryTemplate::NoDa
+    }
 }
 
 impl fmt::Debug for TpmSealer {
@@ -60,6 +82,7 @@ impl fmt::Debug for TpmSealer {
 /// The storage primary re-created for one operation.
 struct Primary {
     handle: KeyHandle,
+    template: PrimaryTemplate,
     /// SHA-256 of its TPMT_PUBLIC: the same on every call on this TPM (same
     /// owner seed, same template), different on any other.
     fingerprint: [u8; 32],
@@ -86,6 +109,7 @@ impl TpmSealer {
             pcrs: cfg.pcrs,
             owner_auth: cfg.owner_auth,
             lock: Mutex::new(()),
+            last_primary: Mutex::new(None),
         };
         {
             let _one_at_a_time = sealer.lock.lock().unwrap_or_else(PoisonError::into_inner);
@@ -120,8 +144,14 @@ impl TpmSealer {
 
     /// Runs `work` with a fresh connection and storage primary, then flushes
     /// the primary and closes the connection whatever `work` returned.
+    ///
+    /// `wanted` is the fingerprint a blob was sealed under (`None` to
+    /// seal): when the noDA primary is not it, the primary of the older
+    /// template is made instead, and used if it matches. `work` gets the
+    /// noDA primary when neither does (and reports the foreign blob).
     fn with_primary<T>(
         &self,
+        wanted: Option<&[u8; 32]>,
         work: impl FnOnce(&mut Context, &Primary) -> Result<T, SealError>,
     ) -> Result<T, SealError> {
         let _one_at_a_time = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
@@ -131,13 +161,48 @@ impl TpmSealer {
             ctx.tr_set_auth(ObjectHandle::Owner, auth)
                 .map_err(self.err(Op::CreatePrimary))?;
         }
+        let mut primary = self.create_primary(&mut ctx, PrimaryTemplate::NoDa)?;
+        if wanted.is_some_and(|w| *w != primary.fingerprint) {
+            // Both primaries are loaded for a moment: two of the three
+            // objects a TPM without a resource manager holds.
+            let legacy = self.create_primary(&mut ctx, PrimaryTemplate::Legacy);
+            match legacy {
+                Ok(legacy) if wanted == Some(&legacy.fingerprint) => {
+                    flush(&mut ctx, primary.handle.into());
+                    primary = legacy;
+                }
+                Ok(legacy) => flush(&mut ctx, legacy.handle.into()),
+                Err(e) => {
+                    flush(&mut ctx, primary.handle.into());
+                    return Err(e);
+                }
+            }
+        }
+        let result = work(&mut ctx, &primary);
+        if result.is_ok() {
+            *self
+                .last_primary
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(primary.template);
+        }
+        flush(&mut ctx, primary.handle.into());
+        result
+        // `ctx` drops here: ESAPI flushes anything still registered and the
+        // connection closes.
+    }
+
+    fn create_primary(
+        &self,
+        ctx: &mut Context,
+        template: PrimaryTemplate,
+    ) -> Result<Primary, SealError> {
         // An HMAC session keyed with the owner auth: the auth itself never
         // crosses the bus.
         let created = ctx
             .execute_with_nullauth_session(|ctx| {
                 ctx.create_primary(
                     Hierarchy::Owner,
-                    primary_template()?,
+                    primary_template(template.no_da())?,
                     None,
                     None,
                     None,
@@ -145,21 +210,17 @@ impl TpmSealer {
                 )
             })
             .map_err(self.err(Op::CreatePrimary))?;
-        let public = created
-            .out_public
-            .marshall()
-            .map_err(self.err(Op::CreatePrimary));
-        let result = public.and_then(|public| {
-            let primary = Primary {
+        match created.out_public.marshall() {
+            Ok(public) => Ok(Primary {
                 handle: created.key_handle,
+                template,
                 fingerprint: Sha256::digest(public).into(),
-            };
-            work(&mut ctx, &primary)
-        });
-        flush(&mut ctx, created.key_handle.into());
-        result
-        // `ctx` drops here: ESAPI flushes anything still registered and the
-        // connection closes.
+            }),
+            Err(e) => {
+                flush(ctx, created.key_handle.into());
+                Err(self.err(Op::CreatePrimary)(e))
+            }
+        }
     }
 
     fn seal_under(
@@ -343,7 +404,7 @@ impl Sealer for TpmSealer {
     }
 
     fn seal(&self, key: &Key256) -> Result<SealedBlob, SealError> {
-        let blob = self.with_primary(|ctx, primary| self.seal_under(ctx, primary, key))?;
+        let blob = self.with_primary(None, |ctx, primary| self.seal_under(ctx, primary, key))?;
         Ok(SealedBlob {
             backend: self.name().to_owned(),
             bytes: blob.encode()?,
@@ -378,7 +439,35 @@ impl Sealer for TpmSealer {
                 "the node sealing key is sealed with another PCR policy than the configured one; run `kmsctl local reseal` to apply the configured one"
             );
         }
-        self.with_primary(|ctx, primary| self.unseal_under(ctx, primary, &blob, public, private))
+        if !public.object_attributes().no_da() {
+            tracing::info!("the node sealing key was sealed before edgekms set noDA (dictionary-attack exemption) on it; `kmsctl local reseal` seals it again with noDA");
+        }
+        self.with_primary(Some(&blob.primary), |ctx, primary| {
+            self.unseal_under(ctx, primary, &blob, public, private)
+        })
+    }
+
+    fn describe_sealed(&self, sealed: &SealedBlob) -> SealerInfo {
+        let mut info = SealerInfo::new();
+        let public = TpmBlob::decode(&sealed.bytes)
+            .ok()
+            .and_then(|blob| Public::unmarshall(&blob.public).ok());
+        if let Some(public) = public {
+            let attrs = public.object_attributes();
+            info.insert("sealed_object_noda".into(), yes_no(attrs.no_da()));
+            info.insert(
+                "sealed_object_attributes".into(),
+                describe_attributes(attrs),
+            );
+        }
+        let last = *self
+            .last_primary
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(template) = last {
+            info.insert("storage_key_noda".into(), yes_no(template.no_da()));
+        }
+        info
     }
 
     fn info(&self) -> SealerInfo {
@@ -424,14 +513,20 @@ fn parse_tcti(tcti: &str) -> Result<TctiNameConf, SealError> {
     Ok(conf)
 }
 
-/// The storage primary: same template as `tpm2_createprimary -C o -G ecc`
-/// (ECC NIST P-256, AES-128-CFB for children, restricted decryption).
-fn primary_template() -> tss_esapi::Result<Public> {
+/// The storage primary: the template of `tpm2_createprimary -C o -G ecc`
+/// (ECC NIST P-256, AES-128-CFB for children, restricted decryption),
+/// with noDA when `no_da` (see [`PrimaryTemplate`]).
+///
+/// noDA: its auth is empty, so dictionary-attack protection guards nothing
+/// and only lets any local user who can fail an authorization lock the KMS
+/// out of its own key.
+fn primary_template(no_da: bool) -> tss_esapi::Result<Public> {
     let attributes = ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
         .with_sensitive_data_origin(true)
         .with_user_with_auth(true)
+        .with_no_da(no_da)
         .with_restricted(true)
         .with_decrypt(true)
         .build()?;
@@ -453,11 +548,15 @@ fn primary_template() -> tss_esapi::Result<Public> {
 /// A sealed data object: the TPM stores the bytes and hands them back only
 /// to Unseal, and only under this parent on this TPM (fixedTPM,
 /// fixedParent). With a PCR record, only the matching policy authorises it.
+/// noDA: its auth is empty (and with a PCR policy not used at all), so
+/// dictionary-attack lockout protects nothing and would only let a local
+/// user lock the KMS out.
 fn sealed_object_template(pcrs: Option<&PcrRecord>) -> tss_esapi::Result<Public> {
     let attributes = ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
         .with_user_with_auth(pcrs.is_none())
+        .with_no_da(true)
         .build()?;
     let builder = PublicBuilder::new()
         .with_public_algorithm(PublicAlgorithm::KeyedHash)
@@ -608,6 +707,32 @@ fn describe_changes(rec: &PcrRecord, now: &[Vec<u8>]) -> Option<String> {
         "{noun} {list} changed since the key was sealed ({} bank: {values})",
         rec.policy.bank.name()
     ))
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.to_owned()
+}
+
+/// The attributes of a sealed object, as tpm2-tools names them.
+fn describe_attributes(a: tss_esapi::attributes::ObjectAttributes) -> String {
+    [
+        (a.fixed_tpm(), "fixedtpm"),
+        (a.st_clear(), "stclear"),
+        (a.fixed_parent(), "fixedparent"),
+        (a.sensitive_data_origin(), "sensitivedataorigin"),
+        (a.user_with_auth(), "userwithauth"),
+        (a.admin_with_policy(), "adminwithpolicy"),
+        (a.no_da(), "noda"),
+        (a.encrypted_duplication(), "encryptedduplication"),
+        (a.restricted(), "restricted"),
+        (a.decrypt(), "decrypt"),
+        (a.sign_encrypt(), "sign"),
+    ]
+    .iter()
+    .filter(|(set, _)| *set)
+    .map(|(_, name)| *name)
+    .collect::<Vec<_>>()
+    .join("|")
 }
 
 fn short_hex(bytes: &[u8]) -> String {

@@ -153,9 +153,14 @@ impl ServeArgs {
             cluster_auto_rotate: file.cluster_auto_rotate,
             heartbeat: self.heartbeat.or(file.heartbeat),
             log_format: self.log_format.or(file.log_format),
-            metrics_addr: self.metrics_addr.or(file.metrics_addr),
-            // Off if either says off: a flag can switch off what the file sets.
-            no_metrics: self.no_metrics || file.no_metrics,
+            // A flag wins over the file, in both directions: --metrics-addr
+            // turns on what `no_metrics = true` in the file turned off.
+            metrics_addr: if self.no_metrics {
+                None
+            } else {
+                self.metrics_addr.or(file.metrics_addr)
+            },
+            no_metrics: self.no_metrics || (self.metrics_addr.is_none() && file.no_metrics),
         }
     }
 
@@ -183,7 +188,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("edgekms-server: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<Usage>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -236,8 +245,15 @@ fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Bad flags or config values: exit code 2, like clap's own usage errors.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Usage(String);
+
+/// A duration flag; zero is refused (every one is an interval or a period:
+/// a zero heartbeat or rotation period would spin or panic).
 fn duration(flag: &str, value: &str) -> anyhow::Result<Duration> {
-    edgekms_kms::duration::parse(value).with_context(|| format!("--{flag}"))
+    edgekms_kms::duration::parse_nonzero(value).map_err(|e| Usage(format!("--{flag}: {e}")).into())
 }
 
 fn auto_rotate(args: &ServeArgs) -> anyhow::Result<AutoRotate> {
@@ -279,7 +295,7 @@ fn run_serve(flags: ServeArgs) -> anyhow::Result<()> {
         problems.push("--listen is required (e.g. 0.0.0.0:8443)");
     }
     if !problems.is_empty() {
-        anyhow::bail!("{}", problems.join("; "));
+        return Err(Usage(problems.join("; ")).into());
     }
     let (Some(data_dir), Some(listen)) = (args.data_dir.clone(), args.listen) else {
         anyhow::bail!("--data-dir and --listen are required");
@@ -401,4 +417,47 @@ fn serve(open: Open, listen: SocketAddr, metrics_addr: Option<SocketAddr>) -> an
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_metrics_flag_wins_over_the_file() {
+        let off_in_file: ServeArgs = toml::from_str("no_metrics = true").unwrap();
+        let flag = ServeArgs {
+            metrics_addr: Some("127.0.0.1:9300".parse().unwrap()),
+            ..Default::default()
+        };
+        assert_eq!(
+            flag.or(off_in_file.clone()).metrics(),
+            Some("127.0.0.1:9300".parse().unwrap())
+        );
+        assert_eq!(ServeArgs::default().or(off_in_file).metrics(), None);
+        let on_in_file: ServeArgs = toml::from_str("metrics_addr = \"127.0.0.1:9100\"").unwrap();
+        let off_flag = ServeArgs {
+            no_metrics: true,
+            ..Default::default()
+        };
+        assert_eq!(off_flag.or(on_in_file).metrics(), None);
+    }
+
+    #[test]
+    fn zero_durations_are_usage_errors() {
+        for (flag, value) in [("heartbeat", "0s"), ("auto-rotate-every", "0d")] {
+            let e = duration(flag, value).unwrap_err();
+            assert!(e.downcast_ref::<Usage>().is_some(), "{e}");
+            assert!(
+                e.to_string().contains(flag) && e.to_string().contains("at least 1s"),
+                "{e}"
+            );
+        }
+        let args: ServeArgs = toml::from_str("[cluster_auto_rotate]\nedge-1 = \"0s\"").unwrap();
+        assert!(auto_rotate(&args).is_err());
+        assert_eq!(
+            duration("heartbeat", "15s").unwrap(),
+            Duration::from_secs(15)
+        );
+    }
 }

@@ -80,6 +80,8 @@ impl From<ServerError> for Status {
         if code == Code::Internal {
             tracing::error!(error = %e, "internal error");
         }
-        Status::new(code, e.to_string())
+        // Errors can quote caller input (a cluster name of any length):
+        // the caller gets it back escaped and bounded.
+        Status::new(code, crate::logfmt::bounded(&e.to_string(), 512))
     }
 }

@@ -281,7 +281,10 @@ async fn run_stream(
 ) {
     let mut changes = core.subscribe(cluster);
     let mut shutdown = core.shutdown_signal();
-    let mut heartbeat = tokio::time::interval(core.heartbeat);
+    // tokio's interval panics on zero; the flag refuses 0s, and this keeps
+    // a Core built another way from killing every stream.
+    let mut heartbeat =
+        tokio::time::interval(core.heartbeat.max(std::time::Duration::from_millis(100)));
     heartbeat.tick().await;
     let mut last: Option<(u64, BTreeSet<u32>)> = None;
     let mut reported = false;

@@ -90,8 +90,29 @@ pub async fn connect(
     Ok(OperatorClient::new(channel))
 }
 
+/// A duration flag where zero makes no sense (`--ttl`, `--since`,
+/// `--timeout`).
 fn duration(flag: &str, value: &str) -> Result<Duration, Failure> {
-    edgekms_kms::duration::parse(value).map_err(|e| Failure::Usage(format!("--{flag}: {e}")))
+    edgekms_kms::duration::parse_nonzero(value)
+        .map_err(|e| Failure::Usage(format!("--{flag}: {e}")))
+}
+
+/// Checks the command's duration flags before connecting, so that a bad
+/// one is a usage error (exit 2) whether or not the service is reachable.
+pub fn check(command: &FleetCommand) -> Result<(), Failure> {
+    match command {
+        FleetCommand::Node(NodeCommand::Add { ttl, .. }) => duration("ttl", ttl).map(drop),
+        FleetCommand::Audit {
+            since: Some(since), ..
+        } => duration("since", since).map(drop),
+        FleetCommand::Rotate(args) => {
+            duration("timeout", &args.timeout)?;
+            edgekms_kms::duration::parse(&args.settle)
+                .map(drop)
+                .map_err(|e| Failure::Usage(format!("--settle: {e}")))
+        }
+        _ => Ok(()),
+    }
 }
 
 pub async fn run(
@@ -268,7 +289,9 @@ async fn rotate(
     args: RotateArgs,
     json: bool,
 ) -> Result<(), Failure> {
-    let settle = duration("settle", &args.settle)?;
+    // Zero is meaningful here: do not wait for the apiservers.
+    let settle = edgekms_kms::duration::parse(&args.settle)
+        .map_err(|e| Failure::Usage(format!("--settle: {e}")))?;
     let timeout = duration("timeout", &args.timeout)?;
     let deadline = Instant::now() + timeout;
     let cluster = args.cluster;

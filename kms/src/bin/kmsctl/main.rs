@@ -11,6 +11,18 @@
 //! 1 the plugin or service refused or failed, 2 bad usage or unreachable
 //! plugin or service, 3 gave up waiting (`rotate --wait --timeout`).
 
+/// Every `println!` of kmsctl (this file and its modules, declared below)
+/// goes through [`out_line`]: std's panics when the reader went away
+/// (`kmsctl audit | head`); kmsctl stops quietly instead.
+macro_rules! println {
+    () => {
+        $crate::out_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::out_line(format_args!($($arg)*))
+    };
+}
+
 mod backup;
 mod fleet;
 
@@ -267,6 +279,7 @@ async fn fleet_cmd(
     command: fleet::FleetCommand,
     json: bool,
 ) -> Result<(), Failure> {
+    fleet::check(&command)?;
     let mut client = operator_client(server, operator_dir).await?;
     fleet::run(&mut client, command, json).await
 }
@@ -285,6 +298,28 @@ async fn operator_client(
         Failure::Usage("--operator-dir (or KMSCTL_OPERATOR_DIR) is required: the directory with ca.pem, cert.pem, key.pem".into())
     })?;
     fleet::connect(&server, &dir).await
+}
+
+/// Writes one line to stdout. When the reader is gone (EPIPE: `| head`
+/// has what it wanted) kmsctl exits at once, quietly, with 0: what it was
+/// asked to do is done, and `head` closing early is no failure. Any other
+/// write error is one line on stderr and exit 1, never a panic.
+pub(crate) fn out_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let written = out
+        .write_fmt(args)
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            // stderr may be gone too; nothing more to say then.
+            let _ = writeln!(std::io::stderr(), "kmsctl: cannot write the output: {e}");
+            std::process::exit(1)
+        }
+    }
 }
 
 pub(crate) fn print_json(value: serde_json::Value) {
@@ -350,10 +385,14 @@ async fn local(
             let s = admin.status(StatusRequest {}).await?.into_inner();
             if json {
                 print_json(
-                    json!({"sealer": s.sealer, "hardware_backed": s.hardware_backed, "unsealed": s.unsealed, "healthz": s.healthz}),
+                    json!({"sealer": s.sealer, "sealed_key": s.sealed_key, "hardware_backed": s.hardware_backed, "unsealed": s.unsealed, "healthz": s.healthz}),
                 );
             } else {
                 for (k, v) in &s.sealer {
+                    println!("{k:<16} {v}");
+                }
+                // The node's own sealed key: noDA yes/no (TPM).
+                for (k, v) in &s.sealed_key {
                     println!("{k:<16} {v}");
                 }
                 println!("{:<16} {}", "key_unsealed", s.unsealed);
