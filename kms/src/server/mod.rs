@@ -412,9 +412,9 @@ impl Core {
         let mut start = after_seq.saturating_add(1);
         if limit > 0 {
             // Walk back from the newest to where the `limit` newest begin.
-            let mut counted = 0;
+            let (floor, mut counted) = (start, 0);
             self.store.audit_scan_back(u64::MAX, |seq, raw| {
-                if seq < start || !young(raw) {
+                if seq < floor || !young(raw) {
                     return false;
                 }
                 counted += 1;
