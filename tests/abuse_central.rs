@@ -304,7 +304,14 @@ async fn large_audit_log(n: u64, pad: usize) {
     seed_audit(&data_dir, n, pad, |i| now - 7_200_000 + i / 1000);
     let seeding = started.elapsed();
     let server = Server::spawn(&data_dir, &[]);
-    server.wait_up().await;
+    // Opening replays the seeded write-ahead log: longer than wait_up's 15 s
+    // for a million records on a busy machine.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !server.kmsctl(&["status"]).status.success() {
+        assert!(Instant::now() < deadline, "not up: {}", server.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let up = started.elapsed() - seeding;
     let hwm0 = proc_kib(server.pid(), "VmHWM");
 
     let started = Instant::now();
@@ -323,7 +330,7 @@ async fn large_audit_log(n: u64, pad: usize) {
         assert_eq!(v["event"], "seed");
     }
     eprintln!(
-        "{n} records ({} MiB of JSON): seeded in {seeding:?}, streamed in {reading:?}; kmsctl peak RSS {} KiB, server VmHWM {hwm0} -> {hwm1} KiB",
+        "{n} records ({} MiB of JSON): seeded in {seeding:?}, server up in {up:?}, streamed in {reading:?}; kmsctl peak RSS {} KiB, server VmHWM {hwm0} -> {hwm1} KiB",
         all.bytes / MB,
         all.max_rss_kib
     );
