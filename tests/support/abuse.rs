@@ -184,11 +184,7 @@ pub fn seed_audit(data_dir: &Path, n: u64, pad: usize, time_ms: impl Fn(u64) -> 
     while i < n {
         let chunk: Vec<Vec<u8>> = (i..n.min(i + 10_000))
             .map(|j| {
-                format!(
-                    "{{\"time_ms\":{},{head}\"{j} {padding}\"{tail}",
-                    time_ms(j)
-                )
-                .into_bytes()
+                format!("{{\"time_ms\":{},{head}\"{j} {padding}\"{tail}", time_ms(j)).into_bytes()
             })
             .collect();
         store
