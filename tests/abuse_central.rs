@@ -4,9 +4,9 @@
 //! too long for one message. Each case measures the resource at stake
 //! (store bytes, log bytes, records, peak memory) before and after.
 //!
-//! The one-million-record case is `#[ignore]`d (about a minute on two
-//! cores); run it with
-//! `cargo test -p edgekms-e2e --test abuse_central -- --ignored --nocapture`.
+//! The one-million-record case is `#[ignore]`d (about two minutes on two
+//! busy cores, debug build); run it with
+//! `cargo test --workspace --test abuse_central -- --ignored --nocapture`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::{Duration, Instant};
@@ -372,7 +372,7 @@ async fn a_100k_record_audit_log_streams_with_bounded_memory() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "about a minute: cargo test -p edgekms-e2e --test abuse_central -- --ignored"]
+#[ignore = "about two minutes: cargo test --workspace --test abuse_central -- --ignored"]
 async fn a_million_record_audit_log_streams_with_bounded_memory() {
     large_audit_log(1_000_000, 100).await;
 }
