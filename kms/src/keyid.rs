@@ -17,10 +17,33 @@ pub const MAX_KEY_ID: usize = 1024;
 /// DNS-1123 label length; keeps every key_id far under [`MAX_KEY_ID`].
 pub const MAX_CLUSTER_NAME: usize = 63;
 
+/// A refused name. It carries only a short escaped preview and the length:
+/// the name comes from callers (a 4 MB `Join` cluster name must not be
+/// echoed into the answer, the audit log or the log).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid cluster or node name {name:?}: use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit")]
+#[error("invalid cluster or node name {preview} ({len} bytes): use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit")]
 pub struct InvalidName {
-    pub name: String,
+    /// At most [`PREVIEW_CHARS`] characters of the name, escaped, quoted.
+    pub preview: String,
+    pub len: usize,
+}
+
+/// How much of a refused name an error shows.
+pub const PREVIEW_CHARS: usize = 40;
+
+/// `text` quoted, control and non-ASCII characters escaped, cut after
+/// `max` characters with a `...` marker: safe to show and log.
+pub fn preview(text: &str, max: usize) -> String {
+    let mut out = String::from("\"");
+    for (i, c) in text.chars().enumerate() {
+        if i == max {
+            out.push_str("...");
+            break;
+        }
+        out.extend(c.escape_debug());
+    }
+    out.push('"');
+    out
 }
 
 /// Checks a cluster (or node) name is a DNS-1123 label.
@@ -36,7 +59,8 @@ pub fn validate_name(name: &str) -> Result<(), InvalidName> {
         Ok(())
     } else {
         Err(InvalidName {
-            name: name.to_owned(),
+            preview: preview(name, PREVIEW_CHARS),
+            len: name.len(),
         })
     }
 }
@@ -83,5 +107,14 @@ mod tests {
         for bad in ["", "-a", "a-", "Edge", "a_b", "a.b", "a/b", &"x".repeat(64)] {
             assert!(validate_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_refused_name_is_not_echoed_whole() {
+        let huge = format!("a\nINFO audit: forged{}", "x".repeat(4 << 20));
+        let e = validate_name(&huge).unwrap_err().to_string();
+        assert!(e.len() < 300, "{} bytes", e.len());
+        assert!(!e.contains('\n'), "{e}");
+        assert!(e.contains(&format!("({} bytes)", huge.len())), "{e}");
     }
 }

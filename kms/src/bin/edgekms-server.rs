@@ -16,7 +16,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use edgekms_kms::cli;
 use edgekms_kms::ops::{Handlers, OpsServer};
 use edgekms_kms::server::init::{self, SealerKind};
-use edgekms_kms::server::{backup, metrics, service, AutoRotate, Core};
+use edgekms_kms::server::{backup, metrics, service, AutoRotate, Core, Retention};
 use serde::Deserialize;
 
 const DEFAULT_TCTI: &str = "device:/dev/tpmrm0";
@@ -129,6 +129,12 @@ struct ServeArgs {
     /// How often each node stream gets a heartbeat [default: 15s]
     #[arg(long, value_name = "DURATION")]
     heartbeat: Option<String>,
+    /// Delete audit records older than this (e.g. 90d) [default: 365d]
+    #[arg(long, value_name = "DURATION")]
+    audit_retention: Option<String>,
+    /// Keep at most this many audit records, deleting the oldest [default: 1000000]
+    #[arg(long, value_name = "N")]
+    audit_max_records: Option<u64>,
     /// Log format [default: text]
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
@@ -152,6 +158,8 @@ impl ServeArgs {
             auto_rotate_every: self.auto_rotate_every.or(file.auto_rotate_every),
             cluster_auto_rotate: file.cluster_auto_rotate,
             heartbeat: self.heartbeat.or(file.heartbeat),
+            audit_retention: self.audit_retention.or(file.audit_retention),
+            audit_max_records: self.audit_max_records.or(file.audit_max_records),
             log_format: self.log_format.or(file.log_format),
             // A flag wins over the file, in both directions: --metrics-addr
             // turns on what `no_metrics = true` in the file turned off.
@@ -275,6 +283,29 @@ fn auto_rotate(args: &ServeArgs) -> anyhow::Result<AutoRotate> {
     Ok(out)
 }
 
+/// `--audit-retention` and `--audit-max-records`: both must keep something.
+fn retention(args: &ServeArgs) -> anyhow::Result<Retention> {
+    let mut out = Retention::default();
+    if let Some(v) = &args.audit_retention {
+        out.max_age = duration("audit-retention", v)?;
+        if out.max_age.is_zero() {
+            anyhow::bail!("--audit-retention: must be longer than 0s");
+        }
+    }
+    if let Some(n) = args.audit_max_records {
+        if n == 0 {
+            anyhow::bail!("--audit-max-records: must be at least 1");
+        }
+        out.max_records = n;
+    }
+    Ok(out)
+}
+
+/// How often audit retention runs (and once at start).
+const RETENTION_EVERY: Duration = Duration::from_secs(600);
+/// The window over which refusals are counted into one record per peer.
+const REFUSAL_WINDOW: Duration = Duration::from_secs(60);
+
 fn run_serve(flags: ServeArgs) -> anyhow::Result<()> {
     cli::quiet_tss();
     let file = match &flags.config {
@@ -307,6 +338,7 @@ fn run_serve(flags: ServeArgs) -> anyhow::Result<()> {
         .map(|v| duration("heartbeat", v))
         .transpose()?
         .unwrap_or(Duration::from_secs(15));
+    let retention = retention(&args)?;
     cli::init_logging(args.log_format.unwrap_or_default() == LogFormat::Json);
     if let Err(e) = edgekms_hsm::memory::harden_process() {
         tracing::warn!(error = %e, "cannot disable core dumps for this process");
@@ -318,6 +350,7 @@ fn run_serve(flags: ServeArgs) -> anyhow::Result<()> {
         tcti: args.tpm_tcti.clone().unwrap_or_else(|| DEFAULT_TCTI.into()),
         auto_rotate: rotate,
         heartbeat,
+        retention,
     };
     serve(open, listen, args.metrics())
 }
@@ -329,6 +362,7 @@ struct Open {
     tcti: String,
     auto_rotate: AutoRotate,
     heartbeat: Duration,
+    retention: Retention,
 }
 
 impl Open {
@@ -375,10 +409,39 @@ fn serve(open: Open, listen: SocketAddr, metrics_addr: Option<SocketAddr>) -> an
             tracing::info!(addr = %ops.local_addr(), "serving /metrics, /healthz and /readyz");
             tokio::spawn(ops.serve(handlers(ready.clone(), stopping.clone())));
         }
-        let core = tokio::task::spawn_blocking(move || open.open())
-            .await
-            .map_err(|e| anyhow::anyhow!("unsealing stopped: {e}"))??;
+        let retention = open.retention;
+        let core = tokio::task::spawn_blocking(move || {
+            let core = open.open()?;
+            // Before serving: a store that grew past its limits while the
+            // server was down is trimmed first.
+            core.apply_retention(retention)?;
+            anyhow::Ok(core)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("unsealing stopped: {e}"))??;
         let core = Arc::new(core);
+        let keeper = core.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(RETENTION_EVERY);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let core = keeper.clone();
+                let done = tokio::task::spawn_blocking(move || core.apply_retention(retention)).await;
+                if let Ok(Err(e)) = done {
+                    tracing::error!(error = %e, "audit retention failed");
+                }
+            }
+        });
+        let counter = core.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(REFUSAL_WINDOW);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                counter.flush_refusals();
+            }
+        });
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
@@ -411,9 +474,10 @@ fn serve(open: Open, listen: SocketAddr, metrics_addr: Option<SocketAddr>) -> an
             cli::shutdown_signal().await;
             stopping.store(true, Ordering::SeqCst);
         };
-        service::serve(core, listener, shutdown)
-            .await
-            .map_err(|e| anyhow::anyhow!("server failed: {e}"))?;
+        let result = service::serve(core.clone(), listener, shutdown).await;
+        // Refusals counted but not yet kept are kept now.
+        core.flush_refusals();
+        result.map_err(|e| anyhow::anyhow!("server failed: {e}"))?;
         tracing::info!("stopped");
         Ok(())
     })

@@ -74,6 +74,37 @@ impl ServerError {
     }
 }
 
+impl ServerError {
+    /// A short fixed name of the kind of failure, for counting refusals
+    /// (never caller text).
+    pub fn class(&self) -> &'static str {
+        match self {
+            ServerError::Fleet(e) => match e {
+                FleetError::UnknownCluster(_) => "unknown-cluster",
+                FleetError::UnknownNode { .. } => "unknown-node",
+                FleetError::UnknownVersion { .. } => "unknown-version",
+                FleetError::AlreadyEnrolled { .. } => "already-enrolled",
+                FleetError::BadToken => "bad-token",
+                FleetError::TokenExpired { .. } => "token-expired",
+                FleetError::TokenUsed => "token-used",
+                FleetError::TokenForOtherNode { .. } => "token-for-other-node",
+                FleetError::Revoked { .. } => "revoked",
+                FleetError::NotJoined { .. } => "not-joined",
+                FleetError::StaleCertificate { .. } => "stale-certificate",
+                _ => "fleet",
+            },
+            ServerError::Name(_) => "invalid-name",
+            ServerError::Unauthenticated(_) => "unauthenticated",
+            ServerError::PermissionDenied(_) => "permission-denied",
+            ServerError::InvalidArgument(_) => "invalid-argument",
+            ServerError::Pki(_) => "bad-csr",
+            ServerError::Delivery(_) => "bad-delivery-key",
+            ServerError::Store(_) | ServerError::Seal(_) => "internal",
+            ServerError::ShuttingDown => "shutting-down",
+        }
+    }
+}
+
 impl From<ServerError> for Status {
     fn from(e: ServerError) -> Self {
         let code = e.code();

@@ -29,6 +29,7 @@ use rand::Rng;
 use tokio::sync::watch;
 
 pub use self::audit::AuditRecord;
+use self::audit::Refusals;
 use self::error::ServerError;
 use self::store::{Change, Store};
 use crate::delivery;
@@ -37,6 +38,46 @@ use crate::fleet::state::{Cluster, Event, FleetError, NodeState, TokenRecord, Ve
 use crate::keyid;
 
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// How long and how many audit records are kept (`--audit-retention`,
+/// `--audit-max-records`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub max_age: Duration,
+    pub max_records: u64,
+}
+
+/// A year: an audit trail for key custody is usually asked for that long.
+pub const DEFAULT_AUDIT_RETENTION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// About 300 MB of store at the usual record size of a few hundred bytes.
+pub const DEFAULT_AUDIT_MAX_RECORDS: u64 = 1_000_000;
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            max_age: DEFAULT_AUDIT_RETENTION,
+            max_records: DEFAULT_AUDIT_MAX_RECORDS,
+        }
+    }
+}
+
+/// The time of a stored audit record, read from its head: records are
+/// written with `time_ms` first, so retention and `--since` need not parse
+/// whole records; anything else is parsed in full.
+pub fn audit_time_ms(raw: &[u8]) -> Option<u64> {
+    const HEAD: &[u8] = b"{\"time_ms\":";
+    if let Some(rest) = raw.strip_prefix(HEAD) {
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        if digits > 0 {
+            return std::str::from_utf8(&rest[..digits]).ok()?.parse().ok();
+        }
+    }
+    #[derive(serde::Deserialize)]
+    struct Time {
+        time_ms: u64,
+    }
+    serde_json::from_slice::<Time>(raw).ok().map(|t| t.time_ms)
+}
 
 pub fn now_unix() -> u64 {
     SystemTime::now()
@@ -99,6 +140,7 @@ pub struct Core {
     connected: Mutex<HashMap<(String, String), u64>>,
     next_stream: AtomicU64,
     audit_seq: AtomicU64,
+    refusals: Refusals,
     shutdown: watch::Sender<bool>,
     pub auto_rotate: AutoRotate,
     pub heartbeat: Duration,
@@ -106,6 +148,28 @@ pub struct Core {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A join token id: 128 random bits, hex. Never one in use: a collision
+/// (astronomically unlikely, but then an invitation would silently replace
+/// another node's) draws again, and gives up after a few draws.
+fn fresh_token_id(
+    in_use: &HashMap<String, (String, String)>,
+    mut draw: impl FnMut() -> String,
+) -> Result<String, ServerError> {
+    for _ in 0..8 {
+        let id = draw();
+        if !in_use.contains_key(&id) {
+            return Ok(id);
+        }
+    }
+    Err(ServerError::InvalidArgument(
+        "cannot draw an unused join token id; try again".into(),
+    ))
+}
+
+fn random_token_id() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
 }
 
 fn random_string(len: usize) -> String {
@@ -144,6 +208,7 @@ impl Core {
             connected: Mutex::new(HashMap::new()),
             next_stream: AtomicU64::new(1),
             audit_seq: AtomicU64::new(audit_seq),
+            refusals: Refusals::default(),
             shutdown: watch::channel(false).0,
             auto_rotate: AutoRotate::default(),
             heartbeat: Duration::from_secs(15),
@@ -267,6 +332,127 @@ impl Core {
         }
     }
 
+    /// A refusal of an unauthenticated or failed caller, counted per peer
+    /// address and kind ([`Refusals`]): kept at once when it is the first
+    /// of its kind this minute, else only counted.
+    pub fn refused(
+        &self,
+        peer: Option<SocketAddr>,
+        what: &'static str,
+        class: &'static str,
+        rec: impl FnOnce() -> AuditRecord,
+    ) {
+        if let Some(rec) = self.refusals.note(peer.map(|p| p.ip()), what, class, rec) {
+            self.audit(rec);
+        }
+    }
+
+    /// Ends the refusal window: one record per kind and peer with the
+    /// count of what was only counted. Called every minute and at shutdown.
+    pub fn flush_refusals(&self) {
+        for rec in self.refusals.drain() {
+            self.audit(rec);
+        }
+    }
+
+    /// Applies audit retention: deletes the oldest records beyond
+    /// `max_records` and those older than `max_age`. Returns how many
+    /// sequence numbers were deleted.
+    pub fn apply_retention(&self, retention: Retention) -> Result<u64, ServerError> {
+        let Some(first) = self.store.first_audit_seq()? else {
+            return Ok(0);
+        };
+        let last = self.store.last_audit_seq()?;
+        // Sequence numbers are dense (gaps only where a write failed), so
+        // keeping those above `last - max` keeps at most `max` records.
+        let mut below = last
+            .saturating_sub(retention.max_records)
+            .saturating_add(1)
+            .max(first);
+        let cutoff_ms =
+            (now_unix().saturating_sub(retention.max_age.as_secs())).saturating_mul(1000);
+        // Records are appended in time order: the first one young enough
+        // ends the scan.
+        self.store
+            .audit_scan(below, |seq, raw| match audit_time_ms(raw) {
+                Some(t) if t < cutoff_ms => {
+                    below = seq + 1;
+                    true
+                }
+                _ => false,
+            })?;
+        if below <= first {
+            return Ok(0);
+        }
+        self.store.delete_audit_below(below)?;
+        let deleted = below - first;
+        tracing::info!(
+            deleted,
+            kept_from = below,
+            "audit retention: deleted the oldest records"
+        );
+        Ok(deleted)
+    }
+
+    /// `kmsctl audit`: records at or after `since_unix`, after sequence
+    /// number `after_seq`, the newest `limit` of them (0: all), oldest
+    /// first, handed to `send` in pages of bounded size until it says
+    /// stop. Blocking (RocksDB reads): run it on a blocking thread.
+    pub fn stream_audit(
+        &self,
+        since_unix: u64,
+        limit: u64,
+        after_seq: u64,
+        mut send: impl FnMut(Vec<pb::AuditRecord>) -> bool,
+    ) -> Result<(), ServerError> {
+        const PAGE_RECORDS: usize = 2000;
+        const PAGE_BYTES: usize = 1 << 20;
+        let since_ms = since_unix.saturating_mul(1000);
+        let young = |raw: &[u8]| since_ms == 0 || audit_time_ms(raw).is_some_and(|t| t >= since_ms);
+        let mut start = after_seq.saturating_add(1);
+        if limit > 0 {
+            // Walk back from the newest to where the `limit` newest begin.
+            let (floor, mut counted) = (start, 0);
+            self.store.audit_scan_back(u64::MAX, |seq, raw| {
+                if seq < floor || !young(raw) {
+                    return false;
+                }
+                counted += 1;
+                start = seq;
+                counted < limit
+            })?;
+            if counted == 0 {
+                return Ok(());
+            }
+        }
+        let mut page = Vec::new();
+        let mut bytes = 0;
+        let mut sent = 0u64;
+        let mut open = true;
+        self.store.audit_scan(start, |seq, raw| {
+            if !young(raw) {
+                return true;
+            }
+            let json = String::from_utf8_lossy(raw).into_owned();
+            bytes += json.len();
+            page.push(pb::AuditRecord {
+                time_unix_ms: audit_time_ms(raw).unwrap_or(0),
+                json,
+                seq,
+            });
+            sent += 1;
+            if page.len() >= PAGE_RECORDS || bytes >= PAGE_BYTES {
+                bytes = 0;
+                open = send(std::mem::take(&mut page));
+            }
+            open && (limit == 0 || sent < limit)
+        })?;
+        if open && !page.is_empty() {
+            send(page);
+        }
+        Ok(())
+    }
+
     /// Audit records at or after `since_unix`.
     pub fn audit_since(&self, since_unix: u64) -> Result<Vec<AuditRecord>, ServerError> {
         let mut out = Vec::new();
@@ -294,17 +480,22 @@ impl Core {
         keyid::validate_name(cluster)?;
         keyid::validate_name(node)?;
         let now = now_unix();
-        let id = random_string(6);
+        let expires_unix = now.checked_add(ttl.as_secs()).ok_or_else(|| {
+            ServerError::InvalidArgument(format!(
+                "token lifetime of {} s is too long",
+                ttl.as_secs()
+            ))
+        })?;
         let secret = random_string(16);
-        let expires_unix = now + ttl.as_secs();
-        let token = TokenRecord {
-            id: id.clone(),
-            secret_sha256: crate::fleet::state::token_hash(&secret),
-            expires_unix,
-            used: false,
-        };
-        let cluster_created = {
+        let (id, cluster_created) = {
             let mut state = lock(&self.state);
+            let id = fresh_token_id(&state.tokens, random_token_id)?;
+            let token = TokenRecord {
+                id: id.clone(),
+                secret_sha256: crate::fleet::state::token_hash(&secret),
+                expires_unix,
+                used: false,
+            };
             let mut change = Change::default();
             let (mut next, created) = match state.clusters.get(cluster) {
                 Some(c) => (c.clone(), false),
@@ -334,7 +525,7 @@ impl Core {
                 .tokens
                 .insert(id.clone(), (cluster.to_owned(), node.to_owned()));
             state.clusters.insert(cluster.to_owned(), next);
-            created
+            (id, created)
         };
         self.notify(cluster);
         if cluster_created {
@@ -359,8 +550,21 @@ impl Core {
         })
     }
 
+    /// Refuses (and audits, without the names) a call naming a cluster or
+    /// node that is not a valid name: nothing else sees such a name.
+    fn check_names(&self, event: &str, actor: &str, names: &[&str]) -> Result<(), ServerError> {
+        for name in names {
+            if let Err(e) = keyid::validate_name(name) {
+                self.audit(AuditRecord::new(event, actor).result(&e.to_string()));
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
     /// `kmsctl node remove`.
     pub fn remove_node(&self, actor: &str, cluster: &str, node: &str) -> Result<(), ServerError> {
+        self.check_names("revocation", actor, &[cluster, node])?;
         let result = self.mutate(cluster, |c, _| {
             let token = c.nodes.get(node).and_then(|n| n.token.clone());
             let events = c.revoke(node, now_unix())?;
@@ -390,6 +594,7 @@ impl Core {
         actor: &str,
         cluster: &str,
     ) -> Result<(u32, String, bool, bool), ServerError> {
+        self.check_names("rotation", actor, &[cluster])?;
         let root = &self.root;
         let result = self.mutate(cluster, |c, change| {
             let key = Key256::generate();
@@ -443,6 +648,7 @@ impl Core {
         cluster: &str,
         version: u32,
     ) -> Result<Vec<String>, ServerError> {
+        self.check_names("promotion", actor, &[cluster])?;
         let result = self.mutate(cluster, |c, _| {
             let events = c.force_promote(version, now_unix())?;
             Ok(((), events))
@@ -474,6 +680,7 @@ impl Core {
         cluster: &str,
         version: u32,
     ) -> Result<(bool, Vec<String>), ServerError> {
+        self.check_names("retirement", actor, &[cluster])?;
         let result = self.mutate(cluster, |c, _| {
             let events = c.retire(version, now_unix())?;
             let waiting = c
@@ -527,6 +734,9 @@ impl Core {
     }
 
     pub fn status(&self, only: &str) -> Result<pb::StatusResponse, ServerError> {
+        if !only.is_empty() {
+            keyid::validate_name(only)?;
+        }
         let state = lock(&self.state);
         let connected = lock(&self.connected);
         let clusters: Vec<&Cluster> = if only.is_empty() {
@@ -615,13 +825,27 @@ impl Core {
         peer: SocketAddr,
         req: &pb::JoinRequest,
     ) -> Result<(Vec<u8>, Vec<u8>), ServerError> {
-        let result = self.join_inner(req);
-        let rec = AuditRecord::new("enrol", &format!("node at {peer}"))
-            .cluster(&req.cluster)
-            .node(&req.node);
+        // Names first: a refused name reaches no record, no log line.
+        let result = keyid::validate_name(&req.cluster)
+            .and_then(|()| keyid::validate_name(&req.node))
+            .map_err(ServerError::from)
+            .and_then(|()| self.join_inner(req));
+        let actor = format!("node at {peer}");
         match &result {
-            Ok(_) => self.audit(rec),
-            Err(e) => self.audit(rec.result(&e.to_string())),
+            Ok(_) => self.audit(
+                AuditRecord::new("enrol", &actor)
+                    .cluster(&req.cluster)
+                    .node(&req.node),
+            ),
+            // Anyone can call Join: failures are counted per peer.
+            Err(e) => self.refused(Some(peer), "join", e.class(), || {
+                let rec = AuditRecord::new("enrol", &actor).result(&e.to_string());
+                if matches!(e, ServerError::Name(_)) {
+                    rec
+                } else {
+                    rec.cluster(&req.cluster).node(&req.node)
+                }
+            }),
         }
         result
     }
@@ -804,5 +1028,36 @@ impl Core {
             retired: desired.retired,
             heartbeat: false,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn token_ids_are_128_bit_and_never_reuse_one_in_use() {
+        let id = random_token_id();
+        assert_eq!(id.len(), 32);
+        assert!(hex::decode(&id).is_ok());
+        assert_ne!(id, random_token_id());
+        let mut in_use = HashMap::new();
+        in_use.insert("taken".to_owned(), ("a".to_owned(), "n1".to_owned()));
+        // A collision draws again.
+        let mut draws = vec!["fresh", "taken"];
+        let got = fresh_token_id(&in_use, || draws.pop().unwrap().to_owned()).unwrap();
+        assert_eq!(got, "fresh");
+        // Only collisions: refused, nothing replaced.
+        assert!(fresh_token_id(&in_use, || "taken".to_owned()).is_err());
+        assert_eq!(in_use.len(), 1);
+    }
+
+    #[test]
+    fn audit_time_is_read_from_the_head_or_the_whole_record() {
+        let rec = AuditRecord::new("x", "y");
+        assert_eq!(audit_time_ms(&rec.to_json()), Some(rec.time_ms));
+        assert_eq!(audit_time_ms(br#"{"event":"x","time_ms":42}"#), Some(42));
+        assert_eq!(audit_time_ms(b"garbage"), None);
     }
 }

@@ -32,17 +32,18 @@ fn peer_addr(peer: &Option<PeerInfo>) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// Refuses and audits.
-fn refuse(core: &Core, peer: &Option<PeerInfo>, what: &str, e: ServerError) -> Status {
-    let actor = match peer.as_ref().and_then(|p| p.identity.as_ref()) {
-        Some(id) => format!("{id} at {}", peer_addr(peer)),
-        None => format!("peer {}", peer_addr(peer)),
-    };
-    core.audit(
+/// Refuses and audits, counted per peer address and kind (anyone who
+/// reaches the port can be refused as often as they like).
+fn refuse(core: &Core, peer: &Option<PeerInfo>, what: &'static str, e: ServerError) -> Status {
+    core.refused(peer.as_ref().map(|p| p.addr), what, e.class(), || {
+        let actor = match peer.as_ref().and_then(|p| p.identity.as_ref()) {
+            Some(id) => format!("{id} at {}", peer_addr(peer)),
+            None => format!("peer {}", peer_addr(peer)),
+        };
         AuditRecord::new("refused", &actor)
             .result(&e.to_string())
-            .detail(what),
-    );
+            .detail(what)
+    });
     e.into()
 }
 
@@ -53,7 +54,7 @@ pub struct OperatorService {
 
 impl OperatorService {
     /// The calling operator's name, or a refusal.
-    fn operator<T>(&self, req: &Request<T>, what: &str) -> Result<String, Status> {
+    fn operator<T>(&self, req: &Request<T>, what: &'static str) -> Result<String, Status> {
         let peer = peer(req);
         match peer.as_ref().map(|p| (&p.cert_der, &p.identity)) {
             Some((Some(_), Some(Identity::Operator { name }))) => Ok(format!("operator {name}")),
@@ -154,21 +155,26 @@ impl Operator for OperatorService {
         Ok(Response::new(self.core.status(&req.get_ref().cluster)?))
     }
 
-    async fn audit(
-        &self,
-        req: Request<pb::AuditRequest>,
-    ) -> Result<Response<pb::AuditResponse>, Status> {
+    type AuditStream = AuditPages;
+
+    async fn audit(&self, req: Request<pb::AuditRequest>) -> Result<Response<AuditPages>, Status> {
         self.operator(&req, "audit")?;
-        let records = self
-            .core
-            .audit_since(req.get_ref().since_unix)?
-            .into_iter()
-            .map(|r| pb::AuditRecord {
-                time_unix_ms: r.time_ms,
-                json: String::from_utf8_lossy(&r.to_json()).into_owned(),
-            })
-            .collect();
-        Ok(Response::new(pb::AuditResponse { records }))
+        let r = req.into_inner();
+        // Two pages in flight at most: a slow reader holds the scan, not
+        // the log in memory.
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let core = self.core.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = core.stream_audit(r.since_unix, r.limit, r.after_seq, |records| {
+                tx.blocking_send(Ok(pb::AuditResponse { records })).is_ok()
+            });
+            if let Err(e) = result {
+                let _ = tx.blocking_send(Err(e.into()));
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn backup(
@@ -199,6 +205,7 @@ pub struct FleetService {
 }
 
 type StateStream = Pin<Box<dyn Stream<Item = Result<pb::ClusterState, Status>> + Send>>;
+type AuditPages = Pin<Box<dyn Stream<Item = Result<pb::AuditResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Fleet for FleetService {
@@ -360,20 +367,39 @@ pub async fn serve(
     let incoming = tls::serve_incoming(
         listener,
         cfg,
-        Arc::new(move |addr, reason| {
-            audit_core.audit(
+        Arc::new(move |addr, reason: String| {
+            let class = if reason.contains("timed out") {
+                "handshake-timeout"
+            } else {
+                "handshake-failed"
+            };
+            audit_core.refused(Some(addr), "connection", class, || {
                 AuditRecord::new("refused", &format!("peer {addr}"))
                     .result(&reason)
-                    .detail("connection"),
-            );
+                    .detail("connection")
+            });
         }),
     );
     let stop_core = core.clone();
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    // Every request is decoded before its handler can look at the caller,
+    // and any TLS peer may call any method (only the handlers refuse). No
+    // legitimate request of either service comes near 64 KiB (a JoinRequest
+    // is about 1 KiB: a P-256 CSR, a 65-byte public key, a token and two
+    // names of at most 63 bytes; a NodeReport a few version numbers; the
+    // operator calls names, numbers and a 32-byte key), so one limit for
+    // both services bounds what an unauthenticated caller makes the server
+    // buffer, without a second listener or a body-size layer.
     let server = tonic::transport::Server::builder()
         .layer(super::metrics::CountRequests)
-        .add_service(FleetServer::new(FleetService { core: core.clone() }))
-        .add_service(OperatorServer::new(OperatorService { core }))
+        .add_service(
+            FleetServer::new(FleetService { core: core.clone() })
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            OperatorServer::new(OperatorService { core })
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
         .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             // Long-lived sync streams end now, so the server can drain.
@@ -394,5 +420,8 @@ pub async fn serve(
     }
     Ok(())
 }
+
+/// The largest request message either service decodes (see [`serve`]).
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -64,6 +64,18 @@ fn kek_key(cluster: &str, version: u32) -> Vec<u8> {
     key
 }
 
+fn audit_key(seq: u64) -> Vec<u8> {
+    let mut key = AUDIT_PREFIX.to_vec();
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn audit_seq_of(key: &[u8]) -> Option<u64> {
+    key.strip_prefix(AUDIT_PREFIX)
+        .and_then(|s| s.try_into().ok())
+        .map(u64::from_be_bytes)
+}
+
 fn cluster_key(cluster: &str) -> Vec<u8> {
     let mut key = CLUSTER_PREFIX.to_vec();
     key.extend_from_slice(cluster.as_bytes());
@@ -262,9 +274,22 @@ impl Store {
     /// Appends an audit record. Not synced on its own: the next state
     /// change syncs the log up to it.
     pub fn put_audit(&self, seq: u64, json: &[u8]) -> Result<(), StoreError> {
-        let mut key = AUDIT_PREFIX.to_vec();
-        key.extend_from_slice(&seq.to_be_bytes());
-        self.db.put(key, json)?;
+        self.db.put(audit_key(seq), json)?;
+        Ok(())
+    }
+
+    /// Appends many audit records in one unsynced batch (a restore, tests
+    /// that need a long log fast), numbered from `first`.
+    pub fn put_audit_batch<'a>(
+        &self,
+        first: u64,
+        records: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        for (i, json) in records.into_iter().enumerate() {
+            batch.put(audit_key(first + i as u64), json);
+        }
+        self.db.write(batch)?;
         Ok(())
     }
 
@@ -292,15 +317,76 @@ impl Store {
 
     /// Every audit record, oldest first, passed to `f` until it says stop.
     pub fn audit_records(&self, mut f: impl FnMut(&[u8]) -> bool) -> Result<(), StoreError> {
+        self.audit_scan(0, |_, raw| f(raw))
+    }
+
+    /// Audit records from sequence number `from` on, oldest first, passed
+    /// with their sequence number to `f` until it says stop. One iterator:
+    /// memory stays flat however long the log.
+    pub fn audit_scan(
+        &self,
+        from: u64,
+        mut f: impl FnMut(u64, &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        let start = audit_key(from);
         for item in self
             .db
-            .iterator(IteratorMode::From(AUDIT_PREFIX, Direction::Forward))
+            .iterator(IteratorMode::From(&start, Direction::Forward))
         {
             let (key, value) = item?;
-            if !key.starts_with(AUDIT_PREFIX) || !f(&value) {
+            let Some(seq) = audit_seq_of(&key) else {
+                break;
+            };
+            if !f(seq, &value) {
                 break;
             }
         }
+        Ok(())
+    }
+
+    /// Audit records newest first, from sequence number `upto` down,
+    /// passed to `f` until it says stop.
+    pub fn audit_scan_back(
+        &self,
+        upto: u64,
+        mut f: impl FnMut(u64, &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        let start = audit_key(upto);
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&start, Direction::Reverse))
+        {
+            let (key, value) = item?;
+            let Some(seq) = audit_seq_of(&key) else {
+                break;
+            };
+            if !f(seq, &value) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The oldest audit sequence number kept, if any.
+    pub fn first_audit_seq(&self) -> Result<Option<u64>, StoreError> {
+        let mut first = None;
+        self.audit_scan(0, |seq, _| {
+            first = Some(seq);
+            false
+        })?;
+        Ok(first)
+    }
+
+    /// Deletes every audit record below sequence number `below` (oldest
+    /// first: retention), in one synced range delete, then compacts the
+    /// range so that the disk space comes back now rather than at some
+    /// later compaction.
+    pub fn delete_audit_below(&self, below: u64) -> Result<(), StoreError> {
+        let (from, to) = (audit_key(0), audit_key(below));
+        let mut batch = WriteBatch::default();
+        batch.delete_range(&from, &to);
+        self.db.write_opt(batch, &Self::sync())?;
+        self.db.compact_range(Some(&from), Some(&to));
         Ok(())
     }
 }
@@ -356,5 +442,33 @@ mod tests {
             })
             .unwrap();
         assert_eq!(seen.len(), 2);
+    }
+
+    #[test]
+    fn audit_range_delete_keeps_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for seq in 1..=1000 {
+            store.put_audit(seq, b"{}").unwrap();
+        }
+        store.delete_audit_below(901).unwrap();
+        assert_eq!(store.first_audit_seq().unwrap(), Some(901));
+        assert_eq!(store.last_audit_seq().unwrap(), 1000);
+        let mut n = 0;
+        store
+            .audit_records(|_| {
+                n += 1;
+                true
+            })
+            .unwrap();
+        assert_eq!(n, 100);
+        let mut back = Vec::new();
+        store
+            .audit_scan_back(950, |seq, _| {
+                back.push(seq);
+                back.len() < 3
+            })
+            .unwrap();
+        assert_eq!(back, [950, 949, 948]);
     }
 }

@@ -48,9 +48,17 @@ pub struct RotateArgs {
 pub enum FleetCommand {
     Node(NodeCommand),
     Rotate(RotateArgs),
-    Retire { cluster: String, version: u32 },
-    Status { cluster: Option<String> },
-    Audit { since: Option<String> },
+    Retire {
+        cluster: String,
+        version: u32,
+    },
+    Status {
+        cluster: Option<String>,
+    },
+    Audit {
+        since: Option<String>,
+        limit: Option<u64>,
+    },
 }
 
 fn read(dir: &Path, name: &str) -> Result<String, Failure> {
@@ -204,54 +212,128 @@ pub async fn run(
                 print_status(&s);
             }
         }
-        FleetCommand::Audit { since } => {
-            let since_unix = match since {
-                Some(s) => {
-                    let d = duration("since", &s)?;
-                    unix_now().saturating_sub(d.as_secs())
+        FleetCommand::Audit { since, limit } => audit(client, since, limit, json).await?,
+    }
+    Ok(())
+}
+
+/// `kmsctl audit`: pages from the server's stream go out as they come,
+/// so memory stays flat however long the log. A closed stdout (`| head`)
+/// ends it quietly.
+async fn audit(
+    client: &mut OperatorClient<Channel>,
+    since: Option<String>,
+    limit: Option<u64>,
+    json: bool,
+) -> Result<(), Failure> {
+    use std::io::Write;
+    let since_unix = match since {
+        Some(s) => {
+            let d = duration("since", &s)?;
+            unix_now().saturating_sub(d.as_secs()).max(1)
+        }
+        None => 0,
+    };
+    let mut stream = client
+        .audit(pb::AuditRequest {
+            since_unix,
+            limit: limit.unwrap_or(0),
+            after_seq: 0,
+        })
+        .await?
+        .into_inner();
+    let stdout = std::io::stdout();
+    let mut printer = AuditPrinter {
+        out: std::io::BufWriter::new(stdout.lock()),
+        json,
+        first: true,
+    };
+    let mut failed = None;
+    let written: std::io::Result<()> = async {
+        loop {
+            match stream.message().await {
+                Ok(Some(page)) => {
+                    for rec in &page.records {
+                        printer.record(rec)?;
+                    }
                 }
-                None => 0,
-            };
-            let r = client
-                .audit(pb::AuditRequest { since_unix })
-                .await?
-                .into_inner();
-            if json {
-                let records: Vec<serde_json::Value> = r
-                    .records
-                    .iter()
-                    .filter_map(|rec| serde_json::from_str(&rec.json).ok())
-                    .collect();
-                print_json(json!(records));
-            } else {
-                for rec in &r.records {
-                    let v: serde_json::Value =
-                        serde_json::from_str(&rec.json).unwrap_or(serde_json::Value::Null);
-                    let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("");
-                    let mut what = field("cluster").to_owned();
-                    if !field("node").is_empty() {
-                        what = format!("{what}/{}", field("node"));
-                    }
-                    if let Some(ver) = v.get("version").and_then(|x| x.as_u64()) {
-                        what = format!("{what} v{ver}");
-                    }
-                    println!(
-                        "{}  {:<13} {:<28} {:<24} {}{}",
-                        utc(rec.time_unix_ms / 1000),
-                        field("event"),
-                        field("actor"),
-                        what.trim(),
-                        field("result"),
-                        match field("detail") {
-                            "" => String::new(),
-                            d => format!("  ({d})"),
-                        }
-                    );
+                Ok(None) => break,
+                Err(status) => {
+                    failed = Some(status);
+                    break;
                 }
             }
         }
+        // A stream cut short leaves the array open: no one mistakes it for
+        // the whole log.
+        if failed.is_none() {
+            printer.end()?;
+        }
+        printer.out.flush()
     }
-    Ok(())
+    .await;
+    match written {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            return Err(Failure::Usage(format!("cannot write the audit log: {e}")))
+        }
+        _ => {}
+    }
+    match failed {
+        Some(status) => Err(status.into()),
+        None => Ok(()),
+    }
+}
+
+struct AuditPrinter<W> {
+    out: W,
+    json: bool,
+    first: bool,
+}
+
+impl<W: std::io::Write> AuditPrinter<W> {
+    fn record(&mut self, rec: &pb::AuditRecord) -> std::io::Result<()> {
+        if self.json {
+            // Each record is already one JSON object: passed through.
+            let sep = if self.first { "[\n" } else { ",\n" };
+            self.first = false;
+            return write!(self.out, "{sep}{}", rec.json);
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&rec.json).unwrap_or(serde_json::Value::Null);
+        let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("");
+        let mut what = field("cluster").to_owned();
+        if !field("node").is_empty() {
+            what = format!("{what}/{}", field("node"));
+        }
+        if let Some(ver) = v.get("version").and_then(|x| x.as_u64()) {
+            what = format!("{what} v{ver}");
+        }
+        let count = match v.get("count").and_then(|x| x.as_u64()) {
+            Some(n) => format!(" x{n}"),
+            None => String::new(),
+        };
+        writeln!(
+            self.out,
+            "{}  {:<13} {:<28} {:<24} {}{}{}",
+            utc(rec.time_unix_ms / 1000),
+            field("event"),
+            field("actor"),
+            what.trim(),
+            field("result"),
+            count,
+            match field("detail") {
+                "" => String::new(),
+                d => format!("  ({d})"),
+            }
+        )
+    }
+
+    fn end(&mut self) -> std::io::Result<()> {
+        if self.json {
+            writeln!(self.out, "{}", if self.first { "[]" } else { "\n]" })?;
+        }
+        Ok(())
+    }
 }
 
 async fn cluster_status(

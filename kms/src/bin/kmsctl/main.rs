@@ -97,11 +97,14 @@ enum Command {
     Retire { cluster: String, version: u32 },
     /// Versions and nodes per cluster (central service)
     Status { cluster: Option<String> },
-    /// The central service's audit log
+    /// The central service's audit log, oldest first, streamed (`-o json`: a JSON array, one record per line)
     Audit {
         /// Only records newer than this (e.g. 1h, 7d)
         #[arg(long, value_name = "DURATION")]
         since: Option<String>,
+        /// Only the newest N records
+        #[arg(long, value_name = "N")]
+        limit: Option<u64>,
     },
     /// Write the central service's whole state, encrypted under your key, to a new file (restore: `edgekms-server restore`)
     Backup(backup::BackupArgs),
@@ -261,8 +264,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let cmd = fleet::FleetCommand::Status { cluster };
             fleet_cmd(cli.server, cli.operator_dir, cmd, json).await
         }
-        Command::Audit { since } => {
-            let cmd = fleet::FleetCommand::Audit { since };
+        Command::Audit { since, limit } => {
+            let cmd = fleet::FleetCommand::Audit { since, limit };
             fleet_cmd(cli.server, cli.operator_dir, cmd, json).await
         }
         Command::Backup(args) => {
