@@ -98,8 +98,9 @@ async fn start(dir: &Path, args: Vec<String>) -> Outcome {
             return Outcome::Refused(line);
         }
         if let Ok(mut kms) = p.try_kms().await {
-            if let Ok(s) = kms.status(edgekms_proto::kms_v2::StatusRequest {}).await {
-                assert_eq!(s.get_ref().healthz, "ok", "{}", p.log_text());
+            // Served: answering Status (a joined node may still wait for
+            // its keys; the callers check what it serves).
+            if kms.status(edgekms_proto::kms_v2::StatusRequest {}).await.is_ok() {
                 return Outcome::Served(p);
             }
         }
@@ -108,9 +109,15 @@ async fn start(dir: &Path, args: Vec<String>) -> Outcome {
     }
 }
 
-/// Every ciphertext decrypts and Status names `key_id`.
+/// Every ciphertext decrypts and Status names `key_id`, healthz "ok".
 async fn assert_everything_decrypts(p: &Plugin, written: &[Written], key_id: &str) {
     let mut kms = p.kms().await;
+    let status = kms
+        .status(edgekms_proto::kms_v2::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.healthz, "ok", "{}", p.log_text());
     assert_eq!(edgekms_e2e::key_id(&mut kms).await, key_id, "{}", p.log_text());
     for w in written {
         let plain = decrypt(&mut kms, &w.ct, &w.key_id)
@@ -503,7 +510,9 @@ async fn a_joined_node_that_lost_its_keks_is_refilled_from_the_central_service()
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let mut kms = q.kms().await;
-            if edgekms_e2e::key_id(&mut kms).await == key_id {
+            if edgekms_e2e::key_id(&mut kms).await == key_id
+                && decrypt(&mut kms, &written[0].ct, &written[0].key_id).await.is_ok()
+            {
                 break;
             }
             assert!(Instant::now() < deadline, "{kind}: not re-filled:\n{}", q.log_text());
