@@ -142,7 +142,7 @@ fn repairs(scrape: &prometheus_parse::Scrape) -> f64 {
             prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
             _ => 0.0,
         })
-        .sum()
+        .fold(0.0, |a, b| a + b)
 }
 
 /// A fresh copy of the template's data dir under `root/name`.
@@ -642,4 +642,42 @@ async fn a_local_backup_restores_a_lost_data_dir() {
     assert!(next.version > 1000, "the restored node reused version {}", next.version);
     assert!(written.iter().all(|w| w.key_id != next.key_id));
     assert_everything_decrypts(&p, &written, &next.key_id).await;
+}
+
+/// A data dir others may write to is refused; one others may read is made
+/// private, with every cache file 0600 (older versions left them 0644).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_dir_is_private_or_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("p");
+    let mut p = Plugin::start(&dir, "edge-1").await;
+    let mut written = Vec::new();
+    write(&p, 1, &mut written).await;
+    let key_id = written[0].key_id.clone();
+    assert_eq!(p.stop(), Some(0));
+    let data = dir.join("data");
+    for f in files(&data.join("cache"), |_| true) {
+        assert_eq!(mode(&f), 0o600, "{}", f.display());
+    }
+    let set = |path: &Path, m: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    set(&data, 0o770);
+    let Outcome::Refused(line) = start(&dir, Plugin::soft_args(&dir, "edge-1")).await else {
+        panic!("started on a group-writable data dir");
+    };
+    assert!(line.contains("group or others may write") && line.contains("0770"), "{line}");
+    set(&data, 0o755);
+    // A file RocksDB keeps for the life of the database.
+    let sst = data.join("cache/IDENTITY");
+    set(&sst, 0o644);
+    let Outcome::Served(mut p) = start(&dir, Plugin::soft_args(&dir, "edge-1")).await else {
+        panic!("refused a world-readable data dir instead of tightening it");
+    };
+    assert_everything_decrypts(&p, &written, &key_id).await;
+    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(&sst), 0o600);
+    assert!(p.log_text().contains("made it 0700"));
+    assert_eq!(p.stop(), Some(0));
 }
