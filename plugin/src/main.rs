@@ -170,6 +170,7 @@ fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
     let restored = backup::restore(&dump, &cfg.data_dir, |dir| {
         let mut cfg = cfg.clone();
         cfg.data_dir = dir.to_owned();
+        cfg.cluster = dump.cluster.clone();
         sealer_from_config(&cfg)
     })?;
     println!(

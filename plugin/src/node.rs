@@ -93,6 +93,16 @@ pub fn show_recovery_passphrase(passphrase: &str) {
 
 /// Builds the sealer the config asks for. Never falls back to another one.
 pub fn sealer_from_config(cfg: &Config) -> Result<Box<dyn Sealer>, NodeError> {
+    // Before anything is created in a new data dir (a soft sealer's key).
+    if cfg.cluster.is_empty()
+        && !cfg.data_dir.join(crate::store::CACHE_DIR).exists()
+        && !cfg.data_dir.join(crate::store::COPIES_DIR).exists()
+    {
+        return Err(NodeError::InvalidArgument(format!(
+            "--cluster is required (the cluster this node belongs to): the data dir {} names none yet",
+            cfg.data_dir.display()
+        )));
+    }
     private_data_dir(&cfg.data_dir)?;
     match cfg.sealer {
         SealerKind::Soft => Ok(Box::new(edgekms_hsm::soft::SoftSealer::open_or_create(

@@ -347,6 +347,15 @@ impl Store {
     /// names; `None` takes the data dir's (and fails when it names none).
     pub fn open_with(data_dir: &Path, cluster: Option<&str>) -> Result<Self, StoreError> {
         let marked = durable::has_marker(data_dir);
+        if cluster.is_none()
+            && !data_dir.join(CACHE_DIR).exists()
+            && !data_dir.join(COPIES_DIR).exists()
+        {
+            // Nothing here yet: create nothing.
+            return Err(StoreError::NoCluster {
+                path: data_dir.display().to_string(),
+            });
+        }
         let copies = RecordFiles::open(&data_dir.join(COPIES_DIR))?;
         let path = data_dir.join(CACHE_DIR);
         let db = match DB::open(&rocks_options(), &path) {
