@@ -100,11 +100,19 @@ async fn start(dir: &Path, args: Vec<String>) -> Outcome {
         if let Ok(mut kms) = p.try_kms().await {
             // Served: answering Status (a joined node may still wait for
             // its keys; the callers check what it serves).
-            if kms.status(edgekms_proto::kms_v2::StatusRequest {}).await.is_ok() {
+            if kms
+                .status(edgekms_proto::kms_v2::StatusRequest {})
+                .await
+                .is_ok()
+            {
                 return Outcome::Served(p);
             }
         }
-        assert!(Instant::now() < deadline, "neither served nor exited:\n{}", p.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "neither served nor exited:\n{}",
+            p.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -118,7 +126,12 @@ async fn assert_everything_decrypts(p: &Plugin, written: &[Written], key_id: &st
         .unwrap()
         .into_inner();
     assert_eq!(status.healthz, "ok", "{}", p.log_text());
-    assert_eq!(edgekms_e2e::key_id(&mut kms).await, key_id, "{}", p.log_text());
+    assert_eq!(
+        edgekms_e2e::key_id(&mut kms).await,
+        key_id,
+        "{}",
+        p.log_text()
+    );
     for w in written {
         let plain = decrypt(&mut kms, &w.ct, &w.key_id)
             .await
@@ -129,7 +142,10 @@ async fn assert_everything_decrypts(p: &Plugin, written: &[Written], key_id: &st
 
 fn assert_no_key_made(log: &str) {
     assert!(!log.contains(NEW_NSK), "a new node key was made:\n{log}");
-    assert!(!log.contains(PASSPHRASE), "a new recovery passphrase:\n{log}");
+    assert!(
+        !log.contains(PASSPHRASE),
+        "a new recovery passphrase:\n{log}"
+    );
     assert!(!log.contains("created KEK version"), "a new v1:\n{log}");
 }
 
@@ -170,7 +186,11 @@ async fn survives(root: &Path, t: &Template, name: &str, damage: impl FnOnce(&Pa
                 panic!("{name}: the repaired data dir does not start");
             };
             assert_everything_decrypts(&again, &t.written, &t.key_id).await;
-            assert_eq!(repairs(&again.scrape().await), 0.0, "{name}: repaired twice");
+            assert_eq!(
+                repairs(&again.scrape().await),
+                0.0,
+                "{name}: repaired twice"
+            );
             assert_eq!(again.stop(), Some(0));
             assert_no_key_made(&again.log_text());
             let _ = std::fs::remove_dir_all(&dir);
@@ -209,9 +229,12 @@ async fn every_rocksdb_file_damaged_is_rebuilt_from_the_copies() {
         }
         // The whole cache gone.
         table.push(
-            survives(root.path(), &t, &format!("cache-dir-deleted-{killed}"), |data| {
-                std::fs::remove_dir_all(data.join("cache")).unwrap()
-            })
+            survives(
+                root.path(),
+                &t,
+                &format!("cache-dir-deleted-{killed}"),
+                |data| std::fs::remove_dir_all(data.join("cache")).unwrap(),
+            )
             .await,
         );
     }
@@ -230,7 +253,10 @@ async fn every_record_copy_damaged_is_rewritten_from_rocksdb() {
             .map(|p| p.file_name().unwrap().to_str().unwrap().to_owned())
             .collect();
         for want in ["cluster", "nsk", "recovery", "kek-1", "kek-2", "kek-3"] {
-            assert!(names.iter().any(|n| n == want), "no copy {want} in {names:?}");
+            assert!(
+                names.iter().any(|n| n == want),
+                "no copy {want} in {names:?}"
+            );
         }
         for name in &names {
             for fault in Fault::ALL {
@@ -245,9 +271,12 @@ async fn every_record_copy_damaged_is_rewritten_from_rocksdb() {
         }
         // Every copy gone at once (a data dir from before the copies).
         table.push(
-            survives(root.path(), &t, &format!("copies-dir-deleted-{killed}"), |data| {
-                std::fs::remove_dir_all(data.join("copies")).unwrap()
-            })
+            survives(
+                root.path(),
+                &t,
+                &format!("copies-dir-deleted-{killed}"),
+                |data| std::fs::remove_dir_all(data.join("copies")).unwrap(),
+            )
             .await,
         );
     }
@@ -271,7 +300,10 @@ async fn a_damaged_sealed_blob_is_repaired_from_its_twin_or_refused_never_remade
             })
             .collect()
     };
-    assert!(!in_rocks(&t.data).is_empty(), "the sealed blob is not in the cache files");
+    assert!(
+        !in_rocks(&t.data).is_empty(),
+        "the sealed blob is not in the cache files"
+    );
 
     // The reproduction: one byte of the sealed key in the WAL/SST.
     survives(root.path(), &t, "nsk-in-rocksdb", |data| {
@@ -350,13 +382,25 @@ async fn kill_rotation_loop(rounds: usize) {
         let now = edgekms_e2e::key_id(&mut kms).await;
         if !acked_primary.is_empty() {
             // A rotation that was not acknowledged may have landed.
-            let v = |id: &str| id.split('/').nth(1).unwrap().trim_start_matches('v').parse::<u32>().unwrap();
-            assert!(v(&now) >= v(&acked_primary), "round {round}: primary {now} older than {acked_primary}");
+            let v = |id: &str| {
+                id.split('/')
+                    .nth(1)
+                    .unwrap()
+                    .trim_start_matches('v')
+                    .parse::<u32>()
+                    .unwrap()
+            };
+            assert!(
+                v(&now) >= v(&acked_primary),
+                "round {round}: primary {now} older than {acked_primary}"
+            );
         }
         for w in &written {
-            let plain = decrypt(&mut kms, &w.ct, &w.key_id).await.unwrap_or_else(|e| {
-                panic!("round {round}: {} lost: {e}\n{}", w.key_id, p.log_text())
-            });
+            let plain = decrypt(&mut kms, &w.ct, &w.key_id)
+                .await
+                .unwrap_or_else(|e| {
+                    panic!("round {round}: {} lost: {e}\n{}", w.key_id, p.log_text())
+                });
             assert_eq!(plain, w.plain);
         }
         // Work until killed at a random point.
@@ -401,9 +445,15 @@ async fn kill_rotation_loop(rounds: usize) {
 }
 
 fn assert_no_key_made_after_first(log: &str) {
-    assert!(log.matches(NEW_NSK).count() <= 1, "a second node key:\n{log}");
+    assert!(
+        log.matches(NEW_NSK).count() <= 1,
+        "a second node key:\n{log}"
+    );
     assert!(log.matches(PASSPHRASE).count() <= 1, "a second passphrase");
-    assert!(log.matches("created KEK version").count() <= 1, "a second v1");
+    assert!(
+        log.matches("created KEK version").count() <= 1,
+        "a second v1"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -446,7 +496,10 @@ async fn a_joined_plugin_refuses_another_node_or_cluster_name() {
     let Outcome::Refused(line) = start(&dir, with("--cluster", "edge-9")).await else {
         panic!("started as another cluster");
     };
-    assert!(line.contains("\"edge-1\"") && line.contains("\"edge-9\""), "{line}");
+    assert!(
+        line.contains("\"edge-1\"") && line.contains("\"edge-9\""),
+        "{line}"
+    );
 
     // Neither flag: both from the data dir, and it syncs a rotation.
     let mut args = node_args(&dir, "edge-1", "n2");
@@ -463,11 +516,21 @@ async fn a_joined_plugin_refuses_another_node_or_cluster_name() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let c = server.cluster("edge-1");
-        let n = c["nodes"].as_array().unwrap().iter().find(|n| n["name"] == "n2").unwrap().clone();
+        let n = c["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == "n2")
+            .unwrap()
+            .clone();
         if n["held"].as_array().is_some_and(|h| h.len() >= 2) {
             break;
         }
-        assert!(Instant::now() < deadline, "n2 never got v2: {c}\n{}", p.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "n2 never got v2: {c}\n{}",
+            p.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -511,11 +574,17 @@ async fn a_joined_node_that_lost_its_keks_is_refilled_from_the_central_service()
         loop {
             let mut kms = q.kms().await;
             if edgekms_e2e::key_id(&mut kms).await == key_id
-                && decrypt(&mut kms, &written[0].ct, &written[0].key_id).await.is_ok()
+                && decrypt(&mut kms, &written[0].ct, &written[0].key_id)
+                    .await
+                    .is_ok()
             {
                 break;
             }
-            assert!(Instant::now() < deadline, "{kind}: not re-filled:\n{}", q.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "{kind}: not re-filled:\n{}",
+                q.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert_everything_decrypts(&q, &written, &key_id).await;
@@ -601,10 +670,16 @@ async fn a_local_backup_restores_a_lost_data_dir() {
     let out = kmsctl(&args);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(mode(&file), 0o600);
-    assert!(!kmsctl(&args).status.success(), "overwrote an existing backup");
+    assert!(
+        !kmsctl(&args).status.success(),
+        "overwrote an existing backup"
+    );
     let blob = std::fs::read(&file).unwrap();
     assert_eq!(&blob[..4], b"EKNB");
-    assert!(!blob.windows(key_id.len()).any(|w| w == key_id.as_bytes()), "key_id in the clear");
+    assert!(
+        !blob.windows(key_id.len()).any(|w| w == key_id.as_bytes()),
+        "key_id in the clear"
+    );
     assert_eq!(p.stop(), Some(0));
 
     std::fs::remove_dir_all(&p.data_dir).unwrap();
@@ -612,23 +687,45 @@ async fn a_local_backup_restores_a_lost_data_dir() {
         std::process::Command::new(bin("edgekms-plugin"))
             .args(["restore", "--from", file.to_str().unwrap(), "--key-file"])
             .arg(&key_file)
-            .args(["--data-dir", p.data_dir.to_str().unwrap(), "--sealer", "soft", "--no-metrics"])
+            .args([
+                "--data-dir",
+                p.data_dir.to_str().unwrap(),
+                "--sealer",
+                "soft",
+                "--no-metrics",
+            ])
             .args(extra)
             .output()
             .unwrap()
     };
     let out = restore(&["--cluster", "edge-2"]);
     assert!(!out.status.success());
-    assert!(text(&out).contains("\"edge-1\"") && text(&out).contains("\"edge-2\""), "{}", text(&out));
+    assert!(
+        text(&out).contains("\"edge-1\"") && text(&out).contains("\"edge-2\""),
+        "{}",
+        text(&out)
+    );
     assert!(!p.data_dir.exists(), "a refused restore left a data dir");
     let out = restore(&[]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("recovery passphrase"));
-    let siblings: Vec<_> = std::fs::read_dir(dir.as_path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert!(!siblings.iter().any(|n| n.to_string_lossy().contains("restoring")), "{siblings:?}");
+    let siblings: Vec<_> = std::fs::read_dir(dir.as_path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        !siblings
+            .iter()
+            .any(|n| n.to_string_lossy().contains("restoring")),
+        "{siblings:?}"
+    );
     // Never over a data dir that holds anything.
     let out = restore(&[]);
-    assert!(!out.status.success() && text(&out).contains("not empty"), "{}", text(&out));
+    assert!(
+        !out.status.success() && text(&out).contains("not empty"),
+        "{}",
+        text(&out)
+    );
 
     // Without --cluster: the data dir names it.
     let mut args = Plugin::soft_args(&dir, "edge-1");
@@ -638,8 +735,18 @@ async fn a_local_backup_restores_a_lost_data_dir() {
         panic!("the restored data dir does not start");
     };
     assert_everything_decrypts(&p, &written, &key_id).await;
-    let next = p.admin().await.rotate(RotateRequest {}).await.unwrap().into_inner();
-    assert!(next.version > 1000, "the restored node reused version {}", next.version);
+    let next = p
+        .admin()
+        .await
+        .rotate(RotateRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        next.version > 1000,
+        "the restored node reused version {}",
+        next.version
+    );
     assert!(written.iter().all(|w| w.key_id != next.key_id));
     assert_everything_decrypts(&p, &written, &next.key_id).await;
 }
@@ -667,7 +774,10 @@ async fn the_data_dir_is_private_or_refused() {
     let Outcome::Refused(line) = start(&dir, Plugin::soft_args(&dir, "edge-1")).await else {
         panic!("started on a group-writable data dir");
     };
-    assert!(line.contains("group or others may write") && line.contains("0770"), "{line}");
+    assert!(
+        line.contains("group or others may write") && line.contains("0770"),
+        "{line}"
+    );
     set(&data, 0o755);
     // A file RocksDB keeps for the life of the database.
     let sst = data.join("cache/IDENTITY");

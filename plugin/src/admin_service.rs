@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use edgekms_proto::admin::node_admin_server::NodeAdmin;
 use edgekms_proto::admin::{
-    BackupRequest, BackupResponse, KeyVersion, NodeStatus, ResealRequest, ResealResponse, RetireRequest, RetireResponse,
-    RotateRequest, RotateResponse, StatusRequest,
+    BackupRequest, BackupResponse, KeyVersion, NodeStatus, ResealRequest, ResealResponse,
+    RetireRequest, RetireResponse, RotateRequest, RotateResponse, StatusRequest,
 };
 use tonic::{Request, Response, Status};
 

@@ -193,7 +193,9 @@ pub enum RestoreError {
     File(#[from] BackupError),
     #[error("backup is corrupt: {0}; use another copy")]
     Corrupt(String),
-    #[error("the backup is of cluster {backup:?}, not {configured:?}: check --cluster or the file")]
+    #[error(
+        "the backup is of cluster {backup:?}, not {configured:?}: check --cluster or the file"
+    )]
     Cluster { backup: String, configured: String },
     #[error("{0} is not empty; restore into a new, empty --data-dir (never over a node's keys)")]
     NotEmpty(PathBuf),
@@ -312,11 +314,16 @@ fn build(
     // Read back as the plugin will.
     let back = store.load_keyring(&nsk)?;
     if back.versions().count() != ring.versions().count() {
-        return Err(RestoreError::Corrupt("the restored cache does not read back".into()));
+        return Err(RestoreError::Corrupt(
+            "the restored cache does not read back".into(),
+        ));
     }
     Ok(Restored {
         versions: dump.keyring.versions().count(),
-        primary: dump.keyring.primary().map(|p| (p.version, p.key_id.clone())),
+        primary: dump
+            .keyring
+            .primary()
+            .map(|p| (p.version, p.key_id.clone())),
         next_version: ring.next_version().map_err(NodeError::from)?,
         passphrase,
     })
@@ -345,7 +352,10 @@ mod tests {
         assert_eq!(back.cluster, "edge-1");
         assert_eq!(back.created_unix, 9);
         for (a, b) in ring.versions().zip(back.keyring.versions()) {
-            assert_eq!((a.version, a.state, &a.key_id), (b.version, b.state, &b.key_id));
+            assert_eq!(
+                (a.version, a.state, &a.key_id),
+                (b.version, b.state, &b.key_id)
+            );
             assert!(a.key() == b.key());
         }
         let key = Key256::generate();
@@ -359,9 +369,15 @@ mod tests {
         let last = bad.len() - 1;
         bad[last] ^= 1;
         assert!(open(&bad, &key).is_err());
-        assert!(matches!(open(b"EKBK....", &key), Err(RestoreError::NotABackup)));
+        assert!(matches!(
+            open(b"EKBK....", &key),
+            Err(RestoreError::NotABackup)
+        ));
         for k in ring.versions().filter_map(|kv| kv.key()) {
-            assert!(!blob.windows(32).any(|w| w == k.expose()), "key in the clear");
+            assert!(
+                !blob.windows(32).any(|w| w == k.expose()),
+                "key in the clear"
+            );
         }
     }
 

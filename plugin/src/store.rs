@@ -227,7 +227,10 @@ fn copies_incomplete(copies: &RecordFiles) -> Result<(), String> {
             Ok(None) => return Err(format!("{} vanished", copies.path(name).display())),
             Err(e) => return Err(e.to_string()),
         }
-        if let Some(v) = name.strip_prefix("kek-").and_then(|v| v.parse::<u32>().ok()) {
+        if let Some(v) = name
+            .strip_prefix("kek-")
+            .and_then(|v| v.parse::<u32>().ok())
+        {
             versions.push(v);
         }
     }
@@ -243,7 +246,10 @@ fn copies_incomplete(copies: &RecordFiles) -> Result<(), String> {
         }
         for (want, have) in (1..).zip(&versions) {
             if want != *have {
-                return Err(format!("{} is missing", copies.path(&format!("kek-{want}")).display()));
+                return Err(format!(
+                    "{} is missing",
+                    copies.path(&format!("kek-{want}")).display()
+                ));
             }
         }
     }
@@ -425,7 +431,11 @@ impl Store {
     /// RocksDB refused to open: rebuild it from the copies if they hold a
     /// complete set (the damaged directory is kept beside, renamed), else
     /// fail with the one line an operator needs.
-    fn rebuild(path: &Path, copies: &RecordFiles, source: rocksdb::Error) -> Result<DB, StoreError> {
+    fn rebuild(
+        path: &Path,
+        copies: &RecordFiles,
+        source: rocksdb::Error,
+    ) -> Result<DB, StoreError> {
         if let Err(why) = copies_incomplete(copies) {
             return Err(StoreError::Damaged(format!(
                 "the key cache {} is damaged ({source}) and cannot be rebuilt from {}: {why}. \
@@ -593,7 +603,11 @@ impl Store {
         nsk: &Key256,
         keyring: &Keyring,
     ) -> Result<(), StoreError> {
-        let mut records = self.version_records(nsk, keyring, &keyring.versions().map(|kv| kv.version).collect::<Vec<_>>());
+        let mut records = self.version_records(
+            nsk,
+            keyring,
+            &keyring.versions().map(|kv| kv.version).collect::<Vec<_>>(),
+        );
         records.push((RECOVERY_KEY.to_vec(), recovery.to_vec()));
         // Last, so that a copy of the node key means the rest was written.
         records.push((NSK_KEY.to_vec(), blob.encode()));
@@ -694,7 +708,10 @@ impl Store {
         plain.extend_from_slice(&keys.tls_key);
         plain.extend_from_slice(&keys.delivery_key);
         let wrapped = aead::seal(nsk, &fleet_keys_aad(&self.cluster), &plain);
-        self.put(&[(FLEET_KEY.to_vec(), json), (FLEET_KEYS_KEY.to_vec(), wrapped)])
+        self.put(&[
+            (FLEET_KEY.to_vec(), json),
+            (FLEET_KEYS_KEY.to_vec(), wrapped),
+        ])
     }
 
     pub fn fleet_keys(&self, nsk: &Key256) -> Result<FleetKeys, StoreError> {
