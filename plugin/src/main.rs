@@ -190,6 +190,7 @@ fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg = prepare(cli.config.as_deref(), cli.settings)?;
+    edgekms_plugin::node::require_cluster(&cfg)?;
 
     runtime()?.block_on(async {
         // Up before unsealing (which may wait on a busy TPM): /healthz

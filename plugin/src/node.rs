@@ -93,7 +93,19 @@ pub fn show_recovery_passphrase(passphrase: &str) {
 
 /// Builds the sealer the config asks for. Never falls back to another one.
 pub fn sealer_from_config(cfg: &Config) -> Result<Box<dyn Sealer>, NodeError> {
-    // Before anything is created in a new data dir (a soft sealer's key).
+    require_cluster(cfg)?;
+    private_data_dir(&cfg.data_dir)?;
+    match cfg.sealer {
+        SealerKind::Soft => Ok(Box::new(edgekms_hsm::soft::SoftSealer::open_or_create(
+            &cfg.data_dir.join("soft-sealer.key"),
+        )?)),
+        SealerKind::Tpm => tpm_sealer(cfg),
+    }
+}
+
+/// `--cluster` may be left out only once the data dir names one: checked
+/// before anything is created in a new data dir (a soft sealer's key).
+pub fn require_cluster(cfg: &Config) -> Result<(), NodeError> {
     if cfg.cluster.is_empty()
         && !cfg.data_dir.join(crate::store::CACHE_DIR).exists()
         && !cfg.data_dir.join(crate::store::COPIES_DIR).exists()
@@ -103,13 +115,7 @@ pub fn sealer_from_config(cfg: &Config) -> Result<Box<dyn Sealer>, NodeError> {
             cfg.data_dir.display()
         )));
     }
-    private_data_dir(&cfg.data_dir)?;
-    match cfg.sealer {
-        SealerKind::Soft => Ok(Box::new(edgekms_hsm::soft::SoftSealer::open_or_create(
-            &cfg.data_dir.join("soft-sealer.key"),
-        )?)),
-        SealerKind::Tpm => tpm_sealer(cfg),
-    }
+    Ok(())
 }
 
 /// Creates the data dir with mode 0700, or checks an existing one: owned by
