@@ -5,7 +5,7 @@
 //! expected line; and never that a key was made (no new node key, no new
 //! recovery passphrase, no new v1).
 //!
-//! Soak: `EDGEKMS_SOAK_ROUNDS=2000 cargo test -p edgekms-e2e --test faults_plugin -- --ignored soak`.
+//! Soak: `EDGEKMS_SOAK_ROUNDS=2000 cargo test --workspace --test faults_plugin -- --ignored soak`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
@@ -462,7 +462,7 @@ async fn kill9_during_rotations_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "soak: EDGEKMS_SOAK_ROUNDS=N cargo test -p edgekms-e2e --test faults_plugin -- --ignored soak"]
+#[ignore = "soak: EDGEKMS_SOAK_ROUNDS=N cargo test --workspace --test faults_plugin -- --ignored soak"]
 async fn soak_kill9_during_rotations() {
     let rounds = std::env::var("EDGEKMS_SOAK_ROUNDS")
         .ok()
