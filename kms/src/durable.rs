@@ -415,3 +415,29 @@ mod tests {
         assert!(has_marker(dir.path()));
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Arbitrary bytes: an error or a body, never a panic.
+        #[test]
+        fn decode_record_never_panics(name in "[a-z/0-9-]{0,12}", raw in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode_record(&name, &raw);
+        }
+
+        /// A round trip returns its body; any one flipped byte is refused.
+        #[test]
+        fn decode_record_round_trips(name in "[a-z/0-9-]{1,12}", body in proptest::collection::vec(any::<u8>(), 0..300), flip in any::<proptest::sample::Index>()) {
+            let raw = encode_record(&name, &body);
+            prop_assert_eq!(decode_record(&name, &raw).unwrap(), &body[..]);
+            let mut bad = raw.clone();
+            bad[flip.index(raw.len())] ^= 0x80;
+            prop_assert!(decode_record(&name, &bad).is_err());
+        }
+    }
+}

@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use edgekms_proto::admin::node_admin_server::NodeAdmin;
 use edgekms_proto::admin::{
-    KeyVersion, NodeStatus, ResealRequest, ResealResponse, RetireRequest, RetireResponse,
-    RotateRequest, RotateResponse, StatusRequest,
+    BackupRequest, BackupResponse, KeyVersion, NodeStatus, ResealRequest, ResealResponse,
+    RetireRequest, RetireResponse, RotateRequest, RotateResponse, StatusRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -87,5 +87,24 @@ impl NodeAdmin for AdminService {
         let passphrase = zeroize::Zeroizing::new(request.into_inner().recovery_passphrase);
         blocking(move || node.reseal(&passphrase)).await?;
         Ok(Response::new(ResealResponse {}))
+    }
+
+    async fn backup(
+        &self,
+        request: Request<BackupRequest>,
+    ) -> Result<Response<BackupResponse>, Status> {
+        let node = self.node.clone();
+        let raw = zeroize::Zeroizing::new(request.into_inner().key.to_vec());
+        let key = edgekms_hsm::Key256::from_slice(&raw)
+            .ok_or_else(|| Status::invalid_argument("the backup key must be 32 bytes"))?;
+        let (blob, dump) = blocking(move || crate::backup::make(&node, &key)).await?;
+        tracing::info!(target: "audit", op = "backup", versions = dump.keyring.versions().count(), result = "ok");
+        Ok(Response::new(BackupResponse {
+            blob: blob.into(),
+            cluster: dump.cluster,
+            key_versions: u32::try_from(dump.keyring.versions().count()).unwrap_or(u32::MAX),
+            primary_version: dump.keyring.primary().map_or(0, |p| p.version),
+            created_unix: dump.created_unix,
+        }))
     }
 }

@@ -41,10 +41,10 @@ pub struct Settings {
     /// Directory for the key cache (RocksDB) and the sealed node key [default: /var/lib/edgekms]
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Cluster this node belongs to (a DNS label, e.g. edge-1); bound into every ciphertext
+    /// Cluster this node belongs to (a DNS label, e.g. edge-1); bound into every ciphertext. Required on a data dir's first start; then read from the data dir
     #[arg(long, value_name = "NAME")]
     pub cluster: Option<String>,
-    /// This node's name [default: the host name]
+    /// This node's name [default: the joined name in the data dir, else the host name]
     #[arg(long, value_name = "NAME")]
     pub node: Option<String>,
     /// Where the node sealing key is sealed: tpm (real nodes) or soft (INSECURE, development) [default: tpm]
@@ -86,8 +86,12 @@ pub struct Config {
     pub socket: PathBuf,
     pub admin_socket: PathBuf,
     pub data_dir: PathBuf,
+    /// Empty: the data dir's (see [`crate::node::Node::open`]).
     pub cluster: String,
     pub node: String,
+    /// Whether `node` was given (flag or file) rather than the host name:
+    /// only a given name can conflict with the data dir's.
+    pub node_given: bool,
     pub sealer: SealerKind,
     pub tpm_tcti: String,
     pub tpm_pcrs: Option<String>,
@@ -148,12 +152,14 @@ impl Settings {
         if socket == admin_socket {
             problems.push("--admin-socket must differ from --socket".to_owned());
         }
+        // Checked against the data dir at open: required only on a first start.
         let cluster = self.cluster.unwrap_or_default();
-        if cluster.is_empty() {
-            problems.push("--cluster is required (the cluster this node belongs to)".to_owned());
-        } else if let Err(e) = edgekms_kms::keyid::validate_name(&cluster) {
-            problems.push(e.to_string());
+        if !cluster.is_empty() {
+            if let Err(e) = edgekms_kms::keyid::validate_name(&cluster) {
+                problems.push(e.to_string());
+            }
         }
+        let node_given = self.node.is_some();
         let node = self.node.unwrap_or_else(hostname);
         if let Err(e) = edgekms_kms::keyid::validate_name(&node) {
             problems.push(format!("--node: {e}"));
@@ -184,6 +190,7 @@ impl Settings {
                 data_dir: self.data_dir.unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
                 cluster,
                 node,
+                node_given,
                 sealer,
                 tpm_tcti: self.tpm_tcti.unwrap_or_else(|| DEFAULT_TPM_TCTI.into()),
                 tpm_pcrs: self.tpm_pcrs,

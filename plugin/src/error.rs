@@ -87,7 +87,10 @@ fn store_code(e: &StoreError) -> Code {
         | StoreError::Rocks(_)
         | StoreError::ClusterMismatch { .. }
         | StoreError::Corrupt { .. }
-        | StoreError::Unwrap { .. } => Code::Internal,
+        | StoreError::Unwrap { .. }
+        | StoreError::Durable(_)
+        | StoreError::Damaged(_)
+        | StoreError::NoCluster { .. } => Code::Internal,
     }
 }
 

@@ -5,6 +5,7 @@
 //!   sealing key) and the sealed node sealing key itself.
 //! - [`node`]: the node's key manager: unseal at start, publish one keyring
 //!   snapshot that Status/Encrypt/Decrypt read, rotate and retire.
+//! - [`backup`]: a standalone node's encrypted local backup and its restore.
 //! - [`recovery`]: the recovery passphrase that re-seals after a PCR change.
 //! - [`error`]: the node's error type and its one mapping to gRPC status.
 //! - [`kms_service`] / [`admin_service`]: thin tonic adapters.
@@ -13,6 +14,7 @@
 //! - [`sync`]: `join` and the sync stream to the central key service.
 
 pub mod admin_service;
+pub mod backup;
 pub mod config;
 pub mod error;
 pub mod kms_service;

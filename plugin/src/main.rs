@@ -11,7 +11,7 @@ use edgekms_kms::ops::{Handlers, OpsServer};
 use edgekms_plugin::config::{Config, LogFormat, Settings};
 use edgekms_plugin::metrics;
 use edgekms_plugin::node::{sealer_from_config, Node};
-use edgekms_plugin::{server, sync};
+use edgekms_plugin::{backup, server, sync};
 
 /// Kubernetes KMS v2 plugin: wraps kube-apiserver's DEK seeds with KEKs kept
 /// in a local cache and sealed to this node's TPM.
@@ -35,6 +35,23 @@ struct Cli {
 enum Command {
     /// Enrol this node with the central key service (once), then receive its cluster's keys
     Join(JoinArgs),
+    /// Restore a standalone node's keys from a `kmsctl local backup` file into an empty data dir (run it with the plugin stopped)
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RestoreArgs {
+    /// The backup file written by `kmsctl local backup`
+    #[arg(long, value_name = "FILE")]
+    from: std::path::PathBuf,
+    /// File holding the backup key the file was made with (64 hex digits)
+    #[arg(long, value_name = "KEYFILE")]
+    key_file: std::path::PathBuf,
+    /// TOML config file with the same keys as the flags; flags win
+    #[arg(long, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    settings: Settings,
 }
 
 #[derive(Debug, clap::Args)]
@@ -70,6 +87,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Some(Command::Join(args)) => run_join(args),
+        Some(Command::Restore(args)) => run_restore(args),
         None => run(cli),
     };
     match result {
@@ -94,6 +112,8 @@ struct Usage(String);
 /// Flags over the config file, validated; then logging and hardening.
 fn prepare(config: Option<&std::path::Path>, settings: Settings) -> anyhow::Result<Config> {
     cli::quiet_tss();
+    // RocksDB and the sealers create files with the process umask: private.
+    edgekms_kms::durable::private_umask();
     let file = match config {
         Some(path) => Settings::from_file(path).map_err(Usage)?,
         None => Settings::default(),
@@ -126,7 +146,7 @@ fn run_join(args: JoinArgs) -> anyhow::Result<()> {
     let joined = runtime()?.block_on(sync::join(&cfg, &args.server, &token, &args.ca_hash))?;
     println!(
         "joined: node {}/{} is enrolled with {}",
-        cfg.cluster, cfg.node, args.server
+        joined.cluster, joined.node, args.server
     );
     match joined.first_sync {
         Ok(()) => println!(
@@ -143,8 +163,52 @@ fn run_join(args: JoinArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
+    let key = edgekms_kms::server::backup::read_key_file(&args.key_file)?;
+    let cfg = prepare(args.config.as_deref(), args.settings)?;
+    let blob = std::fs::read(&args.from)
+        .map_err(|e| anyhow::anyhow!("cannot read --from {}: {e}", args.from.display()))?;
+    let dump = backup::open(&blob, &key)?;
+    if !cfg.cluster.is_empty() && cfg.cluster != dump.cluster {
+        return Err(backup::RestoreError::Cluster {
+            backup: dump.cluster,
+            configured: cfg.cluster,
+        }
+        .into());
+    }
+    // Refuse an existing --recovery-passphrase-file before anything is made.
+    let passphrase_out =
+        edgekms_plugin::recovery::PassphraseOut::prepare(cfg.recovery_passphrase_file.as_deref())?;
+    let restored = match backup::restore(&dump, &cfg.data_dir, |dir| {
+        let mut cfg = cfg.clone();
+        cfg.data_dir = dir.to_owned();
+        cfg.cluster = dump.cluster.clone();
+        sealer_from_config(&cfg)
+    }) {
+        Ok(restored) => restored,
+        Err(e) => {
+            edgekms_plugin::recovery::PassphraseOut::abandon(cfg.recovery_passphrase_file.as_deref());
+            return Err(e.into());
+        }
+    };
+    println!(
+        "restored cluster {} into {}: {} key versions, primary {}; the next rotation makes version {} (versions the lost node may have made after the backup are never reused)",
+        dump.cluster,
+        cfg.data_dir.display(),
+        restored.versions,
+        restored
+            .primary
+            .as_ref()
+            .map_or_else(|| "none".to_owned(), |(v, id)| format!("v{v} {id}")),
+        restored.next_version
+    );
+    passphrase_out.write(&restored.passphrase)?;
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg = prepare(cli.config.as_deref(), cli.settings)?;
+    edgekms_plugin::node::require_cluster(&cfg)?;
 
     runtime()?.block_on(async {
         // Up before unsealing (which may wait on a busy TPM): /healthz

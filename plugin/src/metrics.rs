@@ -79,6 +79,7 @@ pub struct Metrics {
     sealer_duration: HistogramVec,
     sync_last_contact: prometheus::Gauge,
     sync_errors: IntCounterVec,
+    store_repairs: IntCounterVec,
     last_contact: Mutex<Option<Instant>>,
     /// The code="OK" series of each method (in [`KmsMethod::ALL`] order),
     /// resolved once: the hot path then skips the label lookup.
@@ -134,6 +135,13 @@ impl Metrics {
             ),
             &["kind"],
         )?;
+        let store_repairs = IntCounterVec::new(
+            Opts::new(
+                "edgekms_store_repairs_total",
+                "Key cache records repaired at start from their redundant copy (or a copy rewritten from the cache), by record kind; record=\"rocksdb\" counts caches rebuilt from the copies.",
+            ),
+            &["record"],
+        )?;
         let registry = Registry::new();
         registry.register(Box::new(kms_requests.clone()))?;
         registry.register(Box::new(kms_duration.clone()))?;
@@ -143,6 +151,7 @@ impl Metrics {
         registry.register(Box::new(sealer_duration.clone()))?;
         registry.register(Box::new(sync_last_contact.clone()))?;
         registry.register(Box::new(sync_errors.clone()))?;
+        registry.register(Box::new(store_repairs.clone()))?;
         // Successful calls show as 0 from the start, so rates exist at once.
         let kms_ok = KmsMethod::ALL.map(|method| {
             let labels = [method.as_str(), code_name(Code::Ok)];
@@ -162,6 +171,7 @@ impl Metrics {
             sealer_duration,
             sync_last_contact,
             sync_errors,
+            store_repairs,
             last_contact: Mutex::new(None),
         })
     }
@@ -198,6 +208,10 @@ impl Metrics {
 
     pub fn record_sync_error(&self, kind: &'static str) {
         self.sync_errors.with_label_values(&[kind]).inc();
+    }
+
+    pub fn record_store_repair(&self, record: &'static str) {
+        self.store_repairs.with_label_values(&[record]).inc();
     }
 
     /// The text exposition, with the values computed at scrape time
@@ -273,6 +287,14 @@ pub fn record_sync_contact() {
 pub fn record_sync_error(kind: &'static str) {
     if let Some(m) = global() {
         m.record_sync_error(kind);
+    }
+}
+
+/// Call once per record repaired at start; `record` is a record kind
+/// (`nsk`, `kek`, ...) or `rocksdb`, never a full record name.
+pub fn record_store_repair(record: &'static str) {
+    if let Some(m) = global() {
+        m.record_store_repair(record);
     }
 }
 

@@ -27,7 +27,7 @@ use crate::config::{Config, SealerKind};
 use crate::error::NodeError;
 use crate::metrics::{self, SealerOp};
 use crate::recovery;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// What the KMS service reads, published whole.
 #[derive(Debug)]
@@ -85,7 +85,8 @@ fn now_unix() -> u64 {
 
 /// Builds the sealer the config asks for. Never falls back to another one.
 pub fn sealer_from_config(cfg: &Config) -> Result<Box<dyn Sealer>, NodeError> {
-    create_private_dir(&cfg.data_dir)?;
+    require_cluster(cfg)?;
+    private_data_dir(&cfg.data_dir)?;
     match cfg.sealer {
         SealerKind::Soft => Ok(Box::new(edgekms_hsm::soft::SoftSealer::open_or_create(
             &cfg.data_dir.join("soft-sealer.key"),
@@ -94,20 +95,29 @@ pub fn sealer_from_config(cfg: &Config) -> Result<Box<dyn Sealer>, NodeError> {
     }
 }
 
-/// Creates the data dir with mode 0700 (an existing one keeps its mode).
-fn create_private_dir(dir: &std::path::Path) -> Result<(), NodeError> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| {
-            SealError::Io {
-                op: format!("create data dir {}", dir.display()),
-                source,
-            }
-            .into()
-        })
+/// `--cluster` may be left out only once the data dir names one: checked
+/// before anything is created in a new data dir (a soft sealer's key).
+pub fn require_cluster(cfg: &Config) -> Result<(), NodeError> {
+    if cfg.cluster.is_empty()
+        && !cfg.data_dir.join(crate::store::CACHE_DIR).exists()
+        && !cfg.data_dir.join(crate::store::COPIES_DIR).exists()
+    {
+        return Err(NodeError::InvalidArgument(format!(
+            "--cluster is required (the cluster this node belongs to): the data dir {} names none yet",
+            cfg.data_dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Creates the data dir with mode 0700, or checks an existing one: owned by
+/// this user, not writable by others (refused), not readable by others
+/// (tightened, and said so).
+pub fn private_data_dir(dir: &std::path::Path) -> Result<(), NodeError> {
+    if edgekms_kms::durable::private_dir(dir).map_err(StoreError::from)? {
+        tracing::warn!(dir = %dir.display(), "the data dir was readable by other users: made it 0700");
+    }
+    Ok(())
 }
 
 #[cfg(feature = "tpm")]
@@ -156,10 +166,11 @@ impl Node {
     }
 
     fn open_as(cfg: &Config, sealer: Box<dyn Sealer>, joining: bool) -> Result<Self, NodeError> {
-        create_private_dir(&cfg.data_dir)?;
-        let store = Store::open(&cfg.data_dir, &cfg.cluster)?;
-        let joined = store.fleet()?.is_some();
-        if joining && joined {
+        private_data_dir(&cfg.data_dir)?;
+        let configured = (!cfg.cluster.is_empty()).then_some(cfg.cluster.as_str());
+        let store = Store::open_with(&cfg.data_dir, configured)?;
+        let fleet = store.fleet()?;
+        if joining && fleet.is_some() {
             return Err(NodeError::InvalidArgument(format!(
                 "{} already joined the central key service; the plugin syncs by itself (start it with this --data-dir)",
                 cfg.data_dir.display()
@@ -171,19 +182,36 @@ impl Node {
                 cfg.data_dir.display()
             )));
         }
+        // After join the node's name is the data dir's: the certificate and
+        // every delivered key are bound to it.
+        let name = match &fleet {
+            Some(rec) if cfg.node_given && rec.node != cfg.node => {
+                return Err(NodeError::InvalidArgument(format!(
+                    "the data dir {} joined as node {:?}, not {:?}: start without --node (or with --node {}), or use the data dir of node {:?}",
+                    cfg.data_dir.display(),
+                    rec.node,
+                    cfg.node,
+                    rec.node,
+                    cfg.node
+                )))
+            }
+            Some(rec) => rec.node.clone(),
+            None => cfg.node.clone(),
+        };
         let fleet_seq = store.fleet_seq()?;
+        let cluster = store.cluster().to_owned();
         let node = Self {
-            cluster: cfg.cluster.clone(),
-            node: cfg.node.clone(),
+            snapshot: RwLock::new(Arc::new(Snapshot {
+                keyring: Keyring::new(&cluster)?,
+                unavailable: Some("starting".into()),
+            })),
+            cluster,
+            node: name,
             store,
             sealer,
             nsk: Mutex::new(None),
-            snapshot: RwLock::new(Arc::new(Snapshot {
-                keyring: Keyring::new(&cfg.cluster)?,
-                unavailable: Some("starting".into()),
-            })),
             admin: Mutex::new(()),
-            fleet: joining || joined,
+            fleet: joining || fleet.is_some(),
             fleet_seq: std::sync::atomic::AtomicU64::new(fleet_seq),
         };
         let nsk = match node.store.sealed_nsk()? {
@@ -208,47 +236,67 @@ impl Node {
                     Err(e) => return Err(e.into()),
                 }
             }
-            None => {
-                // Where the passphrase goes is settled (an existing
-                // --recovery-passphrase-file refused) before any key exists,
-                // and it is written before the key is stored.
-                let out =
-                    recovery::PassphraseOut::prepare(cfg.recovery_passphrase_file.as_deref())?;
-                let nsk = Key256::generate();
-                let passphrase = recovery::generate_passphrase();
-                let wrapped = recovery::wrap(&nsk, &passphrase, &node.cluster);
-                let sealed = node.seal(&nsk);
-                let stored = sealed
-                    .map_err(NodeError::from)
-                    .and_then(|sealed| {
-                        out.write(&passphrase)
-                            .map(|()| sealed)
-                            .map_err(NodeError::from)
-                    })
-                    .and_then(|sealed| {
-                        node.store
-                            .put_new_nsk(&sealed, &wrapped)
-                            .map_err(NodeError::from)
-                    });
-                if let Err(e) = stored {
-                    recovery::PassphraseOut::abandon(cfg.recovery_passphrase_file.as_deref());
-                    return Err(e);
-                }
-                tracing::info!(
-                    sealer = node.sealer.name(),
-                    "created and sealed a new node sealing key"
-                );
-                nsk
+            None if edgekms_kms::durable::has_marker(&cfg.data_dir) || node.store.holds_keys()? => {
+                return Err(StoreError::Damaged(format!(
+                    "the data dir {} has held keys but its sealed node key is in neither the key cache (meta/nsk) nor {}: \
+                     restore that file from a backup of the data dir, or run `edgekms-plugin restore` from a `kmsctl local backup` file, \
+                     or (joined node) join again with an empty --data-dir. If the very first start of this data dir was interrupted, \
+                     empty it and start again. No key was made",
+                    cfg.data_dir.display(),
+                    node.store.copy_path("nsk").display()
+                ))
+                .into())
             }
+            None => node.create(cfg, joining)?,
         };
         node.load(nsk)?;
         Ok(node)
     }
 
-    /// Loads every cached version with `nsk`, creating version 1 when a
-    /// standalone cache has no primary yet, then self-tests and publishes.
+    /// First start in a provably empty data dir: marks it, then makes and
+    /// stores the NSK (with its recovery wrapper) and, for a standalone
+    /// node, KEK version 1 as primary, all in one write.
+    fn create(&self, cfg: &Config, joining: bool) -> Result<Key256, NodeError> {
+        // Where the passphrase goes is settled (an existing
+        // --recovery-passphrase-file refused) before any key exists, and it
+        // is written before the key is stored.
+        let passfile = cfg.recovery_passphrase_file.as_deref();
+        let out = recovery::PassphraseOut::prepare(passfile)?;
+        let nsk = Key256::generate();
+        let passphrase = recovery::generate_passphrase();
+        let wrapped = recovery::wrap(&nsk, &passphrase, &self.cluster);
+        let blob = self.seal(&nsk)?;
+        let mut ring = Keyring::new(&self.cluster)?;
+        if !joining {
+            let v = ring.add_pending(Key256::generate(), now_unix())?;
+            ring.promote(v)?;
+        }
+        let stored = out
+            .write(&passphrase)
+            .map_err(NodeError::from)
+            .and_then(|()| {
+                edgekms_kms::durable::write_marker(&cfg.data_dir).map_err(StoreError::from)?;
+                Ok(self.store.put_new_nsk(&blob, &wrapped, &nsk, &ring)?)
+            });
+        if let Err(e) = stored {
+            recovery::PassphraseOut::abandon(passfile);
+            return Err(e);
+        }
+        tracing::info!(
+            sealer = self.sealer.name(),
+            "created and sealed a new node sealing key"
+        );
+        if let Some(p) = ring.primary() {
+            tracing::info!(version = p.version, "created KEK version as primary");
+        }
+        Ok(nsk)
+    }
+
+    /// Loads every cached version with `nsk`, then self-tests and
+    /// publishes. A standalone node without a primary refuses: its keys
+    /// are lost, and a new one would not open anything written before.
     fn load(&self, nsk: Key256) -> Result<(), NodeError> {
-        let mut ring = self.store.load_keyring(&nsk)?;
+        let ring = self.store.load_keyring(&nsk)?;
         if ring.primary().is_none() && self.fleet {
             *self.nsk.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(nsk));
             self.publish(
@@ -258,10 +306,15 @@ impl Node {
             return Ok(());
         }
         if ring.primary().is_none() {
-            let v = ring.add_pending(Key256::generate(), now_unix())?;
-            ring.promote(v)?;
-            self.store.save_versions(&nsk, &ring, &[v])?;
-            tracing::info!(version = v, "created KEK version as primary");
+            let held: Vec<u32> = ring.versions().map(|kv| kv.version).collect();
+            return Err(StoreError::Damaged(format!(
+                "the data dir {} holds the node key but no primary KEK version (versions present: {held:?}) \
+                 in the key cache or {}: restore the data dir from a backup, or run `edgekms-plugin restore` \
+                 from a `kmsctl local backup` file. No key was made",
+                self.store.data_dir().display(),
+                self.store.data_dir().join(crate::store::COPIES_DIR).display()
+            ))
+            .into());
         }
         ring.self_test()?;
         tracing::info!(

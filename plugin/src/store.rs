@@ -1,24 +1,41 @@
-//! The node's local cache, in RocksDB under `<data-dir>/cache`.
+//! The node's local cache: RocksDB under `<data-dir>/cache`, with a
+//! second copy of every record that cannot be re-derived in
+//! `<data-dir>/copies` (one checksummed, atomically replaced file per
+//! record, [`edgekms_kms::durable::RecordFiles`]).
 //!
-//! | key | value |
-//! | --- | --- |
-//! | `meta/cluster` | the cluster name the cache belongs to |
-//! | `meta/nsk` | the node sealing key, sealed by the configured [`Sealer`](edgekms_hsm::Sealer) |
-//! | `meta/recovery` | the NSK wrapped under the recovery passphrase ([`crate::recovery`]) |
-//! | `kek/<version u32 BE>` | a KEK version record (below) |
-//! | `meta/fleet` | after `join`: the central service's URL, its CA and this node's certificate (public), JSON |
-//! | `meta/fleet-keys` | after `join`: the node's TLS and delivery private keys, wrapped by the NSK |
-//! | `meta/fleet-seq` | the last central cluster state applied (u64 BE) |
+//! | RocksDB key | copy file | value |
+//! | --- | --- | --- |
+//! | `meta/cluster` | `copies/cluster` | the cluster name the cache belongs to |
+//! | `meta/nsk` | `copies/nsk` | the node sealing key, sealed by the configured [`Sealer`](edgekms_hsm::Sealer) |
+//! | `meta/recovery` | `copies/recovery` | the NSK wrapped under the recovery passphrase ([`crate::recovery`]) |
+//! | `kek/<version u32 BE>` | `copies/kek-<version>` | a KEK version record (below) |
+//! | `meta/fleet` | `copies/fleet` | after `join`: the central service's URL, this node's name, its CA and certificate (public), JSON |
+//! | `meta/fleet-keys` | `copies/fleet-keys` | after `join`: the node's TLS and delivery private keys, wrapped by the NSK |
+//! | `meta/fleet-seq` | (none: re-derived from the central service) | the last central cluster state applied (u64 BE) |
+//!
+//! `<data-dir>/EDGEKMS-DATA-DIR` is the marker written before the first key
+//! is stored: a data dir with it never starts afresh.
+//!
+//! Every write goes to the copies first, then to RocksDB in one synced
+//! batch. At open ([`Store::open_with`]) the two are reconciled: a copy
+//! that verifies wins (it is never older than an acknowledged write), a
+//! missing or damaged copy is rewritten from RocksDB, each repair logged
+//! and counted in `edgekms_store_repairs_total`. When RocksDB refuses to
+//! open and the copies hold a complete set, the damaged cache is moved
+//! aside and rebuilt from them; otherwise the open fails with one line
+//! naming what is damaged and how to recover.
 //!
 //! KEK record: `1 | state u8 | created_unix u64 BE | len u16 BE | key_id |
 //! wrapped key`, the key wrapped with AES-256-GCM under the node sealing key
 //! with associated data binding cluster, version and key_id (a record cannot
-//! be moved to another slot). A retired version's record has no wrapped key.
-//! Nothing in the cache is key material in the clear.
+//! be moved to another slot). A retired version's record has no wrapped key
+//! (it is the tombstone: a retired key never comes back).
+//! Nothing in the cache or the copies is key material in the clear.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use edgekms_hsm::{aead, Key256, SealedBlob};
+use edgekms_kms::durable::{self, DurableError, RecordFiles};
 use edgekms_kms::{KeyState, KeyVersion, Keyring, KeyringError};
 use rocksdb::{BlockBasedOptions, Cache, Options, WriteBatch, WriteOptions, DB};
 use zeroize::Zeroizing;
@@ -52,6 +69,14 @@ pub enum StoreError {
     Keyring(#[from] KeyringError),
     #[error(transparent)]
     Seal(#[from] edgekms_hsm::SealError),
+    #[error(transparent)]
+    Durable(#[from] DurableError),
+    /// Damage the store cannot repair: the message is the one line an
+    /// operator needs (what, which file, how to recover).
+    #[error("{0}")]
+    Damaged(String),
+    #[error("--cluster is required: the data dir {path} does not name a cluster yet")]
+    NoCluster { path: String },
 }
 
 /// What a joined node knows of the central service (public).
@@ -81,10 +106,154 @@ fn fleet_keys_aad(cluster: &str) -> Vec<u8> {
     aad
 }
 
-/// The RocksDB-backed cache. Every write is synced before it returns.
+/// The RocksDB-backed cache and its copies. Every write is durable in both
+/// before it returns.
 pub struct Store {
     db: DB,
     cluster: String,
+    copies: RecordFiles,
+    data_dir: PathBuf,
+}
+
+/// The directory of the redundant record copies, inside the data dir.
+pub const COPIES_DIR: &str = "copies";
+/// The RocksDB directory, inside the data dir.
+pub const CACHE_DIR: &str = "cache";
+
+/// The copy file name of a RocksDB key; `None` for keys without a copy.
+fn copy_name(key: &[u8]) -> Option<String> {
+    Some(match key {
+        CLUSTER_KEY => "cluster".into(),
+        NSK_KEY => "nsk".into(),
+        RECOVERY_KEY => "recovery".into(),
+        FLEET_KEY => "fleet".into(),
+        FLEET_KEYS_KEY => "fleet-keys".into(),
+        _ => {
+            let v: [u8; 4] = key.strip_prefix(KEK_PREFIX)?.try_into().ok()?;
+            format!("kek-{}", u32::from_be_bytes(v))
+        }
+    })
+}
+
+/// The RocksDB key of a copy file name; `None` for names that are not ours.
+fn rocks_key(name: &str) -> Option<Vec<u8>> {
+    Some(match name {
+        "cluster" => CLUSTER_KEY.to_vec(),
+        "nsk" => NSK_KEY.to_vec(),
+        "recovery" => RECOVERY_KEY.to_vec(),
+        "fleet" => FLEET_KEY.to_vec(),
+        "fleet-keys" => FLEET_KEYS_KEY.to_vec(),
+        _ => {
+            let v: u32 = name.strip_prefix("kek-")?.parse().ok()?;
+            // One spelling per version ("kek-07" is not ours).
+            (format!("kek-{v}") == name).then(|| kek_key(v))?
+        }
+    })
+}
+
+/// The metric label of a record (bounded: a kind, not a name).
+fn record_kind(name: &str) -> &'static str {
+    match name {
+        "cluster" => "cluster",
+        "nsk" => "nsk",
+        "recovery" => "recovery",
+        "fleet" => "fleet",
+        "fleet-keys" => "fleet-keys",
+        _ => "kek",
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn rocks_options() -> Options {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    // A few KiB of keys: keep RocksDB's memory and file count small.
+    opts.set_write_buffer_size(1 << 20);
+    opts.set_max_write_buffer_number(2);
+    opts.set_max_open_files(64);
+    opts.set_keep_log_file_num(3);
+    opts.set_max_background_jobs(1);
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(&Cache::new_lru_cache(1 << 20));
+    opts.set_block_based_table_factory(&table);
+    durable::strict_rocksdb(&mut opts);
+    opts
+}
+
+/// Another process holds the cache open: never a reason to rebuild it.
+fn is_busy(e: &rocksdb::Error) -> bool {
+    let text = e.to_string();
+    text.contains("lock") && (text.contains("unavailable") || text.contains("Resource"))
+}
+
+/// Files created by earlier versions were 0644: make them private.
+fn chmod_files_private(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+            let mode = meta.permissions().mode() & 0o700;
+            if std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).is_ok() {
+                tracing::info!(file = %path.display(), "made a key cache file private to this user (it was readable by others)");
+            }
+        }
+    }
+}
+
+/// Why the copies cannot stand in for the cache, if they cannot: every
+/// copy must verify, the cluster and the node key must be there, and a
+/// standalone node's versions must run from 1 without a gap.
+fn copies_incomplete(copies: &RecordFiles) -> Result<(), String> {
+    let names = copies.names().map_err(|e| e.to_string())?;
+    let mut versions = Vec::new();
+    for name in &names {
+        if rocks_key(name).is_none() {
+            continue;
+        }
+        match copies.get(name) {
+            Ok(Some(_)) => {}
+            Ok(None) => return Err(format!("{} vanished", copies.path(name).display())),
+            Err(e) => return Err(e.to_string()),
+        }
+        if let Some(v) = name
+            .strip_prefix("kek-")
+            .and_then(|v| v.parse::<u32>().ok())
+        {
+            versions.push(v);
+        }
+    }
+    for needed in ["cluster", "nsk"] {
+        if !names.iter().any(|n| n == needed) {
+            return Err(format!("{} is missing", copies.path(needed).display()));
+        }
+    }
+    if !names.iter().any(|n| n == "fleet") {
+        versions.sort_unstable();
+        if versions.is_empty() {
+            return Err("no KEK version has a copy".into());
+        }
+        for (want, have) in (1..).zip(&versions) {
+            if want != *have {
+                return Err(format!(
+                    "{} is missing",
+                    copies.path(&format!("kek-{want}")).display()
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn state_byte(state: KeyState) -> u8 {
@@ -176,42 +345,237 @@ pub fn decode_record(
 impl Store {
     /// Opens (creating) the cache under `data_dir` for `cluster`.
     pub fn open(data_dir: &Path, cluster: &str) -> Result<Self, StoreError> {
-        let path = data_dir.join("cache");
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
-        // A few KiB of keys: keep RocksDB's memory and file count small.
-        opts.set_write_buffer_size(1 << 20);
-        opts.set_max_write_buffer_number(2);
-        opts.set_max_open_files(64);
-        opts.set_keep_log_file_num(3);
-        opts.set_max_background_jobs(1);
-        let mut table = BlockBasedOptions::default();
-        table.set_block_cache(&Cache::new_lru_cache(1 << 20));
-        opts.set_block_based_table_factory(&table);
-        let db = DB::open(&opts, &path).map_err(|source| StoreError::Db {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let store = Self {
-            db,
-            cluster: cluster.to_owned(),
-        };
-        match store.db.get(CLUSTER_KEY)? {
-            Some(stored) if stored != cluster.as_bytes() => {
-                return Err(StoreError::ClusterMismatch {
-                    stored: String::from_utf8_lossy(&stored).into_owned(),
-                    configured: cluster.to_owned(),
+        Self::open_with(data_dir, Some(cluster))
+    }
+
+    /// Opens the cache under `data_dir`, reconciling it with its copies
+    /// (see the module doc). `cluster` must match the one the data dir
+    /// names; `None` takes the data dir's (and fails when it names none).
+    pub fn open_with(data_dir: &Path, cluster: Option<&str>) -> Result<Self, StoreError> {
+        let marked = durable::has_marker(data_dir);
+        if cluster.is_none()
+            && !data_dir.join(CACHE_DIR).exists()
+            && !data_dir.join(COPIES_DIR).exists()
+        {
+            // Nothing here yet: create nothing.
+            return Err(StoreError::NoCluster {
+                path: data_dir.display().to_string(),
+            });
+        }
+        let copies = RecordFiles::open(&data_dir.join(COPIES_DIR))?;
+        let path = data_dir.join(CACHE_DIR);
+        let db = match DB::open(&rocks_options(), &path) {
+            Ok(db) => db,
+            Err(source) if is_busy(&source) => {
+                return Err(StoreError::Db {
+                    path: path.display().to_string(),
+                    source,
                 })
             }
-            Some(_) => {}
-            None => store.write(|b| b.put(CLUSTER_KEY, cluster.as_bytes()))?,
+            Err(source) => Self::rebuild(&path, &copies, source)?,
+        };
+        chmod_files_private(&path);
+        chmod_files_private(copies.dir());
+        let mut store = Self {
+            db,
+            cluster: String::new(),
+            copies: copies.clone(),
+            data_dir: data_dir.to_owned(),
+        };
+        // Reading every record checks every block: a damaged SST that
+        // opened fine fails here, and is treated as a refused open.
+        if let Err(e) = store.reconcile(!marked) {
+            let StoreError::Rocks(source) = e else {
+                return Err(e);
+            };
+            drop(store);
+            store = Self {
+                db: Self::rebuild(&path, &copies, source)?,
+                cluster: String::new(),
+                copies,
+                data_dir: data_dir.to_owned(),
+            };
+            store.reconcile(!marked)?;
+        }
+        match (store.db.get(CLUSTER_KEY)?, cluster) {
+            (Some(stored), Some(configured)) if stored != configured.as_bytes() => {
+                return Err(StoreError::ClusterMismatch {
+                    stored: String::from_utf8_lossy(&stored).into_owned(),
+                    configured: configured.to_owned(),
+                })
+            }
+            (Some(stored), _) => {
+                store.cluster = String::from_utf8(stored).map_err(|_| StoreError::Corrupt {
+                    key: "meta/cluster".into(),
+                    detail: "not UTF-8".into(),
+                })?;
+            }
+            (None, Some(configured)) => {
+                store.cluster = configured.to_owned();
+                store.put(&[(CLUSTER_KEY.to_vec(), configured.as_bytes().to_vec())])?;
+            }
+            (None, None) => {
+                return Err(StoreError::NoCluster {
+                    path: data_dir.display().to_string(),
+                })
+            }
+        }
+        if !marked && store.holds_keys()? {
+            // A data dir written before the marker existed.
+            durable::write_marker(data_dir)?;
+            tracing::info!(dir = %data_dir.display(), "marked the data dir as holding keys");
         }
         Ok(store)
     }
 
-    fn write(&self, fill: impl FnOnce(&mut WriteBatch)) -> Result<(), StoreError> {
+    /// RocksDB refused to open: rebuild it from the copies if they hold a
+    /// complete set (the damaged directory is kept beside, renamed), else
+    /// fail with the one line an operator needs.
+    fn rebuild(
+        path: &Path,
+        copies: &RecordFiles,
+        source: rocksdb::Error,
+    ) -> Result<DB, StoreError> {
+        if let Err(why) = copies_incomplete(copies) {
+            return Err(StoreError::Damaged(format!(
+                "the key cache {} is damaged ({source}) and cannot be rebuilt from {}: {why}. \
+                 Restore the data dir from a backup, or run `edgekms-plugin restore` from a `kmsctl local backup` file, \
+                 or (joined node) join again with an empty --data-dir. No key was made",
+                path.display(),
+                copies.dir().display()
+            )));
+        }
+        let aside = path.with_file_name(format!("{CACHE_DIR}.damaged-{}", now_unix()));
+        std::fs::rename(path, &aside).map_err(|e| {
+            StoreError::Damaged(format!(
+                "the key cache {} is damaged ({source}) and cannot be moved aside to {}: {e}",
+                path.display(),
+                aside.display()
+            ))
+        })?;
+        tracing::error!(
+            cache = %path.display(),
+            moved_to = %aside.display(),
+            error = %source,
+            "the key cache is damaged: moved it aside and rebuilding it from the verified copies in {}",
+            copies.dir().display()
+        );
+        crate::metrics::record_store_repair("rocksdb");
+        DB::open(&rocks_options(), path).map_err(|source| StoreError::Db {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    /// Makes RocksDB and the copies agree; see the module doc. `backfill`:
+    /// a data dir from before the copies existed, whose missing copies are
+    /// written without a repair warning.
+    fn reconcile(&self, backfill: bool) -> Result<(), StoreError> {
+        let mut names: std::collections::BTreeSet<String> = self
+            .copies
+            .names()?
+            .into_iter()
+            .filter(|n| rocks_key(n).is_some())
+            .collect();
+        for item in self.db.iterator(rocksdb::IteratorMode::Start) {
+            let (key, _) = item?;
+            names.extend(copy_name(&key));
+        }
         let mut batch = WriteBatch::default();
-        fill(&mut batch);
+        let mut backfilled = 0usize;
+        for name in names {
+            let Some(key) = rocks_key(&name) else {
+                continue;
+            };
+            let rocks = self.db.get(&key)?;
+            let file = self.copies.path(&name);
+            match (self.copies.get(&name), rocks) {
+                (Ok(Some(body)), rocks) => {
+                    if rocks.as_deref() != Some(&body[..]) {
+                        tracing::warn!(
+                            record = %name,
+                            file = %file.display(),
+                            "the key cache {} this record: restored it from its copy",
+                            if rocks.is_none() { "lacked" } else { "held another version of" }
+                        );
+                        crate::metrics::record_store_repair(record_kind(&name));
+                        batch.put(&key, &body);
+                    }
+                }
+                (Ok(None), Some(rocks)) => {
+                    self.copies.put(&name, &rocks)?;
+                    if backfill {
+                        backfilled += 1;
+                    } else {
+                        tracing::warn!(record = %name, file = %file.display(), "the copy of this record was missing: rewrote it from the key cache");
+                        crate::metrics::record_store_repair(record_kind(&name));
+                    }
+                }
+                (Err(DurableError::Damaged { path, detail }), Some(rocks)) => {
+                    self.copies.put(&name, &rocks)?;
+                    tracing::warn!(record = %name, file = %path, %detail, "the copy of this record was damaged: rewrote it from the key cache");
+                    crate::metrics::record_store_repair(record_kind(&name));
+                }
+                (Err(DurableError::Damaged { path, detail }), None) => {
+                    return Err(StoreError::Damaged(format!(
+                        "record file {path} is damaged ({detail}) and the key cache has no copy of record {name}: \
+                         restore that file from a backup of the data dir, or run `edgekms-plugin restore` from a \
+                         `kmsctl local backup` file, or (joined node) join again with an empty --data-dir. No key was made"
+                    )));
+                }
+                (Err(e), _) => return Err(e.into()),
+                (Ok(None), None) => {}
+            }
+        }
+        if backfilled > 0 {
+            tracing::info!(records = backfilled, dir = %self.copies.dir().display(), "wrote the redundant copies of the key cache records (data dir from an earlier version)");
+        }
+        if !batch.is_empty() {
+            let mut opts = WriteOptions::default();
+            opts.set_sync(true);
+            self.db.write_opt(batch, &opts)?;
+        }
+        Ok(())
+    }
+
+    /// The cluster this cache belongs to.
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
+    /// The copy file of record `name` (`nsk`, `kek-3`, ...).
+    pub fn copy_path(&self, name: &str) -> PathBuf {
+        self.copies.path(name)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Whether any key record (node key, recovery wrapper, KEK, join keys)
+    /// is here: a data dir holding none of them is empty.
+    pub fn holds_keys(&self) -> Result<bool, StoreError> {
+        for key in [NSK_KEY, RECOVERY_KEY, FLEET_KEY, FLEET_KEYS_KEY] {
+            if self.db.get(key)?.is_some() {
+                return Ok(true);
+            }
+        }
+        self.has_versions()
+    }
+
+    /// Writes `records` (RocksDB key, value): the copies first, then one
+    /// synced RocksDB batch.
+    fn put(&self, records: &[(Vec<u8>, Vec<u8>)]) -> Result<(), StoreError> {
+        let named: Vec<(String, &[u8])> = records
+            .iter()
+            .filter_map(|(k, v)| copy_name(k).map(|n| (n, &v[..])))
+            .collect();
+        self.copies
+            .put_all(named.iter().map(|(n, v)| (n.as_str(), *v)))?;
+        let mut batch = WriteBatch::default();
+        for (k, v) in records {
+            batch.put(k, v);
+        }
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         self.db.write_opt(batch, &opts)?;
@@ -227,15 +591,40 @@ impl Store {
     }
 
     pub fn put_sealed_nsk(&self, blob: &SealedBlob) -> Result<(), StoreError> {
-        self.write(|b| b.put(NSK_KEY, blob.encode()))
+        self.put(&[(NSK_KEY.to_vec(), blob.encode())])
     }
 
-    /// First start: the sealed NSK and its recovery wrapper, together.
-    pub fn put_new_nsk(&self, blob: &SealedBlob, recovery: &[u8]) -> Result<(), StoreError> {
-        self.write(|b| {
-            b.put(NSK_KEY, blob.encode());
-            b.put(RECOVERY_KEY, recovery);
-        })
+    /// First start: the sealed NSK, its recovery wrapper and the given
+    /// versions of `keyring` (none for a joining node), together.
+    pub fn put_new_nsk(
+        &self,
+        blob: &SealedBlob,
+        recovery: &[u8],
+        nsk: &Key256,
+        keyring: &Keyring,
+    ) -> Result<(), StoreError> {
+        let mut records = self.version_records(
+            nsk,
+            keyring,
+            &keyring.versions().map(|kv| kv.version).collect::<Vec<_>>(),
+        );
+        records.push((RECOVERY_KEY.to_vec(), recovery.to_vec()));
+        // Last, so that a copy of the node key means the rest was written.
+        records.push((NSK_KEY.to_vec(), blob.encode()));
+        self.put(&records)
+    }
+
+    fn version_records(
+        &self,
+        nsk: &Key256,
+        keyring: &Keyring,
+        versions: &[u32],
+    ) -> Vec<(Vec<u8>, Vec<u8>)> {
+        versions
+            .iter()
+            .filter_map(|v| keyring.get(*v))
+            .map(|kv| (kek_key(kv.version), encode_record(&self.cluster, nsk, kv)))
+            .collect()
     }
 
     pub fn recovery_blob(&self) -> Result<Option<Vec<u8>>, StoreError> {
@@ -249,11 +638,7 @@ impl Store {
         keyring: &Keyring,
         versions: &[u32],
     ) -> Result<(), StoreError> {
-        self.write(|b| {
-            for kv in versions.iter().filter_map(|v| keyring.get(*v)) {
-                b.put(kek_key(kv.version), encode_record(&self.cluster, nsk, kv));
-            }
-        })
+        self.put(&self.version_records(nsk, keyring, versions))
     }
 
     /// Writes the given versions and the applied central state `seq` in
@@ -265,12 +650,9 @@ impl Store {
         versions: &[u32],
         seq: u64,
     ) -> Result<(), StoreError> {
-        self.write(|b| {
-            for kv in versions.iter().filter_map(|v| keyring.get(*v)) {
-                b.put(kek_key(kv.version), encode_record(&self.cluster, nsk, kv));
-            }
-            b.put(FLEET_SEQ_KEY, seq.to_be_bytes());
-        })
+        let mut records = self.version_records(nsk, keyring, versions);
+        records.push((FLEET_SEQ_KEY.to_vec(), seq.to_be_bytes().to_vec()));
+        self.put(&records)
     }
 
     /// The last central state applied (0: none).
@@ -326,10 +708,10 @@ impl Store {
         plain.extend_from_slice(&keys.tls_key);
         plain.extend_from_slice(&keys.delivery_key);
         let wrapped = aead::seal(nsk, &fleet_keys_aad(&self.cluster), &plain);
-        self.write(|b| {
-            b.put(FLEET_KEY, json);
-            b.put(FLEET_KEYS_KEY, wrapped);
-        })
+        self.put(&[
+            (FLEET_KEY.to_vec(), json),
+            (FLEET_KEYS_KEY.to_vec(), wrapped),
+        ])
     }
 
     pub fn fleet_keys(&self, nsk: &Key256) -> Result<FleetKeys, StoreError> {
@@ -359,6 +741,7 @@ impl Store {
     /// Loads every cached version, unwrapping each with `nsk`.
     pub fn load_keyring(&self, nsk: &Key256) -> Result<Keyring, StoreError> {
         let mut ring = Keyring::new(&self.cluster)?;
+        let mut kvs = Vec::new();
         for item in self.db.prefix_iterator(KEK_PREFIX) {
             let (key, value) = item?;
             if !key.starts_with(KEK_PREFIX) {
@@ -372,7 +755,26 @@ impl Store {
                         detail: "bad version key".into(),
                     })?;
             let version = u32::from_be_bytes(version_bytes);
-            ring.insert(decode_record(&self.cluster, nsk, version, &value)?)?;
+            kvs.push(decode_record(&self.cluster, nsk, version, &value)?);
+        }
+        // The copies of one write are replaced one file at a time: a crash
+        // in a rotation can leave the new primary and the old one both
+        // marked primary. The rotation landed: the newest one is primary.
+        let newest = kvs
+            .iter()
+            .filter(|kv| kv.state == KeyState::Primary)
+            .map(|kv| kv.version)
+            .max();
+        for mut kv in kvs {
+            if kv.state == KeyState::Primary && Some(kv.version) != newest {
+                tracing::warn!(
+                    version = kv.version,
+                    primary = newest.unwrap_or(0),
+                    "two versions were marked primary (a rotation was interrupted): keeping the newest"
+                );
+                kv.state = KeyState::DecryptOnly;
+            }
+            ring.insert(kv)?;
         }
         Ok(ring)
     }
@@ -487,5 +889,49 @@ mod tests {
             Store::open(dir.path(), "edge-2"),
             Err(StoreError::ClusterMismatch { .. })
         ));
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Arbitrary bytes as a KEK record: an error or a version, never a panic.
+        #[test]
+        fn kek_records_never_panic(raw in proptest::collection::vec(any::<u8>(), 0..160), version in any::<u32>()) {
+            let nsk = Key256::from_bytes(&[7; 32]);
+            let _ = decode_record("edge-1", &nsk, version, &raw);
+        }
+
+        /// A record round trips; a flipped byte never yields another key.
+        #[test]
+        fn kek_records_round_trip(version in 1u32.., created in any::<u64>(), flip in any::<proptest::sample::Index>()) {
+            let nsk = Key256::from_bytes(&[7; 32]);
+            let kv = KeyVersion::new("edge-1", version, KeyState::DecryptOnly, Key256::from_bytes(&[9; 32]), created);
+            let raw = encode_record("edge-1", &nsk, &kv);
+            let back = decode_record("edge-1", &nsk, version, &raw).unwrap();
+            prop_assert_eq!((back.version, back.state, back.created_unix, &back.key_id), (version, KeyState::DecryptOnly, created, &kv.key_id));
+            let mut bad = raw.clone();
+            bad[flip.index(raw.len())] ^= 0x01;
+            if let Ok(other) = decode_record("edge-1", &nsk, version, &bad) {
+                // Only the state or creation time are outside the AEAD.
+                prop_assert_eq!(&other.key_id, &kv.key_id);
+                prop_assert!(other.key() == kv.key() || other.key().is_none());
+            }
+        }
+
+        /// Copy names and RocksDB keys map one to one.
+        #[test]
+        fn copy_names_round_trip(version in any::<u32>(), name in "[a-z0-9-]{0,12}") {
+            let key = kek_key(version);
+            prop_assert_eq!(rocks_key(&copy_name(&key).unwrap()), Some(key));
+            if let Some(key) = rocks_key(&name) {
+                prop_assert_eq!(copy_name(&key), Some(name));
+            }
+        }
     }
 }

@@ -219,6 +219,8 @@ pub async fn run(node: Arc<Node>, backoff_max: Duration) {
 /// What `edgekms-plugin join` reports.
 #[derive(Debug)]
 pub struct Joined {
+    pub cluster: String,
+    pub node: String,
     pub holding: Holding,
     /// The first sync failed after enrolment (the plugin retries when
     /// started).
@@ -251,8 +253,8 @@ pub async fn join(
     let resp = FleetClient::new(channel)
         .join(JoinRequest {
             token: token.trim().to_owned(),
-            cluster: cfg.cluster.clone(),
-            node: cfg.node.clone(),
+            cluster: node.cluster().to_owned(),
+            node: node.name().to_owned(),
             csr_der: csr.into(),
             delivery_public_key: delivery.public_key().into(),
         })
@@ -265,7 +267,7 @@ pub async fn join(
             &nsk,
             &FleetRecord {
                 server: server.to_owned(),
-                node: cfg.node.clone(),
+                node: node.name().to_owned(),
                 ca_der: hex::encode(&resp.ca_der),
                 cert_der: hex::encode(&resp.certificate_der),
             },
@@ -285,6 +287,8 @@ pub async fn join(
         None => Err(SyncError::Config("join record missing after join".into())),
     };
     Ok(Joined {
+        cluster: node.cluster().to_owned(),
+        node: node.name().to_owned(),
         holding: node.holding(),
         first_sync,
     })

@@ -302,17 +302,7 @@ pub fn make(
     for a in &audit {
         w.bytes(a);
     }
-    let dump = w.0;
-
-    let mut header = [0u8; HEADER_LEN];
-    header[..4].copy_from_slice(MAGIC);
-    header[4] = FORMAT;
-    header[5..13].copy_from_slice(&key_check(key));
-    let body_len = (dump.len() + aead::OVERHEAD) as u64;
-    header[13..].copy_from_slice(&body_len.to_be_bytes());
-    let mut blob = Vec::with_capacity(HEADER_LEN + dump.len() + aead::OVERHEAD);
-    blob.extend_from_slice(&header);
-    aead::seal_into(key, &header, &dump, &mut blob);
+    let blob = seal(key, MAGIC, &w.0);
     let summary = Summary {
         clusters: count(clusters.len()),
         key_versions: count(keks.len()),
@@ -396,6 +386,29 @@ pub fn open(blob: &[u8], key: &Key256) -> Result<Dump, BackupError> {
     if blob[..magic_len] != MAGIC[..magic_len] {
         return Err(BackupError::NotABackup);
     }
+    parse(&open_sealed(blob, key)?)
+}
+
+/// Encrypts `plain` under `key` in the backup file format (module doc),
+/// with `magic` as its first bytes (`EKBK` here; a node's local backup has
+/// its own).
+pub fn seal(key: &Key256, magic: &[u8; 4], plain: &[u8]) -> Vec<u8> {
+    let mut header = [0u8; HEADER_LEN];
+    header[..4].copy_from_slice(magic);
+    header[4] = FORMAT;
+    header[5..13].copy_from_slice(&key_check(key));
+    let body_len = (plain.len() + aead::OVERHEAD) as u64;
+    header[13..].copy_from_slice(&body_len.to_be_bytes());
+    let mut blob = Vec::with_capacity(HEADER_LEN + plain.len() + aead::OVERHEAD);
+    blob.extend_from_slice(&header);
+    aead::seal_into(key, &header, plain, &mut blob);
+    blob
+}
+
+/// Checks the header of a file [`seal`] wrote (its magic already checked
+/// by the caller) and decrypts the rest: a clear error for another
+/// format, another key, a truncated or an altered file.
+pub fn open_sealed(blob: &[u8], key: &Key256) -> Result<Zeroizing<Vec<u8>>, BackupError> {
     if blob.len() < HEADER_LEN {
         return Err(BackupError::Truncated(format!(
             "{} bytes, shorter than the {HEADER_LEN}-byte header",
@@ -424,9 +437,8 @@ pub fn open(blob: &[u8], key: &Key256) -> Result<Dump, BackupError> {
             found - expected
         )));
     }
-    let plain = aead::open(key, header, body)
-        .map_err(|_| corrupt("authentication failed (the file was altered)"))?;
-    parse(&plain)
+    aead::open(key, header, body)
+        .map_err(|_| corrupt("authentication failed (the file was altered)"))
 }
 
 fn parse(plain: &[u8]) -> Result<Dump, BackupError> {

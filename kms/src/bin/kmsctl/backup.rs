@@ -35,14 +35,68 @@ pub struct BackupArgs {
 /// Checks what can be checked before calling the service: the key file, and
 /// that FILE does not exist yet.
 pub fn prepare(args: &BackupArgs) -> Result<edgekms_hsm::Key256, Failure> {
-    let key = backup::read_key_file(&args.key_file).map_err(|e| Failure::Usage(e.to_string()))?;
-    if args.file.symlink_metadata().is_ok() {
+    prepare_paths(&args.file, &args.key_file)
+}
+
+fn prepare_paths(file: &Path, key_file: &Path) -> Result<edgekms_hsm::Key256, Failure> {
+    let key = backup::read_key_file(key_file).map_err(|e| Failure::Usage(e.to_string()))?;
+    if file.symlink_metadata().is_ok() {
         return Err(Failure::Usage(format!(
             "{} exists; refusing to overwrite it (choose a new file name)",
-            args.file.display()
+            file.display()
         )));
     }
     Ok(key)
+}
+
+/// `kmsctl local backup FILE --key-file KEYFILE`: a standalone node's keys.
+#[derive(Debug, clap::Args)]
+pub struct LocalBackupArgs {
+    /// File to write (created with mode 0600; an existing file is refused)
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// File holding the backup key: 32 random bytes as 64 hex digits
+    /// (`openssl rand -hex 32 > backup.key`); keep it apart from the backups
+    #[arg(long, value_name = "KEYFILE")]
+    pub key_file: PathBuf,
+}
+
+pub async fn run_local(
+    admin: &mut edgekms_proto::admin::node_admin_client::NodeAdminClient<Channel>,
+    args: LocalBackupArgs,
+    json: bool,
+) -> Result<(), Failure> {
+    let key = prepare_paths(&args.file, &args.key_file)?;
+    let r = admin
+        .backup(edgekms_proto::admin::BackupRequest {
+            key: key.expose().to_vec().into(),
+        })
+        .await?
+        .into_inner();
+    write_new(&args.file, &r.blob)?;
+    if json {
+        print_json(json!({
+            "file": args.file.display().to_string(), "bytes": r.blob.len(),
+            "cluster": r.cluster, "key_versions": r.key_versions,
+            "primary_version": r.primary_version, "created_unix": r.created_unix,
+        }));
+    } else {
+        println!(
+            "backup written to {} ({} bytes): cluster {}, {} key versions, primary v{}",
+            args.file.display(),
+            r.blob.len(),
+            r.cluster,
+            r.key_versions,
+            r.primary_version
+        );
+        println!(
+            "encrypted under the key in {}; the node sealing key is not in it. Restore into an empty data dir with:\n  edgekms-plugin restore --from {} --key-file {} --data-dir /var/lib/edgekms --sealer tpm",
+            args.key_file.display(),
+            args.file.display(),
+            args.key_file.display()
+        );
+    }
+    Ok(())
 }
 
 pub async fn run(

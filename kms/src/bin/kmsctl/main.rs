@@ -130,6 +130,9 @@ enum LocalCommand {
         #[arg(long, value_name = "FILE")]
         passphrase_file: Option<PathBuf>,
     },
+    /// Back up this standalone node's keys, encrypted under your backup key
+    /// (restore with `edgekms-plugin restore`)
+    Backup(backup::LocalBackupArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -415,6 +418,7 @@ async fn local(
                 println!("resealed: the node sealing key is bound to the present PCR values and keys are served");
             }
         }
+        LocalCommand::Backup(args) => backup::run_local(admin, args, json).await?,
     }
     Ok(())
 }
