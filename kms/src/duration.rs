@@ -54,3 +54,6 @@ mod tests {
         assert_eq!(format(Duration::from_secs(90)), "90s");
     }
 }
+
+#[cfg(test)]
+mod proptests;

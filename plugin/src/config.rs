@@ -306,3 +306,6 @@ mod tests {
         assert!(toml::from_str::<Settings>("sealr = \"soft\"").is_err());
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -99,3 +99,6 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod proptests;

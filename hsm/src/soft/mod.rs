@@ -175,3 +175,6 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -109,3 +109,6 @@ mod tests {
         assert_eq!(back, rec);
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -358,3 +358,6 @@ mod tests {
         assert_eq!(seen.len(), 2);
     }
 }
+
+#[cfg(test)]
+mod proptests;
