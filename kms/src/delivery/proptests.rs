@@ -57,6 +57,11 @@ proptest! {
         let b = Binding { cluster: "a", node: "n1", version: 1, key_id: "a/v1/00" };
         prop_assert_eq!(wrap(&raw, b, &Key256::from_bytes(&[1; 32])).is_ok(), checked);
     }
+}
+
+proptest! {
+    // Two P-256 scalar multiplications a case, slow in debug builds.
+    #![proptest_config(config(64))]
 
     #[test]
     fn round_trip_and_every_damage_is_refused(
@@ -86,4 +91,20 @@ proptest! {
         longer.push(0);
         prop_assert!(matches!(node().unwrap(b, &longer), Err(DeliveryError::Malformed { .. })), "not refused as expected");
     }
+}
+
+/// p256 zero-pads a 24- to 31-byte scalar: a shortened stored delivery
+/// key loaded as another key instead of being refused (found by
+/// `arbitrary_public_and_private_keys_never_panic`).
+#[test]
+fn a_short_private_scalar_is_refused() {
+    let full = DeliveryKey::generate().to_bytes();
+    for len in 24..32 {
+        assert_eq!(
+            DeliveryKey::from_bytes(&full[32 - len..]).err(),
+            Some(DeliveryError::BadPrivateKey),
+            "{len} bytes"
+        );
+    }
+    assert!(DeliveryKey::from_bytes(&full).is_ok());
 }

@@ -165,12 +165,11 @@ fn store() -> std::sync::MutexGuard<'static, (tempfile::TempDir, Store)> {
 }
 
 fn clear_keks(s: &Store) {
-    let keys: Vec<_> = s
-        .db
-        .prefix_iterator(KEK_PREFIX)
-        .map(|item| item.unwrap().0)
-        .take_while(|k| k.starts_with(KEK_PREFIX))
-        .collect();
+    let keys: Vec<_> =
+        s.db.prefix_iterator(KEK_PREFIX)
+            .map(|item| item.unwrap().0)
+            .take_while(|k| k.starts_with(KEK_PREFIX))
+            .collect();
     for key in keys {
         s.db.delete(key).unwrap();
     }
@@ -271,9 +270,9 @@ proptest! {
     }
 }
 
-/// A DecryptOnly record whose state byte lost a bit to "retired" decoded
-/// as retired and its key was dropped at the next save (found by
-/// `records_round_trip_and_damage_never_loses_a_key`).
+/// A primary or decrypt-only record whose state byte lost one bit (1 or 2
+/// to 3) decoded as retired: its data stopped decrypting and the next
+/// sync wrote the record back without its key (found by `records_round_trip_and_damage_never_loses_a_key`).
 #[test]
 fn a_live_record_with_a_damaged_state_byte_is_not_read_as_retired() {
     let nsk = Key256::generate();

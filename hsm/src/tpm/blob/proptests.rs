@@ -22,19 +22,14 @@ fn pcr_selection() -> impl Strategy<Value = Vec<u8>> {
 }
 
 fn record() -> impl Strategy<Value = PcrRecord> {
-    (bank(), pcr_selection()).prop_flat_map(
-        |(bank, pcrs)| {
-            let n = pcrs.len();
-            proptest::collection::vec(
-                proptest::collection::vec(any::<u8>(), bank.digest_len()),
-                n,
-            )
+    (bank(), pcr_selection()).prop_flat_map(|(bank, pcrs)| {
+        let n = pcrs.len();
+        proptest::collection::vec(proptest::collection::vec(any::<u8>(), bank.digest_len()), n)
             .prop_map(move |values| PcrRecord {
                 policy: PcrPolicy::new(bank, pcrs.clone()).unwrap(),
                 values,
             })
-        },
-    )
+    })
 }
 
 fn blob() -> impl Strategy<Value = TpmBlob> {

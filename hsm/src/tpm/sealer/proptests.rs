@@ -41,6 +41,11 @@ proptest! {
             let _ = Public::unmarshall(&good[..cut.index(good.len())]);
         }
     }
+}
+
+proptest! {
+    // tss-esapi's TCTI parser is slow in debug builds (~10 ms a call).
+    #![proptest_config(config(64))]
 
     /// `--tpm-tcti`: any text is a TCTI or a configuration error.
     #[test]

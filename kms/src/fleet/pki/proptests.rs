@@ -26,8 +26,13 @@ fn fixture() -> &'static (Ca, Vec<u8>, Vec<u8>) {
 
 fn damaged(good: &[u8]) -> impl Strategy<Value = Vec<u8>> {
     let good = good.to_vec();
-    (any::<prop::sample::Index>(), any::<u8>(), any::<prop::sample::Index>(), any::<bool>()).prop_map(
-        move |(at, byte, cut, truncate)| {
+    (
+        any::<prop::sample::Index>(),
+        any::<u8>(),
+        any::<prop::sample::Index>(),
+        any::<bool>(),
+    )
+        .prop_map(move |(at, byte, cut, truncate)| {
             let mut bad = good.clone();
             if truncate {
                 bad.truncate(cut.index(good.len()));
@@ -35,8 +40,7 @@ fn damaged(good: &[u8]) -> impl Strategy<Value = Vec<u8>> {
                 bad[at.index(good.len())] = byte;
             }
             bad
-        },
-    )
+        })
 }
 
 fn der() -> impl Strategy<Value = Vec<u8>> {

@@ -28,14 +28,16 @@ fn node_record() -> impl Strategy<Value = NodeRecord> {
             Just(NodeState::Active),
             Just(NodeState::Revoked)
         ],
-        proptest::option::of(("\\PC{0,12}", "[0-9a-f]{64}", any::<u64>(), any::<bool>()).prop_map(
-            |(id, secret_sha256, expires_unix, used)| TokenRecord {
-                id,
-                secret_sha256,
-                expires_unix,
-                used,
-            },
-        )),
+        proptest::option::of(
+            ("\\PC{0,12}", "[0-9a-f]{64}", any::<u64>(), any::<bool>()).prop_map(
+                |(id, secret_sha256, expires_unix, used)| TokenRecord {
+                    id,
+                    secret_sha256,
+                    expires_unix,
+                    used,
+                },
+            ),
+        ),
         "[0-9a-f]{0,64}",
         "[0-9a-f]{0,130}",
         proptest::collection::btree_set(any::<u32>(), 0..4),

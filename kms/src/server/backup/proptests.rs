@@ -62,7 +62,16 @@ fn file(plain: &[u8], key: &Key256) -> Vec<u8> {
     out
 }
 
-type Flat = (u64, Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>, Vec<Cluster>, Vec<(String, u32, String, [u8; 32])>, Vec<Vec<u8>>);
+type Flat = (
+    u64,
+    Vec<u8>,
+    Vec<u8>,
+    Vec<u8>,
+    Vec<u8>,
+    Vec<Cluster>,
+    Vec<(String, u32, String, [u8; 32])>,
+    Vec<Vec<u8>>,
+);
 
 fn flat(d: &Dump) -> Flat {
     (
@@ -74,7 +83,14 @@ fn flat(d: &Dump) -> Flat {
         d.clusters.clone(),
         d.keks
             .iter()
-            .map(|k| (k.cluster.clone(), k.version, k.key_id.clone(), *k.key.expose()))
+            .map(|k| {
+                (
+                    k.cluster.clone(),
+                    k.version,
+                    k.key_id.clone(),
+                    *k.key.expose(),
+                )
+            })
             .collect(),
         d.audit.clone(),
     )
@@ -119,10 +135,20 @@ fn dump() -> impl Strategy<Value = Dump> {
                 for (v, (state, key, created, keep)) in versions {
                     let key = Key256::from_bytes(&key);
                     let key_id = keyid::derive(&c.name, v, &key);
-                    let meta = VersionMeta { state, key_id: key_id.clone(), created_unix: created, changed_unix: created };
+                    let meta = VersionMeta {
+                        state,
+                        key_id: key_id.clone(),
+                        created_unix: created,
+                        changed_unix: created,
+                    };
                     c.versions.insert(v, meta);
                     if state.held_by_nodes() || (state == VersionState::Retiring && keep) {
-                        keks.push(Kek { cluster: c.name.clone(), version: v, key_id, key });
+                        keks.push(Kek {
+                            cluster: c.name.clone(),
+                            version: v,
+                            key_id,
+                            key,
+                        });
                     }
                 }
                 out.push(c);
