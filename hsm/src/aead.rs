@@ -124,3 +124,6 @@ mod tests {
         assert_ne!(seal(&key, b"", b"x"), seal(&key, b"", b"x"));
     }
 }
+
+#[cfg(test)]
+mod proptests;

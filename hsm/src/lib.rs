@@ -171,3 +171,6 @@ mod tests {
         assert!(SealedBlob::decode(b"").is_err());
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -80,6 +80,11 @@ impl DeliveryKey {
 
     /// From the 32-byte scalar, as stored (wrapped) on the node.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, DeliveryError> {
+        // p256 also takes 24 to 31 bytes, zero-padded: a shortened record
+        // would load as another key instead of being refused.
+        if bytes.len() != 32 {
+            return Err(DeliveryError::BadPrivateKey);
+        }
         SecretKey::from_slice(bytes)
             .map(|secret| Self { secret })
             .map_err(|_| DeliveryError::BadPrivateKey)
@@ -256,3 +261,6 @@ mod tests {
         assert!(format!("{node:?}").contains("redacted"));
     }
 }
+
+#[cfg(test)]
+mod proptests;

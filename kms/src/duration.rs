@@ -84,3 +84,6 @@ mod tests {
         assert_eq!(parse_nonzero("1s").unwrap(), Duration::from_secs(1));
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -251,3 +251,6 @@ mod tests {
         assert!(open(&Key256::generate(), CLUSTER, KEY_ID, &ct).is_err());
     }
 }
+
+#[cfg(test)]
+mod proptests;

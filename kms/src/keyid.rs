@@ -118,3 +118,6 @@ mod tests {
         assert!(e.contains(&format!("({} bytes)", huge.len())), "{e}");
     }
 }
+
+#[cfg(test)]
+mod proptests;

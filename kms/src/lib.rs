@@ -35,3 +35,6 @@ pub mod ops;
 pub mod server;
 
 pub use keyring::{KeyState, KeyVersion, Keyring, KeyringError};
+
+#[cfg(test)]
+mod proptests;

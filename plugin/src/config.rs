@@ -384,3 +384,6 @@ mod tests {
         assert!(toml::from_str::<Settings>("sealr = \"soft\"").is_err());
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -24,3 +24,6 @@ pub mod recovery;
 pub mod server;
 pub mod store;
 pub mod sync;
+
+#[cfg(test)]
+mod proptests;

@@ -330,6 +330,12 @@ pub fn decode_record(
         .map_err(|_| corrupt("key_id is not UTF-8"))?
         .to_owned();
     if state == KeyState::Retired {
+        // A retired record has no key. One that carries a wrapped key is a
+        // live record whose state byte was damaged (1 or 2 -> 3 is one
+        // bit): refuse it rather than drop the key.
+        if !wrapped.is_empty() {
+            return Err(corrupt("retired record carries a wrapped key"));
+        }
         return Ok(KeyVersion::retired(version, key_id, created_unix));
     }
     let plain = aead::open(nsk, &wrap_aad(cluster, version, &key_id), wrapped)
@@ -935,3 +941,6 @@ mod props {
         }
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -383,3 +383,6 @@ mod tests {
         expect_key_file_error(sealer.unseal(&blob), "first format");
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -310,3 +310,6 @@ mod tests {
         assert!(sample(Some(rec)).encode().is_err());
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -267,3 +267,6 @@ mod tests {
         assert_eq!(PcrBank::from_alg_id(0x0010), None);
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -806,3 +806,6 @@ mod tests {
         assert_eq!(ascii(b"SW  TPM \0\0\0\0"), "SW  TPM");
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -360,3 +360,6 @@ mod tests {
         assert!(ca.key.pem().unwrap().contains("PRIVATE KEY"));
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -835,3 +835,6 @@ mod tests {
         assert_eq!(back, c);
     }
 }
+
+#[cfg(test)]
+pub(crate) mod proptests;

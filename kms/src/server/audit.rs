@@ -318,3 +318,6 @@ mod tests {
         assert_eq!(back, rec);
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -857,3 +857,6 @@ mod tests {
         assert!(!partial.join("ca.pem").exists());
     }
 }
+
+#[cfg(test)]
+mod proptests;

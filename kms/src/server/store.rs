@@ -472,3 +472,6 @@ mod tests {
         assert_eq!(back, [950, 949, 948]);
     }
 }
+
+#[cfg(test)]
+mod proptests;
