@@ -334,8 +334,12 @@ impl Store {
             .iterator(IteratorMode::From(&start, Direction::Forward))
         {
             let (key, value) = item?;
-            let Some(seq) = audit_seq_of(&key) else {
+            if !key.starts_with(AUDIT_PREFIX) {
                 break;
+            }
+            // A damaged key hides only its own record, not the rest.
+            let Some(seq) = audit_seq_of(&key) else {
+                continue;
             };
             if !f(seq, &value) {
                 break;

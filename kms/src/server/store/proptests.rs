@@ -74,7 +74,8 @@ proptest! {
         let _ = s.last_audit_seq();
         let mut seen = 0;
         s.audit_records(|_| { seen += 1; true }).unwrap();
-        prop_assert_eq!(seen, 1);
+        // A record under a malformed key is skipped, never a panic.
+        prop_assert_eq!(seen, usize::from(audit_key.len() == 8));
         prop_assert!(s.initialized().unwrap());
     }
 
