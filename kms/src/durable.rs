@@ -52,7 +52,7 @@ pub enum DurableError {
     NotPrivate { path: String, detail: String },
 }
 
-fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DurableError + '_ {
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DurableError + 'a {
     move |source| DurableError::Io {
         op,
         path: path.display().to_string(),

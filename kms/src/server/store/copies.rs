@@ -221,7 +221,8 @@ pub fn probe(data_dir: &Path) -> Result<Probe, StoreError> {
                 state.display()
             )));
         }
-        if let Some(item) = db.iterator(IteratorMode::Start).next() {
+        let first = db.iterator(IteratorMode::Start).next();
+        if let Some(item) = first {
             item?;
             return Ok(Probe::Partial(format!("{} holds records", state.display())));
         }
