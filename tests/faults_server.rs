@@ -278,7 +278,11 @@ async fn case(t: &Template, work: &Path, damages: &[(Target, Fault)], expect: Ex
             );
             let n = repairs(&server).await;
             if repaired {
-                assert!(n >= 1.0, "{what}: no repair counted; log:\n{}", server.log_text());
+                assert!(
+                    n >= 1.0,
+                    "{what}: no repair counted; log:\n{}",
+                    server.log_text()
+                );
             }
             // A new rotation still works and lands in both places.
             let r = rotate(&server, "a");
@@ -377,7 +381,10 @@ async fn the_sealed_root_key_damaged_in_rocksdb_or_its_copy() {
     let mut report = Vec::new();
     let cases: [(&[(Target, Fault)], Expect); 4] = [
         (&[(Target::RootRecord, Fault::Flip)], Expect::Intact(true)),
-        (&[(Target::Copy("meta/root"), Fault::Flip)], Expect::Intact(true)),
+        (
+            &[(Target::Copy("meta/root"), Fault::Flip)],
+            Expect::Intact(true),
+        ),
         // Both: refused, never a new root key.
         (
             &[
@@ -475,7 +482,10 @@ async fn a_data_dir_that_held_keys_is_never_initialized_again() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "init ran on {remove:?} removed");
         assert!(err.contains("refusing to overwrite its keys"), "{err}");
-        assert_eq!(root_blob(&data_dir), root_blob(&t.data_dir).filter(|_| !remove.contains(&"copies")));
+        assert_eq!(
+            root_blob(&data_dir),
+            root_blob(&t.data_dir).filter(|_| !remove.contains(&"copies"))
+        );
         // Serving it: every key, or one clear refusal.
         match start(&data_dir).await {
             Outcome::Started(mut server) => {
@@ -508,8 +518,7 @@ async fn a_data_dir_that_held_keys_is_never_initialized_again() {
     )
     .unwrap();
     for f in files(&data_dir.join("state"), "sst") {
-        std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o644))
-            .unwrap();
+        std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     }
     let Outcome::Started(mut server) = start(&data_dir).await else {
         panic!("not served")
@@ -571,7 +580,10 @@ async fn a_joined_node_keeps_its_keys_through_server_faults() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let plain = format!("secret {i}");
-        sealed.push((plain.clone(), encrypt(&mut node.kms().await, plain.as_bytes()).await));
+        sealed.push((
+            plain.clone(),
+            encrypt(&mut node.kms().await, plain.as_bytes()).await,
+        ));
         let before = keys(&server.kmsctl_json(&["status"]));
         server.kill();
         let hit = damage(&server.data_dir, target, fault);
@@ -616,7 +628,7 @@ struct Acked {
     retired: std::collections::BTreeSet<u64>,
 }
 
-/// Runs rotations (and every fourth operation a retirement of the oldest
+/// Runs rotations (and every third operation a retirement of the oldest
 /// decrypt-only version) until `kmsctl` fails: the server was killed.
 fn operate(server_url: String, operator: PathBuf, status: Value) -> Acked {
     let run = |args: &[&str]| -> Option<Value> {
@@ -640,7 +652,7 @@ fn operate(server_url: String, operator: PathBuf, status: Value) -> Acked {
         .map(|v| v["version"].as_u64().unwrap())
         .collect::<std::collections::VecDeque<_>>();
     for op in 0u64.. {
-        if op % 4 == 3 && oldest.len() > 1 {
+        if op % 3 == 1 && oldest.len() > 1 {
             let v = oldest.pop_front().unwrap();
             match run(&["retire", "a", &v.to_string()]) {
                 Some(r) => {
@@ -687,7 +699,7 @@ async fn kill_9_loop(rounds: u64, budget: Duration) -> u64 {
         let url = server.url();
         let operator = server.operator_dir();
         let worker = std::thread::spawn(move || operate(url, operator, status));
-        tokio::time::sleep(Duration::from_millis(rng.below(250))).await;
+        tokio::time::sleep(Duration::from_millis(rng.below(400))).await;
         server.kill();
         let acked = worker.join().unwrap();
         told.extend(acked.rotated);
@@ -700,15 +712,27 @@ async fn kill_9_loop(rounds: u64, budget: Duration) -> u64 {
             let got = versions
                 .iter()
                 .find(|x| x["version"] == *v)
-                .unwrap_or_else(|| panic!("round {ran} (seed {seed}): acknowledged v{v} lost: {c:#}"));
-            assert_eq!(got["key_id"], id.as_str(), "round {ran} (seed {seed}): v{v}");
+                .unwrap_or_else(|| {
+                    panic!("round {ran} (seed {seed}): acknowledged v{v} lost: {c:#}")
+                });
+            assert_eq!(
+                got["key_id"],
+                id.as_str(),
+                "round {ran} (seed {seed}): v{v}"
+            );
         }
         for v in &retired {
             let got = versions.iter().find(|x| x["version"] == *v).unwrap();
-            assert_eq!(got["state"], "retired", "round {ran} (seed {seed}): v{v} came back");
+            assert_eq!(
+                got["state"], "retired",
+                "round {ran} (seed {seed}): v{v} came back"
+            );
         }
         let now = c["primary"].as_u64().unwrap();
-        assert!(now >= primary, "round {ran} (seed {seed}): primary went from v{primary} back to v{now}");
+        assert!(
+            now >= primary,
+            "round {ran} (seed {seed}): primary went from v{primary} back to v{now}"
+        );
         assert!(
             now >= told.keys().next_back().copied().unwrap_or(1),
             "round {ran} (seed {seed}): an acknowledged rotation is not primary: {c:#}"

@@ -833,7 +833,10 @@ mod tests {
         // A partial state (an interrupted restore) is refused too.
         let partial = tmp.path().join("partial");
         std::fs::create_dir_all(&partial).unwrap();
-        Store::create(&partial).unwrap().put_audit(1, b"{}").unwrap();
+        Store::create(&partial)
+            .unwrap()
+            .put_audit(1, b"{}")
+            .unwrap();
         let err = restore(&dump, &partial, &soft(&partial), None).unwrap_err();
         assert!(matches!(err, BackupError::Partial(_)), "{err}");
         // Nothing was written to either.

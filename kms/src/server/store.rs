@@ -525,10 +525,7 @@ mod recovery_tests {
             let old = Cluster::new("a", "a/v1/x".into(), 1);
             store
                 .db
-                .put(
-                    cluster_key("a"),
-                    serde_json::to_vec(&old).unwrap(),
-                )
+                .put(cluster_key("a"), serde_json::to_vec(&old).unwrap())
                 .unwrap();
             let wrapped = aead::seal(
                 &f.root,
@@ -553,7 +550,9 @@ mod recovery_tests {
         std::fs::write(&cluster, raw).unwrap();
         drop(f.assert_intact());
         assert_eq!(std::fs::read(&kek).unwrap(), good);
-        assert!(crate::durable::decode_record("cluster/a", &std::fs::read(&cluster).unwrap()).is_ok());
+        assert!(
+            crate::durable::decode_record("cluster/a", &std::fs::read(&cluster).unwrap()).is_ok()
+        );
         // The tombstone too.
         let tomb = f.copy("kek/a/1");
         std::fs::remove_file(&tomb).unwrap();
@@ -613,7 +612,11 @@ mod recovery_tests {
         let aside: Vec<_> = std::fs::read_dir(f.path())
             .unwrap()
             .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().starts_with("state.damaged-"))
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("state.damaged-")
+            })
             .collect();
         assert_eq!(aside.len(), 1);
     }

@@ -253,7 +253,9 @@ fn make_files_private(dir: &Path) -> Result<usize, StoreError> {
     };
     for entry in entries {
         let entry = entry.map_err(|e| io_err("list", dir, e))?;
-        let meta = entry.metadata().map_err(|e| io_err("stat", &entry.path(), e))?;
+        let meta = entry
+            .metadata()
+            .map_err(|e| io_err("stat", &entry.path(), e))?;
         if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
             let mode = meta.permissions().mode() & 0o700;
             std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(mode))
@@ -308,7 +310,10 @@ fn check_complete(
         let slot = Slot::Meta(meta);
         if !matches!(records.get(&slot), Some(Value::Live(_))) {
             return Err((
-                format!("record {} is in neither the state store nor its copy", slot.name()),
+                format!(
+                    "record {} is in neither the state store nor its copy",
+                    slot.name()
+                ),
                 files.path(&slot.name()),
             ));
         }
@@ -409,8 +414,8 @@ pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
         );
     }
     let files = RecordFiles::open(&copies)?;
-    let opened = DB::open(&db_options(false), &state)
-        .and_then(|db| scan(&db).map(|records| (db, records)));
+    let opened =
+        DB::open(&db_options(false), &state).and_then(|db| scan(&db).map(|records| (db, records)));
     let (db, records) = match opened {
         Ok(opened) => opened,
         Err(e) => return rebuild(data_dir, files, e.to_string()),
@@ -529,7 +534,9 @@ fn reconcile(
                     slot.kind(),
                     name.clone(),
                     path.clone(),
-                    format!("record copy was damaged ({detail}); written again from the state store"),
+                    format!(
+                        "record copy was damaged ({detail}); written again from the state store"
+                    ),
                 ));
                 rewrite.push((name.clone(), v.clone()));
                 v
@@ -618,10 +625,7 @@ fn rebuild(data_dir: &Path, files: RecordFiles, cause: String) -> Result<Store, 
     }
     check_complete(&records, &files).map_err(|(why, file)| fail(why, &file))?;
     let aside = if state.exists() {
-        let mut aside = data_dir.join(format!(
-            "{STATE_DIR}.damaged-{}",
-            crate::server::now_unix()
-        ));
+        let mut aside = data_dir.join(format!("{STATE_DIR}.damaged-{}", crate::server::now_unix()));
         let mut n = 1;
         while aside.exists() {
             aside = data_dir.join(format!(
