@@ -166,12 +166,18 @@ impl Store {
         opts
     }
 
-    /// Writes the change's record copies (KEKs before clusters, so a
-    /// cluster copy never names a version whose key copy is not written
-    /// yet), then its RocksDB batch.
+    /// Writes the change's record copies, then its RocksDB batch. Order:
+    /// new KEKs, clusters, tombstones; so a crash in between never leaves a
+    /// cluster copy naming a version whose key copy is not written yet or
+    /// already a tombstone (a kill -9 in the rotation loop found the
+    /// latter).
     pub fn commit(&self, change: Change) -> Result<(), StoreError> {
         let mut records = change.copies;
-        records.sort_by_key(|(slot, _)| matches!(slot, Slot::Cluster(_)));
+        records.sort_by_key(|(slot, value)| match (slot, value) {
+            (_, Value::Destroyed) => 2,
+            (Slot::Cluster(_), _) => 1,
+            _ => 0,
+        });
         let named: Vec<(String, &[u8])> = records
             .iter()
             .map(|(slot, value)| (slot.name(), copies::encode_copy(value)))
