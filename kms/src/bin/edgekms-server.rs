@@ -187,6 +187,9 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
+    // Every file this process creates (RocksDB's, the record copies) is
+    // private to its user.
+    edgekms_kms::durable::private_umask();
     let result = match cli.command {
         Some(Command::Init(args)) => run_init(args),
         Some(Command::Restore(args)) => run_restore(args),
@@ -367,7 +370,7 @@ struct Open {
 
 impl Open {
     fn open(self) -> anyhow::Result<Core> {
-        let sealer = init::sealer(&self.data_dir, self.sealer, &self.tcti)?;
+        let sealer = init::serve_sealer(&self.data_dir, self.sealer, &self.tcti)?;
         let mut core = init::open(&self.data_dir, sealer.as_ref())?;
         core.auto_rotate = self.auto_rotate;
         core.heartbeat = self.heartbeat;

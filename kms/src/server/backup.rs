@@ -41,7 +41,7 @@ use zeroize::Zeroizing;
 
 use super::audit::AuditRecord;
 use super::error::ServerError;
-use super::store::{Change, Store, StoreError};
+use super::store::{self, Change, Probe, Store, StoreError};
 use super::{init, lock, now_unix, Core};
 use crate::fleet::pki::{self, Ca, PrivateKey};
 use crate::fleet::state::Cluster;
@@ -537,17 +537,11 @@ fn parse(plain: &[u8]) -> Result<Dump, BackupError> {
 /// Refuses a data dir that is initialized or holds anything. Creates
 /// nothing.
 pub fn check_target(data_dir: &Path) -> Result<(), BackupError> {
-    if !data_dir.join("state").exists() {
-        return Ok(());
+    match store::probe(data_dir)? {
+        Probe::Empty => Ok(()),
+        Probe::Initialized(_) => Err(BackupError::Initialized(data_dir.to_owned())),
+        Probe::Partial(_) => Err(BackupError::Partial(data_dir.to_owned())),
     }
-    let store = Store::open(data_dir)?;
-    if store.initialized()? {
-        return Err(BackupError::Initialized(data_dir.to_owned()));
-    }
-    if !store.is_empty()? {
-        return Err(BackupError::Partial(data_dir.to_owned()));
-    }
-    Ok(())
 }
 
 /// What [`restore`] made.
@@ -594,7 +588,8 @@ pub fn restore(
 
     let root = Key256::generate();
     let sealed = sealer.seal(&root)?;
-    let store = Store::open(data_dir)?;
+    // The marker and the copies too: a restored dir is a normal one.
+    let store = Store::create(data_dir)?;
     let summary = dump.summary();
     let mut seq = 0;
     for rec in &dump.audit {
@@ -850,7 +845,10 @@ mod tests {
         // A partial state (an interrupted restore) is refused too.
         let partial = tmp.path().join("partial");
         std::fs::create_dir_all(&partial).unwrap();
-        Store::open(&partial).unwrap().put_audit(1, b"{}").unwrap();
+        Store::create(&partial)
+            .unwrap()
+            .put_audit(1, b"{}")
+            .unwrap();
         let err = restore(&dump, &partial, &soft(&partial), None).unwrap_err();
         assert!(matches!(err, BackupError::Partial(_)), "{err}");
         // Nothing was written to either.

@@ -5,9 +5,15 @@
 //! writes the operator's files to `<data-dir>/operator/`. Only the
 //! operator's own key is ever written in the clear, with mode 0600, for the
 //! operator to move off the host.
+//!
+//! A root key is made only in a provably empty directory (no marker, no
+//! record copy, no state record): the marker is written before the first
+//! key reaches the disk, and serving never makes a key (see
+//! [`crate::durable`]). The data dir must be owned by the service's user
+//! and not writable by others.
 
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use clap::ValueEnum;
@@ -15,7 +21,7 @@ use edgekms_hsm::{Key256, SealError, Sealer};
 use serde::Deserialize;
 
 use super::error::ServerError;
-use super::store::Store;
+use super::store::{self, Probe, Store, StoreError};
 use super::Core;
 use crate::fleet::pki;
 
@@ -28,6 +34,31 @@ pub enum SealerKind {
     Soft,
 }
 
+/// The soft sealer's key file in a data dir.
+const SOFT_KEY: &str = "soft-sealer.key";
+
+/// [`sealer`] for serving an existing data dir: a missing soft sealer key
+/// is refused rather than made anew (a new one cannot unseal the root key).
+pub fn serve_sealer(
+    data_dir: &Path,
+    kind: SealerKind,
+    tcti: &str,
+) -> Result<Box<dyn Sealer>, ServerError> {
+    let key = data_dir.join(SOFT_KEY);
+    if kind == SealerKind::Soft
+        && !key.exists()
+        && (crate::durable::has_marker(data_dir) || data_dir.join(store::STATE_DIR).exists())
+    {
+        return Err(StoreError::Unrecoverable {
+            what: "the soft sealer key is missing, and without it the root key cannot be unsealed"
+                .into(),
+            file: key.display().to_string(),
+        }
+        .into());
+    }
+    sealer(data_dir, kind, tcti)
+}
+
 /// Builds the sealer for the root key. Never falls back to another one.
 pub fn sealer(
     data_dir: &Path,
@@ -37,7 +68,7 @@ pub fn sealer(
     private_dir(data_dir)?;
     match kind {
         SealerKind::Soft => Ok(Box::new(edgekms_hsm::soft::SoftSealer::open_or_create(
-            &data_dir.join("soft-sealer.key"),
+            &data_dir.join(SOFT_KEY),
         )?)),
         SealerKind::Tpm => tpm(tcti),
     }
@@ -62,13 +93,13 @@ fn io(op: String) -> impl FnOnce(std::io::Error) -> ServerError {
     move |source| SealError::Io { op, source }.into()
 }
 
-/// Creates `dir` with mode 0700 (an existing one keeps its mode).
+/// Creates `dir` with mode 0700, or checks an existing one (ours, not
+/// writable by others; read access for others is removed and logged).
 pub(super) fn private_dir(dir: &Path) -> Result<(), ServerError> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io(format!("create {}", dir.display())))
+    if crate::durable::private_dir(dir).map_err(StoreError::from)? {
+        tracing::warn!(dir = %dir.display(), "the data dir was readable by others; now mode 0700");
+    }
+    Ok(())
 }
 
 pub(super) fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), ServerError> {
@@ -78,6 +109,9 @@ pub(super) fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), 
         .mode(mode)
         .open(path)
         .map_err(io(format!("create {}", path.display())))?;
+    // The process umask is 077; public files (certificates) get their mode.
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(io(format!("chmod {}", path.display())))?;
     f.write_all(contents)
         .and_then(|_| f.sync_all())
         .map_err(io(format!("write {}", path.display())))
@@ -116,12 +150,15 @@ pub fn init(
     names: &[String],
 ) -> Result<Initialized, ServerError> {
     private_dir(data_dir)?;
-    let store = Store::open(data_dir)?;
-    if store.initialized()? {
-        return Err(ServerError::InvalidArgument(format!(
-            "{} is already initialized; refusing to overwrite its keys",
-            data_dir.display()
-        )));
+    match store::probe(data_dir)? {
+        Probe::Empty => {}
+        Probe::Initialized(why) | Probe::Partial(why) => {
+            return Err(StoreError::NotEmpty {
+                dir: data_dir.display().to_string(),
+                why,
+            }
+            .into())
+        }
     }
     let operator_dir = data_dir.join("operator");
     if operator_dir.exists() {
@@ -137,6 +174,8 @@ pub fn init(
     let server = ca.issue_server(names)?;
     let operator = ca.issue_operator("admin")?;
 
+    // The marker, before any key reaches the disk.
+    let store = Store::create(data_dir)?;
     private_dir(&operator_dir)?;
     let ca_pem = pki::cert_pem(&ca_issued.cert_der);
     write_file(&operator_dir.join("ca.pem"), ca_pem.as_bytes(), 0o644)?;
@@ -169,21 +208,8 @@ pub fn init(
 
 /// Opens an initialized data dir: unseals the root key, loads the state.
 pub fn open(data_dir: &Path, sealer: &dyn Sealer) -> Result<Core, ServerError> {
-    if !data_dir.join("state").exists() {
-        return Err(ServerError::InvalidArgument(format!(
-            "{} is not initialized: run `edgekms-server init --data-dir {}` first",
-            data_dir.display(),
-            data_dir.display()
-        )));
-    }
+    private_dir(data_dir)?;
     let store = Store::open(data_dir)?;
-    if !store.initialized()? {
-        return Err(ServerError::InvalidArgument(format!(
-            "{} is not initialized: run `edgekms-server init --data-dir {}` first",
-            data_dir.display(),
-            data_dir.display()
-        )));
-    }
     let blob = store.sealed_root()?;
     edgekms_hsm::check_backend(sealer, &blob)?;
     let root = sealer.unseal(&blob)?;

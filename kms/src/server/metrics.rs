@@ -23,6 +23,11 @@ const NODES: &str = "edgekms_server_nodes";
 const PENDING: &str = "edgekms_server_clusters_pending_rotation";
 const OLDEST_UNACKED: &str = "edgekms_server_oldest_unacked_delivery_seconds";
 const REQUESTS: &str = "edgekms_server_requests_total";
+const REPAIRS: &str = "edgekms_store_repairs_total";
+
+/// The `record` label values of `edgekms_store_repairs_total`: a record
+/// kind, or `store` for a RocksDB rebuilt from the copies.
+pub const REPAIR_KINDS: [&str; 5] = ["root", "identity", "cluster", "kek", "store"];
 
 /// The gRPC methods, as the `method` label spells them. Anything else (an
 /// unknown path) counts as `other`, so no caller can mint new series.
@@ -61,6 +66,7 @@ pub struct Metrics {
     pending: IntGauge,
     oldest_unacked: IntGauge,
     requests: IntCounterVec,
+    repairs: IntCounterVec,
 }
 
 impl Metrics {
@@ -88,11 +94,22 @@ impl Metrics {
             ),
             &["method", "code"],
         )?;
+        let repairs = IntCounterVec::new(
+            Opts::new(
+                REPAIRS,
+                "State records repaired at start: a damaged or missing record copy rewritten, a RocksDB record replaced by its copy (record = root, identity, cluster, kek), or the whole RocksDB store rebuilt from the copies (record = store). Any increase means a damaged disk: see the WARN/ERROR lines.",
+            ),
+            &["record"],
+        )?;
         let registry = Registry::new();
         registry.register(Box::new(nodes.clone()))?;
         registry.register(Box::new(pending.clone()))?;
         registry.register(Box::new(oldest_unacked.clone()))?;
         registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(repairs.clone()))?;
+        for kind in REPAIR_KINDS {
+            repairs.with_label_values(&[kind]);
+        }
         // Successful calls show as 0 from the start, so rates exist at once.
         for method in METHODS {
             requests.with_label_values(&[method, grpc_code_name(Code::Ok)]);
@@ -103,7 +120,17 @@ impl Metrics {
             pending,
             oldest_unacked,
             requests,
+            repairs,
         })
+    }
+
+    pub fn observe_repair(&self, record: &str) {
+        let record = REPAIR_KINDS
+            .iter()
+            .find(|k| **k == record)
+            .copied()
+            .unwrap_or("store");
+        self.repairs.with_label_values(&[record]).inc();
     }
 
     pub fn observe_request(&self, method: &str, code: Code) {
@@ -158,6 +185,14 @@ static METRICS: LazyLock<Option<Metrics>> = LazyLock::new(|| match Metrics::new(
 pub fn observe_request(method: &str, code: Code) {
     if let Some(m) = METRICS.as_ref() {
         m.observe_request(method, code);
+    }
+}
+
+/// Counts one repair of the state at start (`record`: one of
+/// [`REPAIR_KINDS`]).
+pub fn observe_repair(record: &str) {
+    if let Some(m) = METRICS.as_ref() {
+        m.observe_repair(record);
     }
 }
 

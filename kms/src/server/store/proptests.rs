@@ -20,7 +20,7 @@ fn store() -> std::sync::MutexGuard<'static, (tempfile::TempDir, Store)> {
     static STORE: OnceLock<Mutex<(tempfile::TempDir, Store)>> = OnceLock::new();
     let m = STORE.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::create(dir.path()).unwrap();
         Mutex::new((dir, store))
     });
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
