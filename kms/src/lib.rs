@@ -18,6 +18,7 @@
 //! shells around the pure types; only [`server`] and [`ops`] do I/O.
 
 pub mod cli;
+pub mod conn;
 pub mod delivery;
 pub mod duration;
 pub mod envelope;

@@ -75,6 +75,10 @@ pub struct Settings {
     /// After `join`: longest wait between reconnects to the central key service [default: 30s]
     #[arg(long, value_name = "DURATION")]
     pub sync_backoff_max: Option<String>,
+    /// Open connections on both sockets at most; when full, the one idle longest is closed
+    /// [default: the open-file limit minus 128]
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
 }
 
 /// Validated configuration.
@@ -93,6 +97,8 @@ pub struct Config {
     pub sync_backoff_max: std::time::Duration,
     /// The metrics and health endpoint; `None` with `--no-metrics`.
     pub metrics_addr: Option<SocketAddr>,
+    /// Connection cap of both sockets; `None`: from the open-file limit.
+    pub max_connections: Option<usize>,
 }
 
 impl Settings {
@@ -121,6 +127,7 @@ impl Settings {
             // Off if either says off: a flag can switch off what the file sets.
             no_metrics: self.no_metrics || file.no_metrics,
             sync_backoff_max: self.sync_backoff_max.or(file.sync_backoff_max),
+            max_connections: self.max_connections.or(file.max_connections),
         }
     }
 
@@ -166,8 +173,12 @@ impl Settings {
                 }
             },
         };
+        if self.max_connections == Some(0) {
+            problems.push("--max-connections must be at least 1".to_owned());
+        }
         if problems.is_empty() {
             Ok(Config {
+                max_connections: self.max_connections,
                 sync_backoff_max,
                 socket,
                 admin_socket,

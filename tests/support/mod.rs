@@ -4,6 +4,7 @@
 //! real swtpm.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod conn;
 pub mod fleet;
 
 use std::net::SocketAddr;
