@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use edgekms_e2e::conn::{
-    anonymous_tls, closed_by_server, clk_tck, flood, idle_tls, idle_unix, plugin_with_nofile,
+    anonymous_tls, clk_tck, closed_by_server, flood, idle_tls, idle_unix, plugin_with_nofile,
     python_with_grpcio, raise_own_fd_limit, tls_connect, unary_with_authority, usage, Sampler,
 };
 use edgekms_e2e::fleet::{enrol, text, Server};
@@ -116,9 +116,13 @@ async fn central_sheds_idle_unauthenticated_connections_and_serves_operators_and
          {closed_all} closed by the server at the end; kmsctl status took {status_took:?}",
         before.fds, during.fds, after.fds, before.rss_kib, after.rss_kib
     );
-    // The cap (1,100 - 128 = 972) holds with the node, the operator and the
-    // store: never the limit itself.
-    assert!(peak_fds < 1100, "peak {peak_fds} descriptors");
+    // The cap (1,100 - 128 = 972) holds, give or take the connections
+    // accepted while the ones they displaced are still closing: never the
+    // limit itself.
+    assert!(
+        peak_fds <= 972 + before.fds + 64,
+        "peak {peak_fds} descriptors"
+    );
     assert!(shed_by_now + failed > 0, "nothing was shed");
     assert_eq!(closed_all, 3000 - failed, "connections left open");
     assert!(
@@ -193,7 +197,10 @@ async fn central_stream_flood_is_bounded() {
         assert_eq!(s.settings_max_header_list_size, Some(16 * 1024), "{s:?}");
         // Closed with GOAWAY (ENHANCE_YOUR_CALM or PROTOCOL_ERROR) long
         // before the flood's end.
-        assert!(s.goaway.is_some() || s.closed, "{s:?} after {written} streams");
+        assert!(
+            s.goaway.is_some() || s.closed,
+            "{s:?} after {written} streams"
+        );
     }
     assert!(
         peak_rss < before.rss_kib + 64 * MIB,
@@ -206,7 +213,12 @@ async fn central_stream_flood_is_bounded() {
         after.rss_kib,
         before.rss_kib
     );
-    assert!(after.fds <= before.fds + 2, "{} -> {}", before.fds, after.fds);
+    assert!(
+        after.fds <= before.fds + 2,
+        "{} -> {}",
+        before.fds,
+        after.fds
+    );
     let out = server.kmsctl(&["status"]);
     assert!(out.status.success(), "kmsctl status: {}", text(&out));
 }
@@ -223,7 +235,9 @@ async fn plugin_stream_flood_is_bounded() {
     let sampler = Sampler::start(pid);
     let mut floods = Vec::new();
     for _ in 0..2 {
-        let conn = tokio::net::UnixStream::connect(&plugin.socket).await.unwrap();
+        let conn = tokio::net::UnixStream::connect(&plugin.socket)
+            .await
+            .unwrap();
         floods.push(tokio::spawn(flood(
             conn,
             "/v2.KeyManagementService/Status",
@@ -250,7 +264,10 @@ async fn plugin_stream_flood_is_bounded() {
     );
     for (s, written) in &seen {
         assert_eq!(s.max_concurrent_streams, Some(1000), "{s:?}");
-        assert!(s.goaway.is_some() || s.closed, "{s:?} after {written} streams");
+        assert!(
+            s.goaway.is_some() || s.closed,
+            "{s:?} after {written} streams"
+        );
     }
     assert!(
         peak_rss < before.rss_kib + 64 * MIB,
@@ -263,7 +280,12 @@ async fn plugin_stream_flood_is_bounded() {
         after.rss_kib,
         before.rss_kib
     );
-    assert!(after.fds <= before.fds + 2, "{} -> {}", before.fds, after.fds);
+    assert!(
+        after.fds <= before.fds + 2,
+        "{} -> {}",
+        before.fds,
+        after.fds
+    );
 }
 
 /// 1,100 idle connections to a plugin whose open-file limit is 1,024 (soft
@@ -321,11 +343,22 @@ async fn plugin_at_fd_limit(extra: &[&str]) {
         after.rss_kib,
         cpu_share * 100.0
     );
-    assert!(cpu_share < 0.25, "the plugin used {:.0}% CPU", cpu_share * 100.0);
-    assert!(back, "descriptors did not return to {baseline}: {}", after.fds);
+    assert!(
+        cpu_share < 0.25,
+        "the plugin used {:.0}% CPU",
+        cpu_share * 100.0
+    );
+    assert!(
+        back,
+        "descriptors did not return to {baseline}: {}",
+        after.fds
+    );
     assert!(plugin.log_text().contains("connection limit reached"));
     let (ct, id) = encrypt(&mut plugin.kms().await, b"after").await;
-    assert_eq!(decrypt(&mut plugin.kms().await, &ct, &id).await.unwrap(), b"after");
+    assert_eq!(
+        decrypt(&mut plugin.kms().await, &ct, &id).await.unwrap(),
+        b"after"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -345,11 +378,7 @@ async fn plugin_out_of_fds_backs_off_and_sheds_instead_of_spinning() {
 async fn socket_path_authorities_are_served() {
     let tmp = tempfile::tempdir().unwrap();
     let plugin = Plugin::start(tmp.path(), "authority").await;
-    let encoded = plugin
-        .socket
-        .display()
-        .to_string()
-        .replace('/', "%2F");
+    let encoded = plugin.socket.display().to_string().replace('/', "%2F");
     let raw = plugin.socket.display().to_string();
     for (socket, path) in [
         (&plugin.socket, "/v2.KeyManagementService/Status"),
@@ -432,7 +461,10 @@ print(json.dumps({
     eprintln!("python grpcio: {v}");
     assert_eq!(v["healthz"], "ok");
     assert_eq!(v["plaintext"], "from python");
-    assert_eq!(v["key_id"].as_str().unwrap(), key_id(&mut plugin.kms().await).await);
+    assert_eq!(
+        v["key_id"].as_str().unwrap(),
+        key_id(&mut plugin.kms().await).await
+    );
     assert_eq!(v["admin"], true);
     // The C core sends the %-encoded socket path as :authority from 1.57 on.
     let version: Vec<u32> = v["grpc"]

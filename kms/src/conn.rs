@@ -640,9 +640,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
             let shared = &self.reg.shared;
             shared.reads.fetch_add(1, Ordering::Relaxed);
             if let Some(table) = self.reg.table.upgrade() {
-                shared
-                    .last_read_ms
-                    .store(table.now_ms(), Ordering::Relaxed);
+                shared.last_read_ms.store(table.now_ms(), Ordering::Relaxed);
             }
         }
         res

@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use edgekms_kms::conn::{self, ConnTable, Limits};
 use edgekms_proto::admin::node_admin_server::NodeAdminServer;
 use edgekms_proto::kms_v2::key_management_service_server::KeyManagementServiceServer;
 use tokio::net::UnixListener;
-use edgekms_kms::conn::{self, ConnTable, Limits};
 use tokio::sync::watch;
 
 use crate::admin_service::AdminService;

@@ -108,8 +108,7 @@ pub fn raise_own_fd_limit(need: u64) {
 pub fn anonymous_tls(ca_pem: &Path) -> Arc<rustls::ClientConfig> {
     let text = std::fs::read_to_string(ca_pem).unwrap();
     let der = edgekms_kms::fleet::pki::pem_decode("CERTIFICATE", &text).unwrap();
-    edgekms_kms::fleet::tls::client_config(edgekms_kms::fleet::tls::Trust::Ca(&der), None)
-        .unwrap()
+    edgekms_kms::fleet::tls::client_config(edgekms_kms::fleet::tls::Trust::Ca(&der), None).unwrap()
 }
 
 pub type TlsClient = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
@@ -124,7 +123,9 @@ pub async fn tls_connect(
     sock.bind(SocketAddr::new(source, 0))?;
     let tcp = sock.connect(addr).await?;
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
 }
 
 /// Opens `n` TLS connections to `addr` (completed handshakes, no client
@@ -368,7 +369,12 @@ pub async fn unary_with_authority(socket: &Path, path: &str, authority: &str) ->
     let reader = tokio::spawn(read_frames(r, seen.clone()));
     let mut out = PREFACE.to_vec();
     out.extend(frame(SETTINGS, 0, 0, &[]));
-    out.extend(frame(HEADERS, END_HEADERS, 1, &grpc_headers(path, authority)));
+    out.extend(frame(
+        HEADERS,
+        END_HEADERS,
+        1,
+        &grpc_headers(path, authority),
+    ));
     // An empty message: not compressed, length 0.
     out.extend(frame(DATA, END_STREAM, 1, &[0, 0, 0, 0, 0]));
     w.write_all(&out).await.unwrap();
@@ -448,7 +454,9 @@ pub fn python_with_grpcio() -> Option<PathBuf> {
             std::env::var("EDGEKMS_REQUIRE_GRPCIO").as_deref() != Ok("1"),
             "EDGEKMS_REQUIRE_GRPCIO=1 but {python:?} cannot import grpc and grpc_tools (run .ci/setup)"
         );
-        eprintln!("SKIPPED: no Python with grpcio and grpcio-tools (run .ci/setup or set EDGEKMS_PYTHON)");
+        eprintln!(
+            "SKIPPED: no Python with grpcio and grpcio-tools (run .ci/setup or set EDGEKMS_PYTHON)"
+        );
         return None;
     }
     python

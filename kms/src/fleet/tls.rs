@@ -374,11 +374,15 @@ pub fn serve_incoming(
                             .and_then(|c| c.first())
                             .map(|c| c.to_vec());
                         let identity = cert_der.as_deref().and_then(pki::identity_of);
-                        inner.get_ref().0.registration().set_stage(if cert_der.is_some() {
-                            Stage::Trusted
-                        } else {
-                            Stage::Unauthenticated
-                        });
+                        inner
+                            .get_ref()
+                            .0
+                            .registration()
+                            .set_stage(if cert_der.is_some() {
+                                Stage::Trusted
+                            } else {
+                                Stage::Unauthenticated
+                            });
                         let conn = TlsConn {
                             inner,
                             peer: PeerInfo {
