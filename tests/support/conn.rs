@@ -166,25 +166,34 @@ pub async fn idle_tls(
 }
 
 /// How many of `conns` the server has closed (a read returns EOF or an
-/// error at once).
-pub async fn closed_by_server<S: AsyncRead + Unpin>(conns: &mut [S]) -> usize {
-    let mut closed = 0;
-    let mut buf = [0u8; 4096];
-    for c in conns.iter_mut() {
-        // Whatever the server sent (SETTINGS, session tickets) is drained;
-        // a connection with nothing more pending counts as open.
-        loop {
-            match tokio::time::timeout(Duration::from_millis(2), c.read(&mut buf)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => {
-                    closed += 1;
-                    break;
+/// error within a second, once whatever the server sent before is drained),
+/// checked concurrently; hands the connections back.
+pub async fn closed_by_server<S>(conns: Vec<S>) -> (Vec<S>, usize)
+where
+    S: AsyncRead + Unpin + Send + 'static,
+{
+    let mut set = tokio::task::JoinSet::new();
+    for mut c in conns {
+        set.spawn(async move {
+            let mut buf = [0u8; 4096];
+            let closed = loop {
+                match tokio::time::timeout(Duration::from_secs(1), c.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => break true,
+                    Ok(Ok(_)) => continue,
+                    Err(_) => break false,
                 }
-                Ok(Ok(_)) => continue,
-                Err(_) => break,
-            }
-        }
+            };
+            (c, closed)
+        });
     }
-    closed
+    let mut back = Vec::new();
+    let mut closed = 0;
+    while let Some(r) = set.join_next().await {
+        let (c, was_closed) = r.unwrap();
+        closed += usize::from(was_closed);
+        back.push(c);
+    }
+    (back, closed)
 }
 
 /// Opens up to `n` unix connections to `path` without sending a byte; a
