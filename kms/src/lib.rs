@@ -22,6 +22,7 @@
 //! [`cli`] and `fleet::tls` do I/O.
 
 pub mod cli;
+pub mod conn;
 pub mod delivery;
 pub mod durable;
 pub mod duration;

@@ -78,6 +78,10 @@ pub struct Settings {
     /// Write the recovery passphrase, made when the node key is created, to this new file (mode 0600; refused if it exists) instead of the terminal or stderr
     #[arg(long, value_name = "PATH")]
     pub recovery_passphrase_file: Option<PathBuf>,
+    /// Open connections on both sockets at most; when full, the one idle longest is closed
+    /// [default: the open-file limit minus 128]
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
 }
 
 /// Validated configuration.
@@ -102,6 +106,8 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     /// Where a new recovery passphrase goes, instead of the tty or stderr.
     pub recovery_passphrase_file: Option<PathBuf>,
+    /// Connection cap of both sockets; `None`: from the open-file limit.
+    pub max_connections: Option<usize>,
 }
 
 impl Settings {
@@ -139,6 +145,7 @@ impl Settings {
             recovery_passphrase_file: self
                 .recovery_passphrase_file
                 .or(file.recovery_passphrase_file),
+            max_connections: self.max_connections.or(file.max_connections),
         }
     }
 
@@ -182,8 +189,12 @@ impl Settings {
                 }
             },
         };
+        if self.max_connections == Some(0) {
+            problems.push("--max-connections must be at least 1".to_owned());
+        }
         if problems.is_empty() {
             Ok(Config {
+                max_connections: self.max_connections,
                 sync_backoff_max,
                 socket,
                 admin_socket,

@@ -209,6 +209,21 @@ fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg = prepare(cli.config.as_deref(), cli.settings)?;
     edgekms_plugin::node::require_cluster(&cfg)?;
+    // One descriptor per connection: as many as the hard limit allows.
+    let fds = cli::raise_fd_limit();
+    let limits = server::limits(cfg.max_connections);
+    if u64::try_from(limits.max_connections).unwrap_or(u64::MAX) > fds {
+        tracing::warn!(
+            max_connections = limits.max_connections,
+            open_file_limit = fds,
+            "--max-connections is above the open-file limit: beyond it accept fails and idle connections are shed; raise LimitNOFILE"
+        );
+    }
+    tracing::info!(
+        max_connections = limits.max_connections,
+        open_file_limit = fds,
+        "connection limits"
+    );
 
     runtime()?.block_on(async {
         // Up before unsealing (which may wait on a busy TPM): /healthz
@@ -238,7 +253,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let kms = server::bind(&cfg.socket)?;
         let admin = server::bind(&cfg.admin_socket)?;
         tokio::spawn(sync::run(node.clone(), cfg.sync_backoff_max));
-        server::serve(node, kms, admin, cli::shutdown_signal()).await?;
+        server::serve(node, kms, admin, limits, cli::shutdown_signal()).await?;
         tracing::info!("stopped");
         Ok(())
     })
@@ -259,6 +274,10 @@ fn handlers(opened: Arc<OnceLock<Arc<Node>>>) -> Handlers {
     let for_metrics = ready.clone();
     Handlers::new(
         move || ready(),
-        move || metrics::render(for_metrics().is_ok()),
+        move || {
+            let mut text = metrics::render(for_metrics().is_ok());
+            text.push_str(&edgekms_kms::conn::render_metrics());
+            text
+        },
     )
 }

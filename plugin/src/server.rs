@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use edgekms_kms::conn::{self, ConnTable, Limits};
 use edgekms_proto::admin::node_admin_server::NodeAdminServer;
 use edgekms_proto::kms_v2::key_management_service_server::KeyManagementServiceServer;
 use tokio::net::UnixListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::admin_service::AdminService;
 use crate::kms_service::KmsService;
@@ -21,6 +21,25 @@ use crate::node::Node;
 
 /// How long shutdown waits for in-flight calls before giving up on them.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Streams on one KMS connection. kube-apiserver (grpc-go) multiplexes all
+/// its Encrypt/Decrypt calls on one connection and queues calls beyond this
+/// on its side rather than failing them; each call here is a few
+/// microseconds of AES-GCM, so 1000 in flight is far above what an
+/// apiserver reaches (its own in-flight request limits are 400 + 200) while
+/// bounding what one connection can make the plugin hold (a few MiB).
+pub const KMS_MAX_CONCURRENT_STREAMS: u32 = 1000;
+
+/// Streams on one admin connection: `kmsctl local` makes one call at a time.
+pub const ADMIN_MAX_CONCURRENT_STREAMS: u32 = 100;
+
+/// The connection limits of both sockets together: `max_connections`, or
+/// the open-file limit minus [`conn::RESERVED_FDS`].
+pub fn limits(max_connections: Option<usize>) -> Limits {
+    Limits::local(
+        max_connections.unwrap_or_else(|| conn::default_max_connections(conn::fd_limit())),
+    )
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -96,13 +115,17 @@ pub fn bind(path: &Path) -> Result<BoundSocket, ServerError> {
 
 /// Serves KMS v2 on `kms` and the admin API on `admin` until `shutdown`
 /// resolves, then drains in-flight calls (up to [`DRAIN_TIMEOUT`]) and
-/// removes both socket files.
+/// removes both socket files. Connections of both sockets share one table
+/// held to `limits`: when it is full, or accept() runs out of descriptors,
+/// the connection idle longest is closed.
 pub async fn serve(
     node: Arc<Node>,
     mut kms: BoundSocket,
     mut admin: BoundSocket,
+    limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    let table = ConnTable::new("plugin", limits);
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -110,20 +133,21 @@ pub async fn serve(
     let serve_one = |sock: &mut BoundSocket, router: tonic::transport::server::Router, rx| {
         let path = sock.path.display().to_string();
         let listener = sock.listener.take();
+        let table = table.clone();
         async move {
             let Some(listener) = listener else {
                 return Ok(());
             };
             router
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped(rx))
+                .serve_with_incoming_shutdown(conn::unix_incoming(listener, table), stopped(rx))
                 .await
                 .map_err(|source| ServerError::Serve { path, source })
         }
     };
-    let kms_router = tonic::transport::Server::builder().add_service(
+    let kms_router = conn::grpc_server(KMS_MAX_CONCURRENT_STREAMS).add_service(
         KeyManagementServiceServer::new(KmsService::new(node.clone())),
     );
-    let admin_router = tonic::transport::Server::builder()
+    let admin_router = conn::grpc_server(ADMIN_MAX_CONCURRENT_STREAMS)
         .add_service(NodeAdminServer::new(AdminService::new(node.clone())));
     let kms_task = serve_one(&mut kms, kms_router, stop_rx.clone());
     let admin_task = serve_one(&mut admin, admin_router, stop_rx);

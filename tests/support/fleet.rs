@@ -20,6 +20,8 @@ pub struct Server {
     pub log: PathBuf,
     pub extra_args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// Open-file limit (soft and hard) to start the process with, via prlimit.
+    pub nofile: Option<u64>,
     child: Option<Child>,
 }
 
@@ -75,8 +77,19 @@ impl Server {
             log: data_dir.with_extension("log"),
             extra_args,
             env: Vec::new(),
+            nofile: None,
             child: None,
         };
+        s.respawn();
+        s
+    }
+
+    /// [`Server::spawn`] under an open-file limit of `nofile` (soft and
+    /// hard, so the server cannot raise it).
+    pub fn spawn_with_nofile(data_dir: &Path, extra_args: &[&str], nofile: u64) -> Self {
+        let mut s = Self::spawn(data_dir, extra_args);
+        s.kill();
+        s.nofile = Some(nofile);
         s.respawn();
         s
     }
@@ -97,7 +110,17 @@ impl Server {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(bin("edgekms-server"))
+        let mut cmd = match self.nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(bin("edgekms-server"));
+                c
+            }
+            None => Command::new(bin("edgekms-server")),
+        };
+        let child = cmd
             .args(["--sealer", "soft", "--heartbeat", "1s", "--data-dir"])
             .arg(&self.data_dir)
             .args(["--listen", &self.listen.to_string()])

@@ -6,6 +6,7 @@
 
 pub mod abuse;
 pub mod faults;
+pub mod conn;
 pub mod fleet;
 
 use std::net::SocketAddr;

@@ -145,6 +145,14 @@ struct ServeArgs {
     #[arg(long, conflicts_with = "metrics_addr")]
     #[serde(default)]
     no_metrics: bool,
+    /// Open connections at most; when full, the oldest unauthenticated ones are closed
+    /// [default: the open-file limit minus 128]
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Connections without a client certificate (or still in their TLS handshake) one
+    /// peer address may hold; more close its oldest [default: 128]
+    #[arg(long, value_name = "N")]
+    max_unauthenticated_per_peer: Option<usize>,
 }
 
 impl ServeArgs {
@@ -169,6 +177,10 @@ impl ServeArgs {
                 self.metrics_addr.or(file.metrics_addr)
             },
             no_metrics: self.no_metrics || (self.metrics_addr.is_none() && file.no_metrics),
+            max_connections: self.max_connections.or(file.max_connections),
+            max_unauthenticated_per_peer: self
+                .max_unauthenticated_per_peer
+                .or(file.max_unauthenticated_per_peer),
         }
     }
 
@@ -346,7 +358,33 @@ fn run_serve(flags: ServeArgs) -> anyhow::Result<()> {
     if let Err(e) = edgekms_hsm::memory::harden_process() {
         tracing::warn!(error = %e, "cannot disable core dumps for this process");
     }
-    cli::raise_fd_limit();
+    let fds = cli::raise_fd_limit();
+    let mut limits = service::default_limits();
+    if let Some(n) = args.max_connections {
+        if n == 0 {
+            anyhow::bail!("--max-connections must be at least 1");
+        }
+        limits.max_connections = n;
+    }
+    if let Some(n) = args.max_unauthenticated_per_peer {
+        if n == 0 {
+            anyhow::bail!("--max-unauthenticated-per-peer must be at least 1");
+        }
+        limits.max_unauthenticated_per_peer = n;
+    }
+    if u64::try_from(limits.max_connections).unwrap_or(u64::MAX) > fds {
+        tracing::warn!(
+            max_connections = limits.max_connections,
+            open_file_limit = fds,
+            "--max-connections is above the open-file limit: beyond it accept fails and idle connections are shed; raise LimitNOFILE"
+        );
+    }
+    tracing::info!(
+        max_connections = limits.max_connections,
+        max_unauthenticated_per_peer = limits.max_unauthenticated_per_peer,
+        open_file_limit = fds,
+        "connection limits"
+    );
     let open = Open {
         data_dir,
         sealer: args.sealer.unwrap_or(SealerKind::Tpm),
@@ -355,7 +393,7 @@ fn run_serve(flags: ServeArgs) -> anyhow::Result<()> {
         heartbeat,
         retention,
     };
-    serve(open, listen, args.metrics())
+    serve(open, listen, args.metrics(), limits)
 }
 
 /// How to open the data dir (unsealing the root key).
@@ -389,11 +427,20 @@ fn handlers(core: Arc<OnceLock<Arc<Core>>>, stopping: Arc<AtomicBool>) -> Handle
             Some(_) if stopping.load(Ordering::SeqCst) => Err("stopping".to_owned()),
             Some(_) => Ok(()),
         },
-        move || metrics::render(for_metrics.get().map(|c| c.as_ref())),
+        move || {
+            let mut text = metrics::render(for_metrics.get().map(|c| c.as_ref()));
+            text.push_str(&edgekms_kms::conn::render_metrics());
+            text
+        },
     )
 }
 
-fn serve(open: Open, listen: SocketAddr, metrics_addr: Option<SocketAddr>) -> anyhow::Result<()> {
+fn serve(
+    open: Open,
+    listen: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    limits: edgekms_kms::conn::Limits,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -477,7 +524,7 @@ fn serve(open: Open, listen: SocketAddr, metrics_addr: Option<SocketAddr>) -> an
             cli::shutdown_signal().await;
             stopping.store(true, Ordering::SeqCst);
         };
-        let result = service::serve(core.clone(), listener, shutdown).await;
+        let result = service::serve_with(core.clone(), listener, limits, shutdown).await;
         // Refusals counted but not yet kept are kept now.
         core.flush_refusals();
         result.map_err(|e| anyhow::anyhow!("server failed: {e}"))?;

@@ -25,8 +25,10 @@ use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint};
 
 use super::pki::{self, Identity, PrivateKey};
+use crate::conn::{ConnTable, Stage, Tracked};
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A TLS handshake not finished by then is dropped (and counted refused).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -271,7 +273,7 @@ pub struct PeerInfo {
 
 /// An accepted TLS connection, handing [`PeerInfo`] to tonic handlers.
 pub struct TlsConn {
-    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    inner: tokio_rustls::server::TlsStream<Tracked<TcpStream>>,
     peer: PeerInfo,
 }
 
@@ -319,26 +321,46 @@ impl AsyncWrite for TlsConn {
 }
 
 /// Accepts TCP connections and completes TLS handshakes concurrently;
-/// `on_refused(peer, reason)` hears of every failed handshake.
+/// `on_refused(peer, reason)` hears of every failed handshake. Every
+/// connection is registered in `table` from accept on (which sheds others
+/// when full, see [`crate::conn`]); accept errors back off instead of
+/// spinning.
 pub fn serve_incoming(
     listener: TcpListener,
     cfg: Arc<ServerConfig>,
     on_refused: Arc<dyn Fn(SocketAddr, String) + Send + Sync>,
+    table: Arc<ConnTable>,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     let acceptor = TlsAcceptor::from(cfg);
     tokio::spawn(async move {
+        let mut failures = 0u32;
         loop {
-            let (tcp, addr) = match listener.accept().await {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                () = tx.closed() => break,
+            };
+            let (tcp, addr) = match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
-                    // Out of file descriptors and the like: wait, go on.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // Out of file descriptors and the like: shed one, wait, go on.
+                    let wait = table.on_accept_error(&e, failures);
+                    if failures == 0 {
+                        tracing::warn!(error = %e, "accept failed; backing off");
+                    }
+                    failures = failures.saturating_add(1);
+                    tokio::time::sleep(wait).await;
                     continue;
                 }
             };
+            failures = 0;
+            let Some(reg) = table.admit(Some(addr.ip()), Stage::Handshake) else {
+                // Full of nodes and operators: this one is closed at once.
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
+            let shed = reg.watch();
+            let tcp = reg.wrap(tcp);
             let acceptor = acceptor.clone();
             let conn_tx = tx.clone();
             let on_refused = on_refused.clone();
@@ -352,6 +374,15 @@ pub fn serve_incoming(
                             .and_then(|c| c.first())
                             .map(|c| c.to_vec());
                         let identity = cert_der.as_deref().and_then(pki::identity_of);
+                        inner
+                            .get_ref()
+                            .0
+                            .registration()
+                            .set_stage(if cert_der.is_some() {
+                                Stage::Trusted
+                            } else {
+                                Stage::Unauthenticated
+                            });
                         let conn = TlsConn {
                             inner,
                             peer: PeerInfo {
@@ -362,13 +393,12 @@ pub fn serve_incoming(
                         };
                         let _ = conn_tx.send(Ok(conn)).await;
                     }
+                    // Shed to make room: counted and logged by the table.
+                    Ok(Err(_)) if shed.is_shed() => {}
                     Ok(Err(e)) => on_refused(addr, format!("TLS handshake failed: {e}")),
                     Err(_) => on_refused(addr, "TLS handshake timed out".into()),
                 }
             });
-            if tx.is_closed() {
-                break;
-            }
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)

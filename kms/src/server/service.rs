@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::audit::AuditRecord;
 use super::error::ServerError;
 use super::{Core, DEFAULT_TOKEN_TTL};
+use crate::conn::{ConnTable, Limits};
 use crate::fleet::pki::{self, Identity};
 use crate::fleet::tls::{self, PeerInfo};
 
@@ -355,12 +356,42 @@ async fn run_stream(
     }
 }
 
-/// Serves both services on `listener` until `shutdown` resolves.
+/// Streams one connection may hold open: a node's sync stream plus an
+/// operator's calls need a few; 100 leaves room and bounds what one
+/// connection (with or without a certificate) can make the server hold.
+pub const MAX_CONCURRENT_STREAMS: u32 = 100;
+
+/// Handshaking or certificate-less connections one peer address may hold by
+/// default (more close its oldest).
+pub const DEFAULT_MAX_UNAUTHENTICATED_PER_PEER: usize = 128;
+
+/// The connection limits for this process's open-file limit.
+pub fn default_limits() -> Limits {
+    Limits::central(
+        crate::conn::default_max_connections(crate::conn::fd_limit()),
+        DEFAULT_MAX_UNAUTHENTICATED_PER_PEER,
+    )
+}
+
+/// Serves both services on `listener` until `shutdown` resolves, with
+/// [`default_limits`].
 pub async fn serve(
     core: Arc<Core>,
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    serve_with(core, listener, default_limits(), shutdown).await
+}
+
+/// Serves both services on `listener` until `shutdown` resolves, holding
+/// connections to `limits`.
+pub async fn serve_with(
+    core: Arc<Core>,
+    listener: TcpListener,
+    limits: Limits,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let table = ConnTable::new("central", limits);
     let (ca, cert, key) = core.tls_identity()?;
     let cfg = tls::server_config(&ca, &cert, &key)?;
     let audit_core = core.clone();
@@ -379,6 +410,7 @@ pub async fn serve(
                     .detail("connection")
             });
         }),
+        table,
     );
     let stop_core = core.clone();
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
@@ -390,7 +422,7 @@ pub async fn serve(
     // operator calls names, numbers and a 32-byte key), so one limit for
     // both services bounds what an unauthenticated caller makes the server
     // buffer, without a second listener or a body-size layer.
-    let server = tonic::transport::Server::builder()
+    let server = crate::conn::grpc_server(MAX_CONCURRENT_STREAMS)
         .layer(super::metrics::CountRequests)
         .add_service(
             FleetServer::new(FleetService { core: core.clone() })
