@@ -187,7 +187,9 @@ fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
     }) {
         Ok(restored) => restored,
         Err(e) => {
-            edgekms_plugin::recovery::PassphraseOut::abandon(cfg.recovery_passphrase_file.as_deref());
+            edgekms_plugin::recovery::PassphraseOut::abandon(
+                cfg.recovery_passphrase_file.as_deref(),
+            );
             return Err(e.into());
         }
     };

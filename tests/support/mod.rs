@@ -5,8 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod abuse;
-pub mod faults;
 pub mod conn;
+pub mod faults;
 pub mod fleet;
 
 use std::net::SocketAddr;

@@ -16,16 +16,18 @@ fn record() -> impl Strategy<Value = AuditRecord> {
         (".{0,20}", ".{0,30}"),
     )
         .prop_map(
-            |(time_ms, (event, actor, cluster, node), (version, count), (result, detail))| AuditRecord {
-                time_ms,
-                event,
-                actor,
-                cluster,
-                node,
-                version,
-                result,
-                detail,
-                count,
+            |(time_ms, (event, actor, cluster, node), (version, count), (result, detail))| {
+                AuditRecord {
+                    time_ms,
+                    event,
+                    actor,
+                    cluster,
+                    node,
+                    version,
+                    result,
+                    detail,
+                    count,
+                }
             },
         )
 }
