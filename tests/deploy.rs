@@ -489,6 +489,7 @@ const METRICS: &[&str] = &[
     "edgekms_server_nodes",
     "edgekms_server_clusters_pending_rotation",
     "edgekms_server_oldest_unacked_delivery_seconds",
+    "edgekms_store_repairs_total",
 ];
 
 #[test]
