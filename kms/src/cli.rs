@@ -66,6 +66,19 @@ pub fn raise_fd_limit() -> u64 {
     lim.rlim_cur
 }
 
+/// Logs the connection cap against the open-file limit at start, warning
+/// when the cap is above it (accept then fails before the cap is reached).
+pub fn log_connection_limits(max_connections: usize, open_file_limit: u64) {
+    if u64::try_from(max_connections).unwrap_or(u64::MAX) > open_file_limit {
+        tracing::warn!(
+            max_connections,
+            open_file_limit,
+            "--max-connections is above the open-file limit: beyond it accept fails and idle connections are shed; raise LimitNOFILE"
+        );
+    }
+    tracing::info!(max_connections, open_file_limit, "connection limits");
+}
+
 /// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};

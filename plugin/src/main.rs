@@ -214,18 +214,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // One descriptor per connection: as many as the hard limit allows.
     let fds = cli::raise_fd_limit();
     let limits = server::limits(cfg.max_connections);
-    if u64::try_from(limits.max_connections).unwrap_or(u64::MAX) > fds {
-        tracing::warn!(
-            max_connections = limits.max_connections,
-            open_file_limit = fds,
-            "--max-connections is above the open-file limit: beyond it accept fails and idle connections are shed; raise LimitNOFILE"
-        );
-    }
-    tracing::info!(
-        max_connections = limits.max_connections,
-        open_file_limit = fds,
-        "connection limits"
-    );
+    cli::log_connection_limits(limits.max_connections, fds);
 
     runtime()?.block_on(async {
         // Up before unsealing (which may wait on a busy TPM): /healthz

@@ -372,18 +372,10 @@ fn run_serve(flags: ServeArgs) -> anyhow::Result<()> {
         }
         limits.max_unauthenticated_per_peer = n;
     }
-    if u64::try_from(limits.max_connections).unwrap_or(u64::MAX) > fds {
-        tracing::warn!(
-            max_connections = limits.max_connections,
-            open_file_limit = fds,
-            "--max-connections is above the open-file limit: beyond it accept fails and idle connections are shed; raise LimitNOFILE"
-        );
-    }
+    cli::log_connection_limits(limits.max_connections, fds);
     tracing::info!(
-        max_connections = limits.max_connections,
         max_unauthenticated_per_peer = limits.max_unauthenticated_per_peer,
-        open_file_limit = fds,
-        "connection limits"
+        "connection limits per peer"
     );
     let open = Open {
         data_dir,
