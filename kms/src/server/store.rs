@@ -355,22 +355,21 @@ impl Store {
     pub fn last_audit_seq(&self) -> Result<u64, StoreError> {
         let mut upper = AUDIT_PREFIX.to_vec();
         upper.extend_from_slice(&u64::MAX.to_be_bytes());
-        let mut iter = self
+        for item in self
             .db
-            .iterator(IteratorMode::From(&upper, Direction::Reverse));
-        match iter.next() {
-            Some(item) => {
-                let (key, _) = item?;
-                match key
-                    .strip_prefix(AUDIT_PREFIX)
-                    .and_then(|s| s.try_into().ok())
-                {
-                    Some(bytes) => Ok(u64::from_be_bytes(bytes)),
-                    None => Ok(0),
-                }
+            .iterator(IteratorMode::From(&upper, Direction::Reverse))
+        {
+            let (key, _) = item?;
+            if !key.starts_with(AUDIT_PREFIX) {
+                break;
             }
-            None => Ok(0),
+            // A damaged key is passed over: answering 0 would make the next
+            // records overwrite the oldest ones.
+            if let Some(seq) = audit_seq_of(&key) {
+                return Ok(seq);
+            }
         }
+        Ok(0)
     }
 
     /// Every audit record, oldest first, passed to `f` until it says stop.
@@ -521,6 +520,19 @@ mod tests {
             })
             .unwrap();
         assert_eq!(seen.len(), 2);
+    }
+
+    #[test]
+    fn a_damaged_audit_key_does_not_reset_the_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::create(dir.path()).unwrap();
+        store.put_audit(1, b"{}").unwrap();
+        store.put_audit(2, b"{}").unwrap();
+        // Nine bytes after the prefix: sorts after audit/2, parses as nothing.
+        let mut bad = audit_key(2);
+        bad.push(0);
+        store.db.put(bad, b"{}").unwrap();
+        assert_eq!(store.last_audit_seq().unwrap(), 2);
     }
 
     #[test]
