@@ -173,10 +173,13 @@ pub(crate) enum Failure {
 impl From<tonic::Status> for Failure {
     fn from(s: tonic::Status) -> Self {
         // The peer dropped the connection rather than answering: with TLS
-        // 1.3 that is how a server refuses a client certificate.
-        if matches!(s.code(), tonic::Code::Unknown | tonic::Code::Unavailable)
-            && s.message().contains("transport error")
-        {
+        // 1.3 that is how a server refuses a client certificate. Depending
+        // on when the close lands, the client reports it as a transport
+        // error or as its own request cancelled.
+        let dropped = (matches!(s.code(), tonic::Code::Unknown | tonic::Code::Unavailable)
+            && s.message().contains("transport error"))
+            || (s.code() == tonic::Code::Cancelled && s.message() == "operation was canceled");
+        if dropped {
             return Failure::Usage(format!(
                 "the connection was closed without an answer ({}): the central service refuses certificates not issued by its CA (is --operator-dir from this service's `init`?), or the peer is going down",
                 s.message()
