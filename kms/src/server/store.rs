@@ -654,6 +654,16 @@ mod recovery_tests {
         }
     }
 
+    /// Puts cluster `a` back at v1 primary in RocksDB only, as a lost WAL
+    /// would.
+    fn rewind_cluster(store: &Store) {
+        let old = Cluster::new("a", "a/v1/x".into(), 1);
+        store
+            .db
+            .put(cluster_key("a"), serde_json::to_vec(&old).unwrap())
+            .unwrap();
+    }
+
     #[test]
     fn a_copy_that_verifies_wins_over_an_older_rocksdb_record() {
         let f = Fixture::new();
@@ -661,11 +671,7 @@ mod recovery_tests {
             // RocksDB lost the last writes (as with a deleted WAL): the
             // cluster is back at v1 primary and v1's key is still there.
             let store = Store::open(f.path()).unwrap();
-            let old = Cluster::new("a", "a/v1/x".into(), 1);
-            store
-                .db
-                .put(cluster_key("a"), serde_json::to_vec(&old).unwrap())
-                .unwrap();
+            rewind_cluster(&store);
             let wrapped = aead::seal(
                 &f.root,
                 &aad(&kek_key("a", 1), "a/v1/x"),
@@ -721,11 +727,7 @@ mod recovery_tests {
         let f = Fixture::new();
         {
             let store = Store::open(f.path()).unwrap();
-            let old = Cluster::new("a", "a/v1/x".into(), 1);
-            store
-                .db
-                .put(cluster_key("a"), serde_json::to_vec(&old).unwrap())
-                .unwrap();
+            rewind_cluster(&store);
         }
         std::fs::remove_file(f.copy("cluster/a")).unwrap();
         let err = refused(f.path());
