@@ -11,12 +11,12 @@
 
 use std::time::{Duration, Instant};
 
+use edgekms_daemon::tls;
 use edgekms_e2e::abuse::{
     dir_bytes, file_bytes, kmsctl_streamed, no_cert_config, no_cert_fleet, now_ms, operator,
     proc_kib, seed_audit,
 };
 use edgekms_e2e::fleet::{text, Server};
-use edgekms_kms::fleet::tls;
 use edgekms_proto::fleet as pb;
 use edgekms_proto::fleet::operator_client::OperatorClient;
 use serde_json::Value;

@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
+use edgekms_daemon::durable::{self, RecordFiles};
 use edgekms_e2e::fleet::{enrol, Server};
 use edgekms_e2e::{copy_dir, decrypt, encrypt, http_get, key_id};
-use edgekms_kms::durable::{self, RecordFiles};
 use serde_json::{json, Value};
 
 // ---- what must survive ----

@@ -379,7 +379,7 @@ async fn bad_tokens_revoked_nodes_and_foreign_clients_are_refused_and_audited() 
 
 /// A TLS client that trusts the server but presents no certificate.
 async fn no_cert_call_is_unauthenticated(server: &Server) {
-    use edgekms_kms::fleet::{pki, tls};
+    use edgekms_daemon::{pki, tls};
     let ca_pem = std::fs::read_to_string(server.operator_dir().join("ca.pem")).unwrap();
     let ca = pki::pem_decode("CERTIFICATE", &ca_pem).unwrap();
     let cfg = tls::client_config(tls::Trust::Ca(&ca), None).unwrap();

@@ -11,11 +11,11 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use edgekms_core::delivery::{Binding, DeliveryKey};
+use edgekms_daemon::{pki, tls};
 use edgekms_e2e::fleet::Server;
 use edgekms_e2e::{bin, free_port, http_get, mode, sample, tcp_listen_ports};
 use edgekms_hsm::Key256;
-use edgekms_kms::delivery::{Binding, DeliveryKey};
-use edgekms_kms::fleet::{pki, tls};
 use edgekms_proto::fleet as pb;
 use edgekms_proto::fleet::fleet_client::FleetClient;
 use serde_json::Value;

@@ -27,6 +27,17 @@ impl Key256 {
     }
 
     /// [`Key256::from_slice`] for a slice known to be 32 bytes long.
+    /// A key written as 64 hex digits (a backup key file), surrounding
+    /// white space ignored.
+    pub fn from_hex(text: &str) -> Option<Self> {
+        let text = text.trim();
+        if text.len() != 64 {
+            return None;
+        }
+        let bytes = Zeroizing::new(hex::decode(text).ok()?);
+        Self::from_slice(&bytes)
+    }
+
     pub fn from_bytes(bytes: &[u8; 32]) -> Self {
         let mut key = Self::zeroed();
         key.0.copy_from_slice(bytes);

@@ -1,25 +1,12 @@
 //! Property tests for [`SealedBlob::decode`] (the framing of every sealed
-//! key on disk), and the case-count policy of the crate's property tests.
-//!
-//! Each property runs [`config`]`(n)` cases: a count small enough for CI
-//! (the crate's whole suite in seconds on two cores), raised for a soak with
-//! `PROPTEST_CASES=100000 cargo test -p edgekms-hsm proptests`.
+//! key on disk). The case-count policy is the workspace's
+//! ([`edgekms_testkit::proptest_policy`]).
 
 use proptest::prelude::*;
 
-use crate::SealedBlob;
+pub(crate) use edgekms_testkit::proptest_policy::config;
 
-/// `default` cases per property, or `PROPTEST_CASES` when set (a soak).
-pub(crate) fn config(default: u32) -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default);
-    ProptestConfig {
-        cases,
-        ..ProptestConfig::default()
-    }
-}
+use crate::SealedBlob;
 
 /// Backend names as any encoder could write them: up to 255 bytes of UTF-8.
 fn blob() -> impl Strategy<Value = SealedBlob> {

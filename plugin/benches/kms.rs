@@ -43,7 +43,7 @@ impl KeyManagementService for Echo {
         r: Request<EncryptRequest>,
     ) -> Result<Response<EncryptResponse>, Status> {
         let mut ct = r.into_inner().plaintext.to_vec();
-        ct.resize(ct.len() + edgekms_kms::envelope::OVERHEAD, 0);
+        ct.resize(ct.len() + edgekms_core::envelope::OVERHEAD, 0);
         Ok(Response::new(EncryptResponse {
             ciphertext: ct.into(),
             key_id: "bench/v1/0123456789abcdef".into(),
@@ -55,7 +55,7 @@ impl KeyManagementService for Echo {
         r: Request<DecryptRequest>,
     ) -> Result<Response<DecryptResponse>, Status> {
         let mut pt = r.into_inner().ciphertext.to_vec();
-        pt.truncate(pt.len().saturating_sub(edgekms_kms::envelope::OVERHEAD));
+        pt.truncate(pt.len().saturating_sub(edgekms_core::envelope::OVERHEAD));
         Ok(Response::new(DecryptResponse {
             plaintext: pt.into(),
         }))

@@ -2,7 +2,7 @@
 //! `Backup` RPC: [`make`]) and its restore into an empty data dir
 //! (`edgekms-plugin restore`: [`open`], [`restore`]).
 //!
-//! The file is the central backup's format ([`edgekms_kms::server::backup`]:
+//! The file is the backups' format ([`edgekms_core::sealedfile`]:
 //! header, key check, AES-256-GCM under a 256-bit key the operator keeps
 //! apart) with the magic `EKNB`. The node sealing key is NOT in it (it is
 //! sealed to this node's TPM): a restore makes a new one, sealed by the new
@@ -25,15 +25,15 @@
 
 use std::path::{Path, PathBuf};
 
+use edgekms_core::sealedfile::{self, FileError};
+use edgekms_core::{KeyVersion, Keyring, VersionState};
 use edgekms_hsm::{Key256, Sealer};
-use edgekms_kms::server::backup::{self as central, BackupError};
-use edgekms_kms::{KeyState, KeyVersion, Keyring};
 use zeroize::Zeroizing;
 
 use crate::error::NodeError;
 use crate::node::Node;
 use crate::recovery;
-use crate::store::{Store, StoreError};
+use crate::store::{byte_state, state_byte, Store, StoreError};
 
 /// The file's first bytes ("edgekms node backup").
 pub const MAGIC: &[u8; 4] = b"EKNB";
@@ -57,15 +57,6 @@ impl std::fmt::Debug for NodeDump {
     }
 }
 
-fn state_byte(s: KeyState) -> u8 {
-    match s {
-        KeyState::Pending => 0,
-        KeyState::Primary => 1,
-        KeyState::DecryptOnly => 2,
-        KeyState::Retired => 3,
-    }
-}
-
 /// Encodes a dump (plaintext).
 pub fn encode(created_unix: u64, keyring: &Keyring) -> Zeroizing<Vec<u8>> {
     let mut out = Zeroizing::new(Vec::new());
@@ -77,7 +68,7 @@ pub fn encode(created_unix: u64, keyring: &Keyring) -> Zeroizing<Vec<u8>> {
     out.extend_from_slice(&(versions.len() as u32).to_be_bytes());
     for kv in versions {
         out.extend_from_slice(&kv.version.to_be_bytes());
-        out.push(state_byte(kv.state));
+        out.push(state_byte(kv.state()));
         out.extend_from_slice(&kv.created_unix.to_be_bytes());
         out.extend_from_slice(&(kv.key_id.len() as u32).to_be_bytes());
         out.extend_from_slice(kv.key_id.as_bytes());
@@ -122,21 +113,17 @@ pub fn decode(plain: &[u8]) -> Result<NodeDump, String> {
     let mut r = Reader(plain);
     let created_unix = r.u64("the creation time")?;
     let cluster = r.string("the cluster name")?;
-    edgekms_kms::keyid::validate_name(&cluster).map_err(|e| e.to_string())?;
+    edgekms_core::keyid::validate_name(&cluster).map_err(|e| e.to_string())?;
     let mut keyring = Keyring::new(&cluster).map_err(|e| e.to_string())?;
     let count = r.u32("the version count")?;
     for _ in 0..count {
         let version = r.u32("a version number")?;
         let state = match r.u8("a version state")? {
-            0 => KeyState::Pending,
-            1 => KeyState::Primary,
-            2 => KeyState::DecryptOnly,
-            3 => KeyState::Retired,
-            b => return Err(format!("version {version} has unknown state {b}")),
+            b => byte_state(b).ok_or_else(|| format!("version {version} has unknown state {b}"))?,
         };
         let created = r.u64("a creation time")?;
         let key_id = r.string("a key_id")?;
-        let kv = if state == KeyState::Retired {
+        let kv = if state == VersionState::Retired {
             KeyVersion::retired(version, key_id, created)
         } else {
             let key = Key256::from_slice(r.take(32, "a key")?).ok_or("a key is not 32 bytes")?;
@@ -176,7 +163,7 @@ pub fn make(node: &Node, key: &Key256) -> Result<(Vec<u8>, NodeDump), NodeError>
         .unwrap_or(0);
     let plain = encode(created_unix, &snap.keyring);
     Ok((
-        central::seal(key, MAGIC, &plain),
+        sealedfile::seal(key, MAGIC, &plain),
         NodeDump {
             created_unix,
             cluster: node.cluster().to_owned(),
@@ -189,8 +176,14 @@ pub fn make(node: &Node, key: &Key256) -> Result<(Vec<u8>, NodeDump), NodeError>
 pub enum RestoreError {
     #[error("not an edgekms node backup (it does not start with \"EKNB\"; a central backup is restored with `edgekms-server restore`)")]
     NotABackup,
-    #[error(transparent)]
-    File(#[from] BackupError),
+    #[error("backup format {0} is not supported: this edgekms-plugin reads format {supported}; restore with the version that wrote it, or a newer one", supported = sealedfile::FORMAT)]
+    Format(u8),
+    #[error(
+        "backup does not open with this key: it was made under another key file (check --key-file)"
+    )]
+    WrongKey,
+    #[error("backup is truncated: {0}; use a complete copy")]
+    Truncated(String),
     #[error("backup is corrupt: {0}; use another copy")]
     Corrupt(String),
     #[error(
@@ -205,6 +198,17 @@ pub enum RestoreError {
     Node(#[from] NodeError),
 }
 
+impl From<FileError> for RestoreError {
+    fn from(e: FileError) -> Self {
+        match e {
+            FileError::Format(f) => RestoreError::Format(f),
+            FileError::WrongKey => RestoreError::WrongKey,
+            FileError::Truncated(d) => RestoreError::Truncated(d),
+            FileError::Corrupt(d) => RestoreError::Corrupt(d),
+        }
+    }
+}
+
 impl From<StoreError> for RestoreError {
     fn from(e: StoreError) -> Self {
         RestoreError::Node(e.into())
@@ -217,7 +221,7 @@ pub fn open(blob: &[u8], key: &Key256) -> Result<NodeDump, RestoreError> {
     if blob[..n] != MAGIC[..n] {
         return Err(RestoreError::NotABackup);
     }
-    let plain = central::open_sealed(blob, key)?;
+    let plain = sealedfile::open(blob, key)?;
     decode(&plain).map_err(RestoreError::Corrupt)
 }
 
@@ -309,7 +313,7 @@ fn build(
     let passphrase = recovery::generate_passphrase();
     let wrapped = recovery::wrap(&nsk, &passphrase, &dump.cluster);
     let blob = sealer.seal(&nsk).map_err(NodeError::from)?;
-    edgekms_kms::durable::write_marker(dir).map_err(StoreError::from)?;
+    edgekms_daemon::durable::write_marker(dir).map_err(StoreError::from)?;
     store.put_new_nsk(&blob, &wrapped, &nsk, &ring)?;
     // Read back as the plugin will.
     let back = store.load_keyring(&nsk)?;
@@ -353,17 +357,17 @@ mod tests {
         assert_eq!(back.created_unix, 9);
         for (a, b) in ring.versions().zip(back.keyring.versions()) {
             assert_eq!(
-                (a.version, a.state, &a.key_id),
-                (b.version, b.state, &b.key_id)
+                (a.version, a.state(), &a.key_id),
+                (b.version, b.state(), &b.key_id)
             );
             assert!(a.key() == b.key());
         }
         let key = Key256::generate();
-        let blob = central::seal(&key, MAGIC, &plain);
+        let blob = sealedfile::seal(&key, MAGIC, &plain);
         assert!(open(&blob, &key).is_ok());
         assert!(matches!(
             open(&blob, &Key256::generate()),
-            Err(RestoreError::File(BackupError::WrongKey))
+            Err(RestoreError::WrongKey)
         ));
         let mut bad = blob.clone();
         let last = bad.len() - 1;
@@ -400,7 +404,7 @@ mod tests {
         std::fs::remove_file(target.join("x")).unwrap();
         let r = restore(&dump, &target, soft).unwrap();
         assert_eq!(r.next_version, 3 + RESTORE_SKIP + 1);
-        assert!(edgekms_kms::durable::has_marker(&target));
+        assert!(edgekms_daemon::durable::has_marker(&target));
         assert_eq!(
             std::fs::read_dir(dir.path()).unwrap().count(),
             1,

@@ -162,13 +162,13 @@ impl Settings {
         // Checked against the data dir at open: required only on a first start.
         let cluster = self.cluster.unwrap_or_default();
         if !cluster.is_empty() {
-            if let Err(e) = edgekms_kms::keyid::validate_name(&cluster) {
+            if let Err(e) = edgekms_core::keyid::validate_name(&cluster) {
                 problems.push(e.to_string());
             }
         }
         let node_given = self.node.is_some();
         let node = self.node.unwrap_or_else(hostname);
-        if let Err(e) = edgekms_kms::keyid::validate_name(&node) {
+        if let Err(e) = edgekms_core::keyid::validate_name(&node) {
             problems.push(format!("--node: {e}"));
         }
         let sealer = self.sealer.unwrap_or(SealerKind::Tpm);
@@ -181,7 +181,7 @@ impl Settings {
         }
         let sync_backoff_max = match self.sync_backoff_max.as_deref() {
             None => std::time::Duration::from_secs(30),
-            Some(text) => match edgekms_kms::duration::parse_nonzero(text) {
+            Some(text) => match edgekms_daemon::duration::parse_nonzero(text) {
                 Ok(d) => d,
                 Err(e) => {
                     problems.push(format!("--sync-backoff-max: {e}"));
@@ -226,7 +226,7 @@ fn hostname() -> String {
         .map(|s| s.trim().to_ascii_lowercase())
         .unwrap_or_default();
     let label = name.split('.').next().unwrap_or_default().to_owned();
-    if edgekms_kms::keyid::validate_name(&label).is_ok() {
+    if edgekms_core::keyid::validate_name(&label).is_ok() {
         label
     } else {
         "node".to_owned()

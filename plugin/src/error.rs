@@ -4,9 +4,10 @@
 //! new error cannot reach kube-apiserver as UNKNOWN by accident. Messages say
 //! what was wrong and what to check; they never contain key material.
 
+use edgekms_core::envelope::EnvelopeError;
+use edgekms_core::rotation::node::ConvergeError;
+use edgekms_core::KeyringError;
 use edgekms_hsm::SealError;
-use edgekms_kms::envelope::EnvelopeError;
-use edgekms_kms::KeyringError;
 use tonic::{Code, Status};
 
 use crate::store::StoreError;
@@ -25,6 +26,21 @@ pub enum NodeError {
     InvalidArgument(String),
     #[error("recovery refused: {0}")]
     Recovery(String),
+}
+
+/// A refused instruction of the central service is the service's bad
+/// argument; a keyring error keeps its own code.
+impl From<ConvergeError> for NodeError {
+    fn from(e: ConvergeError) -> Self {
+        match e {
+            ConvergeError::Keyring(e) => NodeError::Keyring(e),
+            ConvergeError::NotANodeState { .. }
+            | ConvergeError::KeyIdMismatch { .. }
+            | ConvergeError::MissingKey { .. }
+            | ConvergeError::Duplicate { .. }
+            | ConvergeError::Delivery { .. } => NodeError::InvalidArgument(e.to_string()),
+        }
+    }
 }
 
 impl From<EnvelopeError> for NodeError {
@@ -58,6 +74,7 @@ fn keyring_code(e: &KeyringError) -> Code {
         KeyringError::NoPrimary => Code::Unavailable,
         KeyringError::InvalidCluster(_)
         | KeyringError::TwoPrimaries(..)
+        | KeyringError::CentralOnly { .. }
         | KeyringError::SelfTest(_) => Code::Internal,
     }
 }
@@ -115,7 +132,7 @@ impl From<NodeError> for Status {
     fn from(e: NodeError) -> Self {
         Status::new(
             e.code(),
-            edgekms_kms::logfmt::bounded(&e.to_string(), STATUS_MESSAGE_LIMIT),
+            edgekms_daemon::logfmt::bounded(&e.to_string(), STATUS_MESSAGE_LIMIT),
         )
     }
 }

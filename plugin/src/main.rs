@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::sync::{Arc, OnceLock};
 
 use clap::Parser;
-use edgekms_kms::cli;
-use edgekms_kms::ops::{Handlers, OpsServer};
+use edgekms_daemon::cli;
+use edgekms_daemon::ops::{Handlers, OpsServer};
 use edgekms_plugin::config::{Config, LogFormat, Settings};
 use edgekms_plugin::metrics;
 use edgekms_plugin::node::{sealer_from_config, Node};
@@ -113,7 +113,7 @@ struct Usage(String);
 fn prepare(config: Option<&std::path::Path>, settings: Settings) -> anyhow::Result<Config> {
     cli::quiet_tss();
     // RocksDB and the sealers create files with the process umask: private.
-    edgekms_kms::durable::private_umask();
+    edgekms_daemon::durable::private_umask();
     let file = match config {
         Some(path) => Settings::from_file(path).map_err(Usage)?,
         None => Settings::default(),
@@ -164,7 +164,7 @@ fn run_join(args: JoinArgs) -> anyhow::Result<()> {
 }
 
 fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
-    let key = edgekms_kms::server::backup::read_key_file(&args.key_file)?;
+    let key = edgekms_daemon::config::read_key_file(&args.key_file)?;
     let cfg = prepare(args.config.as_deref(), args.settings)?;
     let blob = std::fs::read(&args.from)
         .map_err(|e| anyhow::anyhow!("cannot read --from {}: {e}", args.from.display()))?;
@@ -267,7 +267,7 @@ fn handlers(opened: Arc<OnceLock<Arc<Node>>>) -> Handlers {
         move || ready(),
         move || {
             let mut text = metrics::render(for_metrics().is_ok());
-            text.push_str(&edgekms_kms::conn::render_metrics());
+            text.push_str(&edgekms_daemon::conn::render_metrics());
             text
         },
     )

@@ -66,7 +66,7 @@ impl SealerOp {
     }
 }
 
-pub use edgekms_kms::ops::grpc_code_name as code_name;
+pub use edgekms_daemon::ops::grpc_code_name as code_name;
 
 /// The plugin's metrics and the registry that renders them.
 pub struct Metrics {

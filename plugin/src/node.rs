@@ -17,10 +17,11 @@
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use edgekms_core::delivery::{Binding, DeliveryKey};
+use edgekms_core::rotation::node::{converge, Received};
+use edgekms_core::{KeyVersion, Keyring};
 use edgekms_hsm::{Key256, SealError, SealedBlob, Sealer, SealerInfo};
-use edgekms_kms::delivery::{Binding, DeliveryKey};
-use edgekms_kms::{KeyState, KeyVersion, Keyring};
-use edgekms_proto::fleet::{ClusterState, VersionState as PbState};
+use edgekms_proto::fleet::ClusterState;
 use zeroize::Zeroizing;
 
 use crate::config::{Config, SealerKind};
@@ -114,7 +115,7 @@ pub fn require_cluster(cfg: &Config) -> Result<(), NodeError> {
 /// this user, not writable by others (refused), not readable by others
 /// (tightened, and said so).
 pub fn private_data_dir(dir: &std::path::Path) -> Result<(), NodeError> {
-    if edgekms_kms::durable::private_dir(dir).map_err(StoreError::from)? {
+    if edgekms_daemon::durable::private_dir(dir).map_err(StoreError::from)? {
         tracing::warn!(dir = %dir.display(), "the data dir was readable by other users: made it 0700");
     }
     Ok(())
@@ -236,7 +237,7 @@ impl Node {
                     Err(e) => return Err(e.into()),
                 }
             }
-            None if edgekms_kms::durable::has_marker(&cfg.data_dir) || node.store.holds_keys()? => {
+            None if edgekms_daemon::durable::has_marker(&cfg.data_dir) || node.store.holds_keys()? => {
                 return Err(StoreError::Damaged(format!(
                     "the data dir {} has held keys but its sealed node key is in neither the key cache (meta/nsk) nor {}: \
                      restore that file from a backup of the data dir, or run `edgekms-plugin restore` from a `kmsctl local backup` file, \
@@ -275,7 +276,7 @@ impl Node {
             .write(&passphrase)
             .map_err(NodeError::from)
             .and_then(|()| {
-                edgekms_kms::durable::write_marker(&cfg.data_dir).map_err(StoreError::from)?;
+                edgekms_daemon::durable::write_marker(&cfg.data_dir).map_err(StoreError::from)?;
                 Ok(self.store.put_new_nsk(&blob, &wrapped, &nsk, &ring)?)
             });
         if let Err(e) = stored {
@@ -440,7 +441,7 @@ impl Node {
         let kv = next
             .get(v)
             .cloned()
-            .ok_or(edgekms_kms::KeyringError::NoPrimary)?;
+            .ok_or(edgekms_core::KeyringError::NoPrimary)?;
         self.publish(next, None);
         tracing::info!(target: "audit", op = "rotate", version = v, key_id = %kv.key_id, result = "ok");
         Ok(kv)
@@ -517,11 +518,9 @@ impl Node {
         }
     }
 
-    /// Converges on the central service's state for this cluster: stores
-    /// every version it sends (unwrapping delivered keys with `delivery`),
-    /// destroys the retired ones, and publishes only once all of it is
-    /// durable. A version the service does not mention is kept, demoted to
-    /// decrypt-only if it was primary: keys are destroyed only when told.
+    /// Converges on the central service's state for this cluster (the
+    /// rules are [`edgekms_core::rotation::node`]'s), unwrapping delivered
+    /// keys with `delivery`; publishes only once all of it is durable.
     pub fn apply_cluster_state(
         &self,
         state: &ClusterState,
@@ -530,84 +529,43 @@ impl Node {
         let _guard = self.admin.lock().unwrap_or_else(|e| e.into_inner());
         let nsk = self.current_nsk()?;
         let current = self.snapshot().keyring.clone();
-        let mut next = Keyring::new(&self.cluster)?;
-        let mut mentioned = std::collections::BTreeSet::new();
-        for entry in &state.versions {
-            let target = match entry.state() {
-                PbState::Pending => KeyState::Pending,
-                PbState::Primary => KeyState::Primary,
-                PbState::DecryptOnly => KeyState::DecryptOnly,
-                PbState::Unspecified => {
-                    return Err(NodeError::InvalidArgument(format!(
-                        "central service sent version {} without a state",
-                        entry.version
-                    )))
-                }
+        let received = state
+            .versions
+            .iter()
+            .map(|entry| {
+                let state =
+                    edgekms_proto::convert::version_state(entry.state()).ok_or_else(|| {
+                        NodeError::InvalidArgument(format!(
+                            "central service sent version {} without a state",
+                            entry.version
+                        ))
+                    })?;
+                Ok(Received {
+                    version: entry.version,
+                    state,
+                    key_id: &entry.key_id,
+                    wrapped_key: &entry.wrapped_key,
+                })
+            })
+            .collect::<Result<Vec<_>, NodeError>>()?;
+        let unwrap = |r: &Received<'_>| {
+            let binding = Binding {
+                cluster: &self.cluster,
+                node: &self.node,
+                version: r.version,
+                key_id: r.key_id,
             };
-            mentioned.insert(entry.version);
-            let kv = match current.get(entry.version).filter(|kv| kv.key().is_some()) {
-                Some(kv) if kv.key_id == entry.key_id => {
-                    let mut kv = kv.clone();
-                    kv.state = target;
-                    kv
-                }
-                _ if !entry.wrapped_key.is_empty() => {
-                    let key = delivery
-                        .unwrap(
-                            Binding {
-                                cluster: &self.cluster,
-                                node: &self.node,
-                                version: entry.version,
-                                key_id: &entry.key_id,
-                            },
-                            &entry.wrapped_key,
-                        )
-                        .map_err(|e| NodeError::InvalidArgument(e.to_string()))?;
-                    KeyVersion::new(&self.cluster, entry.version, target, key, now_unix())
-                }
-                Some(kv) => {
-                    return Err(NodeError::InvalidArgument(format!(
-                        "central service names version {} {:?} but this node holds it as {:?} (was the service restored from a backup?)",
-                        entry.version, entry.key_id, kv.key_id
-                    )))
-                }
-                None => {
-                    return Err(NodeError::InvalidArgument(format!(
-                        "central service did not send the key of version {} that this node lacks",
-                        entry.version
-                    )))
-                }
-            };
-            next.insert(kv)?;
-        }
-        for kv in current.versions() {
-            if mentioned.contains(&kv.version) {
-                continue;
-            }
-            if state.retired.contains(&kv.version) || kv.state == KeyState::Retired {
-                next.insert(KeyVersion::retired(
-                    kv.version,
-                    kv.key_id.clone(),
-                    kv.created_unix,
-                ))?;
-            } else {
-                let mut kv = kv.clone();
-                if kv.state == KeyState::Primary {
-                    kv.state = KeyState::DecryptOnly;
-                }
-                next.insert(kv)?;
-            }
-        }
-        if next.primary().is_some() {
-            next.self_test()?;
-        }
+            delivery
+                .unwrap(binding, r.wrapped_key)
+                .map_err(|e| e.to_string())
+        };
+        let step = converge(&current, &received, &state.retired, now_unix(), unwrap)?;
+        let next = step.keyring;
         let all: Vec<u32> = next.versions().map(|kv| kv.version).collect();
-        edgekms_kms::failpoint::hit("plugin-before-store");
+        edgekms_daemon::failpoint::hit("plugin-before-store");
         self.store.save_versions_at(&nsk, &next, &all, state.seq)?;
-        edgekms_kms::failpoint::hit("plugin-after-store");
-        let old_primary = current.primary().map(|p| p.version);
-        let new_primary = next.primary().map(|p| p.version);
-        let unavailable = match new_primary {
+        edgekms_daemon::failpoint::hit("plugin-after-store");
+        let unavailable = match next.primary() {
             Some(_) => None,
             None => {
                 Some("no primary KEK delivered yet: waiting for the central key service".into())
@@ -616,13 +574,11 @@ impl Node {
         self.publish(next, unavailable);
         self.fleet_seq
             .store(state.seq, std::sync::atomic::Ordering::SeqCst);
-        if old_primary != new_primary {
+        if let Some((_, new_primary)) = step.promoted {
             tracing::info!(target: "audit", op = "promote", version = new_primary.unwrap_or(0), source = "central", result = "ok");
         }
-        for v in &state.retired {
-            if current.get(*v).is_some_and(|kv| kv.key().is_some()) {
-                tracing::info!(target: "audit", op = "retire", version = *v, source = "central", result = "ok");
-            }
+        for v in step.destroyed {
+            tracing::info!(target: "audit", op = "retire", version = v, source = "central", result = "ok");
         }
         Ok(self.holding())
     }
@@ -645,7 +601,7 @@ impl Node {
                 .map(|kv| {
                     (
                         kv.version,
-                        kv.state.as_str(),
+                        kv.state().as_str(),
                         kv.key_id.clone(),
                         kv.created_unix,
                     )

@@ -1,25 +1,3 @@
-//! The case-count policy of this crate's property tests (one
-//! `proptests` child module beside each parser of untrusted bytes).
-//!
-//! Each property runs [`config`]`(n)` cases: a count small enough for CI,
-//! raised for a soak with `PROPTEST_CASES=100000 cargo test -p
-//! edgekms-plugin proptests`.
+//! This crate's property tests use the workspace's case-count policy.
 
-use proptest::prelude::*;
-
-/// `default` cases per property, or `PROPTEST_CASES` when set (a soak).
-pub(crate) fn config(default: u32) -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default);
-    ProptestConfig {
-        cases,
-        ..ProptestConfig::default()
-    }
-}
-
-/// Any cluster (or node) name `keyid::validate_name` accepts.
-pub(crate) fn name() -> impl Strategy<Value = String> {
-    "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
-}
+pub(crate) use edgekms_testkit::proptest_policy::{config, name};

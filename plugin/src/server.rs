@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgekms_kms::conn::{self, ConnTable, Limits};
+use edgekms_daemon::conn::{self, ConnTable, Limits};
 use edgekms_proto::admin::node_admin_server::NodeAdminServer;
 use edgekms_proto::kms_v2::key_management_service_server::KeyManagementServiceServer;
 use tokio::net::UnixListener;

@@ -1,7 +1,7 @@
 //! The node's local cache: RocksDB under `<data-dir>/cache`, with a
 //! second copy of every record that cannot be re-derived in
 //! `<data-dir>/copies` (one checksummed, atomically replaced file per
-//! record, [`edgekms_kms::durable::RecordFiles`]).
+//! record, [`edgekms_daemon::durable::RecordFiles`]).
 //!
 //! | RocksDB key | copy file | value |
 //! | --- | --- | --- |
@@ -34,9 +34,9 @@
 
 use std::path::{Path, PathBuf};
 
+use edgekms_core::{KeyVersion, Keyring, KeyringError, VersionState};
+use edgekms_daemon::durable::{self, DurableError, RecordFiles};
 use edgekms_hsm::{aead, Key256, SealedBlob};
-use edgekms_kms::durable::{self, DurableError, RecordFiles};
-use edgekms_kms::{KeyState, KeyVersion, Keyring, KeyringError};
 use rocksdb::{BlockBasedOptions, Cache, Options, WriteBatch, WriteOptions, DB};
 use zeroize::Zeroizing;
 
@@ -256,17 +256,23 @@ fn copies_incomplete(copies: &RecordFiles) -> Result<(), String> {
     Ok(())
 }
 
-fn state_byte(state: KeyState) -> u8 {
+/// A version state as the key cache and the node backup store it.
+pub(crate) fn state_byte(state: VersionState) -> u8 {
     match state {
-        KeyState::Pending => 0,
-        KeyState::Primary => 1,
-        KeyState::DecryptOnly => 2,
-        KeyState::Retired => 3,
+        VersionState::Pending => 0,
+        VersionState::Primary => 1,
+        VersionState::DecryptOnly => 2,
+        // A keyring never holds a retiring version (`Keyring::insert`
+        // refuses it); were one written, it would read back as retired.
+        VersionState::Retired | VersionState::Retiring => 3,
     }
 }
 
-fn byte_state(b: u8) -> Option<KeyState> {
-    KeyState::ALL.into_iter().find(|s| state_byte(*s) == b)
+pub(crate) fn byte_state(b: u8) -> Option<VersionState> {
+    VersionState::ALL
+        .into_iter()
+        .filter(|s| *s != VersionState::Retiring)
+        .find(|s| state_byte(*s) == b)
 }
 
 fn kek_key(version: u32) -> Vec<u8> {
@@ -286,7 +292,7 @@ fn wrap_aad(cluster: &str, version: u32, key_id: &str) -> Vec<u8> {
 
 /// Encodes one KEK version record, wrapping its key under `nsk`.
 pub fn encode_record(cluster: &str, nsk: &Key256, kv: &KeyVersion) -> Vec<u8> {
-    let mut out = vec![RECORD_V1, state_byte(kv.state)];
+    let mut out = vec![RECORD_V1, state_byte(kv.state())];
     out.extend_from_slice(&kv.created_unix.to_be_bytes());
     // key ids are under 1 KiB (keyid::MAX_KEY_ID), so they fit a u16.
     out.extend_from_slice(&(kv.key_id.len() as u16).to_be_bytes());
@@ -329,7 +335,7 @@ pub fn decode_record(
     let key_id = std::str::from_utf8(id)
         .map_err(|_| corrupt("key_id is not UTF-8"))?
         .to_owned();
-    if state == KeyState::Retired {
+    if state == VersionState::Retired {
         // A retired record has no key. One that carries a wrapped key is a
         // live record whose state byte was damaged (1 or 2 -> 3 is one
         // bit): refuse it rather than drop the key.
@@ -768,18 +774,20 @@ impl Store {
         // marked primary. The rotation landed: the newest one is primary.
         let newest = kvs
             .iter()
-            .filter(|kv| kv.state == KeyState::Primary)
+            .filter(|kv| kv.state() == VersionState::Primary)
             .map(|kv| kv.version)
             .max();
-        for mut kv in kvs {
-            if kv.state == KeyState::Primary && Some(kv.version) != newest {
+        for kv in kvs {
+            let kv = if kv.state() == VersionState::Primary && Some(kv.version) != newest {
                 tracing::warn!(
                     version = kv.version,
                     primary = newest.unwrap_or(0),
                     "two versions were marked primary (a rotation was interrupted): keeping the newest"
                 );
-                kv.state = KeyState::DecryptOnly;
-            }
+                kv.demoted()?
+            } else {
+                kv
+            };
             ring.insert(kv)?;
         }
         Ok(ring)
@@ -793,12 +801,12 @@ mod tests {
     #[test]
     fn records_round_trip_and_refuse_other_slots_and_keys() {
         let nsk = Key256::generate();
-        let kv = KeyVersion::new("edge-1", 4, KeyState::Primary, Key256::generate(), 77);
+        let kv = KeyVersion::new("edge-1", 4, VersionState::Primary, Key256::generate(), 77);
         let raw = encode_record("edge-1", &nsk, &kv);
         let back = decode_record("edge-1", &nsk, 4, &raw).unwrap();
         assert_eq!(
-            (back.version, back.state, back.created_unix),
-            (4, KeyState::Primary, 77)
+            (back.version, back.state(), back.created_unix),
+            (4, VersionState::Primary, 77)
         );
         assert_eq!(back.key_id, kv.key_id);
         assert!(back.key().unwrap() == kv.key().unwrap());
@@ -870,7 +878,7 @@ mod tests {
         let nsk = Key256::generate();
         let kv = KeyVersion::retired(2, "edge-1/v2/ab".into(), 5);
         let back = decode_record("edge-1", &nsk, 2, &encode_record("edge-1", &nsk, &kv)).unwrap();
-        assert_eq!(back.state, KeyState::Retired);
+        assert_eq!(back.state(), VersionState::Retired);
         assert!(back.key().is_none());
     }
 
@@ -917,10 +925,10 @@ mod props {
         #[test]
         fn kek_records_round_trip(version in 1u32.., created in any::<u64>(), flip in any::<proptest::sample::Index>()) {
             let nsk = Key256::from_bytes(&[7; 32]);
-            let kv = KeyVersion::new("edge-1", version, KeyState::DecryptOnly, Key256::from_bytes(&[9; 32]), created);
+            let kv = KeyVersion::new("edge-1", version, VersionState::DecryptOnly, Key256::from_bytes(&[9; 32]), created);
             let raw = encode_record("edge-1", &nsk, &kv);
             let back = decode_record("edge-1", &nsk, version, &raw).unwrap();
-            prop_assert_eq!((back.version, back.state, back.created_unix, &back.key_id), (version, KeyState::DecryptOnly, created, &kv.key_id));
+            prop_assert_eq!((back.version, back.state(), back.created_unix, &back.key_id), (version, VersionState::DecryptOnly, created, &kv.key_id));
             let mut bad = raw.clone();
             bad[flip.index(raw.len())] ^= 0x01;
             if let Ok(other) = decode_record("edge-1", &nsk, version, &bad) {

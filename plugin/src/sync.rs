@@ -10,9 +10,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use edgekms_kms::delivery::DeliveryKey;
-use edgekms_kms::fleet::pki::{self, PrivateKey};
-use edgekms_kms::fleet::tls;
+use edgekms_core::delivery::DeliveryKey;
+use edgekms_daemon::pki::{self, PrivateKey};
+use edgekms_daemon::tls;
 use edgekms_proto::fleet::fleet_client::FleetClient;
 use edgekms_proto::fleet::{JoinRequest, NodeReport};
 use rand::Rng;
@@ -176,7 +176,7 @@ impl SyncClient {
                     })
                     .await
                     .map_err(|e| SyncError::Stream(format!("apply task failed: {e}")))??;
-                    edgekms_kms::failpoint::hit("plugin-before-ack");
+                    edgekms_daemon::failpoint::hit("plugin-before-ack");
                     let has_primary = holding.primary != 0;
                     send(&tx, report(holding)).await?;
                     if until_primary && has_primary {

@@ -4,6 +4,7 @@
 //!   byte what kube-apiserver speaks.
 //! - [`admin`]: the node plugin's local admin API used by `kmsctl local`.
 //! - [`fleet`]: the central key service: node join and sync, operator API.
+//! - [`convert`]: the one mapping of version states to the wire.
 
 #[allow(clippy::all, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 pub mod kms_v2 {
@@ -20,4 +21,5 @@ pub mod fleet {
     tonic::include_proto!("edgekms.fleet.v1");
 }
 
+pub mod convert;
 pub mod uds;

@@ -7,12 +7,12 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use edgekms_kms::fleet::pki::{self, PrivateKey};
-use edgekms_kms::fleet::tls;
-use edgekms_kms::server::store::Store;
-use edgekms_kms::server::AuditRecord;
+use edgekms_daemon::pki::{self, PrivateKey};
+use edgekms_daemon::tls;
 use edgekms_proto::fleet::fleet_client::FleetClient;
 use edgekms_proto::fleet::operator_client::OperatorClient;
+use edgekms_server::store::Store;
+use edgekms_server::AuditRecord;
 use tonic::transport::Channel;
 
 use super::bin;

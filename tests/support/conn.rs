@@ -96,7 +96,7 @@ impl Sampler {
 /// Raises this test process's own open-file limit (it holds the attack's
 /// client ends).
 pub fn raise_own_fd_limit(need: u64) {
-    let have = edgekms_kms::cli::raise_fd_limit();
+    let have = edgekms_daemon::cli::raise_fd_limit();
     assert!(
         have >= need,
         "this test needs {need} open files, the hard limit allows {have}"
@@ -107,8 +107,8 @@ pub fn raise_own_fd_limit(need: u64) {
 /// `ca_pem` (the operator dir's ca.pem).
 pub fn anonymous_tls(ca_pem: &Path) -> Arc<rustls::ClientConfig> {
     let text = std::fs::read_to_string(ca_pem).unwrap();
-    let der = edgekms_kms::fleet::pki::pem_decode("CERTIFICATE", &text).unwrap();
-    edgekms_kms::fleet::tls::client_config(edgekms_kms::fleet::tls::Trust::Ca(&der), None).unwrap()
+    let der = edgekms_daemon::pki::pem_decode("CERTIFICATE", &text).unwrap();
+    edgekms_daemon::tls::client_config(edgekms_daemon::tls::Trust::Ca(&der), None).unwrap()
 }
 
 pub type TlsClient = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;

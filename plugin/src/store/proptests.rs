@@ -20,11 +20,11 @@ use proptest::prelude::*;
 use super::*;
 use crate::proptests::{config, name};
 
-fn live_state() -> impl Strategy<Value = KeyState> {
+fn live_state() -> impl Strategy<Value = VersionState> {
     prop_oneof![
-        Just(KeyState::Pending),
-        Just(KeyState::Primary),
-        Just(KeyState::DecryptOnly)
+        Just(VersionState::Pending),
+        Just(VersionState::Primary),
+        Just(VersionState::DecryptOnly)
     ]
 }
 
@@ -47,12 +47,12 @@ fn key_version(cluster: String) -> impl Strategy<Value = KeyVersion> {
     ]
 }
 
-type Seen = (u32, KeyState, String, u64, Option<[u8; 32]>);
+type Seen = (u32, VersionState, String, u64, Option<[u8; 32]>);
 
 fn seen(kv: &KeyVersion) -> Seen {
     (
         kv.version,
-        kv.state,
+        kv.state(),
         kv.key_id.clone(),
         kv.created_unix,
         kv.key().map(|k| *k.expose()),
@@ -82,7 +82,7 @@ proptest! {
     ) {
         let nsk = Key256::from_bytes(&[1; 32]);
         if let Ok(kv) = decode_record("edge-1", &nsk, version, &raw) {
-            prop_assert_eq!(kv.state, KeyState::Retired);
+            prop_assert_eq!(kv.state(), VersionState::Retired);
             prop_assert_eq!(encode_record("edge-1", &nsk, &kv), raw);
         }
     }
@@ -104,7 +104,7 @@ proptest! {
         let back = decode_record(&cluster, &nsk, kv.version, &raw).unwrap();
         prop_assert_eq!(seen(&back), seen(&kv));
         // Another slot, cluster or NSK: refused (retired records hold no key).
-        if kv.state != KeyState::Retired {
+        if kv.state() != VersionState::Retired {
             prop_assert!(decode_record(&cluster, &nsk, kv.version.wrapping_add(1), &raw).is_err());
             let other = format!("{cluster}x");
             prop_assert!(decode_record(&other, &nsk, kv.version, &raw).is_err());
@@ -116,14 +116,14 @@ proptest! {
         bad[i] ^= 1 << bit;
         if let Ok(got) = decode_record(&cluster, &nsk, kv.version, &bad) {
             prop_assert_ne!(seen(&got), seen(&kv));
-            match kv.state {
-                KeyState::Retired => {
-                    prop_assert_eq!(got.state, KeyState::Retired);
+            match kv.state() {
+                VersionState::Retired => {
+                    prop_assert_eq!(got.state(), VersionState::Retired);
                 }
                 _ => {
                     // Only the state (among live ones) or the creation time changed.
                     prop_assert!(i == 1 || (2..10).contains(&i), "byte {i}");
-                    prop_assert_ne!(got.state, KeyState::Retired);
+                    prop_assert_ne!(got.state(), VersionState::Retired);
                     prop_assert_eq!(&got.key_id, &kv.key_id);
                     prop_assert_eq!(got.key().map(|k| *k.expose()), kv.key().map(|k| *k.expose()));
                 }
@@ -263,7 +263,7 @@ proptest! {
             s.db.put([KEK_PREFIX, &key[..]].concat(), value).unwrap();
         }
         if let Ok(ring) = s.load_keyring(&nsk) {
-            prop_assert!(ring.versions().all(|kv| kv.state == KeyState::Retired));
+            prop_assert!(ring.versions().all(|kv| kv.state() == VersionState::Retired));
         }
         let _ = s.has_versions();
         clear_keks(s);
@@ -276,10 +276,10 @@ proptest! {
 #[test]
 fn a_live_record_with_a_damaged_state_byte_is_not_read_as_retired() {
     let nsk = Key256::generate();
-    for state in [KeyState::Primary, KeyState::DecryptOnly] {
+    for state in [VersionState::Primary, VersionState::DecryptOnly] {
         let kv = KeyVersion::new("edge-1", 2, state, Key256::generate(), 7);
         let mut raw = encode_record("edge-1", &nsk, &kv);
-        raw[1] = state_byte(KeyState::Retired);
+        raw[1] = state_byte(VersionState::Retired);
         assert!(matches!(
             decode_record("edge-1", &nsk, 2, &raw),
             Err(StoreError::Corrupt { .. })

@@ -1,0 +1,914 @@
+//! The central service's rotation protocol, as a state machine over one
+//! cluster: its KEK versions and its nodes. No I/O; the server persists a
+//! [`Cluster`] after every transition and only then tells anyone.
+//!
+//! Invariants the transitions keep:
+//! - a version becomes primary only once every joined (active) node reports
+//!   holding it, unless an operator forces it, and then the nodes left out
+//!   are named;
+//! - a retiring version is destroyed only once no active node holds it, and
+//!   the primary or a pending version cannot be retired;
+//! - version numbers only grow, so a key_id is never reused;
+//! - `seq` grows with every change of the versions, so a node that applied
+//!   `seq` has the state the server last published.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::VersionState;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionMeta {
+    pub state: VersionState,
+    pub key_id: String,
+    pub created_unix: u64,
+    /// When it last changed state.
+    pub changed_unix: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NodeState {
+    /// Has a join token, has not joined.
+    Invited,
+    Active,
+    /// Removed: refused from now on.
+    Revoked,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Invited => "invited",
+            NodeState::Active => "active",
+            NodeState::Revoked => "revoked",
+        }
+    }
+}
+
+/// A join token's server side: the secret only as a hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: String,
+    pub secret_sha256: String,
+    pub expires_unix: u64,
+    pub used: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub state: NodeState,
+    pub token: Option<TokenRecord>,
+    /// SHA-256 of the one certificate issued at join.
+    pub cert_sha256: String,
+    /// The node's delivery public key, hex.
+    pub delivery_public_key: String,
+    /// Versions the node last reported as durable in its cache.
+    pub held: BTreeSet<u32>,
+    pub applied_seq: u64,
+    pub primary: u32,
+    pub last_contact_unix: u64,
+    pub joined_unix: u64,
+}
+
+impl NodeRecord {
+    fn invited(token: TokenRecord) -> Self {
+        Self {
+            state: NodeState::Invited,
+            token: Some(token),
+            cert_sha256: String::new(),
+            delivery_public_key: String::new(),
+            held: BTreeSet::new(),
+            applied_seq: 0,
+            primary: 0,
+            last_contact_unix: 0,
+            joined_unix: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FleetError {
+    #[error("cluster {0:?} does not exist")]
+    UnknownCluster(String),
+    #[error("node {cluster}/{node} does not exist")]
+    UnknownNode { cluster: String, node: String },
+    #[error("node {cluster}/{node} is already enrolled; `kmsctl node remove` it first to enrol it again")]
+    AlreadyEnrolled { cluster: String, node: String },
+    #[error("the join token is not valid (unknown, mistyped or forged); ask the operator for a new one (`kmsctl node add`)")]
+    BadToken,
+    #[error("the join token expired at {expired_unix} (unix time); ask the operator for a new one (`kmsctl node add`)")]
+    TokenExpired { expired_unix: u64 },
+    #[error("the join token was already used; a token enrols one node once (`kmsctl node add` issues a new one)")]
+    TokenUsed,
+    #[error("the join token was issued for node {expected}, not {requested}")]
+    TokenForOtherNode { expected: String, requested: String },
+    #[error("node {cluster}/{node} was removed from the fleet (revoked)")]
+    Revoked { cluster: String, node: String },
+    #[error("node {cluster}/{node} has not joined")]
+    NotJoined { cluster: String, node: String },
+    #[error(
+        "this certificate is not the one issued to node {cluster}/{node} (re-enrolled since?)"
+    )]
+    StaleCertificate { cluster: String, node: String },
+    #[error("cluster {cluster} has no version {version}")]
+    UnknownVersion { cluster: String, version: u32 },
+    #[error("version {version} is the primary of cluster {cluster}: rotate first, migrate the data, then retire it")]
+    RetirePrimary { cluster: String, version: u32 },
+    #[error("version {version} of cluster {cluster} is pending: let it be promoted (or force it) before retiring older versions")]
+    RetirePending { cluster: String, version: u32 },
+    #[error("version {version} of cluster {cluster} is already {state}")]
+    AlreadyRetired {
+        cluster: String,
+        version: u32,
+        state: &'static str,
+    },
+    #[error("version {version} of cluster {cluster} is not pending (it is {state})")]
+    NotPending {
+        cluster: String,
+        version: u32,
+        state: &'static str,
+    },
+    #[error("cluster {0} has used every version number")]
+    VersionsExhausted(String),
+}
+
+/// What a transition did, for the audit log and the server's bookkeeping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Acked {
+        node: String,
+        version: u32,
+    },
+    Dropped {
+        node: String,
+        version: u32,
+    },
+    Promoted {
+        version: u32,
+        without: Vec<String>,
+    },
+    /// The central copy must be destroyed now.
+    Destroyed {
+        version: u32,
+    },
+}
+
+/// One version of the state a node must converge to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredVersion {
+    pub version: u32,
+    pub state: VersionState,
+    pub key_id: String,
+    /// The node does not hold it yet: ship the key.
+    pub needs_key: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Desired {
+    pub seq: u64,
+    pub versions: Vec<DesiredVersion>,
+    pub retired: Vec<u32>,
+}
+
+/// One cluster: the unit the server persists. Its fields change only
+/// through the transitions below; readers get shared references.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cluster {
+    name: String,
+    seq: u64,
+    next_version: u32,
+    versions: BTreeMap<u32, VersionMeta>,
+    nodes: BTreeMap<String, NodeRecord>,
+    created_unix: u64,
+}
+
+/// How far a node's report may push the next version number.
+const MAX_VERSION_SKIP: u32 = 1000;
+
+/// SHA-256 of a token secret, hex.
+pub fn token_hash(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+impl Cluster {
+    /// A new cluster whose version 1 (key `v1_key_id`) is primary at once:
+    /// no node exists yet that could lack it.
+    pub fn new(name: &str, v1_key_id: String, now: u64) -> Self {
+        let mut versions = BTreeMap::new();
+        versions.insert(
+            1,
+            VersionMeta {
+                state: VersionState::Primary,
+                key_id: v1_key_id,
+                created_unix: now,
+                changed_unix: now,
+            },
+        );
+        Self {
+            name: name.to_owned(),
+            seq: 1,
+            next_version: 2,
+            versions,
+            nodes: BTreeMap::new(),
+            created_unix: now,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A record made of these parts, unchecked: for tests that need
+    /// records no transition makes (damaged, restored, arbitrary).
+    #[cfg(any(test, feature = "strategies"))]
+    pub fn from_parts(
+        name: String,
+        seq: u64,
+        next_version: u32,
+        versions: BTreeMap<u32, VersionMeta>,
+        nodes: BTreeMap<String, NodeRecord>,
+        created_unix: u64,
+    ) -> Self {
+        Self {
+            name,
+            seq,
+            next_version,
+            versions,
+            nodes,
+            created_unix,
+        }
+    }
+
+    /// The versions, to edit unchecked: for tests only, as
+    /// [`Cluster::from_parts`].
+    #[cfg(any(test, feature = "strategies"))]
+    pub fn versions_mut(&mut self) -> &mut BTreeMap<u32, VersionMeta> {
+        &mut self.versions
+    }
+
+    /// Grows with every change of the versions.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    pub fn created_unix(&self) -> u64 {
+        self.created_unix
+    }
+
+    pub fn versions(&self) -> &BTreeMap<u32, VersionMeta> {
+        &self.versions
+    }
+
+    pub fn nodes(&self) -> &BTreeMap<String, NodeRecord> {
+        &self.nodes
+    }
+
+    pub fn node(&self, node: &str) -> Option<&NodeRecord> {
+        self.nodes.get(node)
+    }
+
+    /// Active nodes that hold `version`.
+    pub fn holders(&self, version: u32) -> Vec<String> {
+        self.active()
+            .filter(|(_, n)| n.held.contains(&version))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// Records that `node` was heard from (a stream closed, say).
+    pub fn touch(&mut self, node: &str, now: u64) {
+        if let Some(n) = self.nodes.get_mut(node) {
+            n.last_contact_unix = now;
+        }
+    }
+
+    /// A report that changes nothing the protocol acts on (an active node,
+    /// holding what it held): its progress is noted and `true` returned.
+    /// Anything else returns `false` untouched, for [`Cluster::report`].
+    pub fn note_progress(
+        &mut self,
+        node: &str,
+        held: &BTreeSet<u32>,
+        applied_seq: u64,
+        primary: u32,
+        now: u64,
+    ) -> bool {
+        match self.nodes.get_mut(node) {
+            Some(n) if n.state == NodeState::Active && &n.held == held => {
+                n.applied_seq = applied_seq;
+                n.primary = primary;
+                n.last_contact_unix = now;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether `node` holds exactly what it must and applied the latest
+    /// state: nothing needs sending.
+    pub fn settled_for(&self, node: &str) -> bool {
+        let Some(rec) = self.nodes.get(node) else {
+            return true;
+        };
+        !self.behind(node)
+            && rec.held.iter().all(|v| {
+                self.versions
+                    .get(v)
+                    .is_some_and(|m| m.state.held_by_nodes())
+            })
+    }
+
+    pub fn primary(&self) -> Option<(u32, &VersionMeta)> {
+        self.versions
+            .iter()
+            .find(|(_, m)| m.state == VersionState::Primary)
+            .map(|(v, m)| (*v, m))
+    }
+
+    pub fn pending(&self) -> Option<(u32, &VersionMeta)> {
+        self.versions
+            .iter()
+            .find(|(_, m)| m.state == VersionState::Pending)
+            .map(|(v, m)| (*v, m))
+    }
+
+    fn active(&self) -> impl Iterator<Item = (&String, &NodeRecord)> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.state == NodeState::Active)
+    }
+
+    fn node_mut(&mut self, node: &str) -> Result<&mut NodeRecord, FleetError> {
+        let cluster = self.name.clone();
+        self.nodes
+            .get_mut(node)
+            .ok_or_else(|| FleetError::UnknownNode {
+                cluster,
+                node: node.to_owned(),
+            })
+    }
+
+    fn version_mut(&mut self, version: u32) -> Result<&mut VersionMeta, FleetError> {
+        let cluster = self.name.clone();
+        self.versions
+            .get_mut(&version)
+            .ok_or(FleetError::UnknownVersion { cluster, version })
+    }
+
+    /// Issues (or re-issues) a join token for `node`.
+    pub fn invite(&mut self, node: &str, token: TokenRecord) -> Result<(), FleetError> {
+        if let Some(rec) = self.nodes.get(node) {
+            if rec.state == NodeState::Active {
+                return Err(FleetError::AlreadyEnrolled {
+                    cluster: self.name.clone(),
+                    node: node.to_owned(),
+                });
+            }
+        }
+        self.nodes
+            .insert(node.to_owned(), NodeRecord::invited(token));
+        Ok(())
+    }
+
+    /// Checks a join token for `node` without changing anything.
+    pub fn check_token(&self, node: &str, secret: &str, now: u64) -> Result<(), FleetError> {
+        let rec = self.nodes.get(node).ok_or(FleetError::BadToken)?;
+        let token = rec.token.as_ref().ok_or(FleetError::BadToken)?;
+        if token.secret_sha256 != token_hash(secret) {
+            return Err(FleetError::BadToken);
+        }
+        if token.used || rec.state != NodeState::Invited {
+            return Err(FleetError::TokenUsed);
+        }
+        if now >= token.expires_unix {
+            return Err(FleetError::TokenExpired {
+                expired_unix: token.expires_unix,
+            });
+        }
+        Ok(())
+    }
+
+    /// Enrols `node` with its certificate and delivery key; the token is
+    /// spent.
+    pub fn join(
+        &mut self,
+        node: &str,
+        secret: &str,
+        now: u64,
+        cert_sha256: String,
+        delivery_public_key: String,
+    ) -> Result<(), FleetError> {
+        self.check_token(node, secret, now)?;
+        let rec = self.node_mut(node)?;
+        if let Some(t) = rec.token.as_mut() {
+            t.used = true;
+        }
+        rec.state = NodeState::Active;
+        rec.cert_sha256 = cert_sha256;
+        rec.delivery_public_key = delivery_public_key;
+        rec.joined_unix = now;
+        rec.last_contact_unix = now;
+        rec.held.clear();
+        rec.applied_seq = 0;
+        Ok(())
+    }
+
+    /// Revokes `node`; a rotation waiting only for it may now complete.
+    pub fn revoke(&mut self, node: &str, now: u64) -> Result<Vec<Event>, FleetError> {
+        let rec = self.node_mut(node)?;
+        rec.state = NodeState::Revoked;
+        rec.token = None;
+        rec.cert_sha256.clear();
+        Ok(self.reconcile(now))
+    }
+
+    /// Checks that `cert_sha256` is the live certificate of an active node.
+    pub fn authorize(&self, node: &str, cert_sha256: &str) -> Result<(), FleetError> {
+        let err_node = || (self.name.clone(), node.to_owned());
+        let rec = self.nodes.get(node).ok_or_else(|| {
+            let (cluster, node) = err_node();
+            FleetError::UnknownNode { cluster, node }
+        })?;
+        match rec.state {
+            NodeState::Revoked => {
+                let (cluster, node) = err_node();
+                Err(FleetError::Revoked { cluster, node })
+            }
+            NodeState::Invited => {
+                let (cluster, node) = err_node();
+                Err(FleetError::NotJoined { cluster, node })
+            }
+            NodeState::Active if rec.cert_sha256 != cert_sha256 => {
+                let (cluster, node) = err_node();
+                Err(FleetError::StaleCertificate { cluster, node })
+            }
+            NodeState::Active => Ok(()),
+        }
+    }
+
+    /// Records a node's report of what it holds and applied.
+    pub fn report(
+        &mut self,
+        node: &str,
+        held: BTreeSet<u32>,
+        applied_seq: u64,
+        primary: u32,
+        now: u64,
+    ) -> Result<Vec<Event>, FleetError> {
+        let cluster = self.name.clone();
+        let rec = self.node_mut(node)?;
+        match rec.state {
+            NodeState::Active => {}
+            NodeState::Revoked => {
+                let node = node.to_owned();
+                return Err(FleetError::Revoked { cluster, node });
+            }
+            NodeState::Invited => {
+                let node = node.to_owned();
+                return Err(FleetError::NotJoined { cluster, node });
+            }
+        }
+        let mut events: Vec<Event> = held
+            .difference(&rec.held)
+            .map(|&version| Event::Acked {
+                node: node.to_owned(),
+                version,
+            })
+            .collect();
+        events.extend(rec.held.difference(&held).map(|&version| Event::Dropped {
+            node: node.to_owned(),
+            version,
+        }));
+        // A node holding a version this service never issued saw a service
+        // that was later restored from an older backup: never mint that
+        // number again (bounded, so a node cannot exhaust the numbers).
+        if let Some(&top) = held.iter().next_back() {
+            if top >= self.next_version && top < self.next_version.saturating_add(MAX_VERSION_SKIP)
+            {
+                self.next_version = top + 1;
+            }
+        }
+        let rec = self.node_mut(node)?;
+        rec.held = held;
+        rec.applied_seq = applied_seq;
+        rec.primary = primary;
+        rec.last_contact_unix = now;
+        events.extend(self.reconcile(now));
+        Ok(events)
+    }
+
+    /// Starts a rotation: version `next_version` becomes pending with
+    /// `key_id`. Returns the version and whether it was created (a pending
+    /// rotation is returned as is; `key_id` is then unused).
+    pub fn rotate(
+        &mut self,
+        key_id: String,
+        now: u64,
+    ) -> Result<(u32, bool, Vec<Event>), FleetError> {
+        if let Some((v, _)) = self.pending() {
+            return Ok((v, false, Vec::new()));
+        }
+        let version = self.next_version;
+        self.next_version = version
+            .checked_add(1)
+            .ok_or_else(|| FleetError::VersionsExhausted(self.name.clone()))?;
+        self.versions.insert(
+            version,
+            VersionMeta {
+                state: VersionState::Pending,
+                key_id,
+                created_unix: now,
+                changed_unix: now,
+            },
+        );
+        self.seq += 1;
+        let events = self.reconcile(now);
+        Ok((version, true, events))
+    }
+
+    /// The version number the next rotation will create.
+    pub fn upcoming_version(&self) -> u32 {
+        self.next_version
+    }
+
+    /// Active nodes that do not hold `version`.
+    pub fn lacking(&self, version: u32) -> Vec<String> {
+        self.active()
+            .filter(|(_, n)| !n.held.contains(&version))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    fn promote(&mut self, version: u32, now: u64) -> Event {
+        let without = self.lacking(version);
+        for meta in self.versions.values_mut() {
+            if meta.state == VersionState::Primary {
+                meta.state = VersionState::DecryptOnly;
+                meta.changed_unix = now;
+            }
+        }
+        if let Some(meta) = self.versions.get_mut(&version) {
+            meta.state = VersionState::Primary;
+            meta.changed_unix = now;
+        }
+        self.seq += 1;
+        Event::Promoted { version, without }
+    }
+
+    /// Promotes pending `version` now, whoever lacks it (`--force`).
+    pub fn force_promote(&mut self, version: u32, now: u64) -> Result<Vec<Event>, FleetError> {
+        let name = self.name.clone();
+        let meta = self.version_mut(version)?;
+        if meta.state != VersionState::Pending {
+            return Err(FleetError::NotPending {
+                cluster: name,
+                version,
+                state: meta.state.as_str(),
+            });
+        }
+        let mut events = vec![self.promote(version, now)];
+        events.extend(self.reconcile(now));
+        Ok(events)
+    }
+
+    /// Starts retiring `version`: nodes destroy it, then the central copy.
+    pub fn retire(&mut self, version: u32, now: u64) -> Result<Vec<Event>, FleetError> {
+        let cluster = self.name.clone();
+        let meta = self.version_mut(version)?;
+        match meta.state {
+            VersionState::Primary => return Err(FleetError::RetirePrimary { cluster, version }),
+            VersionState::Pending => return Err(FleetError::RetirePending { cluster, version }),
+            VersionState::Retiring | VersionState::Retired => {
+                return Err(FleetError::AlreadyRetired {
+                    cluster,
+                    version,
+                    state: meta.state.as_str(),
+                })
+            }
+            VersionState::DecryptOnly => {}
+        }
+        meta.state = VersionState::Retiring;
+        meta.changed_unix = now;
+        self.seq += 1;
+        Ok(self.reconcile(now))
+    }
+
+    /// Moves the cluster forward as far as the nodes' reports allow.
+    pub fn reconcile(&mut self, now: u64) -> Vec<Event> {
+        let mut events = Vec::new();
+        if let Some((v, _)) = self.pending() {
+            if self.lacking(v).is_empty() {
+                events.push(self.promote(v, now));
+            }
+        }
+        let retiring: Vec<u32> = self
+            .versions
+            .iter()
+            .filter(|(_, m)| m.state == VersionState::Retiring)
+            .map(|(v, _)| *v)
+            .collect();
+        for v in retiring {
+            if self.active().all(|(_, n)| !n.held.contains(&v)) {
+                if let Some(meta) = self.versions.get_mut(&v) {
+                    meta.state = VersionState::Retired;
+                    meta.changed_unix = now;
+                }
+                events.push(Event::Destroyed { version: v });
+            }
+        }
+        events
+    }
+
+    /// What `node` must converge to.
+    pub fn desired(&self, node: &str) -> Desired {
+        let held = self.nodes.get(node).map(|n| &n.held);
+        let has = |v: u32| held.is_some_and(|h| h.contains(&v));
+        Desired {
+            seq: self.seq,
+            versions: self
+                .versions
+                .iter()
+                .filter(|(_, m)| m.state.held_by_nodes())
+                .map(|(&version, m)| DesiredVersion {
+                    version,
+                    state: m.state,
+                    key_id: m.key_id.clone(),
+                    needs_key: !has(version),
+                })
+                .collect(),
+            retired: self
+                .versions
+                .iter()
+                .filter(|(_, m)| !m.state.held_by_nodes())
+                .map(|(&v, _)| v)
+                .collect(),
+        }
+    }
+
+    /// Whether `node` lacks anything the server has published.
+    pub fn behind(&self, node: &str) -> bool {
+        let Some(rec) = self.nodes.get(node) else {
+            return false;
+        };
+        if rec.state != NodeState::Active {
+            return false;
+        }
+        rec.applied_seq < self.seq
+            || self
+                .versions
+                .iter()
+                .any(|(v, m)| m.state.held_by_nodes() && !rec.held.contains(v))
+    }
+
+    /// Age of the oldest pending delivery some active node has not acked.
+    pub fn oldest_unacked_since(&self) -> Option<u64> {
+        let (v, meta) = self.pending()?;
+        (!self.lacking(v).is_empty()).then_some(meta.created_unix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(id: &str, secret: &str, expires: u64) -> TokenRecord {
+        TokenRecord {
+            id: id.into(),
+            secret_sha256: token_hash(secret),
+            expires_unix: expires,
+            used: false,
+        }
+    }
+
+    /// Cluster "a" with active nodes n1 and n2, both holding v1.
+    fn two_nodes() -> Cluster {
+        let mut c = Cluster::new("a", "a/v1/x".into(), 100);
+        for n in ["n1", "n2"] {
+            c.invite(n, token(n, &format!("s-{n}"), 1000)).unwrap();
+            c.join(n, &format!("s-{n}"), 110, format!("cert-{n}"), "pk".into())
+                .unwrap();
+            c.report(n, [1].into(), 1, 1, 120).unwrap();
+        }
+        c
+    }
+
+    fn states(c: &Cluster) -> Vec<(u32, &'static str)> {
+        c.versions
+            .iter()
+            .map(|(v, m)| (*v, m.state.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn tokens_work_once_before_expiry_for_their_node() {
+        let mut c = Cluster::new("a", "a/v1/x".into(), 100);
+        c.invite("n1", token("t1", "secret", 200)).unwrap();
+        assert_eq!(c.check_token("n1", "wrong", 150), Err(FleetError::BadToken));
+        assert_eq!(
+            c.check_token("n2", "secret", 150),
+            Err(FleetError::BadToken)
+        );
+        assert_eq!(
+            c.check_token("n1", "secret", 200),
+            Err(FleetError::TokenExpired { expired_unix: 200 })
+        );
+        c.join("n1", "secret", 150, "c".into(), "pk".into())
+            .unwrap();
+        assert_eq!(
+            c.join("n1", "secret", 151, "c2".into(), "pk".into()),
+            Err(FleetError::TokenUsed)
+        );
+        assert!(matches!(
+            c.invite("n1", token("t2", "s2", 300)),
+            Err(FleetError::AlreadyEnrolled { .. })
+        ));
+        assert_eq!(c.authorize("n1", "c"), Ok(()));
+        assert!(matches!(
+            c.authorize("n1", "other"),
+            Err(FleetError::StaleCertificate { .. })
+        ));
+    }
+
+    #[test]
+    fn revoked_nodes_are_refused_and_can_be_invited_again() {
+        let mut c = two_nodes();
+        c.revoke("n2", 130).unwrap();
+        assert!(matches!(
+            c.authorize("n2", "cert-n2"),
+            Err(FleetError::Revoked { .. })
+        ));
+        c.invite("n2", token("t3", "again", 1000)).unwrap();
+        // The old certificate stays refused after re-invitation.
+        assert!(matches!(
+            c.authorize("n2", "cert-n2"),
+            Err(FleetError::NotJoined { .. })
+        ));
+    }
+
+    #[test]
+    fn rotation_waits_for_every_active_node() {
+        let mut c = two_nodes();
+        let seq = c.seq;
+        let (v, created, events) = c.rotate("a/v2/y".into(), 200).unwrap();
+        assert_eq!((v, created), (2, true));
+        assert!(events.is_empty());
+        assert_eq!(c.seq, seq + 1);
+        assert_eq!(states(&c), [(1, "primary"), (2, "pending")]);
+        // A second rotate returns the pending one.
+        assert_eq!(c.rotate("a/v3/z".into(), 201).unwrap().0, 2);
+
+        let d = c.desired("n1");
+        assert!(d.versions.iter().any(|dv| dv.version == 2 && dv.needs_key));
+        assert!(d.versions.iter().all(|dv| dv.version != 1 || !dv.needs_key));
+
+        let events = c.report("n1", [1, 2].into(), c.seq, 1, 210).unwrap();
+        assert_eq!(
+            events,
+            [Event::Acked {
+                node: "n1".into(),
+                version: 2
+            }]
+        );
+        assert_eq!(c.pending().map(|p| p.0), Some(2));
+        assert_eq!(c.lacking(2), ["n2"]);
+        assert!(c.oldest_unacked_since().is_some());
+
+        let events = c.report("n2", [1, 2].into(), c.seq, 1, 220).unwrap();
+        assert!(events.contains(&Event::Promoted {
+            version: 2,
+            without: vec![]
+        }));
+        assert_eq!(states(&c), [(1, "decrypt-only"), (2, "primary")]);
+        assert!(c.behind("n1") && c.behind("n2"));
+        c.report("n1", [1, 2].into(), c.seq, 2, 230).unwrap();
+        assert!(!c.behind("n1"));
+        assert_eq!(c.oldest_unacked_since(), None);
+    }
+
+    #[test]
+    fn invited_and_revoked_nodes_do_not_hold_up_promotion() {
+        let mut c = two_nodes();
+        c.invite("n3", token("t3", "s3", 1000)).unwrap();
+        c.rotate("a/v2/y".into(), 200).unwrap();
+        c.report("n1", [1, 2].into(), c.seq, 1, 210).unwrap();
+        let events = c.revoke("n2", 220).unwrap();
+        assert!(matches!(events[..], [Event::Promoted { version: 2, .. }]));
+    }
+
+    #[test]
+    fn a_cluster_without_nodes_promotes_at_once() {
+        let mut c = Cluster::new("a", "a/v1/x".into(), 100);
+        let (v, _, events) = c.rotate("a/v2/y".into(), 200).unwrap();
+        assert_eq!(
+            events,
+            [Event::Promoted {
+                version: v,
+                without: vec![]
+            }]
+        );
+    }
+
+    #[test]
+    fn force_promotion_names_the_stale_nodes() {
+        let mut c = two_nodes();
+        c.rotate("a/v2/y".into(), 200).unwrap();
+        c.report("n1", [1, 2].into(), c.seq, 1, 210).unwrap();
+        let events = c.force_promote(2, 220).unwrap();
+        assert_eq!(
+            events,
+            [Event::Promoted {
+                version: 2,
+                without: vec!["n2".into()]
+            }]
+        );
+        assert!(matches!(
+            c.force_promote(2, 230),
+            Err(FleetError::NotPending { .. })
+        ));
+        // n2 still gets the key, now as primary.
+        let d = c.desired("n2");
+        assert!(d
+            .versions
+            .iter()
+            .any(|dv| dv.version == 2 && dv.needs_key && dv.state == VersionState::Primary));
+    }
+
+    #[test]
+    fn retirement_refuses_primary_and_pending_and_waits_for_every_node() {
+        let mut c = two_nodes();
+        assert!(matches!(
+            c.retire(1, 150),
+            Err(FleetError::RetirePrimary { .. })
+        ));
+        assert!(matches!(
+            c.retire(9, 150),
+            Err(FleetError::UnknownVersion { .. })
+        ));
+        c.rotate("a/v2/y".into(), 200).unwrap();
+        assert!(matches!(
+            c.retire(2, 150),
+            Err(FleetError::RetirePending { .. })
+        ));
+        for n in ["n1", "n2"] {
+            c.report(n, [1, 2].into(), c.seq, 1, 210).unwrap();
+        }
+        assert!(c.retire(1, 300).unwrap().is_empty());
+        assert_eq!(c.desired("n1").retired, [1]);
+        assert!(c.desired("n1").versions.iter().all(|dv| dv.version != 1));
+        assert!(
+            c.report("n1", [2].into(), c.seq, 2, 310).unwrap()
+                == [Event::Dropped {
+                    node: "n1".into(),
+                    version: 1
+                }]
+        );
+        let events = c.report("n2", [2].into(), c.seq, 2, 320).unwrap();
+        assert!(events.contains(&Event::Destroyed { version: 1 }));
+        assert_eq!(states(&c), [(1, "retired"), (2, "primary")]);
+        assert!(matches!(
+            c.retire(1, 330),
+            Err(FleetError::AlreadyRetired { .. })
+        ));
+    }
+
+    #[test]
+    fn version_numbers_are_never_reused() {
+        let mut c = Cluster::new("a", "a/v1/x".into(), 100);
+        c.rotate("a/v2/y".into(), 200).unwrap();
+        c.retire(1, 210).unwrap();
+        let (v, ..) = c.rotate("a/v3/z".into(), 220).unwrap();
+        assert_eq!(v, 3);
+        assert_eq!(c.upcoming_version(), 4);
+    }
+
+    #[test]
+    fn versions_nodes_hold_from_before_a_restore_are_never_minted_again() {
+        let mut c = two_nodes();
+        // The service was restored to before it issued v2 and v3.
+        c.report("n1", [1, 2, 3].into(), c.seq, 3, 300).unwrap();
+        assert_eq!(c.upcoming_version(), 4);
+        // A report cannot push numbers arbitrarily far.
+        c.report("n2", [1, 1_000_000].into(), c.seq, 1, 310)
+            .unwrap();
+        assert_eq!(c.upcoming_version(), 4);
+    }
+
+    #[test]
+    fn records_round_trip_through_json() {
+        let c = two_nodes();
+        let text = serde_json::to_string(&c).unwrap();
+        assert!(
+            !text.contains("s-n1"),
+            "token secrets are stored only hashed"
+        );
+        let back: Cluster = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, c);
+    }
+}
+
+/// Strategies for [`Cluster`] records, for this and other crates' tests.
+#[cfg(any(test, feature = "strategies"))]
+pub mod proptests;

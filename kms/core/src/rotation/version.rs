@@ -1,0 +1,93 @@
+//! Where a KEK version is in its life: the one enum that the keyring, the
+//! central service's records, the node and (through one mapping at the
+//! proto edge) the wire all use.
+//!
+//! ```text
+//!   pending ──promote──▶ primary ──(next promote)──▶ decrypt-only
+//!      │                                               │      │
+//!      │                              (central) retire │      │ retire (node,
+//!      │                                               ▼      │  standalone)
+//!      │                                           retiring   │
+//!      │                                               │      │
+//!      └─────────retire (abandon)──▶ retired ◀─────────┴──────┘
+//! ```
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VersionState {
+    /// Delivered (or being delivered) but not yet used for writing;
+    /// readable. Becomes primary once every node holds it.
+    Pending,
+    /// The one version Encrypt uses.
+    Primary,
+    /// A former primary, kept so that old data stays readable.
+    DecryptOnly,
+    /// Central only: nodes are told to destroy it; the central copy goes
+    /// once they all did.
+    Retiring,
+    /// Destroyed. Terminal.
+    Retired,
+}
+
+impl VersionState {
+    pub const ALL: [VersionState; 5] = [
+        VersionState::Pending,
+        VersionState::Primary,
+        VersionState::DecryptOnly,
+        VersionState::Retiring,
+        VersionState::Retired,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VersionState::Pending => "pending",
+            VersionState::Primary => "primary",
+            VersionState::DecryptOnly => "decrypt-only",
+            VersionState::Retiring => "retiring",
+            VersionState::Retired => "retired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|state| state.as_str() == s)
+    }
+
+    /// Whether `self -> to` is a legal step of an operation (promote,
+    /// retire). A node converging on the central service's state follows
+    /// [`crate::rotation::node`]'s rules instead.
+    pub fn can_become(self, to: VersionState) -> bool {
+        use VersionState::*;
+        matches!(
+            (self, to),
+            (Pending, Primary)
+                | (Pending, Retired)
+                | (Primary, DecryptOnly)
+                | (DecryptOnly, Retiring)
+                | (DecryptOnly, Retired)
+                | (Retiring, Retired)
+        )
+    }
+
+    /// Whether nodes must hold this version's key.
+    pub fn held_by_nodes(self) -> bool {
+        matches!(
+            self,
+            VersionState::Pending | VersionState::Primary | VersionState::DecryptOnly
+        )
+    }
+
+    /// Whether data under a version in this state can be decrypted.
+    pub fn can_decrypt(self) -> bool {
+        self.held_by_nodes()
+    }
+}
+
+impl fmt::Display for VersionState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

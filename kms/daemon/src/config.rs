@@ -1,0 +1,78 @@
+//! The configuration idiom both daemons follow: one struct serves as
+//! command-line flags and as a TOML file with the same keys; flags win
+//! over the file; validation reports every bad field at once. This module
+//! holds the parts they share: reading the file, the log format, the
+//! backup key file, and the clock.
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use clap::ValueEnum;
+use edgekms_hsm::Key256;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Reads a TOML config file into `T` (whose unknown keys the caller's
+/// `deny_unknown_fields` refuses).
+pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("config {}: {}", path.display(), e.message()))
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A backup key file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("key file {path}: {reason}")]
+pub struct KeyFileError {
+    pub path: String,
+    pub reason: String,
+}
+
+/// Reads a backup key file (`openssl rand -hex 32 > backup.key`): 64 hex
+/// digits, surrounding white space ignored.
+pub fn read_key_file(path: &Path) -> Result<Key256, KeyFileError> {
+    let err = |reason: String| KeyFileError {
+        path: path.display().to_string(),
+        reason,
+    };
+    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?);
+    Key256::from_hex(&text).ok_or_else(|| {
+        err("must hold 32 random bytes as 64 hex digits, e.g. from `openssl rand -hex 32` or `head -c 32 /dev/urandom | xxd -p -c 64`".into())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn key_files_hold_64_hex_digits() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = Key256::generate();
+        let path = dir.path().join("k");
+        std::fs::write(&path, format!("{}\n", hex::encode(key.expose()))).unwrap();
+        assert!(read_key_file(&path).unwrap() == key);
+        std::fs::write(&path, "zz".repeat(32)).unwrap();
+        let e = read_key_file(&path).unwrap_err().to_string();
+        assert!(e.contains("64 hex digits"), "{e}");
+        assert!(read_key_file(&dir.path().join("missing")).is_err());
+    }
+}

@@ -1,0 +1,663 @@
+//! `kmsctl node|rotate|retire|status|audit`: the central key service,
+//! over mTLS with the operator's certificate from `--operator-dir`.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use clap::Subcommand;
+use edgekms_daemon::pki::{self, PrivateKey};
+use edgekms_daemon::tls;
+use edgekms_proto::fleet as pb;
+use edgekms_proto::fleet::operator_client::OperatorClient;
+use serde_json::json;
+use tonic::transport::Channel;
+
+use crate::{print_json, Failure};
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Enrol a node: prints a one-time join token and the CA hash (creates the cluster, with version 1 primary, on first use)
+    Add {
+        cluster: String,
+        node: String,
+        /// How long the token stays valid
+        #[arg(long, default_value = "24h", value_name = "DURATION")]
+        ttl: String,
+    },
+    /// Revoke a node: refused from now on, receives nothing more
+    Remove { cluster: String, node: String },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RotateArgs {
+    pub cluster: String,
+    /// Wait until every node serves the new primary, then for the apiservers' next Status poll (--settle)
+    #[arg(long)]
+    pub wait: bool,
+    /// Promote without the nodes that have not acked (after giving connected nodes a moment) and name them
+    #[arg(long)]
+    pub force: bool,
+    /// With --wait: time for every apiserver to poll Status and roll its DEK after the switch
+    #[arg(long, default_value = "70s", value_name = "DURATION")]
+    pub settle: String,
+    /// With --wait or --force: give up after this long (exit code 3)
+    #[arg(long, default_value = "1h", value_name = "DURATION")]
+    pub timeout: String,
+}
+
+pub enum FleetCommand {
+    Node(NodeCommand),
+    Rotate(RotateArgs),
+    Retire {
+        cluster: String,
+        version: u32,
+    },
+    Status {
+        cluster: Option<String>,
+    },
+    Audit {
+        since: Option<String>,
+        limit: Option<u64>,
+    },
+}
+
+fn read(dir: &Path, name: &str) -> Result<String, Failure> {
+    let path = dir.join(name);
+    std::fs::read_to_string(&path).map_err(|e| {
+        Failure::Usage(format!(
+            "cannot read {}: {e} (--operator-dir must hold ca.pem, cert.pem and key.pem from `edgekms-server init`)",
+            path.display()
+        ))
+    })
+}
+
+/// Connects to the service with the operator's credentials.
+pub async fn connect(
+    server: &str,
+    operator_dir: &Path,
+) -> Result<OperatorClient<Channel>, Failure> {
+    let bad_pem = |name: &str| {
+        Failure::Usage(format!(
+            "{} has no PEM block it should have",
+            operator_dir.join(name).display()
+        ))
+    };
+    let ca = pki::pem_decode("CERTIFICATE", &read(operator_dir, "ca.pem")?)
+        .ok_or_else(|| bad_pem("ca.pem"))?;
+    let cert = pki::pem_decode("CERTIFICATE", &read(operator_dir, "cert.pem")?)
+        .ok_or_else(|| bad_pem("cert.pem"))?;
+    let key_text = zeroize::Zeroizing::new(read(operator_dir, "key.pem")?);
+    let key = PrivateKey::from_der(
+        pki::pem_decode("PRIVATE KEY", &key_text).ok_or_else(|| bad_pem("key.pem"))?,
+    );
+    let cfg = tls::client_config(tls::Trust::Ca(&ca), Some((&cert, &key)))
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+    let channel = tls::connect(server, cfg)
+        .await
+        .map_err(|e| Failure::Usage(format!("{e} (is edgekms-server running there?)")))?;
+    Ok(OperatorClient::new(channel))
+}
+
+/// A duration flag where zero makes no sense (`--ttl`, `--since`,
+/// `--timeout`).
+fn duration(flag: &str, value: &str) -> Result<Duration, Failure> {
+    edgekms_daemon::duration::parse_nonzero(value)
+        .map_err(|e| Failure::Usage(format!("--{flag}: {e}")))
+}
+
+/// Checks the command's duration flags before connecting, so that a bad
+/// one is a usage error (exit 2) whether or not the service is reachable.
+pub fn check(command: &FleetCommand) -> Result<(), Failure> {
+    match command {
+        FleetCommand::Node(NodeCommand::Add { ttl, .. }) => duration("ttl", ttl).map(drop),
+        FleetCommand::Audit {
+            since: Some(since), ..
+        } => duration("since", since).map(drop),
+        FleetCommand::Rotate(args) => {
+            duration("timeout", &args.timeout)?;
+            edgekms_daemon::duration::parse(&args.settle)
+                .map(drop)
+                .map_err(|e| Failure::Usage(format!("--settle: {e}")))
+        }
+        _ => Ok(()),
+    }
+}
+
+pub async fn run(
+    client: &mut OperatorClient<Channel>,
+    command: FleetCommand,
+    json: bool,
+) -> Result<(), Failure> {
+    match command {
+        FleetCommand::Node(NodeCommand::Add { cluster, node, ttl }) => {
+            let ttl = duration("ttl", &ttl)?;
+            let r = client
+                .add_node(pb::AddNodeRequest {
+                    cluster: cluster.clone(),
+                    node: node.clone(),
+                    ttl_seconds: ttl.as_secs(),
+                })
+                .await?
+                .into_inner();
+            if json {
+                print_json(json!({
+                    "cluster": cluster, "node": node, "token": r.token,
+                    "expires_unix": r.expires_unix, "ca_hash": r.ca_hash,
+                    "cluster_created": r.cluster_created,
+                }));
+            } else {
+                if r.cluster_created {
+                    println!("created cluster {cluster} (version 1 is primary)");
+                }
+                println!(
+                    "node {cluster}/{node} may join until {}",
+                    utc(r.expires_unix)
+                );
+                println!("token:   {}", r.token);
+                println!("ca-hash: {}", r.ca_hash);
+                println!(
+                    "\non the node:\n  edgekms-plugin join --server <URL> --token {} --ca-hash {} --cluster {cluster} --node {node} --data-dir /var/lib/edgekms",
+                    r.token, r.ca_hash
+                );
+            }
+        }
+        FleetCommand::Node(NodeCommand::Remove { cluster, node }) => {
+            client
+                .remove_node(pb::RemoveNodeRequest {
+                    cluster: cluster.clone(),
+                    node: node.clone(),
+                })
+                .await?;
+            if json {
+                print_json(json!({"cluster": cluster, "node": node, "revoked": true}));
+            } else {
+                println!("revoked {cluster}/{node}: it is refused from now on");
+            }
+        }
+        FleetCommand::Rotate(args) => rotate(client, args, json).await?,
+        FleetCommand::Retire { cluster, version } => {
+            let r = client
+                .retire(pb::RetireRequest {
+                    cluster: cluster.clone(),
+                    version,
+                })
+                .await?
+                .into_inner();
+            if json {
+                print_json(json!({
+                    "cluster": cluster, "version": version,
+                    "destroyed": r.destroyed, "waiting_for": r.waiting_for,
+                }));
+            } else if r.destroyed {
+                println!(
+                    "retired {cluster} v{version}: every node dropped it, central copy destroyed"
+                );
+            } else {
+                println!(
+                    "retiring {cluster} v{version}: waiting for {} to drop it; the central copy goes once they have",
+                    r.waiting_for.join(", ")
+                );
+            }
+        }
+        FleetCommand::Status { cluster } => {
+            let s = client
+                .status(pb::StatusRequest {
+                    cluster: cluster.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            if json {
+                print_json(status_json(&s));
+            } else {
+                print_status(&s);
+            }
+        }
+        FleetCommand::Audit { since, limit } => audit(client, since, limit, json).await?,
+    }
+    Ok(())
+}
+
+/// `kmsctl audit`: pages from the server's stream go out as they come,
+/// so memory stays flat however long the log. A closed stdout (`| head`)
+/// ends it quietly.
+async fn audit(
+    client: &mut OperatorClient<Channel>,
+    since: Option<String>,
+    limit: Option<u64>,
+    json: bool,
+) -> Result<(), Failure> {
+    use std::io::Write;
+    let since_unix = match since {
+        Some(s) => {
+            let d = duration("since", &s)?;
+            unix_now().saturating_sub(d.as_secs()).max(1)
+        }
+        None => 0,
+    };
+    let mut stream = client
+        .audit(pb::AuditRequest {
+            since_unix,
+            limit: limit.unwrap_or(0),
+            after_seq: 0,
+        })
+        .await?
+        .into_inner();
+    let stdout = std::io::stdout();
+    let mut printer = AuditPrinter {
+        out: std::io::BufWriter::new(stdout.lock()),
+        json,
+        first: true,
+    };
+    let mut failed = None;
+    let written: std::io::Result<()> = async {
+        loop {
+            match stream.message().await {
+                Ok(Some(page)) => {
+                    for rec in &page.records {
+                        printer.record(rec)?;
+                    }
+                }
+                Ok(None) => break,
+                Err(status) => {
+                    failed = Some(status);
+                    break;
+                }
+            }
+        }
+        // A stream cut short leaves the array open: no one mistakes it for
+        // the whole log.
+        if failed.is_none() {
+            printer.end()?;
+        }
+        printer.out.flush()
+    }
+    .await;
+    match written {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            return Err(Failure::Usage(format!("cannot write the audit log: {e}")))
+        }
+        _ => {}
+    }
+    match failed {
+        Some(status) => Err(status.into()),
+        None => Ok(()),
+    }
+}
+
+struct AuditPrinter<W> {
+    out: W,
+    json: bool,
+    first: bool,
+}
+
+impl<W: std::io::Write> AuditPrinter<W> {
+    fn record(&mut self, rec: &pb::AuditRecord) -> std::io::Result<()> {
+        if self.json {
+            // Each record is already one JSON object: passed through.
+            let sep = if self.first { "[\n" } else { ",\n" };
+            self.first = false;
+            return write!(self.out, "{sep}{}", rec.json);
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&rec.json).unwrap_or(serde_json::Value::Null);
+        let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("");
+        let mut what = field("cluster").to_owned();
+        if !field("node").is_empty() {
+            what = format!("{what}/{}", field("node"));
+        }
+        if let Some(ver) = v.get("version").and_then(|x| x.as_u64()) {
+            what = format!("{what} v{ver}");
+        }
+        let count = match v.get("count").and_then(|x| x.as_u64()) {
+            Some(n) => format!(" x{n}"),
+            None => String::new(),
+        };
+        writeln!(
+            self.out,
+            "{}  {:<13} {:<28} {:<24} {}{}{}",
+            utc(rec.time_unix_ms / 1000),
+            field("event"),
+            field("actor"),
+            what.trim(),
+            field("result"),
+            count,
+            match field("detail") {
+                "" => String::new(),
+                d => format!("  ({d})"),
+            }
+        )
+    }
+
+    fn end(&mut self) -> std::io::Result<()> {
+        if self.json {
+            writeln!(self.out, "{}", if self.first { "[]" } else { "\n]" })?;
+        }
+        Ok(())
+    }
+}
+
+async fn cluster_status(
+    client: &mut OperatorClient<Channel>,
+    cluster: &str,
+) -> Result<pb::ClusterStatus, Failure> {
+    client
+        .status(pb::StatusRequest {
+            cluster: cluster.to_owned(),
+        })
+        .await?
+        .into_inner()
+        .clusters
+        .into_iter()
+        .next()
+        .ok_or_else(|| Failure::Usage(format!("cluster {cluster} vanished")))
+}
+
+/// Prints progress lines on stderr, each only when it changes.
+struct Progress {
+    last: String,
+}
+
+impl Progress {
+    fn show(&mut self, line: String) {
+        if line != self.last {
+            eprintln!("{line}");
+            self.last = line;
+        }
+    }
+}
+
+async fn rotate(
+    client: &mut OperatorClient<Channel>,
+    args: RotateArgs,
+    json: bool,
+) -> Result<(), Failure> {
+    // Zero is meaningful here: do not wait for the apiservers.
+    let settle = edgekms_daemon::duration::parse(&args.settle)
+        .map_err(|e| Failure::Usage(format!("--settle: {e}")))?;
+    let timeout = duration("timeout", &args.timeout)?;
+    let deadline = Instant::now() + timeout;
+    let cluster = args.cluster;
+    let r = client
+        .rotate(pb::RotateRequest {
+            cluster: cluster.clone(),
+        })
+        .await?
+        .into_inner();
+    let version = r.version;
+    let mut progress = Progress {
+        last: String::new(),
+    };
+    if !json {
+        progress.show(format!(
+            "{} {cluster} v{version} ({}): pending until every node holds it",
+            if r.created {
+                "rotating"
+            } else {
+                "rotation already pending:"
+            },
+            r.key_id
+        ));
+    }
+    let mut stale = Vec::new();
+    if args.force {
+        // Connected nodes ack within moments; wait for them, not for the
+        // unreachable ones.
+        let grace = Instant::now() + Duration::from_secs(10);
+        loop {
+            let c = cluster_status(client, &cluster).await?;
+            if c.primary == version {
+                break;
+            }
+            let waiting_live = c
+                .nodes
+                .iter()
+                .any(|n| n.state == "active" && n.connected && !n.held.contains(&version));
+            if !waiting_live || Instant::now() >= grace {
+                stale = client
+                    .force_promote(pb::ForcePromoteRequest {
+                        cluster: cluster.clone(),
+                        version,
+                    })
+                    .await?
+                    .into_inner()
+                    .stale_nodes;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if !json {
+            if stale.is_empty() {
+                progress.show(format!("{cluster} v{version} is primary on every node"));
+            } else {
+                progress.show(format!(
+                    "{cluster} v{version} promoted WITHOUT stale nodes: {} (they get it when they reconnect; until then they cannot read data written under it)",
+                    stale.join(", ")
+                ));
+            }
+        }
+    }
+    let mut waited = false;
+    if args.wait {
+        loop {
+            let c = cluster_status(client, &cluster).await?;
+            let active: Vec<&pb::NodeStatus> =
+                c.nodes.iter().filter(|n| n.state == "active").collect();
+            let counted: Vec<&&pb::NodeStatus> =
+                active.iter().filter(|n| !stale.contains(&n.name)).collect();
+            let line = if c.primary != version {
+                let holding = active.iter().filter(|n| n.held.contains(&version)).count();
+                let missing: Vec<&str> = active
+                    .iter()
+                    .filter(|n| !n.held.contains(&version))
+                    .map(|n| n.name.as_str())
+                    .collect();
+                format!(
+                    "{cluster} v{version}: pending, acked by {holding}/{} nodes{}",
+                    active.len(),
+                    if missing.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (waiting for {})", missing.join(", "))
+                    }
+                )
+            } else {
+                let live = counted.iter().filter(|n| n.primary == version).count();
+                if live == counted.len() {
+                    break;
+                }
+                format!(
+                    "{cluster} v{version}: primary; serving it on {live}/{} nodes",
+                    counted.len()
+                )
+            };
+            if !json {
+                progress.show(line);
+            }
+            if Instant::now() >= deadline {
+                return Err(Failure::Timeout(format!(
+                    "gave up after {}: {}",
+                    args.timeout, progress.last
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        if !settle.is_zero() {
+            if !json {
+                progress.show(format!(
+                    "{cluster} v{version} is served by every node; waiting {} for every apiserver's next Status poll",
+                    args.settle
+                ));
+            }
+            tokio::time::sleep(settle).await;
+        }
+        waited = true;
+    }
+    let c = cluster_status(client, &cluster).await?;
+    let state = c
+        .versions
+        .iter()
+        .find(|v| v.version == version)
+        .map(|v| v.state.clone())
+        .unwrap_or_default();
+    if json {
+        print_json(json!({
+            "cluster": cluster, "version": version, "key_id": r.key_id,
+            "created": r.created, "state": state, "stale_nodes": stale,
+            "waited": waited,
+        }));
+    } else if waited {
+        println!(
+            "{cluster} v{version} is primary everywhere: storage migration can start (kubectl get secrets -A -o json | kubectl replace -f -)"
+        );
+    } else {
+        println!("{cluster} v{version}: {state}");
+    }
+    Ok(())
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `YYYY-MM-DD HH:MM:SSZ` (UTC).
+pub fn utc(unix: u64) -> String {
+    let days = (unix / 86_400) as i64;
+    let secs = unix % 86_400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+fn ago(now: u64, then: u64) -> String {
+    if then == 0 {
+        return "never".into();
+    }
+    let s = now.saturating_sub(then);
+    match s {
+        s if s < 120 => format!("{s}s ago"),
+        s if s < 7200 => format!("{}m ago", s / 60),
+        s if s < 172_800 => format!("{}h ago", s / 3600),
+        s => format!("{}d ago", s / 86_400),
+    }
+}
+
+fn versions_list(v: &[u32]) -> String {
+    if v.is_empty() {
+        return "-".into();
+    }
+    v.iter()
+        .map(|v| format!("v{v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn print_status(s: &pb::StatusResponse) {
+    if s.clusters.is_empty() {
+        println!("no clusters yet: `kmsctl node add CLUSTER NODE` creates one");
+    }
+    for (i, c) in s.clusters.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        println!(
+            "CLUSTER {}  primary v{}  pending {}",
+            c.name,
+            c.primary,
+            if c.pending == 0 {
+                "-".into()
+            } else {
+                format!("v{}", c.pending)
+            }
+        );
+        let active = c.nodes.iter().filter(|n| n.state == "active").count();
+        println!(
+            "  {:<8} {:<13} {:<6} {:<20} KEY ID",
+            "VERSION", "STATE", "HELD", "CREATED"
+        );
+        for v in &c.versions {
+            println!(
+                "  {:<8} {:<13} {:<6} {:<20} {}",
+                format!("v{}", v.version),
+                v.state,
+                format!("{}/{}", v.held_by, active),
+                utc(v.created_unix),
+                v.key_id
+            );
+        }
+        if c.nodes.is_empty() {
+            println!("  (no nodes)");
+            continue;
+        }
+        println!(
+            "  {:<16} {:<8} {:<10} {:<13} {:<14} {:<8} BEHIND",
+            "NODE", "STATE", "CONNECTED", "LAST CONTACT", "HELD", "PRIMARY"
+        );
+        for n in &c.nodes {
+            println!(
+                "  {:<16} {:<8} {:<10} {:<13} {:<14} {:<8} {}",
+                n.name,
+                n.state,
+                if n.connected { "yes" } else { "no" },
+                ago(s.server_time_unix, n.last_contact_unix),
+                versions_list(&n.held),
+                if n.primary == 0 {
+                    "-".into()
+                } else {
+                    format!("v{}", n.primary)
+                },
+                match (n.state.as_str(), n.behind) {
+                    ("invited", _) => format!("(token expires {})", utc(n.token_expires_unix)),
+                    (_, true) => "yes".into(),
+                    _ => "no".into(),
+                }
+            );
+        }
+    }
+}
+
+fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
+    json!({
+        "server_time_unix": s.server_time_unix,
+        "clusters": s.clusters.iter().map(|c| json!({
+            "name": c.name, "seq": c.seq, "primary": c.primary, "pending": c.pending,
+            "versions": c.versions.iter().map(|v| json!({
+                "version": v.version, "state": v.state, "key_id": v.key_id,
+                "created_unix": v.created_unix, "held_by": v.held_by,
+            })).collect::<Vec<_>>(),
+            "nodes": c.nodes.iter().map(|n| json!({
+                "name": n.name, "state": n.state, "connected": n.connected,
+                "last_contact_unix": n.last_contact_unix, "held": n.held,
+                "primary": n.primary, "applied_seq": n.applied_seq, "behind": n.behind,
+                "token_expires_unix": n.token_expires_unix,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_formats_known_instants() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00Z");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00Z");
+        assert_eq!(utc(1_795_000_000), "2026-11-18 11:06:40Z");
+    }
+}

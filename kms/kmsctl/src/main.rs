@@ -1,0 +1,563 @@
+//! `kmsctl`: the operator CLI.
+//!
+//! - `kmsctl local ...` talks to this node's plugin over its admin socket
+//!   (status, rotate, retire, tpm, reseal);
+//! - `kmsctl kms ...` talks KMS v2 to the plugin's socket exactly as
+//!   kube-apiserver does (status, encrypt, decrypt, roundtrip);
+//! - `kmsctl node|rotate|retire|status|audit|backup` talk to the central
+//!   key service with the operator's certificate ([`central`], [`backup`]).
+//!
+//! Human output by default, `-o json` for scripts. Exit codes: 0 success,
+//! 1 the plugin or service refused or failed, 2 bad usage or unreachable
+//! plugin or service, 3 gave up waiting (`rotate --wait --timeout`).
+
+/// Every `println!` of kmsctl (this file and its modules, declared below)
+/// goes through [`out_line`]: std's panics when the reader went away
+/// (`kmsctl audit | head`); kmsctl stops quietly instead.
+macro_rules! println {
+    () => {
+        $crate::out_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::out_line(format_args!($($arg)*))
+    };
+}
+
+mod backup;
+mod central;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use base64::Engine;
+use clap::{Parser, Subcommand, ValueEnum};
+use edgekms_proto::admin::node_admin_client::NodeAdminClient;
+use edgekms_proto::admin::{ResealRequest, RetireRequest, RotateRequest, StatusRequest};
+use edgekms_proto::kms_v2::key_management_service_client::KeyManagementServiceClient;
+use edgekms_proto::kms_v2::{DecryptRequest, EncryptRequest, StatusRequest as KmsStatusRequest};
+use serde_json::json;
+use zeroize::Zeroizing;
+
+const DEFAULT_ADMIN_SOCKET: &str = "/var/run/edgekms/admin.sock";
+const DEFAULT_KMS_SOCKET: &str = "/var/run/edgekms/kms.sock";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kmsctl",
+    version,
+    about = "Operate edgekms: the central key service, the local node plugin and its keys"
+)]
+struct Cli {
+    /// Output format
+    #[arg(short = 'o', long, value_enum, default_value = "human", global = true)]
+    output: Output,
+    /// The central key service, https://HOST:PORT
+    #[arg(long, env = "KMSCTL_SERVER", global = true, value_name = "URL")]
+    server: Option<String>,
+    /// Directory with the operator's ca.pem, cert.pem and key.pem
+    #[arg(long, env = "KMSCTL_OPERATOR_DIR", global = true, value_name = "DIR")]
+    operator_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Manage the plugin on this node through its admin socket
+    Local {
+        /// The plugin's admin socket
+        #[arg(long, env = "KMSCTL_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET, value_name = "PATH")]
+        admin_socket: PathBuf,
+        #[command(subcommand)]
+        command: LocalCommand,
+    },
+    /// Call the plugin's KMS v2 socket as kube-apiserver does
+    Kms {
+        /// The plugin's KMS v2 socket
+        #[arg(long, env = "KMSCTL_KMS_SOCKET", default_value = DEFAULT_KMS_SOCKET, value_name = "PATH")]
+        socket: PathBuf,
+        #[command(subcommand)]
+        command: KmsCommand,
+    },
+    /// Enrol or revoke nodes (central service)
+    Node {
+        #[command(subcommand)]
+        command: central::NodeCommand,
+    },
+    /// Start a two-phase rotation of a cluster's KEK (central service)
+    Rotate(central::RotateArgs),
+    /// Retire a decrypt-only version: every node destroys it, then the central copy (central service)
+    Retire { cluster: String, version: u32 },
+    /// Versions and nodes per cluster (central service)
+    Status { cluster: Option<String> },
+    /// The central service's audit log, oldest first, streamed (`-o json`: a JSON array, one record per line)
+    Audit {
+        /// Only records newer than this (e.g. 1h, 7d)
+        #[arg(long, value_name = "DURATION")]
+        since: Option<String>,
+        /// Only the newest N records
+        #[arg(long, value_name = "N")]
+        limit: Option<u64>,
+    },
+    /// Write the central service's whole state, encrypted under your key, to a new file (restore: `edgekms-server restore`)
+    Backup(backup::BackupArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum LocalCommand {
+    /// Health, primary key, every cached version and the sealer
+    Status,
+    /// Make a new KEK version primary now; older ones stay decrypt-only
+    Rotate,
+    /// Destroy a decrypt-only version's key (data under it becomes unreadable)
+    Retire {
+        /// The version number, as `kmsctl local status` shows it
+        version: u32,
+    },
+    /// What the plugin sees of its sealer: backend, TCTI, manufacturer, PCR policy
+    Tpm,
+    /// After a PCR change the operator has checked: unseal with the recovery
+    /// passphrase and seal again to the present PCR values
+    Reseal {
+        /// Read the passphrase from this file instead of standard input
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
+    },
+    /// Back up this standalone node's keys, encrypted under your backup key
+    /// (restore with `edgekms-plugin restore`)
+    Backup(backup::LocalBackupArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum KmsCommand {
+    /// KMS Status: version, healthz, key_id
+    Status,
+    /// Encrypt TEXT; prints key_id and base64 ciphertext
+    Encrypt {
+        text: String,
+        #[arg(long, default_value = "kmsctl")]
+        uid: String,
+    },
+    /// Decrypt a base64 ciphertext made by `encrypt`
+    Decrypt {
+        ciphertext: String,
+        #[arg(long)]
+        key_id: String,
+        #[arg(long, default_value = "kmsctl")]
+        uid: String,
+    },
+    /// Status, Encrypt and Decrypt of TEXT, showing each step
+    Roundtrip {
+        #[arg(default_value = "hello from edgekms")]
+        text: String,
+    },
+}
+
+/// Why kmsctl failed, which decides the exit code.
+pub(crate) enum Failure {
+    /// Bad usage or unreachable plugin.
+    Usage(String),
+    /// The plugin answered with an error.
+    Refused(tonic::Status),
+    /// Gave up waiting.
+    Timeout(String),
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        // The peer dropped the connection rather than answering: with TLS
+        // 1.3 that is how a server refuses a client certificate. Depending
+        // on when the close lands, the client reports it as a transport
+        // error or as its own request cancelled.
+        let dropped = (matches!(s.code(), tonic::Code::Unknown | tonic::Code::Unavailable)
+            && s.message().contains("transport error"))
+            || (s.code() == tonic::Code::Cancelled && s.message() == "operation was canceled");
+        if dropped {
+            return Failure::Usage(format!(
+                "the connection was closed without an answer ({}): the central service refuses certificates not issued by its CA (is --operator-dir from this service's `init`?), or the peer is going down",
+                s.message()
+            ));
+        }
+        Failure::Refused(s)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match edgekms_daemon::cli::parse::<Cli>() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kmsctl: cannot start: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(msg)) => {
+            eprintln!("kmsctl: {msg}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Refused(status)) => {
+            eprintln!("kmsctl: {:?}: {}", status.code(), status.message());
+            ExitCode::FAILURE
+        }
+        Err(Failure::Timeout(msg)) => {
+            eprintln!("kmsctl: {msg}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+async fn channel(path: &Path) -> Result<tonic::transport::Channel, Failure> {
+    edgekms_proto::uds::connect(path).await.map_err(|e| {
+        Failure::Usage(format!(
+            "cannot reach the plugin at {}: {e} (is edgekms-plugin running?)",
+            path.display()
+        ))
+    })
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let json = cli.output == Output::Json;
+    match cli.command {
+        Command::Local {
+            admin_socket,
+            command,
+        } => {
+            let mut admin = NodeAdminClient::new(channel(&admin_socket).await?);
+            local(&mut admin, command, json).await
+        }
+        Command::Kms { socket, command } => {
+            let mut kms = KeyManagementServiceClient::new(channel(&socket).await?);
+            kms_cmd(&mut kms, command, json).await
+        }
+        Command::Node { command } => {
+            fleet_cmd(
+                cli.server,
+                cli.operator_dir,
+                central::FleetCommand::Node(command),
+                json,
+            )
+            .await
+        }
+        Command::Rotate(args) => {
+            fleet_cmd(
+                cli.server,
+                cli.operator_dir,
+                central::FleetCommand::Rotate(args),
+                json,
+            )
+            .await
+        }
+        Command::Retire { cluster, version } => {
+            let cmd = central::FleetCommand::Retire { cluster, version };
+            fleet_cmd(cli.server, cli.operator_dir, cmd, json).await
+        }
+        Command::Status { cluster } => {
+            let cmd = central::FleetCommand::Status { cluster };
+            fleet_cmd(cli.server, cli.operator_dir, cmd, json).await
+        }
+        Command::Audit { since, limit } => {
+            let cmd = central::FleetCommand::Audit { since, limit };
+            fleet_cmd(cli.server, cli.operator_dir, cmd, json).await
+        }
+        Command::Backup(args) => {
+            let key = backup::prepare(&args)?;
+            let client = operator_client(cli.server, cli.operator_dir).await?;
+            backup::run(client, args, key, json).await
+        }
+    }
+}
+
+async fn fleet_cmd(
+    server: Option<String>,
+    operator_dir: Option<PathBuf>,
+    command: central::FleetCommand,
+    json: bool,
+) -> Result<(), Failure> {
+    central::check(&command)?;
+    let mut client = operator_client(server, operator_dir).await?;
+    central::run(&mut client, command, json).await
+}
+
+async fn operator_client(
+    server: Option<String>,
+    operator_dir: Option<PathBuf>,
+) -> Result<edgekms_proto::fleet::operator_client::OperatorClient<tonic::transport::Channel>, Failure>
+{
+    let server = server.ok_or_else(|| {
+        Failure::Usage(
+            "--server (or KMSCTL_SERVER) is required: https://HOST:PORT of edgekms-server".into(),
+        )
+    })?;
+    let dir = operator_dir.ok_or_else(|| {
+        Failure::Usage("--operator-dir (or KMSCTL_OPERATOR_DIR) is required: the directory with ca.pem, cert.pem, key.pem".into())
+    })?;
+    central::connect(&server, &dir).await
+}
+
+/// Writes one line to stdout. When the reader is gone (EPIPE: `| head`
+/// has what it wanted) kmsctl exits at once, quietly, with 0: what it was
+/// asked to do is done, and `head` closing early is no failure. Any other
+/// write error is one line on stderr and exit 1, never a panic.
+pub(crate) fn out_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let written = out
+        .write_fmt(args)
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            // stderr may be gone too; nothing more to say then.
+            let _ = writeln!(std::io::stderr(), "kmsctl: cannot write the output: {e}");
+            std::process::exit(1)
+        }
+    }
+}
+
+pub(crate) fn print_json(value: serde_json::Value) {
+    println!("{value:#}");
+}
+
+async fn local(
+    admin: &mut NodeAdminClient<tonic::transport::Channel>,
+    command: LocalCommand,
+    json: bool,
+) -> Result<(), Failure> {
+    match command {
+        LocalCommand::Status => {
+            let s = admin.status(StatusRequest {}).await?.into_inner();
+            if json {
+                print_json(json!({
+                    "cluster": s.cluster, "node": s.node, "healthz": s.healthz,
+                    "primary_version": s.primary_version, "primary_key_id": s.primary_key_id,
+                    "unsealed": s.unsealed, "hardware_backed": s.hardware_backed,
+                    "sealer": s.sealer,
+                    "versions": s.versions.iter().map(|v| json!({
+                        "version": v.version, "state": v.state, "key_id": v.key_id, "created_unix": v.created_unix,
+                    })).collect::<Vec<_>>(),
+                }));
+            } else {
+                println!(
+                    "cluster:  {}\nnode:     {}\nhealthz:  {}",
+                    s.cluster, s.node, s.healthz
+                );
+                println!("primary:  v{} ({})", s.primary_version, s.primary_key_id);
+                println!(
+                    "sealer:   {}{}",
+                    s.sealer.get("backend").map(String::as_str).unwrap_or("?"),
+                    if s.hardware_backed {
+                        ""
+                    } else {
+                        " (INSECURE: not hardware-protected)"
+                    }
+                );
+                println!("\n{:>7}  {:<12}  KEY ID", "VERSION", "STATE");
+                for v in &s.versions {
+                    println!("{:>7}  {:<12}  {}", v.version, v.state, v.key_id);
+                }
+            }
+        }
+        LocalCommand::Rotate => {
+            let r = admin.rotate(RotateRequest {}).await?.into_inner();
+            if json {
+                print_json(json!({"version": r.version, "key_id": r.key_id}));
+            } else {
+                println!("rotated: v{} is primary ({})", r.version, r.key_id);
+            }
+        }
+        LocalCommand::Retire { version } => {
+            admin.retire(RetireRequest { version }).await?;
+            if json {
+                print_json(json!({"retired": version}));
+            } else {
+                println!("retired: v{version} (its key is destroyed on this node)");
+            }
+        }
+        LocalCommand::Tpm => {
+            let s = admin.status(StatusRequest {}).await?.into_inner();
+            if json {
+                print_json(
+                    json!({"sealer": s.sealer, "sealed_key": s.sealed_key, "hardware_backed": s.hardware_backed, "unsealed": s.unsealed, "healthz": s.healthz}),
+                );
+            } else {
+                for (k, v) in &s.sealer {
+                    println!("{k:<16} {v}");
+                }
+                // The node's own sealed key: noDA yes/no (TPM).
+                for (k, v) in &s.sealed_key {
+                    println!("{k:<16} {v}");
+                }
+                println!("{:<16} {}", "key_unsealed", s.unsealed);
+                println!("{:<16} {}", "healthz", s.healthz);
+            }
+        }
+        LocalCommand::Reseal { passphrase_file } => {
+            let passphrase = read_passphrase(passphrase_file.as_deref())?;
+            admin
+                .reseal(ResealRequest {
+                    recovery_passphrase: passphrase.to_string(),
+                })
+                .await?;
+            if json {
+                print_json(json!({"resealed": true}));
+            } else {
+                println!("resealed: the node sealing key is bound to the present PCR values and keys are served");
+            }
+        }
+        LocalCommand::Backup(args) => backup::run_local(admin, args, json).await?,
+    }
+    Ok(())
+}
+
+fn read_passphrase(file: Option<&Path>) -> Result<Zeroizing<String>, Failure> {
+    let mut text = Zeroizing::new(String::new());
+    match file {
+        Some(path) => {
+            *text = std::fs::read_to_string(path)
+                .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", path.display())))?;
+        }
+        None => {
+            std::io::stdin().read_to_string(&mut text).map_err(|e| {
+                Failure::Usage(format!("cannot read the passphrase from stdin: {e}"))
+            })?;
+        }
+    }
+    let trimmed = Zeroizing::new(text.trim().to_owned());
+    if trimmed.is_empty() {
+        return Err(Failure::Usage("empty recovery passphrase".into()));
+    }
+    Ok(trimmed)
+}
+
+async fn kms_cmd(
+    kms: &mut KeyManagementServiceClient<tonic::transport::Channel>,
+    command: KmsCommand,
+    json: bool,
+) -> Result<(), Failure> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    match command {
+        KmsCommand::Status => {
+            let s = kms.status(KmsStatusRequest {}).await?.into_inner();
+            if json {
+                print_json(json!({"version": s.version, "healthz": s.healthz, "key_id": s.key_id}));
+            } else {
+                println!(
+                    "version: {}\nhealthz: {}\nkey_id:  {}",
+                    s.version, s.healthz, s.key_id
+                );
+            }
+        }
+        KmsCommand::Encrypt { text, uid } => {
+            let r = kms
+                .encrypt(EncryptRequest {
+                    plaintext: text.into_bytes().into(),
+                    uid,
+                })
+                .await?
+                .into_inner();
+            if json {
+                print_json(json!({"key_id": r.key_id, "ciphertext": b64.encode(&r.ciphertext)}));
+            } else {
+                println!(
+                    "key_id:     {}\nciphertext: {}",
+                    r.key_id,
+                    b64.encode(&r.ciphertext)
+                );
+            }
+        }
+        KmsCommand::Decrypt {
+            ciphertext,
+            key_id,
+            uid,
+        } => {
+            let ct = b64
+                .decode(ciphertext.trim())
+                .map_err(|e| Failure::Usage(format!("ciphertext is not base64: {e}")))?;
+            let r = kms
+                .decrypt(DecryptRequest {
+                    ciphertext: ct.into(),
+                    uid,
+                    key_id,
+                    annotations: Default::default(),
+                })
+                .await?
+                .into_inner();
+            if json {
+                print_json(json!({"plaintext": b64.encode(&r.plaintext)}));
+            } else {
+                println!("{}", String::from_utf8_lossy(&r.plaintext));
+            }
+        }
+        KmsCommand::Roundtrip { text } => {
+            let s = kms.status(KmsStatusRequest {}).await?.into_inner();
+            let e = kms
+                .encrypt(EncryptRequest {
+                    plaintext: text.clone().into_bytes().into(),
+                    uid: "kmsctl-roundtrip".into(),
+                })
+                .await?
+                .into_inner();
+            let d = kms
+                .decrypt(DecryptRequest {
+                    ciphertext: e.ciphertext.clone(),
+                    uid: "kmsctl-roundtrip".into(),
+                    key_id: e.key_id.clone(),
+                    annotations: e.annotations.clone(),
+                })
+                .await?
+                .into_inner();
+            let same = d.plaintext.as_ref() == text.as_bytes();
+            if json {
+                print_json(json!({
+                    "status": {"version": s.version, "healthz": s.healthz, "key_id": s.key_id},
+                    "encrypt": {"key_id": e.key_id, "ciphertext": b64.encode(&e.ciphertext)},
+                    "decrypt": {"plaintext": String::from_utf8_lossy(&d.plaintext)},
+                    "match": same,
+                }));
+            } else {
+                println!(
+                    "Status  -> version={} healthz={} key_id={}",
+                    s.version, s.healthz, s.key_id
+                );
+                println!(
+                    "Encrypt -> key_id={} ciphertext({} bytes)={}",
+                    e.key_id,
+                    e.ciphertext.len(),
+                    b64.encode(&e.ciphertext)
+                );
+                println!("Decrypt -> {:?}", String::from_utf8_lossy(&d.plaintext));
+                println!(
+                    "{}",
+                    if same {
+                        "round trip OK"
+                    } else {
+                        "round trip MISMATCH"
+                    }
+                );
+            }
+            if !same {
+                return Err(Failure::Usage(
+                    "decrypted text differs from the input".into(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}

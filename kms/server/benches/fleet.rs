@@ -1,0 +1,760 @@
+//! `cargo bench -p edgekms-server --bench fleet [-- --nodes N --clusters M]`:
+//! the central key service at fleet scale (issue #4).
+//!
+//! Starts the real `edgekms-server` (soft sealer, loopback, a fresh data
+//! dir) as its own process, enrols N simulated nodes in M clusters through
+//! the operator API, and runs every node in this process as a tokio task
+//! with its own TCP + mutual TLS connection and `Sync` stream: it joins
+//! with a one-time token (CA pin, no client certificate), opens its stream
+//! with the issued certificate, unwraps every delivered KEK with its
+//! delivery key (real ECDH + AES-GCM, as a plugin does) and reports back.
+//! Once every node serves version 1, it rotates every cluster and times
+//! until every node reports version 2 as primary and the server's Status
+//! agrees. Prints the server's peak RSS (VmHWM) and CPU time (utime +
+//! stime) per run, and how each figure grows against the smallest run.
+//!
+//! Without arguments it runs 200/100, 1,000/500 and 2,000/1,000
+//! nodes/clusters. Targets: 2,000 nodes in 1,000 clusters rotated and
+//! promoted within 10 s, server peak RSS under 500 MiB.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use edgekms_core::delivery::{Binding, DeliveryKey};
+use edgekms_daemon::pki::{self, PrivateKey};
+use edgekms_daemon::tls;
+use edgekms_proto::fleet as pb;
+use edgekms_proto::fleet::fleet_client::FleetClient;
+use edgekms_proto::fleet::operator_client::OperatorClient;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::transport::Channel;
+
+/// Built by `cargo bench` with this bench; `EDGEKMS_SERVER=path` runs
+/// another build instead (to compare two versions of the server).
+const SERVER: &str = env!("CARGO_BIN_EXE_edgekms-server");
+
+fn server_bin() -> PathBuf {
+    std::env::var_os("EDGEKMS_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(SERVER))
+}
+
+/// Operator calls in flight at once (one HTTP/2 connection).
+const OPERATOR_PARALLEL: usize = 32;
+/// Nodes joining at once (join, connect, first sync).
+const JOIN_PARALLEL: usize = 64;
+/// How long any phase may take before the run is declared failed.
+const PHASE_TIMEOUT: Duration = Duration::from_secs(600);
+const SERIES: [(usize, usize); 3] = [(200, 100), (1000, 500), (2000, 1000)];
+const TARGET_NODES: usize = 2000;
+const TARGET_ROTATE: Duration = Duration::from_secs(10);
+const TARGET_RSS_MIB: f64 = 500.0;
+
+// ---- the server process ----
+
+/// `edgekms-server` on a free loopback port, in a temporary data dir;
+/// stopped (SIGTERM, then SIGKILL) and removed on drop.
+struct Server {
+    child: Child,
+    url: String,
+    dir: Option<tempfile::TempDir>,
+    /// Keep the data dir and server.log (`--keep`).
+    keep: bool,
+}
+
+impl Server {
+    fn start(tmp: &Path, keep: bool) -> Server {
+        let dir = tempfile::tempdir_in(tmp).unwrap();
+        let data = dir.path().join("data");
+        let out = Command::new(server_bin())
+            .args(["init", "--sealer", "soft", "--data-dir"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "edgekms-server init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(server_bin())
+            .args(["--sealer", "soft", "--data-dir"])
+            .arg(&data)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("server.log")).unwrap())
+            .spawn()
+            .unwrap();
+        Server {
+            child,
+            url: format!("https://127.0.0.1:{port}"),
+            dir: Some(dir),
+            keep,
+        }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir
+            .as_ref()
+            .map(|d| d.path().to_owned())
+            .unwrap_or_default()
+    }
+
+    fn operator_dir(&self) -> PathBuf {
+        self.path().join("data/operator")
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.path().join("server.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Peak resident set size, MiB.
+    fn peak_rss_mib(&self) -> f64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let kib: u64 = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        kib as f64 / 1024.0
+    }
+
+    /// Sockets the server holds open (listener, operator, one per node).
+    fn sockets(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|dir| {
+                dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                    .filter(|target| target.to_string_lossy().starts_with("socket:"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// User + system CPU time so far, seconds.
+    fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // Fields after "(comm) ": state is field 3, utime 14, stime 15.
+        let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| -> u64 { fields.get(i).and_then(|v| v.parse().ok()).unwrap_or(0) };
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        (ticks(11) + ticks(12)) as f64 / hz
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && !matches!(self.child.try_wait(), Ok(Some(_))) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let (true, Some(dir)) = (self.keep, self.dir.take()) {
+            println!("kept {}", dir.keep().display());
+        }
+    }
+}
+
+/// Median time of a 4 KiB write + fdatasync in `dir`, ms: what one synced
+/// state commit of the server costs at least, on that file system, now.
+fn sync_latency_ms(dir: &Path) -> f64 {
+    let path = dir.join("sync-probe");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let mut times: Vec<f64> = (0..50)
+        .map(|_| {
+            let start = Instant::now();
+            f.write_all(&[0u8; 4096]).unwrap();
+            f.sync_data().unwrap();
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+/// This process's own user + system CPU time, seconds.
+fn own_cpu_seconds() -> f64 {
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage with a valid pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+async fn operator(server: &Server) -> OperatorClient<Channel> {
+    let dir = server.operator_dir();
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+    let ca = pki::pem_decode("CERTIFICATE", &read("ca.pem")).unwrap();
+    let cert = pki::pem_decode("CERTIFICATE", &read("cert.pem")).unwrap();
+    let key = PrivateKey::from_der(pki::pem_decode("PRIVATE KEY", &read("key.pem")).unwrap());
+    let cfg = tls::client_config(tls::Trust::Ca(&ca), Some((&cert, &key))).unwrap();
+    let start = Instant::now();
+    loop {
+        match tls::connect(&server.url, cfg.clone()).await {
+            Ok(channel) => {
+                return OperatorClient::new(channel).max_decoding_message_size(256 << 20);
+            }
+            Err(e) if start.elapsed() > Duration::from_secs(20) => {
+                panic!("the server never answered: {e}\n{}", server.log_tail())
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+// ---- simulated nodes ----
+
+/// What the node tasks tell the driver.
+#[derive(Default)]
+struct Progress {
+    /// Nodes that reported version 1 as their primary.
+    on_v1: AtomicUsize,
+    /// Nodes that reported version 2 as their primary.
+    on_v2: AtomicUsize,
+    failed: AtomicUsize,
+    first_error: Mutex<Option<String>>,
+}
+
+impl Progress {
+    fn fail(&self, who: &str, e: String) {
+        self.failed.fetch_add(1, Ordering::SeqCst);
+        self.first_error
+            .lock()
+            .unwrap()
+            .get_or_insert_with(|| format!("{who}: {e}"));
+    }
+}
+
+struct NodeSpec {
+    cluster: String,
+    node: String,
+    token: String,
+}
+
+/// One node: join, open the mTLS sync stream, converge on every state the
+/// server sends. Runs until the stream ends.
+async fn run_node(
+    url: String,
+    join_cfg: Arc<rustls::ClientConfig>,
+    spec: NodeSpec,
+    permit: OwnedSemaphorePermit,
+    progress: Arc<Progress>,
+) {
+    let who = format!("{}/{}", spec.cluster, spec.node);
+    if let Err(e) = node_inner(&url, join_cfg, &spec, permit, &progress).await {
+        progress.fail(&who, e);
+    }
+}
+
+async fn node_inner(
+    url: &str,
+    join_cfg: Arc<rustls::ClientConfig>,
+    spec: &NodeSpec,
+    permit: OwnedSemaphorePermit,
+    progress: &Progress,
+) -> Result<(), String> {
+    let mut permit = Some(permit);
+    let (tls_key, csr_der) = pki::node_key_and_csr().map_err(|e| e.to_string())?;
+    let delivery = DeliveryKey::generate();
+
+    // Join: trusts the server through the CA pin only, no client cert.
+    let joined = {
+        let channel = tls::connect(url, join_cfg)
+            .await
+            .map_err(|e| format!("join connect: {e}"))?;
+        FleetClient::new(channel)
+            .join(pb::JoinRequest {
+                token: spec.token.clone(),
+                cluster: spec.cluster.clone(),
+                node: spec.node.clone(),
+                csr_der: csr_der.into(),
+                delivery_public_key: delivery.public_key().into(),
+            })
+            .await
+            .map_err(|e| format!("join: {e}"))?
+            .into_inner()
+    };
+
+    // Sync: its own mutual TLS connection with the issued certificate.
+    let cfg = tls::client_config(
+        tls::Trust::Ca(&joined.ca_der),
+        Some((&joined.certificate_der, &tls_key)),
+    )
+    .map_err(|e| e.to_string())?;
+    let channel = tls::connect(url, cfg)
+        .await
+        .map_err(|e| format!("sync connect: {e}"))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::NodeReport::default())
+        .await
+        .map_err(|_| "report channel closed")?;
+    let mut inbound = FleetClient::new(channel)
+        .sync(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|e| format!("sync: {e}"))?
+        .into_inner();
+    let mut held = BTreeSet::new();
+    let mut primary = 0u32;
+    let mut on_v2 = false;
+    loop {
+        let state = match inbound.message().await {
+            Ok(Some(state)) => state,
+            // The server stopped: the run is over.
+            Ok(None) => return Ok(()),
+            Err(e) if e.code() == tonic::Code::Unavailable => return Ok(()),
+            Err(e) => return Err(format!("sync stream: {e}")),
+        };
+        if state.heartbeat {
+            continue;
+        }
+        for entry in &state.versions {
+            if !entry.wrapped_key.is_empty() {
+                let binding = Binding {
+                    cluster: &spec.cluster,
+                    node: &spec.node,
+                    version: entry.version,
+                    key_id: &entry.key_id,
+                };
+                // A plugin would now wrap it under its NSK and persist it.
+                let _kek = delivery
+                    .unwrap(binding, &entry.wrapped_key)
+                    .map_err(|e| e.to_string())?;
+                held.insert(entry.version);
+            }
+        }
+        for entry in &state.versions {
+            if entry.state == pb::VersionState::Primary as i32 && held.contains(&entry.version) {
+                primary = entry.version;
+            }
+        }
+        for v in &state.retired {
+            held.remove(v);
+        }
+        tx.send(pb::NodeReport {
+            held: held.iter().copied().collect(),
+            applied_seq: state.seq,
+            primary,
+        })
+        .await
+        .map_err(|_| "sync stream closed")?;
+        match primary {
+            1 if permit.is_some() => {
+                permit = None;
+                progress.on_v1.fetch_add(1, Ordering::SeqCst);
+            }
+            2 if !on_v2 => {
+                on_v2 = true;
+                progress.on_v2.fetch_add(1, Ordering::SeqCst);
+            }
+            _ => {}
+        }
+    }
+}
+
+// ---- one run ----
+
+struct Figures {
+    nodes: usize,
+    clusters: usize,
+    invite: Duration,
+    enrol: Duration,
+    rotate_calls: Duration,
+    nodes_primary: Duration,
+    server_agrees: Duration,
+    rss_mib: f64,
+    sockets: usize,
+    sync_ms: f64,
+    cpu_total: f64,
+    cpu_rotation: f64,
+    bench_cpu: f64,
+}
+
+/// Polls `done` every millisecond; fails the run on a node error or after
+/// [`PHASE_TIMEOUT`].
+async fn until(what: &str, server: &Server, progress: &Progress, done: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        if progress.failed.load(Ordering::SeqCst) > 0 {
+            panic!(
+                "{what}: {} node(s) failed, first: {}\nserver log:\n{}",
+                progress.failed.load(Ordering::SeqCst),
+                progress
+                    .first_error
+                    .lock()
+                    .unwrap()
+                    .clone()
+                    .unwrap_or_default(),
+                server.log_tail()
+            );
+        }
+        if start.elapsed() > PHASE_TIMEOUT {
+            panic!(
+                "{what}: timed out after {PHASE_TIMEOUT:?} (v1 {}, v2 {})\nserver log:\n{}",
+                progress.on_v1.load(Ordering::SeqCst),
+                progress.on_v2.load(Ordering::SeqCst),
+                server.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Whether the server's Status shows every cluster on `version` and every
+/// node holding it as primary, up to date.
+async fn server_agrees(
+    op: &mut OperatorClient<Channel>,
+    clusters: usize,
+    nodes: usize,
+    version: u32,
+) -> bool {
+    let status = op
+        .status(pb::StatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    status.clusters.len() == clusters
+        && status.clusters.iter().map(|c| c.nodes.len()).sum::<usize>() == nodes
+        && status.clusters.iter().all(|c| {
+            c.primary == version
+                && c.pending == 0
+                && c.nodes.iter().all(|n| {
+                    n.state == "active" && n.primary == version && !n.behind && n.connected
+                })
+        })
+}
+
+async fn run(nodes: usize, clusters: usize, tmp: &Path, keep: bool) -> Figures {
+    assert!(
+        clusters >= 1 && nodes >= clusters,
+        "need nodes >= clusters >= 1"
+    );
+    let cpu_bench_start = own_cpu_seconds();
+    let sync_ms = sync_latency_ms(tmp);
+    let server = Server::start(tmp, keep);
+    let mut op = operator(&server).await;
+    let progress = Arc::new(Progress::default());
+
+    // Invitations: node i is in cluster i % clusters.
+    let start = Instant::now();
+    let sem = Arc::new(Semaphore::new(OPERATOR_PARALLEL));
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..nodes {
+        let cluster = format!("c{:05}", i % clusters);
+        let node = format!("n{i:05}");
+        let mut op = op.clone();
+        let permit = sem.clone().acquire_owned().await.unwrap();
+        calls.spawn(async move {
+            let r = op
+                .add_node(pb::AddNodeRequest {
+                    cluster: cluster.clone(),
+                    node: node.clone(),
+                    ttl_seconds: 3600,
+                })
+                .await
+                .unwrap_or_else(|e| panic!("add_node {cluster}/{node}: {e}"))
+                .into_inner();
+            drop(permit);
+            (
+                NodeSpec {
+                    cluster,
+                    node,
+                    token: r.token,
+                },
+                r.ca_hash,
+            )
+        });
+    }
+    let mut specs = Vec::with_capacity(nodes);
+    let mut ca_hash = String::new();
+    while let Some(done) = calls.join_next().await {
+        let (spec, hash) = done.unwrap();
+        ca_hash = hash;
+        specs.push(spec);
+    }
+    let invite = start.elapsed();
+
+    // Join and first sync, JOIN_PARALLEL at a time; every node keeps its
+    // stream open.
+    let join_cfg = tls::client_config(tls::Trust::Pin(ca_hash), None).unwrap();
+    let sem = Arc::new(Semaphore::new(JOIN_PARALLEL));
+    let mut node_tasks = tokio::task::JoinSet::new();
+    for spec in specs {
+        let permit = sem.clone().acquire_owned().await.unwrap();
+        node_tasks.spawn(run_node(
+            server.url.clone(),
+            join_cfg.clone(),
+            spec,
+            permit,
+            progress.clone(),
+        ));
+        if progress.failed.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+    }
+    until("enrolment", &server, &progress, || {
+        progress.on_v1.load(Ordering::SeqCst) == nodes
+    })
+    .await;
+    while !server_agrees(&mut op, clusters, nodes, 1).await {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let enrol = start.elapsed();
+
+    // Rotate every cluster; time until all nodes serve version 2.
+    let cpu_before = server.cpu_seconds();
+    let start = Instant::now();
+    let sem = Arc::new(Semaphore::new(OPERATOR_PARALLEL));
+    let mut calls = tokio::task::JoinSet::new();
+    for c in 0..clusters {
+        let cluster = format!("c{c:05}");
+        let mut op = op.clone();
+        let permit = sem.clone().acquire_owned().await.unwrap();
+        calls.spawn(async move {
+            let r = op
+                .rotate(pb::RotateRequest {
+                    cluster: cluster.clone(),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("rotate {cluster}: {e}"))
+                .into_inner();
+            drop(permit);
+            assert!(r.created && r.version == 2, "rotate {cluster}: {r:?}");
+        });
+    }
+    while let Some(done) = calls.join_next().await {
+        done.unwrap();
+    }
+    let rotate_calls = start.elapsed();
+    until("rotation", &server, &progress, || {
+        progress.on_v2.load(Ordering::SeqCst) == nodes
+    })
+    .await;
+    let nodes_primary = start.elapsed();
+    while !server_agrees(&mut op, clusters, nodes, 2).await {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(start.elapsed() < PHASE_TIMEOUT, "the server never agreed");
+    }
+    let server_agrees = start.elapsed();
+    let cpu_total = server.cpu_seconds();
+    let rss_mib = server.peak_rss_mib();
+    let sockets = server.sockets();
+    let bench_cpu = own_cpu_seconds() - cpu_bench_start;
+
+    drop(op);
+    drop(server);
+    // The server is gone: every stream ends.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::time::timeout_at(deadline.into(), node_tasks.join_next())
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+    {}
+    node_tasks.abort_all();
+
+    Figures {
+        nodes,
+        clusters,
+        invite,
+        enrol,
+        rotate_calls,
+        nodes_primary,
+        server_agrees,
+        rss_mib,
+        sockets,
+        sync_ms,
+        cpu_total,
+        cpu_rotation: cpu_total - cpu_before,
+        bench_cpu,
+    }
+}
+
+// ---- report ----
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    format!("{cores} cores, {model}, load average {}", load.join(" "))
+}
+
+fn print_table(runs: &[Figures]) {
+    println!();
+    println!(
+        "{:>6} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}",
+        "nodes",
+        "clusters",
+        "enrol s",
+        "rotate s",
+        "nodes s",
+        "primary s",
+        "RSS MiB",
+        "CPU s",
+        "rot CPU s",
+        "bench CPU",
+        "sync ms"
+    );
+    for f in runs {
+        println!(
+            "{:>6} {:>8} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.1} {:>9.2} {:>9.2} {:>9.2} {:>8.2}",
+            f.nodes,
+            f.clusters,
+            secs(f.enrol),
+            secs(f.rotate_calls),
+            secs(f.nodes_primary),
+            secs(f.server_agrees),
+            f.rss_mib,
+            f.cpu_total,
+            f.cpu_rotation,
+            f.bench_cpu,
+            f.sync_ms,
+        );
+    }
+    if runs.len() > 1 {
+        let base = &runs[0];
+        println!();
+        println!("growth against the {}-node run:", base.nodes);
+        println!(
+            "{:>6} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "nodes", "x nodes", "enrol", "primary", "RSS", "CPU", "rot CPU"
+        );
+        for f in runs {
+            println!(
+                "{:>6} {:>8.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+                f.nodes,
+                f.nodes as f64 / base.nodes as f64,
+                secs(f.enrol) / secs(base.enrol),
+                secs(f.server_agrees) / secs(base.server_agrees),
+                f.rss_mib / base.rss_mib,
+                f.cpu_total / base.cpu_total,
+                f.cpu_rotation / base.cpu_rotation,
+            );
+        }
+    }
+    if let Some(f) = runs.iter().find(|f| f.nodes == TARGET_NODES) {
+        println!();
+        let rot_ok = f.server_agrees <= TARGET_ROTATE;
+        let rss_ok = f.rss_mib < TARGET_RSS_MIB;
+        println!(
+            "{} nodes in {} clusters: every cluster rotated and promoted in {:.3} s (target <= {} s): {}",
+            f.nodes,
+            f.clusters,
+            secs(f.server_agrees),
+            TARGET_ROTATE.as_secs(),
+            if rot_ok { "met" } else { "MISSED" }
+        );
+        println!(
+            "server peak RSS {:.1} MiB (target < {TARGET_RSS_MIB} MiB): {}",
+            f.rss_mib,
+            if rss_ok { "met" } else { "MISSED" }
+        );
+    }
+}
+
+fn usage() -> ! {
+    eprintln!("usage: cargo bench -p edgekms-server --bench fleet [-- --nodes N --clusters M] [--tmpdir DIR] [--keep]");
+    std::process::exit(2);
+}
+
+fn main() {
+    let mut nodes = None;
+    let mut clusters = None;
+    let mut keep = false;
+    let mut tmp = std::env::temp_dir();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut number = || -> usize {
+            args.next()
+                .and_then(|v| v.replace('_', "").parse().ok())
+                .unwrap_or_else(|| usage())
+        };
+        match arg.as_str() {
+            "--nodes" => nodes = Some(number()),
+            "--clusters" => clusters = Some(number()),
+            "--keep" => keep = true,
+            "--tmpdir" => tmp = args.next().map(PathBuf::from).unwrap_or_else(|| usage()),
+            // cargo bench passes --bench to every bench binary.
+            "--bench" => {}
+            _ => usage(),
+        }
+    }
+    let series: Vec<(usize, usize)> = match (nodes, clusters) {
+        (None, None) => SERIES.to_vec(),
+        (Some(n), c) => vec![(n, c.unwrap_or((n / 2).max(1)))],
+        (None, Some(c)) => vec![(c * 2, c)],
+    };
+    let fds = edgekms_daemon::cli::raise_fd_limit();
+    println!("edgekms central service at scale: real edgekms-server (soft sealer) on loopback,");
+    println!("simulated nodes in this process, one TCP + mTLS connection and Sync stream each");
+    println!("machine: {}; open-file limit {fds}", machine());
+    println!("server: {}", server_bin().display());
+    println!(
+        "columns: enrol = invite + join + first sync of every node; rotate = all Rotate calls answered;"
+    );
+    println!(
+        "nodes = every node reports v2 primary; primary = server Status agrees (the figure for the target);"
+    );
+    println!("RSS = server peak (VmHWM); CPU = server user+system, whole run / rotation only;");
+    println!(
+        "sync ms = median 4 KiB write + fdatasync in the data dir's file system before the run"
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut runs = Vec::new();
+    for (n, c) in series {
+        let f = rt.block_on(run(n, c, &tmp, keep));
+        println!(
+            "{n} nodes / {c} clusters: invite {:.3} s, enrolled {:.3} s, rotated {:.3} s, all primary {:.3} s, RSS {:.1} MiB, CPU {:.2} s, server sockets {}, fdatasync {:.2} ms",
+            secs(f.invite),
+            secs(f.enrol),
+            secs(f.rotate_calls),
+            secs(f.server_agrees),
+            f.rss_mib,
+            f.cpu_total,
+            f.sockets,
+            f.sync_ms
+        );
+        runs.push(f);
+    }
+    rt.shutdown_timeout(Duration::from_secs(5));
+    print_table(&runs);
+}

@@ -1,0 +1,570 @@
+//! `edgekms-server`: the central key service. `init` creates a data dir,
+//! `restore` makes one from a `kmsctl backup`; without a subcommand it
+//! serves (with its `/metrics`, `/healthz`, `/readyz` endpoint). Everything
+//! else lives in `edgekms_server`.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use edgekms_daemon::cli;
+use edgekms_daemon::ops::{Handlers, OpsServer};
+use edgekms_server::init::{self, SealerKind};
+use edgekms_server::{backup, metrics, service, AutoRotate, Core, Retention};
+use serde::Deserialize;
+
+const DEFAULT_TCTI: &str = "device:/dev/tpmrm0";
+/// Where `/metrics`, `/healthz` and `/readyz` are served unless told otherwise.
+const DEFAULT_METRICS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9465);
+
+/// The edgekms central key service: enrols nodes, delivers KEK versions
+/// wrapped to each node, and rotates them cluster by cluster (mTLS gRPC).
+#[derive(Debug, Parser)]
+#[command(
+    name = "edgekms-server",
+    version,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the root key, the CA and the first operator certificate
+    Init(InitArgs),
+    /// Create a data dir from a `kmsctl backup` file, with a new root key sealed on this host
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Where a new root key is sealed (`init`, `restore`).
+#[derive(Debug, Args)]
+struct SealerArgs {
+    /// Where the root key is sealed: tpm, or soft (INSECURE, development)
+    #[arg(long, value_enum, default_value = "tpm")]
+    sealer: SealerKind,
+    /// TPM TCTI (device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321, ...)
+    #[arg(long, value_name = "TCTI", default_value = DEFAULT_TCTI)]
+    tpm_tcti: String,
+}
+
+#[derive(Debug, Args)]
+struct InitArgs {
+    /// Data directory to create (state store, sealed root key, operator/)
+    #[arg(long, value_name = "DIR")]
+    data_dir: PathBuf,
+    #[command(flatten)]
+    sealer: SealerArgs,
+    /// Extra DNS name or IP address nodes dial the server by (repeatable);
+    /// localhost, 127.0.0.1, ::1 and the host name are always included
+    #[arg(long = "san", value_name = "NAME")]
+    sans: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct RestoreArgs {
+    /// Backup file written by `kmsctl backup`
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+    /// The backup's key: 64 hex digits (32 bytes), as given to `kmsctl backup`
+    #[arg(long, value_name = "KEYFILE")]
+    key_file: PathBuf,
+    /// Data directory to create; one that holds a state is refused
+    #[arg(long, value_name = "DIR")]
+    data_dir: PathBuf,
+    #[command(flatten)]
+    sealer: SealerArgs,
+    /// Issue a new server certificate (same CA) for this DNS name or IP
+    /// (repeatable), plus localhost, 127.0.0.1, ::1 and this host's name;
+    /// without it the backed-up server certificate is kept
+    #[arg(long = "san", value_name = "NAME")]
+    sans: Vec<String>,
+}
+
+/// Serving settings, from flags or the TOML `--config` (flags win).
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServeArgs {
+    /// TOML file with the same keys (data_dir, listen, ...) plus
+    /// [cluster_auto_rotate] NAME = "30d" | "off"
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Data directory made by `edgekms-server init`
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address to serve mTLS gRPC on, e.g. 0.0.0.0:8443
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<SocketAddr>,
+    /// The sealer the root key was sealed with at init [default: tpm]
+    #[arg(long, value_enum)]
+    sealer: Option<SealerKind>,
+    /// TPM TCTI [default: device:/dev/tpmrm0]
+    #[arg(long, value_name = "TCTI")]
+    tpm_tcti: Option<String>,
+    /// Rotate every cluster automatically this often (e.g. 90d) [default: off]
+    #[arg(long, value_name = "DURATION")]
+    auto_rotate_every: Option<String>,
+    /// Per-cluster automatic rotation (config file only)
+    #[arg(skip)]
+    #[serde(default)]
+    cluster_auto_rotate: BTreeMap<String, String>,
+    /// How often each node stream gets a heartbeat [default: 15s]
+    #[arg(long, value_name = "DURATION")]
+    heartbeat: Option<String>,
+    /// Delete audit records older than this (e.g. 90d) [default: 365d]
+    #[arg(long, value_name = "DURATION")]
+    audit_retention: Option<String>,
+    /// Keep at most this many audit records, deleting the oldest [default: 1000000]
+    #[arg(long, value_name = "N")]
+    audit_max_records: Option<u64>,
+    /// Log format [default: text]
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Address for the HTTP endpoint serving /metrics (Prometheus), /healthz and /readyz [default: 127.0.0.1:9465]
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_addr: Option<SocketAddr>,
+    /// Serve no metrics or health endpoint (binds no TCP port); wins over metrics_addr in the config file
+    #[arg(long, conflicts_with = "metrics_addr")]
+    #[serde(default)]
+    no_metrics: bool,
+    /// Open connections at most; when full, the oldest unauthenticated ones are closed
+    /// [default: the open-file limit minus 128]
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Connections without a client certificate (or still in their TLS handshake) one
+    /// peer address may hold; more close its oldest [default: 128]
+    #[arg(long, value_name = "N")]
+    max_unauthenticated_per_peer: Option<usize>,
+}
+
+impl ServeArgs {
+    fn or(self, file: ServeArgs) -> ServeArgs {
+        ServeArgs {
+            config: self.config,
+            data_dir: self.data_dir.or(file.data_dir),
+            listen: self.listen.or(file.listen),
+            sealer: self.sealer.or(file.sealer),
+            tpm_tcti: self.tpm_tcti.or(file.tpm_tcti),
+            auto_rotate_every: self.auto_rotate_every.or(file.auto_rotate_every),
+            cluster_auto_rotate: file.cluster_auto_rotate,
+            heartbeat: self.heartbeat.or(file.heartbeat),
+            audit_retention: self.audit_retention.or(file.audit_retention),
+            audit_max_records: self.audit_max_records.or(file.audit_max_records),
+            log_format: self.log_format.or(file.log_format),
+            // A flag wins over the file, in both directions: --metrics-addr
+            // turns on what `no_metrics = true` in the file turned off.
+            metrics_addr: if self.no_metrics {
+                None
+            } else {
+                self.metrics_addr.or(file.metrics_addr)
+            },
+            no_metrics: self.no_metrics || (self.metrics_addr.is_none() && file.no_metrics),
+            max_connections: self.max_connections.or(file.max_connections),
+            max_unauthenticated_per_peer: self
+                .max_unauthenticated_per_peer
+                .or(file.max_unauthenticated_per_peer),
+        }
+    }
+
+    /// The metrics and health endpoint; `None` with `no_metrics`.
+    fn metrics(&self) -> Option<SocketAddr> {
+        if self.no_metrics {
+            None
+        } else {
+            Some(self.metrics_addr.unwrap_or(DEFAULT_METRICS_ADDR))
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match cli::parse::<Cli>() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    // Every file this process creates (RocksDB's, the record copies) is
+    // private to its user.
+    edgekms_daemon::durable::private_umask();
+    let result = match cli.command {
+        Some(Command::Init(args)) => run_init(args),
+        Some(Command::Restore(args)) => run_restore(args),
+        None => run_serve(cli.serve),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edgekms-server: {e:#}");
+            if e.downcast_ref::<Usage>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn run_init(args: InitArgs) -> anyhow::Result<()> {
+    cli::quiet_tss();
+    cli::init_logging(false);
+    let sealer = init::sealer(&args.data_dir, args.sealer.sealer, &args.sealer.tpm_tcti)?;
+    let names = init::server_names(&args.sans);
+    let done = init::init(&args.data_dir, sealer.as_ref(), &names)?;
+    println!(
+        "initialized {dir}\n  root key sealed by: {sealer}\n  server certificate names: {names}\n  CA hash (for `edgekms-plugin join --ca-hash`): {hash}\n  operator credentials: {op}/{{ca.pem,cert.pem,key.pem}}\n    (move them to the operator's machine; key.pem is the operator's key)",
+        dir = args.data_dir.display(),
+        sealer = sealer.name(),
+        names = done.server_names.join(", "),
+        hash = done.ca_hash,
+        op = done.operator_dir.display(),
+    );
+    Ok(())
+}
+
+fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
+    cli::quiet_tss();
+    cli::init_logging(false);
+    let file = args.file.display().to_string();
+    let key = backup::read_key_file(&args.key_file)?;
+    let blob = std::fs::read(&args.file).with_context(|| format!("cannot read {file}"))?;
+    // Everything is checked before anything is created.
+    let dump = backup::open(&blob, &key).with_context(|| format!("cannot restore {file}"))?;
+    backup::check_target(&args.data_dir)?;
+    let sealer = init::sealer(&args.data_dir, args.sealer.sealer, &args.sealer.tpm_tcti)?;
+    let names = (!args.sans.is_empty()).then(|| init::server_names(&args.sans));
+    let done = backup::restore(&dump, &args.data_dir, sealer.as_ref(), names.as_deref())
+        .with_context(|| format!("cannot restore {file}"))?;
+    let s = done.summary;
+    println!(
+        "restored {dir} from {file} (backup made at unix time {created})\n  {clusters} clusters, {keks} key versions, {audit} audit records\n  new root key sealed by: {sealer}\n  CA hash (unchanged; nodes and operators keep their certificates): {hash}\n  server certificate: {cert}\n  CA certificate: {dir}/ca.pem\nstart it: edgekms-server --data-dir {dir} --listen 0.0.0.0:8443 --sealer {sealer}",
+        dir = args.data_dir.display(),
+        created = s.created_unix,
+        clusters = s.clusters,
+        keks = s.key_versions,
+        audit = s.audit_records,
+        sealer = sealer.name(),
+        hash = done.ca_hash,
+        cert = match &done.reissued {
+            Some(names) => format!("issued anew for {}", names.join(", ")),
+            None => "kept from the backup (same names)".into(),
+        },
+    );
+    Ok(())
+}
+
+/// Bad flags or config values: exit code 2, like clap's own usage errors.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Usage(String);
+
+/// A duration flag; zero is refused (every one is an interval or a period:
+/// a zero heartbeat or rotation period would spin or panic).
+fn duration(flag: &str, value: &str) -> anyhow::Result<Duration> {
+    edgekms_daemon::duration::parse_nonzero(value)
+        .map_err(|e| Usage(format!("--{flag}: {e}")).into())
+}
+
+fn auto_rotate(args: &ServeArgs) -> anyhow::Result<AutoRotate> {
+    let mut out = AutoRotate {
+        default: args
+            .auto_rotate_every
+            .as_deref()
+            .map(|v| duration("auto-rotate-every", v))
+            .transpose()?,
+        ..Default::default()
+    };
+    for (cluster, value) in &args.cluster_auto_rotate {
+        let choice = match value.as_str() {
+            "off" => None,
+            v => Some(duration(&format!("cluster_auto_rotate.{cluster}"), v)?),
+        };
+        out.clusters.insert(cluster.clone(), choice);
+    }
+    Ok(out)
+}
+
+/// `--audit-retention` and `--audit-max-records`: both must keep something.
+fn retention(args: &ServeArgs) -> anyhow::Result<Retention> {
+    let mut out = Retention::default();
+    if let Some(v) = &args.audit_retention {
+        out.max_age = duration("audit-retention", v)?;
+        if out.max_age.is_zero() {
+            anyhow::bail!("--audit-retention: must be longer than 0s");
+        }
+    }
+    if let Some(n) = args.audit_max_records {
+        if n == 0 {
+            anyhow::bail!("--audit-max-records: must be at least 1");
+        }
+        out.max_records = n;
+    }
+    Ok(out)
+}
+
+/// How often audit retention runs (and once at start).
+const RETENTION_EVERY: Duration = Duration::from_secs(600);
+/// The window over which refusals are counted into one record per peer.
+const REFUSAL_WINDOW: Duration = Duration::from_secs(60);
+
+fn run_serve(flags: ServeArgs) -> anyhow::Result<()> {
+    cli::quiet_tss();
+    let file = match &flags.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config {}", path.display()))?;
+            toml::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("config {}: {}", path.display(), e.message()))?
+        }
+        None => ServeArgs::default(),
+    };
+    let args = flags.or(file);
+    let mut problems = Vec::new();
+    if args.data_dir.is_none() {
+        problems.push("--data-dir is required");
+    }
+    if args.listen.is_none() {
+        problems.push("--listen is required (e.g. 0.0.0.0:8443)");
+    }
+    if !problems.is_empty() {
+        return Err(Usage(problems.join("; ")).into());
+    }
+    let (Some(data_dir), Some(listen)) = (args.data_dir.clone(), args.listen) else {
+        anyhow::bail!("--data-dir and --listen are required");
+    };
+    let rotate = auto_rotate(&args)?;
+    let heartbeat = args
+        .heartbeat
+        .as_deref()
+        .map(|v| duration("heartbeat", v))
+        .transpose()?
+        .unwrap_or(Duration::from_secs(15));
+    let retention = retention(&args)?;
+    cli::init_logging(args.log_format.unwrap_or_default() == LogFormat::Json);
+    if let Err(e) = edgekms_hsm::memory::harden_process() {
+        tracing::warn!(error = %e, "cannot disable core dumps for this process");
+    }
+    let fds = cli::raise_fd_limit();
+    let mut limits = service::default_limits();
+    if let Some(n) = args.max_connections {
+        if n == 0 {
+            anyhow::bail!("--max-connections must be at least 1");
+        }
+        limits.max_connections = n;
+    }
+    if let Some(n) = args.max_unauthenticated_per_peer {
+        if n == 0 {
+            anyhow::bail!("--max-unauthenticated-per-peer must be at least 1");
+        }
+        limits.max_unauthenticated_per_peer = n;
+    }
+    cli::log_connection_limits(limits.max_connections, fds);
+    tracing::info!(
+        max_unauthenticated_per_peer = limits.max_unauthenticated_per_peer,
+        "connection limits per peer"
+    );
+    let open = Open {
+        data_dir,
+        sealer: args.sealer.unwrap_or(SealerKind::Tpm),
+        tcti: args.tpm_tcti.clone().unwrap_or_else(|| DEFAULT_TCTI.into()),
+        auto_rotate: rotate,
+        heartbeat,
+        retention,
+    };
+    serve(open, listen, args.metrics(), limits)
+}
+
+/// How to open the data dir (unsealing the root key).
+struct Open {
+    data_dir: PathBuf,
+    sealer: SealerKind,
+    tcti: String,
+    auto_rotate: AutoRotate,
+    heartbeat: Duration,
+    retention: Retention,
+}
+
+impl Open {
+    fn open(self) -> anyhow::Result<Core> {
+        let sealer = init::serve_sealer(&self.data_dir, self.sealer, &self.tcti)?;
+        let mut core = init::open(&self.data_dir, sealer.as_ref())?;
+        core.auto_rotate = self.auto_rotate;
+        core.heartbeat = self.heartbeat;
+        Ok(core)
+    }
+}
+
+/// `/readyz`: 503 "starting" until the root key is unsealed, the state
+/// loaded and the gRPC listener bound; 503 "stopping" once shutting down.
+/// `/metrics`: the server's metrics, gauges from the loaded state.
+fn handlers(core: Arc<OnceLock<Arc<Core>>>, stopping: Arc<AtomicBool>) -> Handlers {
+    let for_metrics = core.clone();
+    Handlers::new(
+        move || match core.get() {
+            None => Err("starting".to_owned()),
+            Some(_) if stopping.load(Ordering::SeqCst) => Err("stopping".to_owned()),
+            Some(_) => Ok(()),
+        },
+        move || {
+            let mut text = metrics::render(for_metrics.get().map(|c| c.as_ref()));
+            text.push_str(&edgekms_daemon::conn::render_metrics());
+            text
+        },
+    )
+}
+
+fn serve(
+    open: Open,
+    listen: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    limits: edgekms_daemon::conn::Limits,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let data_dir = open.data_dir.clone();
+    runtime.block_on(async move {
+        // Up before unsealing (which may wait on a busy TPM): /healthz
+        // answers at once, /readyz says "starting" until the state is open.
+        let ready: Arc<OnceLock<Arc<Core>>> = Arc::default();
+        let stopping = Arc::new(AtomicBool::new(false));
+        if let Some(addr) = metrics_addr {
+            let ops = OpsServer::bind(addr).await?;
+            if !addr.ip().is_loopback() {
+                tracing::warn!(%addr, "the metrics and health endpoint has no authentication and is reachable from other hosts");
+            }
+            tracing::info!(addr = %ops.local_addr(), "serving /metrics, /healthz and /readyz");
+            tokio::spawn(ops.serve(handlers(ready.clone(), stopping.clone())));
+        }
+        let retention = open.retention;
+        let core = tokio::task::spawn_blocking(move || {
+            let core = open.open()?;
+            // Before serving: a store that grew past its limits while the
+            // server was down is trimmed first.
+            core.apply_retention(retention)?;
+            anyhow::Ok(core)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("unsealing stopped: {e}"))??;
+        let core = Arc::new(core);
+        let keeper = core.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(RETENTION_EVERY);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let core = keeper.clone();
+                let done = tokio::task::spawn_blocking(move || core.apply_retention(retention)).await;
+                if let Ok(Err(e)) = done {
+                    tracing::error!(error = %e, "audit retention failed");
+                }
+            }
+        });
+        let counter = core.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(REFUSAL_WINDOW);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                counter.flush_refusals();
+            }
+        });
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let ticker = core.clone();
+        // Often enough for the shortest configured interval, at most 10 s.
+        let shortest = core
+            .auto_rotate
+            .clusters
+            .values()
+            .flatten()
+            .chain(core.auto_rotate.default.iter())
+            .min()
+            .copied()
+            .unwrap_or(Duration::from_secs(40));
+        let period = (shortest / 4).clamp(Duration::from_secs(1), Duration::from_secs(10));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                ticker.auto_rotate_due();
+            }
+        });
+        tracing::info!(
+            listen = %listener.local_addr().unwrap_or(listen),
+            data_dir = %data_dir.display(),
+            "serving"
+        );
+        let _ = ready.set(core.clone());
+        let shutdown = async move {
+            cli::shutdown_signal().await;
+            stopping.store(true, Ordering::SeqCst);
+        };
+        let result = service::serve_with(core.clone(), listener, limits, shutdown).await;
+        // Refusals counted but not yet kept are kept now.
+        core.flush_refusals();
+        result.map_err(|e| anyhow::anyhow!("server failed: {e}"))?;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_metrics_flag_wins_over_the_file() {
+        let off_in_file: ServeArgs = toml::from_str("no_metrics = true").unwrap();
+        let flag = ServeArgs {
+            metrics_addr: Some("127.0.0.1:9300".parse().unwrap()),
+            ..Default::default()
+        };
+        assert_eq!(
+            flag.or(off_in_file.clone()).metrics(),
+            Some("127.0.0.1:9300".parse().unwrap())
+        );
+        assert_eq!(ServeArgs::default().or(off_in_file).metrics(), None);
+        let on_in_file: ServeArgs = toml::from_str("metrics_addr = \"127.0.0.1:9100\"").unwrap();
+        let off_flag = ServeArgs {
+            no_metrics: true,
+            ..Default::default()
+        };
+        assert_eq!(off_flag.or(on_in_file).metrics(), None);
+    }
+
+    #[test]
+    fn zero_durations_are_usage_errors() {
+        for (flag, value) in [("heartbeat", "0s"), ("auto-rotate-every", "0d")] {
+            let e = duration(flag, value).unwrap_err();
+            assert!(e.downcast_ref::<Usage>().is_some(), "{e}");
+            assert!(
+                e.to_string().contains(flag) && e.to_string().contains("at least 1s"),
+                "{e}"
+            );
+        }
+        let args: ServeArgs = toml::from_str("[cluster_auto_rotate]\nedge-1 = \"0s\"").unwrap();
+        assert!(auto_rotate(&args).is_err());
+        assert_eq!(
+            duration("heartbeat", "15s").unwrap(),
+            Duration::from_secs(15)
+        );
+    }
+}
