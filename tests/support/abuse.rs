@@ -11,7 +11,7 @@ use edgekms_daemon::pki::{self, PrivateKey};
 use edgekms_daemon::tls;
 use edgekms_proto::fleet::fleet_client::FleetClient;
 use edgekms_proto::fleet::operator_client::OperatorClient;
-use edgekms_server::store::Store;
+use edgekms_server::rocks::Store;
 use edgekms_server::AuditRecord;
 use tonic::transport::Channel;
 

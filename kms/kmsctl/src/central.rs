@@ -398,99 +398,62 @@ async fn rotate(
             r.key_id
         ));
     }
+    // The service decides when --force promotes and when --wait is done;
+    // this renders its progress.
     let mut stale = Vec::new();
-    if args.force {
-        // Connected nodes ack within moments; wait for them, not for the
-        // unreachable ones.
-        let grace = Instant::now() + Duration::from_secs(10);
-        loop {
-            let c = cluster_status(client, &cluster).await?;
-            if c.primary == version {
-                break;
-            }
-            let waiting_live = c
-                .nodes
-                .iter()
-                .any(|n| n.state == "active" && n.connected && !n.held.contains(&version));
-            if !waiting_live || Instant::now() >= grace {
-                stale = client
-                    .force_promote(pb::ForcePromoteRequest {
-                        cluster: cluster.clone(),
-                        version,
-                    })
-                    .await?
-                    .into_inner()
-                    .stale_nodes;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        if !json {
-            if stale.is_empty() {
-                progress.show(format!("{cluster} v{version} is primary on every node"));
-            } else {
-                progress.show(format!(
-                    "{cluster} v{version} promoted WITHOUT stale nodes: {} (they get it when they reconnect; until then they cannot read data written under it)",
-                    stale.join(", ")
-                ));
-            }
-        }
-    }
     let mut waited = false;
-    if args.wait {
+    if args.force || args.wait {
+        let watch = client.watch_rotation(pb::WatchRotationRequest {
+            cluster: cluster.clone(),
+            version,
+            force: args.force,
+            wait: args.wait,
+        });
+        let mut stream = match tokio::time::timeout_at(deadline.into(), watch).await {
+            Ok(reply) => reply?.into_inner(),
+            Err(_) => return Err(timed_out(&args.timeout, &progress)),
+        };
         loop {
-            let c = cluster_status(client, &cluster).await?;
-            let active: Vec<&pb::NodeStatus> =
-                c.nodes.iter().filter(|n| n.state == "active").collect();
-            let counted: Vec<&&pb::NodeStatus> =
-                active.iter().filter(|n| !stale.contains(&n.name)).collect();
-            let line = if c.primary != version {
-                let holding = active.iter().filter(|n| n.held.contains(&version)).count();
-                let missing: Vec<&str> = active
-                    .iter()
-                    .filter(|n| !n.held.contains(&version))
-                    .map(|n| n.name.as_str())
-                    .collect();
-                format!(
-                    "{cluster} v{version}: pending, acked by {holding}/{} nodes{}",
-                    active.len(),
-                    if missing.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" (waiting for {})", missing.join(", "))
-                    }
-                )
-            } else {
-                let live = counted.iter().filter(|n| n.primary == version).count();
-                if live == counted.len() {
-                    break;
-                }
-                format!(
-                    "{cluster} v{version}: primary; serving it on {live}/{} nodes",
-                    counted.len()
-                )
+            let next = match tokio::time::timeout_at(deadline.into(), stream.message()).await {
+                Ok(next) => next?,
+                Err(_) => return Err(timed_out(&args.timeout, &progress)),
             };
-            if !json {
-                progress.show(line);
+            let Some(p) = next else {
+                return Err(Failure::Refused(tonic::Status::unavailable(format!(
+                    "the service ended the watch of {cluster} v{version} early: {}",
+                    progress.last
+                ))));
+            };
+            if p.phase == "promoted" {
+                stale = p.stale_nodes.clone();
             }
-            if Instant::now() >= deadline {
+            if !json {
+                if let Some(line) = progress_line(&cluster, &p) {
+                    progress.show(line);
+                }
+            }
+            if p.phase == "gone" {
                 return Err(Failure::Timeout(format!(
-                    "gave up after {}: {}",
-                    args.timeout, progress.last
+                    "{cluster} v{version} is {} now: it left this rotation",
+                    p.state
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        if !settle.is_zero() {
-            if !json {
-                progress.show(format!(
-                    "{cluster} v{version} is served by every node; waiting {} for every apiserver's next Status poll",
-                    args.settle
-                ));
+            if p.done {
+                break;
             }
-            tokio::time::sleep(settle).await;
         }
-        waited = true;
+        if args.wait {
+            if !settle.is_zero() {
+                if !json {
+                    progress.show(format!(
+                        "{cluster} v{version} is served by every node; waiting {} for every apiserver's next Status poll",
+                        args.settle
+                    ));
+                }
+                tokio::time::sleep(settle).await;
+            }
+            waited = true;
+        }
     }
     let c = cluster_status(client, &cluster).await?;
     let state = c
@@ -513,6 +476,40 @@ async fn rotate(
         println!("{cluster} v{version}: {state}");
     }
     Ok(())
+}
+
+fn timed_out(timeout: &str, progress: &Progress) -> Failure {
+    Failure::Timeout(format!("gave up after {timeout}: {}", progress.last))
+}
+
+/// One line of a rotation's progress, as the service reports it.
+fn progress_line(cluster: &str, p: &pb::RotationProgress) -> Option<String> {
+    let v = p.version;
+    Some(match p.phase.as_str() {
+        "pending" => format!(
+            "{cluster} v{v}: pending, acked by {}/{} nodes{}",
+            p.holding.len(),
+            p.holding.len() + p.missing.len(),
+            if p.missing.is_empty() {
+                String::new()
+            } else {
+                format!(" (waiting for {})", p.missing.join(", "))
+            }
+        ),
+        "primary" => format!(
+            "{cluster} v{v}: primary; serving it on {}/{} nodes",
+            p.serving.len(),
+            p.serving.len() + p.waiting.len()
+        ),
+        "promoted" if p.stale_nodes.is_empty() => {
+            format!("{cluster} v{v} is primary on every node")
+        }
+        "promoted" => format!(
+            "{cluster} v{v} promoted WITHOUT stale nodes: {} (they get it when they reconnect; until then they cannot read data written under it)",
+            p.stale_nodes.join(", ")
+        ),
+        _ => return None,
+    })
 }
 
 fn unix_now() -> u64 {

@@ -11,10 +11,18 @@
 //! flood costs a bounded number of records and log lines.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::Mutex;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use edgekms_daemon::config::now_unix;
+use edgekms_proto::fleet as pb;
 use serde::{Deserialize, Serialize};
+
+use edgekms_core::rotation::cluster::Event;
+
+use crate::error::ServerError;
+use crate::state_store::StateStore;
 
 /// Longest text field of a record, in characters (then `...`).
 pub const MAX_FIELD: usize = 512;
@@ -232,6 +240,254 @@ impl Refusals {
     /// Keys held now (for tests and metrics).
     pub fn keys(&self) -> usize {
         self.window.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// How long and how many audit records are kept (`--audit-retention`,
+/// `--audit-max-records`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub max_age: Duration,
+    pub max_records: u64,
+}
+
+/// A year: an audit trail for key custody is usually asked for that long.
+pub const DEFAULT_AUDIT_RETENTION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// About 300 MB of store at the usual record size of a few hundred bytes.
+pub const DEFAULT_AUDIT_MAX_RECORDS: u64 = 1_000_000;
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            max_age: DEFAULT_AUDIT_RETENTION,
+            max_records: DEFAULT_AUDIT_MAX_RECORDS,
+        }
+    }
+}
+
+/// The time of a stored audit record, read from its head: records are
+/// written with `time_ms` first, so retention and `--since` need not parse
+/// whole records; anything else is parsed in full.
+pub fn audit_time_ms(raw: &[u8]) -> Option<u64> {
+    const HEAD: &[u8] = b"{\"time_ms\":";
+    if let Some(rest) = raw.strip_prefix(HEAD) {
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        if digits > 0 {
+            return std::str::from_utf8(&rest[..digits]).ok()?.parse().ok();
+        }
+    }
+    #[derive(serde::Deserialize)]
+    struct Time {
+        time_ms: u64,
+    }
+    serde_json::from_slice::<Time>(raw).ok().map(|t| t.time_ms)
+}
+
+/// The records of what the rotation protocol did in one change.
+pub fn protocol_events(cluster: &str, events: &[Event]) -> Vec<AuditRecord> {
+    events
+        .iter()
+        .map(|event| match event {
+            Event::Acked { node, version } => AuditRecord::new("ack", "node")
+                .cluster(cluster)
+                .node(node)
+                .version(*version),
+            Event::Dropped { node, version } => AuditRecord::new("drop-ack", "node")
+                .cluster(cluster)
+                .node(node)
+                .version(*version),
+            Event::Promoted { version, without } => {
+                let rec = AuditRecord::new("promotion", "server")
+                    .cluster(cluster)
+                    .version(*version);
+                if without.is_empty() {
+                    rec
+                } else {
+                    rec.detail(format!("forced without {}", without.join(", ")))
+                }
+            }
+            Event::Destroyed { version } => AuditRecord::new("destroy", "server")
+                .cluster(cluster)
+                .version(*version)
+                .detail("every node dropped it; central copy destroyed"),
+        })
+        .collect()
+}
+
+/// The audit log: every record is written here, once, and kept in the
+/// [`StateStore`] for `kmsctl audit`.
+pub struct AuditLog {
+    store: Arc<dyn StateStore>,
+    refusals: Refusals,
+}
+
+impl AuditLog {
+    pub fn new(store: Arc<dyn StateStore>) -> Self {
+        Self {
+            store,
+            refusals: Refusals::default(),
+        }
+    }
+
+    /// Writes one audit line (log target `audit`) and keeps it.
+    pub fn record(&self, rec: AuditRecord) {
+        rec.emit();
+        if let Err(e) = self.store.append_audit(&rec.to_json()) {
+            tracing::error!(error = %e, "cannot store an audit record");
+        }
+    }
+
+    /// Records the outcome of an operation: `rec` as `on_ok` completes it,
+    /// or with the error as its result.
+    pub fn outcome<T>(
+        &self,
+        rec: AuditRecord,
+        result: &Result<T, ServerError>,
+        on_ok: impl FnOnce(AuditRecord, &T) -> AuditRecord,
+    ) {
+        match result {
+            Ok(out) => self.record(on_ok(rec, out)),
+            Err(e) => self.record(rec.result(&e.to_string())),
+        }
+    }
+
+    /// A refusal of an unauthenticated or failed caller, counted per peer
+    /// address and kind ([`Refusals`]): kept at once when it is the first
+    /// of its kind this minute, else only counted.
+    pub fn refused(
+        &self,
+        peer: Option<SocketAddr>,
+        what: &'static str,
+        class: &'static str,
+        rec: impl FnOnce() -> AuditRecord,
+    ) {
+        if let Some(rec) = self.refusals.note(peer.map(|p| p.ip()), what, class, rec) {
+            self.record(rec);
+        }
+    }
+
+    /// Ends the refusal window: one record per kind and peer with the
+    /// count of what was only counted. Called every minute and at shutdown.
+    pub fn flush_refusals(&self) {
+        for rec in self.refusals.drain() {
+            self.record(rec);
+        }
+    }
+
+    /// Peer keys counted in this refusal window.
+    pub fn refusal_keys(&self) -> usize {
+        self.refusals.keys()
+    }
+
+    /// Applies audit retention: deletes the oldest records beyond
+    /// `max_records` and those older than `max_age`. Returns how many
+    /// sequence numbers were deleted.
+    pub fn apply_retention(&self, retention: Retention) -> Result<u64, ServerError> {
+        let Some((first, last)) = self.store.audit_bounds()? else {
+            return Ok(0);
+        };
+        // Sequence numbers are dense (gaps only where a write failed), so
+        // keeping those above `last - max` keeps at most `max` records.
+        let mut below = last
+            .saturating_sub(retention.max_records)
+            .saturating_add(1)
+            .max(first);
+        let cutoff_ms =
+            (now_unix().saturating_sub(retention.max_age.as_secs())).saturating_mul(1000);
+        // Records are appended in time order: the first one young enough
+        // ends the scan.
+        self.store
+            .audit_scan(below, &mut |seq, raw| match audit_time_ms(raw) {
+                Some(t) if t < cutoff_ms => {
+                    below = seq + 1;
+                    true
+                }
+                _ => false,
+            })?;
+        if below <= first {
+            return Ok(0);
+        }
+        self.store.delete_audit_below(below)?;
+        let deleted = below - first;
+        tracing::info!(
+            deleted,
+            kept_from = below,
+            "audit retention: deleted the oldest records"
+        );
+        Ok(deleted)
+    }
+
+    /// `kmsctl audit`: records at or after `since_unix`, after sequence
+    /// number `after_seq`, the newest `limit` of them (0: all), oldest
+    /// first, handed to `send` in pages of bounded size until it says
+    /// stop. Blocking (RocksDB reads): run it on a blocking thread.
+    pub fn stream_audit(
+        &self,
+        since_unix: u64,
+        limit: u64,
+        after_seq: u64,
+        mut send: impl FnMut(Vec<pb::AuditRecord>) -> bool,
+    ) -> Result<(), ServerError> {
+        const PAGE_RECORDS: usize = 2000;
+        const PAGE_BYTES: usize = 1 << 20;
+        let since_ms = since_unix.saturating_mul(1000);
+        let young = |raw: &[u8]| since_ms == 0 || audit_time_ms(raw).is_some_and(|t| t >= since_ms);
+        let mut start = after_seq.saturating_add(1);
+        if limit > 0 {
+            // Walk back from the newest to where the `limit` newest begin.
+            let (floor, mut counted) = (start, 0);
+            self.store.audit_scan_back(u64::MAX, &mut |seq, raw| {
+                if seq < floor || !young(raw) {
+                    return false;
+                }
+                counted += 1;
+                start = seq;
+                counted < limit
+            })?;
+            if counted == 0 {
+                return Ok(());
+            }
+        }
+        let mut page = Vec::new();
+        let mut bytes = 0;
+        let mut sent = 0u64;
+        let mut open = true;
+        self.store.audit_scan(start, &mut |seq, raw| {
+            if !young(raw) {
+                return true;
+            }
+            let json = String::from_utf8_lossy(raw).into_owned();
+            bytes += json.len();
+            page.push(pb::AuditRecord {
+                time_unix_ms: audit_time_ms(raw).unwrap_or(0),
+                json,
+                seq,
+            });
+            sent += 1;
+            if page.len() >= PAGE_RECORDS || bytes >= PAGE_BYTES {
+                bytes = 0;
+                open = send(std::mem::take(&mut page));
+            }
+            open && (limit == 0 || sent < limit)
+        })?;
+        if open && !page.is_empty() {
+            send(page);
+        }
+        Ok(())
+    }
+
+    /// Audit records at or after `since_unix`.
+    pub fn audit_since(&self, since_unix: u64) -> Result<Vec<AuditRecord>, ServerError> {
+        let mut out = Vec::new();
+        self.store.audit_scan(0, &mut |_, raw| {
+            if let Ok(rec) = serde_json::from_slice::<AuditRecord>(raw) {
+                if rec.time_ms / 1000 >= since_unix {
+                    out.push(rec);
+                }
+            }
+            true
+        })?;
+        Ok(out)
     }
 }
 

@@ -1,6 +1,7 @@
-//! Backup and restore of the central service's state: `kmsctl backup`
-//! (the `Backup` RPC, [`make`]) and `edgekms-server restore` ([`open`],
-//! [`restore`]).
+//! The central backup file and its codec, pure: [`make`] writes one from
+//! a [`Snapshot`] of the state (`kmsctl backup`, the `Backup` RPC), [`open`]
+//! reads and checks one; [`crate::restore`] writes it into a new data dir
+//! (`edgekms-server restore`).
 //!
 //! A backup holds what a new host needs to take over, encrypted under a
 //! 256-bit key the operator supplies and keeps apart from the backups: every
@@ -23,17 +24,14 @@
 
 use std::path::{Path, PathBuf};
 
-use edgekms_hsm::{Key256, Sealer};
+use edgekms_hsm::Key256;
 use zeroize::Zeroizing;
 
-use super::audit::AuditRecord;
-use super::error::ServerError;
-use super::store::{self, Change, Probe, Store, StoreError};
-use super::{init, lock, now_unix, Core};
+use crate::error::ServerError;
+use crate::state_store::{Kek, Snapshot, StoreError};
 use edgekms_core::keyid;
 use edgekms_core::rotation::cluster::Cluster;
 use edgekms_daemon::pki::{self, Ca, PrivateKey};
-use edgekms_daemon::tls;
 
 /// The file's first bytes.
 pub const MAGIC: &[u8; 4] = b"EKBK";
@@ -110,25 +108,17 @@ pub struct Summary {
     pub created_unix: u64,
 }
 
-/// One KEK version with a central copy.
-struct Kek {
-    cluster: String,
-    version: u32,
-    key_id: String,
-    key: Key256,
-}
-
 /// An opened backup. Holds key material: no Clone, redacted Debug, every
 /// key zeroized on drop.
 pub struct Dump {
     pub created_unix: u64,
-    ca_cert: Vec<u8>,
-    ca_key: PrivateKey,
-    server_cert: Vec<u8>,
-    server_key: PrivateKey,
+    pub(crate) ca_cert: Vec<u8>,
+    pub(crate) ca_key: PrivateKey,
+    pub(crate) server_cert: Vec<u8>,
+    pub(crate) server_key: PrivateKey,
     pub clusters: Vec<Cluster>,
-    keks: Vec<Kek>,
-    audit: Vec<Vec<u8>>,
+    pub(crate) keks: Vec<Kek>,
+    pub(crate) audit: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Dump {
@@ -187,65 +177,22 @@ impl Writer {
     }
 }
 
-fn store_err(key: &str, e: impl std::fmt::Display) -> ServerError {
-    StoreError::Corrupt {
-        key: key.to_owned(),
-        detail: e.to_string(),
-    }
-    .into()
-}
-
-/// The `Backup` RPC: the whole state, one consistent cut of it, encrypted
-/// under `key`.
-pub fn make(
-    core: &Core,
-    key: &Key256,
-    with_audit: bool,
-) -> Result<(Vec<u8>, Summary), ServerError> {
-    let created_unix = now_unix();
-    let (ca_cert, ca_key, server_cert, server_key, clusters, keks) = {
-        // Every change commits under this lock: clusters and KEKs read
-        // while holding it belong together.
-        let state = lock(&core.state);
-        let (ca_cert, ca_key, server_cert, server_key) = core.store.identity(&core.root)?;
-        let mut clusters = Vec::with_capacity(state.clusters.len());
-        let mut keks = Vec::new();
-        for c in state.clusters.values() {
-            clusters.push(
-                serde_json::to_vec(c)
-                    .map_err(|e| store_err(&format!("cluster/{}", c.name()), e))?,
-            );
-            for (&version, meta) in c.versions() {
-                // Retired versions have no central copy any more.
-                if let Some(kek) = core
-                    .store
-                    .kek(&core.root, c.name(), version, &meta.key_id)?
-                {
-                    keks.push(Kek {
-                        cluster: c.name().to_owned(),
-                        version,
-                        key_id: meta.key_id.clone(),
-                        key: kek,
-                    });
-                }
-            }
-        }
-        (ca_cert, ca_key, server_cert, server_key, clusters, keks)
-    };
-    let mut audit = Vec::new();
-    if with_audit {
-        core.store.audit_records(|raw| {
-            audit.push(raw.to_vec());
-            true
-        })?;
-    }
-
+/// The backup of `snapshot`, encrypted under `key`, made at `created_unix`.
+pub fn make(snapshot: &Snapshot, key: &Key256, created_unix: u64) -> (Vec<u8>, Summary) {
+    let id = &snapshot.identity;
+    let clusters: Vec<Vec<u8>> = snapshot
+        .clusters
+        .iter()
+        // A cluster record always serializes (plain strings and numbers).
+        .filter_map(|c| serde_json::to_vec(c).ok())
+        .collect();
+    let (keks, audit) = (&snapshot.keks, &snapshot.audit);
     let field = |b: &[u8]| 4 + b.len();
     let size = 8
-        + field(&ca_cert)
-        + field(ca_key.der())
-        + field(&server_cert)
-        + field(server_key.der())
+        + field(&id.ca_cert)
+        + field(id.ca_key.der())
+        + field(&id.server_cert)
+        + field(id.server_key.der())
         + 4
         + clusters.iter().map(|c| field(c)).sum::<usize>()
         + 4
@@ -257,23 +204,23 @@ pub fn make(
         + audit.iter().map(|a| field(a)).sum::<usize>();
     let mut w = Writer(Zeroizing::new(Vec::with_capacity(size)));
     w.u64(created_unix);
-    w.bytes(&ca_cert);
-    w.bytes(ca_key.der());
-    w.bytes(&server_cert);
-    w.bytes(server_key.der());
+    w.bytes(&id.ca_cert);
+    w.bytes(id.ca_key.der());
+    w.bytes(&id.server_cert);
+    w.bytes(id.server_key.der());
     w.u32(count(clusters.len()));
     for c in &clusters {
         w.bytes(c);
     }
     w.u32(count(keks.len()));
-    for k in &keks {
+    for k in keks {
         w.bytes(k.cluster.as_bytes());
         w.u32(k.version);
         w.bytes(k.key_id.as_bytes());
         w.0.extend_from_slice(k.key.expose());
     }
     w.u32(count(audit.len()));
-    for a in &audit {
+    for a in audit {
         w.bytes(a);
     }
     let blob = sealedfile::seal(key, MAGIC, &w.0);
@@ -283,35 +230,7 @@ pub fn make(
         audit_records: count(audit.len()),
         created_unix,
     };
-    Ok((blob, summary))
-}
-
-impl Core {
-    /// `kmsctl backup`: [`make`], audited as event `backup`.
-    pub fn backup(
-        &self,
-        actor: &str,
-        key: &Key256,
-        with_audit: bool,
-    ) -> Result<(Vec<u8>, Summary), ServerError> {
-        let rec = AuditRecord::new("backup", actor);
-        match make(self, key, with_audit) {
-            Ok((blob, summary)) => {
-                self.audit(rec.detail(format!(
-                    "{} clusters, {} key versions, {} audit records, {} bytes",
-                    summary.clusters,
-                    summary.key_versions,
-                    summary.audit_records,
-                    blob.len()
-                )));
-                Ok((blob, summary))
-            }
-            Err(e) => {
-                self.audit(rec.result(&e.to_string()));
-                Err(e)
-            }
-        }
-    }
+    (blob, summary)
 }
 
 // ---- reading ----
@@ -454,147 +373,21 @@ fn parse(plain: &[u8]) -> Result<Dump, BackupError> {
     })
 }
 
-// ---- restoring ----
-
-/// Refuses a data dir that is initialized or holds anything. Creates
-/// nothing.
-pub fn check_target(data_dir: &Path) -> Result<(), BackupError> {
-    match store::probe(data_dir)? {
-        Probe::Empty => Ok(()),
-        Probe::Initialized(_) => Err(BackupError::Initialized(data_dir.to_owned())),
-        Probe::Partial(_) => Err(BackupError::Partial(data_dir.to_owned())),
-    }
-}
-
-/// What [`restore`] made.
-#[derive(Debug)]
-pub struct Restored {
-    pub summary: Summary,
-    pub ca_hash: String,
-    /// The server certificate's names when it was issued anew (`--san`);
-    /// `None`: the backed-up server certificate is kept.
-    pub reissued: Option<Vec<String>>,
-}
-
-/// Writes `dump` into the new `data_dir` under a new root key sealed by
-/// `sealer`, then opens the result as the server would, to check it.
-///
-/// With `names`, the server certificate is issued anew by the same CA for
-/// these names (a new host name); otherwise the backed-up one is kept.
-///
-/// Version numbers continue from each cluster's restored `next_version`.
-/// The old server may have minted versions after this backup was taken;
-/// the restored one mints the same numbers again, with new keys, and so
-/// with other key_ids (a key_id hashes its key, see `keyid.rs`): one
-/// key_id never stands for two keys (DESIGN §4), even when an old KEK
-/// comes back from a backup.
-pub fn restore(
-    dump: &Dump,
-    data_dir: &Path,
-    sealer: &dyn Sealer,
-    names: Option<&[String]>,
-) -> Result<Restored, BackupError> {
-    check_target(data_dir)?;
-    init::private_dir(data_dir)?;
-    let ca = Ca::load(&dump.ca_cert, &dump.ca_key)?;
-    let reissued = match names {
-        Some(names) => Some(ca.issue_server(names)?),
-        None => None,
-    };
-    let (server_cert, server_key) = match &reissued {
-        Some(issued) => (&issued.cert_der, &issued.key),
-        None => (&dump.server_cert, &dump.server_key),
-    };
-    tls::server_config(&dump.ca_cert, server_cert, server_key)
-        .map_err(|e| corrupt(format!("the server certificate or key: {e}")))?;
-
-    let root = Key256::generate();
-    let sealed = sealer.seal(&root)?;
-    // The marker and the copies too: a restored dir is a normal one.
-    let store = Store::create(data_dir)?;
-    let summary = dump.summary();
-    let mut seq = 0;
-    for rec in &dump.audit {
-        seq += 1;
-        store.put_audit(seq, rec)?;
-    }
-    let note = AuditRecord::new("restore", "edgekms-server restore").detail(format!(
-        "from a backup made at {} (unix): {} clusters, {} key versions; new root key sealed by {}",
-        dump.created_unix,
-        summary.clusters,
-        summary.key_versions,
-        sealer.name()
-    ));
-    store.put_audit(seq + 1, &note.to_json())?;
-    let mut change = Change::default();
-    for c in &dump.clusters {
-        change.put_cluster(c)?;
-    }
-    for k in &dump.keks {
-        change.put_kek(&root, &k.cluster, k.version, &k.key_id, &k.key);
-    }
-    store.commit(change)?;
-    init::write_file(
-        &data_dir.join("ca.pem"),
-        pki::cert_pem(&dump.ca_cert).as_bytes(),
-        0o644,
-    )?;
-    // Last: until this lands, the data dir counts as not initialized.
-    store.put_init(
-        &sealed,
-        &root,
-        &dump.ca_cert,
-        &dump.ca_key,
-        server_cert,
-        server_key,
-    )?;
-    drop(store);
-
-    // Open it as `edgekms-server` will: unseal, load, unwrap every KEK.
-    let core = init::open(data_dir, sealer)?;
-    let loaded = core.store().clusters()?;
-    let unreadable = |what: String| {
-        corrupt(format!(
-            "the restored {} does not read back ({what}); remove it and restore again",
-            data_dir.display()
-        ))
-    };
-    if loaded.len() != dump.clusters.len() {
-        return Err(unreadable(format!(
-            "{} clusters written, {} read",
-            dump.clusters.len(),
-            loaded.len()
-        )));
-    }
-    for k in &dump.keks {
-        let back = core
-            .store()
-            .kek(core.root(), &k.cluster, k.version, &k.key_id)?;
-        if back.as_ref() != Some(&k.key) {
-            return Err(unreadable(format!("KEK {} v{}", k.cluster, k.version)));
-        }
-    }
-    Ok(Restored {
-        summary,
-        ca_hash: ca.pin()?,
-        reissued: names.map(<[String]>::to_vec),
-    })
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
-    use crate::init;
+    use crate::{init, Central};
     use edgekms_hsm::soft::SoftSealer;
+    use std::path::Path;
 
-    fn soft(dir: &Path) -> SoftSealer {
+    pub(crate) fn soft(dir: &Path) -> SoftSealer {
         std::fs::create_dir_all(dir).unwrap();
         SoftSealer::open_or_create(&dir.join("soft-sealer.key")).unwrap()
     }
 
     /// A server with two clusters, one rotated, and one version retired.
-    fn server(dir: &Path) -> Core {
+    pub(crate) fn server(dir: &Path) -> Central {
         let sealer = soft(dir);
         init::init(dir, &sealer, &["localhost".to_owned()]).unwrap();
         let core = init::open(dir, &sealer).unwrap();
@@ -609,78 +402,9 @@ mod tests {
         core
     }
 
-    #[test]
-    fn round_trip_keeps_records_keys_and_ca_under_a_new_root_key() {
-        let tmp = tempfile::tempdir().unwrap();
-        let core = server(&tmp.path().join("old"));
-        let key = Key256::generate();
-        let (blob, summary) = make(&core, &key, true).unwrap();
-        assert_eq!(summary.clusters, 2);
-        // edge-1 v2, v3 and edge-2 v1: the retired edge-1 v1 has no copy.
-        assert_eq!(summary.key_versions, 3);
-        assert!(summary.audit_records > 0);
-        assert_eq!(&blob[..5], b"EKBK\x01");
-
-        let dump = open(&blob, &key).unwrap();
-        assert_eq!(dump.summary(), summary);
-        let new_dir = tmp.path().join("new");
-        let sealer = soft(&new_dir);
-        let restored = restore(&dump, &new_dir, &sealer, None).unwrap();
-        assert_eq!(restored.summary, summary);
-
-        let back = init::open(&new_dir, &sealer).unwrap();
-        assert!(back.root() != core.root(), "a new root key");
-        assert_eq!(
-            back.status("").unwrap().clusters,
-            core.status("").unwrap().clusters
-        );
-        assert_eq!(
-            back.tls_identity().unwrap().0,
-            core.tls_identity().unwrap().0
-        );
-        for (cluster, version) in [("edge-1", 2), ("edge-1", 3), ("edge-2", 1)] {
-            let s = core.status(cluster).unwrap();
-            let key_id = &s.clusters[0]
-                .versions
-                .iter()
-                .find(|v| v.version == version)
-                .unwrap()
-                .key_id;
-            let old = core
-                .store()
-                .kek(core.root(), cluster, version, key_id)
-                .unwrap()
-                .unwrap();
-            let new = back
-                .store()
-                .kek(back.root(), cluster, version, key_id)
-                .unwrap()
-                .unwrap();
-            assert!(old == new, "{cluster} v{version}");
-        }
-        assert!(!back.store().has_kek("edge-1", 1).unwrap());
-        let events: Vec<String> = back
-            .audit_since(0)
-            .unwrap()
-            .into_iter()
-            .map(|r| r.event)
-            .collect();
-        assert_eq!(events.last().map(String::as_str), Some("restore"));
-        assert!(events.contains(&"retirement".to_owned()));
-        assert_eq!(
-            std::fs::read(new_dir.join("ca.pem")).unwrap(),
-            std::fs::read(tmp.path().join("old/ca.pem")).unwrap()
-        );
-
-        // The restored server mints v4 next, never reusing v2 or v3.
-        let (v, key_id, created, _) = back.rotate("op", "edge-1").unwrap();
-        assert_eq!((v, created), (4, true));
-        assert!(key_id.starts_with("edge-1/v4/"));
-
-        // A second restore into the now initialized dir is refused.
-        drop(back);
-        let err = restore(&dump, &new_dir, &sealer, None).unwrap_err();
-        assert!(matches!(err, BackupError::Initialized(_)), "{err}");
+    /// A backup of `core` under `key`.
+    pub(crate) fn make(core: &Central, key: &Key256, with_audit: bool) -> (Vec<u8>, Summary) {
+        core.backup("test", key, with_audit).unwrap()
     }
 
     #[test]
@@ -688,7 +412,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let core = server(tmp.path());
         let key = Key256::generate();
-        let (blob, _) = make(&core, &key, false).unwrap();
+        let (blob, _) = make(&core, &key, false);
 
         let err = open(&blob, &Key256::generate()).unwrap_err();
         assert!(matches!(err, BackupError::WrongKey));
@@ -736,7 +460,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let core = server(tmp.path());
         let key = Key256::from_slice(&[0x5a; 32]).unwrap();
-        let (blob, _) = make(&core, &key, false).unwrap();
+        let (blob, _) = make(&core, &key, false);
         let shown = format!("{:?}", open(&blob, &key).unwrap());
         assert!(shown.contains("redacted"), "{shown}");
 
@@ -752,29 +476,6 @@ mod tests {
             !err.contains("not hex"),
             "the file's contents are never echoed: {err}"
         );
-    }
-
-    #[test]
-    fn restore_refuses_a_dir_with_state() {
-        let tmp = tempfile::tempdir().unwrap();
-        let old = tmp.path().join("old");
-        let key = Key256::generate();
-        let (blob, _) = make(&server(&old), &key, false).unwrap();
-        let dump = open(&blob, &key).unwrap();
-        let err = restore(&dump, &old, &soft(&old), None).unwrap_err();
-        assert!(matches!(err, BackupError::Initialized(_)), "{err}");
-        assert!(err.to_string().contains("refusing to overwrite"), "{err}");
-        // A partial state (an interrupted restore) is refused too.
-        let partial = tmp.path().join("partial");
-        std::fs::create_dir_all(&partial).unwrap();
-        Store::create(&partial)
-            .unwrap()
-            .put_audit(1, b"{}")
-            .unwrap();
-        let err = restore(&dump, &partial, &soft(&partial), None).unwrap_err();
-        assert!(matches!(err, BackupError::Partial(_)), "{err}");
-        // Nothing was written to either.
-        assert!(!partial.join("ca.pem").exists());
     }
 }
 

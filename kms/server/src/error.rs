@@ -2,7 +2,7 @@
 
 use tonic::{Code, Status};
 
-use super::store::StoreError;
+use crate::state_store::StoreError;
 use edgekms_core::delivery::DeliveryError;
 use edgekms_core::keyid::InvalidName;
 use edgekms_core::rotation::cluster::FleetError;

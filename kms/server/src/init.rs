@@ -20,9 +20,10 @@ use clap::ValueEnum;
 use edgekms_hsm::{Key256, SealError, Sealer};
 use serde::Deserialize;
 
-use super::error::ServerError;
-use super::store::{self, Probe, Store, StoreError};
-use super::Core;
+use crate::error::ServerError;
+use crate::rocks::{self, Probe, Store};
+use crate::state_store::StoreError;
+use crate::Central;
 use edgekms_daemon::pki;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -48,7 +49,7 @@ pub fn serve_sealer(
     if kind == SealerKind::Soft
         && !key.exists()
         && (edgekms_daemon::durable::has_marker(data_dir)
-            || data_dir.join(store::STATE_DIR).exists())
+            || data_dir.join(rocks::STATE_DIR).exists())
     {
         return Err(StoreError::Unrecoverable {
             what: "the soft sealer key is missing, and without it the root key cannot be unsealed"
@@ -151,7 +152,7 @@ pub fn init(
     names: &[String],
 ) -> Result<Initialized, ServerError> {
     private_dir(data_dir)?;
-    match store::probe(data_dir)? {
+    match rocks::probe(data_dir)? {
         Probe::Empty => {}
         Probe::Initialized(why) | Probe::Partial(why) => {
             return Err(StoreError::NotEmpty {
@@ -208,11 +209,11 @@ pub fn init(
 }
 
 /// Opens an initialized data dir: unseals the root key, loads the state.
-pub fn open(data_dir: &Path, sealer: &dyn Sealer) -> Result<Core, ServerError> {
+pub fn open(data_dir: &Path, sealer: &dyn Sealer) -> Result<Central, ServerError> {
     private_dir(data_dir)?;
     let store = Store::open(data_dir)?;
     let blob = store.sealed_root()?;
     edgekms_hsm::check_backend(sealer, &blob)?;
     let root = sealer.unseal(&blob)?;
-    Core::load(store, root)
+    Central::load(std::sync::Arc::new(store), root)
 }

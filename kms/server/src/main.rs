@@ -16,7 +16,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use edgekms_daemon::cli;
 use edgekms_daemon::ops::{Handlers, OpsServer};
 use edgekms_server::init::{self, SealerKind};
-use edgekms_server::{backup, metrics, service, AutoRotate, Core, Retention};
+use edgekms_server::{backup, metrics, restore, service, AutoRotate, Central, Retention};
 use serde::Deserialize;
 
 const DEFAULT_TCTI: &str = "device:/dev/tpmrm0";
@@ -245,10 +245,10 @@ fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
     let blob = std::fs::read(&args.file).with_context(|| format!("cannot read {file}"))?;
     // Everything is checked before anything is created.
     let dump = backup::open(&blob, &key).with_context(|| format!("cannot restore {file}"))?;
-    backup::check_target(&args.data_dir)?;
+    restore::check_target(&args.data_dir)?;
     let sealer = init::sealer(&args.data_dir, args.sealer.sealer, &args.sealer.tpm_tcti)?;
     let names = (!args.sans.is_empty()).then(|| init::server_names(&args.sans));
-    let done = backup::restore(&dump, &args.data_dir, sealer.as_ref(), names.as_deref())
+    let done = restore::restore(&dump, &args.data_dir, sealer.as_ref(), names.as_deref())
         .with_context(|| format!("cannot restore {file}"))?;
     let s = done.summary;
     println!(
@@ -400,7 +400,7 @@ struct Open {
 }
 
 impl Open {
-    fn open(self) -> anyhow::Result<Core> {
+    fn open(self) -> anyhow::Result<Central> {
         let sealer = init::serve_sealer(&self.data_dir, self.sealer, &self.tcti)?;
         let mut core = init::open(&self.data_dir, sealer.as_ref())?;
         core.auto_rotate = self.auto_rotate;
@@ -412,7 +412,7 @@ impl Open {
 /// `/readyz`: 503 "starting" until the root key is unsealed, the state
 /// loaded and the gRPC listener bound; 503 "stopping" once shutting down.
 /// `/metrics`: the server's metrics, gauges from the loaded state.
-fn handlers(core: Arc<OnceLock<Arc<Core>>>, stopping: Arc<AtomicBool>) -> Handlers {
+fn handlers(core: Arc<OnceLock<Arc<Central>>>, stopping: Arc<AtomicBool>) -> Handlers {
     let for_metrics = core.clone();
     Handlers::new(
         move || match core.get() {
@@ -442,7 +442,7 @@ fn serve(
     runtime.block_on(async move {
         // Up before unsealing (which may wait on a busy TPM): /healthz
         // answers at once, /readyz says "starting" until the state is open.
-        let ready: Arc<OnceLock<Arc<Core>>> = Arc::default();
+        let ready: Arc<OnceLock<Arc<Central>>> = Arc::default();
         let stopping = Arc::new(AtomicBool::new(false));
         if let Some(addr) = metrics_addr {
             let ops = OpsServer::bind(addr).await?;
@@ -457,12 +457,13 @@ fn serve(
             let core = open.open()?;
             // Before serving: a store that grew past its limits while the
             // server was down is trimmed first.
-            core.apply_retention(retention)?;
+            core.audit_log().apply_retention(retention)?;
             anyhow::Ok(core)
         })
         .await
         .map_err(|e| anyhow::anyhow!("unsealing stopped: {e}"))??;
         let core = Arc::new(core);
+        tokio::spawn(core.follow_store());
         let keeper = core.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(RETENTION_EVERY);
@@ -470,7 +471,7 @@ fn serve(
             loop {
                 tick.tick().await;
                 let core = keeper.clone();
-                let done = tokio::task::spawn_blocking(move || core.apply_retention(retention)).await;
+                let done = tokio::task::spawn_blocking(move || core.audit_log().apply_retention(retention)).await;
                 if let Ok(Err(e)) = done {
                     tracing::error!(error = %e, "audit retention failed");
                 }
@@ -482,7 +483,7 @@ fn serve(
             tick.tick().await;
             loop {
                 tick.tick().await;
-                counter.flush_refusals();
+                counter.audit_log().flush_refusals();
             }
         });
         let listener = tokio::net::TcpListener::bind(listen)
@@ -519,7 +520,7 @@ fn serve(
         };
         let result = service::serve_with(core.clone(), listener, limits, shutdown).await;
         // Refusals counted but not yet kept are kept now.
-        core.flush_refusals();
+        core.audit_log().flush_refusals();
         result.map_err(|e| anyhow::anyhow!("server failed: {e}"))?;
         tracing::info!("stopped");
         Ok(())

@@ -3,7 +3,7 @@
 //! names), the tower layer that counts gRPC calls, and the text rendering
 //! that `/metrics` serves through [`edgekms_daemon::ops`].
 //!
-//! The gauges are computed at scrape time from [`Core::gauges`], so they
+//! The gauges are computed at scrape time from [`Central::gauges`], so they
 //! cannot drift from the state; they are absent until the state is loaded.
 //! Nothing recorded here carries key material, tokens or names of nodes.
 
@@ -16,7 +16,7 @@ use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, 
 use tonic::codegen::http;
 use tonic::Code;
 
-use super::Core;
+use super::Central;
 use edgekms_daemon::ops::grpc_code_name;
 
 const NODES: &str = "edgekms_server_nodes";
@@ -31,7 +31,7 @@ pub const REPAIR_KINDS: [&str; 5] = ["root", "identity", "cluster", "kek", "stor
 
 /// The gRPC methods, as the `method` label spells them. Anything else (an
 /// unknown path) counts as `other`, so no caller can mint new series.
-pub const METHODS: [&str; 10] = [
+pub const METHODS: [&str; 11] = [
     "Join",
     "Sync",
     "AddNode",
@@ -42,6 +42,7 @@ pub const METHODS: [&str; 10] = [
     "Status",
     "Audit",
     "Backup",
+    "WatchRotation",
 ];
 
 /// The `method` label of a gRPC request path.
@@ -141,7 +142,7 @@ impl Metrics {
 
     /// The text exposition; the gauges are read from `core` now, and left
     /// out while it is `None` (still starting).
-    pub fn render(&self, core: Option<&Core>) -> String {
+    pub fn render(&self, core: Option<&Central>) -> String {
         let gauges = [NODES, PENDING, OLDEST_UNACKED];
         if let Some(core) = core {
             let (nodes, pending, oldest) = core.gauges();
@@ -197,7 +198,7 @@ pub fn observe_repair(record: &str) {
 }
 
 /// The `/metrics` body; `core` is `None` until the state is loaded.
-pub fn render(core: Option<&Core>) -> String {
+pub fn render(core: Option<&Central>) -> String {
     METRICS.as_ref().map(|m| m.render(core)).unwrap_or_default()
 }
 

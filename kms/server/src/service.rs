@@ -1,4 +1,4 @@
-//! The gRPC face of [`Core`]: who may call what, and the node sync stream.
+//! The gRPC face of [`Central`]: who may call what, and the node sync stream.
 //!
 //! `Join` is the only call allowed without a client certificate. `Sync`
 //! needs the live certificate of an active node; `Operator` calls need an
@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::audit::AuditRecord;
 use super::error::ServerError;
-use super::{Core, DEFAULT_TOKEN_TTL};
+use super::{Central, DEFAULT_TOKEN_TTL};
 use edgekms_daemon::conn::{ConnTable, Limits};
 use edgekms_daemon::pki::{self, Identity};
 use edgekms_daemon::tls::{self, PeerInfo};
@@ -35,22 +35,23 @@ fn peer_addr(peer: &Option<PeerInfo>) -> String {
 
 /// Refuses and audits, counted per peer address and kind (anyone who
 /// reaches the port can be refused as often as they like).
-fn refuse(core: &Core, peer: &Option<PeerInfo>, what: &'static str, e: ServerError) -> Status {
-    core.refused(peer.as_ref().map(|p| p.addr), what, e.class(), || {
-        let actor = match peer.as_ref().and_then(|p| p.identity.as_ref()) {
-            Some(id) => format!("{id} at {}", peer_addr(peer)),
-            None => format!("peer {}", peer_addr(peer)),
-        };
-        AuditRecord::new("refused", &actor)
-            .result(&e.to_string())
-            .detail(what)
-    });
+fn refuse(core: &Central, peer: &Option<PeerInfo>, what: &'static str, e: ServerError) -> Status {
+    core.audit_log()
+        .refused(peer.as_ref().map(|p| p.addr), what, e.class(), || {
+            let actor = match peer.as_ref().and_then(|p| p.identity.as_ref()) {
+                Some(id) => format!("{id} at {}", peer_addr(peer)),
+                None => format!("peer {}", peer_addr(peer)),
+            };
+            AuditRecord::new("refused", &actor)
+                .result(&e.to_string())
+                .detail(what)
+        });
     e.into()
 }
 
 #[derive(Clone)]
 pub struct OperatorService {
-    core: Arc<Core>,
+    core: Arc<Central>,
 }
 
 impl OperatorService {
@@ -116,12 +117,12 @@ impl Operator for OperatorService {
     ) -> Result<Response<pb::RotateResponse>, Status> {
         let actor = self.operator(&req, "rotate")?;
         let r = req.into_inner();
-        let (version, key_id, created, promoted) = self.core.rotate(&actor, &r.cluster)?;
+        let r = self.core.rotate(&actor, &r.cluster)?;
         Ok(Response::new(pb::RotateResponse {
-            version,
-            key_id,
-            created,
-            promoted,
+            version: r.version,
+            key_id: r.key_id,
+            created: r.created,
+            promoted: r.promoted,
         }))
     }
 
@@ -166,7 +167,8 @@ impl Operator for OperatorService {
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let core = self.core.clone();
         tokio::task::spawn_blocking(move || {
-            let result = core.stream_audit(r.since_unix, r.limit, r.after_seq, |records| {
+            let log = core.audit_log();
+            let result = log.stream_audit(r.since_unix, r.limit, r.after_seq, |records| {
                 tx.blocking_send(Ok(pb::AuditResponse { records })).is_ok()
             });
             if let Err(e) = result {
@@ -198,15 +200,42 @@ impl Operator for OperatorService {
             created_unix: s.created_unix,
         }))
     }
+
+    type WatchRotationStream = ProgressStream;
+
+    async fn watch_rotation(
+        &self,
+        req: Request<pb::WatchRotationRequest>,
+    ) -> Result<Response<ProgressStream>, Status> {
+        let actor = self.operator(&req, "rotate --wait")?;
+        let r = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let core = self.core.clone();
+        tokio::spawn(async move {
+            let result = core
+                .watch_rotation(&actor, &r, |msg| {
+                    let tx = tx.clone();
+                    async move { tx.send(Ok(msg)).await.is_ok() }
+                })
+                .await;
+            if let Err(e) = result {
+                let _ = tx.send(Err(e.into())).await;
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
 }
 
 #[derive(Clone)]
 pub struct FleetService {
-    core: Arc<Core>,
+    core: Arc<Central>,
 }
 
 type StateStream = Pin<Box<dyn Stream<Item = Result<pb::ClusterState, Status>> + Send>>;
 type AuditPages = Pin<Box<dyn Stream<Item = Result<pb::AuditResponse, Status>> + Send>>;
+type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::RotationProgress, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Fleet for FleetService {
@@ -280,7 +309,7 @@ type Tx = tokio::sync::mpsc::Sender<Result<pb::ClusterState, Status>>;
 /// behind, heartbeats in between. Ends on disconnect, revocation or
 /// shutdown.
 async fn run_stream(
-    core: &Core,
+    core: &Central,
     cluster: &str,
     node: &str,
     cert_sha256: &str,
@@ -290,7 +319,7 @@ async fn run_stream(
     let mut changes = core.subscribe(cluster);
     let mut shutdown = core.shutdown_signal();
     // tokio's interval panics on zero; the flag refuses 0s, and this keeps
-    // a Core built another way from killing every stream.
+    // a Central built another way from killing every stream.
     let mut heartbeat =
         tokio::time::interval(core.heartbeat.max(std::time::Duration::from_millis(100)));
     heartbeat.tick().await;
@@ -326,7 +355,7 @@ async fn run_stream(
             }
         }
         if let Err(e) = core.authorize_node(cluster, node, cert_sha256) {
-            core.audit(
+            core.audit_log().record(
                 AuditRecord::new("refused", &format!("node {cluster}/{node}"))
                     .cluster(cluster)
                     .node(node)
@@ -376,7 +405,7 @@ pub fn default_limits() -> Limits {
 /// Serves both services on `listener` until `shutdown` resolves, with
 /// [`default_limits`].
 pub async fn serve(
-    core: Arc<Core>,
+    core: Arc<Central>,
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -386,7 +415,7 @@ pub async fn serve(
 /// Serves both services on `listener` until `shutdown` resolves, holding
 /// connections to `limits`.
 pub async fn serve_with(
-    core: Arc<Core>,
+    core: Arc<Central>,
     listener: TcpListener,
     limits: Limits,
     shutdown: impl std::future::Future<Output = ()>,
@@ -404,11 +433,13 @@ pub async fn serve_with(
             } else {
                 "handshake-failed"
             };
-            audit_core.refused(Some(addr), "connection", class, || {
-                AuditRecord::new("refused", &format!("peer {addr}"))
-                    .result(&reason)
-                    .detail("connection")
-            });
+            audit_core
+                .audit_log()
+                .refused(Some(addr), "connection", class, || {
+                    AuditRecord::new("refused", &format!("peer {addr}"))
+                        .result(&reason)
+                        .detail("connection")
+                });
         }),
         table,
     );

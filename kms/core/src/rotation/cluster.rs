@@ -173,6 +173,28 @@ pub struct Desired {
     pub retired: Vec<u32>,
 }
 
+/// How far the rotation to one version has come, as an operator waits
+/// for it ([`Cluster::progress`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// Pending: the active nodes that hold it, and those that do not yet.
+    Pending {
+        holding: Vec<String>,
+        missing: Vec<String>,
+    },
+    /// Primary: the counted active nodes (those a forced promotion left
+    /// out are not counted) that serve it as their primary, and the rest.
+    Primary {
+        serving: Vec<String>,
+        waiting: Vec<String>,
+    },
+    /// Primary, and served by every counted node: writes under it can be
+    /// read everywhere, so the storage migration can start.
+    Settled,
+    /// No longer in this rotation: superseded or retired, in this state.
+    Gone(VersionState),
+}
+
 /// One cluster: the unit the server persists. Its fields change only
 /// through the transitions below; readers get shared references.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -661,6 +683,51 @@ impl Cluster {
                 .versions
                 .iter()
                 .any(|(v, m)| m.state.held_by_nodes() && !rec.held.contains(v))
+    }
+
+    /// How far the rotation to `version` has come; `left_out` are the
+    /// nodes a forced promotion went without.
+    pub fn progress(&self, version: u32, left_out: &[String]) -> Result<Progress, FleetError> {
+        let meta = self
+            .versions
+            .get(&version)
+            .ok_or(FleetError::UnknownVersion {
+                cluster: self.name.clone(),
+                version,
+            })?;
+        let active = || self.active().map(|(name, n)| (name.clone(), n));
+        Ok(match meta.state {
+            VersionState::Pending => {
+                let (holding, missing): (Vec<_>, Vec<_>) =
+                    active().partition(|(_, n)| n.held.contains(&version));
+                Progress::Pending {
+                    holding: holding.into_iter().map(|(name, _)| name).collect(),
+                    missing: missing.into_iter().map(|(name, _)| name).collect(),
+                }
+            }
+            VersionState::Primary => {
+                let (serving, waiting): (Vec<_>, Vec<_>) = active()
+                    .filter(|(name, _)| !left_out.contains(name))
+                    .partition(|(_, n)| n.primary == version);
+                if waiting.is_empty() {
+                    Progress::Settled
+                } else {
+                    Progress::Primary {
+                        serving: serving.into_iter().map(|(name, _)| name).collect(),
+                        waiting: waiting.into_iter().map(|(name, _)| name).collect(),
+                    }
+                }
+            }
+            state => Progress::Gone(state),
+        })
+    }
+
+    /// Whether a forced promotion of pending `version` need wait no
+    /// longer: no node that `is_connected` still lacks it (connected nodes
+    /// ack within moments; unreachable ones are what forcing is for).
+    pub fn only_unreachable_lack(&self, version: u32, is_connected: impl Fn(&str) -> bool) -> bool {
+        self.active()
+            .all(|(name, n)| n.held.contains(&version) || !is_connected(name))
     }
 
     /// Age of the oldest pending delivery some active node has not acked.

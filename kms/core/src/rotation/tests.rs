@@ -1,1 +1,358 @@
+//! The two halves of the rotation protocol tested together: a
+//! [`Cluster`] as the central service keeps it, and nodes that converge on
+//! what it sends ([`converge`]), with real key delivery in between. No
+//! I/O: the "network" is a function call, the "store" a map.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+
+use edgekms_hsm::Key256;
+
+use super::cluster::{Cluster, Event, Progress, TokenRecord};
+use super::node::{converge, ConvergeError, Received};
+use super::VersionState::{self, *};
+use crate::delivery::{self, Binding, DeliveryKey};
+use crate::keyid;
+use crate::keyring::{KeyVersion, Keyring, KeyringError};
+
+/// The central side: the cluster record and the keys it would store.
+struct Center {
+    cluster: Cluster,
+    keys: BTreeMap<u32, Key256>,
+}
+
+/// One node: its delivery key and the keyring it serves from.
+struct Node {
+    name: &'static str,
+    delivery: DeliveryKey,
+    ring: Keyring,
+}
+
+const NOW: u64 = 1_000;
+
+impl Center {
+    fn new() -> Self {
+        let key = Key256::generate();
+        let cluster = Cluster::new("c", keyid::derive("c", 1, &key), NOW);
+        Self {
+            cluster,
+            keys: BTreeMap::from([(1, key)]),
+        }
+    }
+
+    fn enrol(&mut self, name: &'static str) -> Node {
+        let secret = format!("s-{name}");
+        let token = TokenRecord {
+            id: name.into(),
+            secret_sha256: super::cluster::token_hash(&secret),
+            expires_unix: NOW + 100,
+            used: false,
+        };
+        self.cluster.invite(name, token).unwrap();
+        let delivery = DeliveryKey::generate();
+        let public = hex::encode(delivery.public_key());
+        self.cluster
+            .join(name, &secret, NOW, format!("cert-{name}"), public)
+            .unwrap();
+        Node {
+            name,
+            delivery,
+            ring: Keyring::new("c").unwrap(),
+        }
+    }
+
+    fn rotate(&mut self) -> u32 {
+        let key = Key256::generate();
+        let v = self.cluster.upcoming_version();
+        let (v2, created, _) = self
+            .cluster
+            .rotate(keyid::derive("c", v, &key), NOW)
+            .unwrap();
+        assert_eq!((v2, created), (v, true));
+        self.keys.insert(v, key);
+        v
+    }
+
+    /// What the service sends `node`: its desired state, keys wrapped.
+    fn send(&self, node: &Node) -> (Vec<(u32, VersionState, String, Vec<u8>)>, Vec<u32>) {
+        let desired = self.cluster.desired(node.name);
+        let public = node.delivery.public_key();
+        let versions = desired
+            .versions
+            .into_iter()
+            .map(|dv| {
+                let wrapped = if dv.needs_key {
+                    let binding = Binding {
+                        cluster: "c",
+                        node: node.name,
+                        version: dv.version,
+                        key_id: &dv.key_id,
+                    };
+                    delivery::wrap(&public, binding, &self.keys[&dv.version]).unwrap()
+                } else {
+                    Vec::new()
+                };
+                (dv.version, dv.state, dv.key_id, wrapped)
+            })
+            .collect();
+        (versions, desired.retired)
+    }
+
+    /// One round: the node converges on what it is sent and reports.
+    fn sync(&mut self, node: &mut Node) -> Vec<Event> {
+        let (versions, retired) = self.send(node);
+        node.ring = apply(node, &versions, &retired).unwrap().keyring;
+        let held = node
+            .ring
+            .versions()
+            .filter(|kv| kv.key().is_some())
+            .map(|kv| kv.version)
+            .collect();
+        let primary = node.ring.primary().map_or(0, |p| p.version);
+        let seq = self.cluster.seq();
+        self.cluster
+            .report(node.name, held, seq, primary, NOW)
+            .unwrap()
+    }
+}
+
+fn apply(
+    node: &Node,
+    versions: &[(u32, VersionState, String, Vec<u8>)],
+    retired: &[u32],
+) -> Result<super::node::Converged, ConvergeError> {
+    let received: Vec<Received<'_>> = versions
+        .iter()
+        .map(|(version, state, key_id, wrapped)| Received {
+            version: *version,
+            state: *state,
+            key_id,
+            wrapped_key: wrapped,
+        })
+        .collect();
+    converge(&node.ring, &received, retired, NOW, |r| {
+        let binding = Binding {
+            cluster: "c",
+            node: node.name,
+            version: r.version,
+            key_id: r.key_id,
+        };
+        node.delivery
+            .unwrap(binding, r.wrapped_key)
+            .map_err(|e| e.to_string())
+    })
+}
+
+fn states(ring: &Keyring) -> Vec<(u32, VersionState)> {
+    ring.versions().map(|kv| (kv.version, kv.state())).collect()
+}
+
+fn center_states(c: &Cluster) -> Vec<(u32, VersionState)> {
+    c.versions().iter().map(|(v, m)| (*v, m.state)).collect()
+}
+
+#[test]
+fn a_rotation_runs_end_to_end_and_both_sides_agree_at_every_step() {
+    let mut center = Center::new();
+    let mut n1 = center.enrol("n1");
+    let mut n2 = center.enrol("n2");
+    center.sync(&mut n1);
+    center.sync(&mut n2);
+    assert_eq!(states(&n1.ring), [(1, Primary)]);
+
+    let v2 = center.rotate();
+    // Pending reaches n1: it holds v2, still writes under v1.
+    let events = center.sync(&mut n1);
+    assert!(events.contains(&Event::Acked {
+        node: "n1".into(),
+        version: v2
+    }));
+    assert_eq!(states(&n1.ring), [(1, Primary), (2, Pending)]);
+    assert_eq!(
+        center.cluster.progress(v2, &[]).unwrap(),
+        Progress::Pending {
+            holding: vec!["n1".into()],
+            missing: vec!["n2".into()]
+        }
+    );
+    // n2 acks: promoted centrally, then on each node as it syncs.
+    let events = center.sync(&mut n2);
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::Promoted { version, without } if *version == v2 && without.is_empty())));
+    assert_eq!(
+        center_states(&center.cluster),
+        [(1, DecryptOnly), (2, Primary)]
+    );
+    center.sync(&mut n1);
+    assert!(matches!(
+        center.cluster.progress(v2, &[]).unwrap(),
+        Progress::Primary { .. }
+    ));
+    center.sync(&mut n2);
+    assert_eq!(center.cluster.progress(v2, &[]).unwrap(), Progress::Settled);
+    for n in [&n1, &n2] {
+        assert_eq!(states(&n.ring), [(1, DecryptOnly), (2, Primary)]);
+        // Both nodes read each other's writes.
+        let (ct, kv) = n.ring.encrypt(b"seed").unwrap();
+        let other = if n.name == "n1" { &n2 } else { &n1 };
+        assert_eq!(
+            other.ring.decrypt(&ct, &kv.key_id).unwrap().0.as_slice(),
+            b"seed"
+        );
+    }
+
+    // Retire v1: nodes destroy it, then the center does.
+    center.cluster.retire(1, NOW).unwrap();
+    center.sync(&mut n1);
+    assert_eq!(states(&n1.ring), [(1, Retired), (2, Primary)]);
+    assert!(n1.ring.get(1).unwrap().key().is_none());
+    let events = center.sync(&mut n2);
+    assert!(events.contains(&Event::Destroyed { version: 1 }));
+    assert_eq!(center_states(&center.cluster), [(1, Retired), (2, Primary)]);
+}
+
+#[test]
+fn a_forced_promotion_reaches_the_stale_node_with_its_key() {
+    let mut center = Center::new();
+    let mut n1 = center.enrol("n1");
+    let mut n2 = center.enrol("n2");
+    center.sync(&mut n1);
+    center.sync(&mut n2);
+    let v2 = center.rotate();
+    center.sync(&mut n1);
+    assert!(center.cluster.only_unreachable_lack(v2, |n| n == "n1"));
+    assert!(!center.cluster.only_unreachable_lack(v2, |_| true));
+    let events = center.cluster.force_promote(v2, NOW).unwrap();
+    assert_eq!(
+        events,
+        [Event::Promoted {
+            version: v2,
+            without: vec!["n2".into()]
+        }]
+    );
+    // The node left out is not counted while it catches up.
+    center.sync(&mut n1);
+    assert_eq!(
+        center.cluster.progress(v2, &["n2".into()]).unwrap(),
+        Progress::Settled
+    );
+    // n2 was away for both steps: it goes from not holding v2 to primary.
+    center.sync(&mut n2);
+    assert_eq!(states(&n2.ring), [(1, DecryptOnly), (2, Primary)]);
+    assert_eq!(center.cluster.progress(v2, &[]).unwrap(), Progress::Settled);
+}
+
+#[test]
+fn a_superseded_version_is_gone_from_its_rotation() {
+    let mut center = Center::new();
+    let v2 = center.rotate();
+    let v3 = center.rotate();
+    assert_eq!(
+        center.cluster.progress(v2, &[]).unwrap(),
+        Progress::Gone(DecryptOnly)
+    );
+    assert_eq!(center.cluster.progress(v3, &[]).unwrap(), Progress::Settled);
+}
+
+#[test]
+fn versions_the_service_does_not_mention_are_kept_and_demoted() {
+    let mut center = Center::new();
+    let mut n1 = center.enrol("n1");
+    center.sync(&mut n1);
+    // The service forgets v1 (restored without it): the node keeps the
+    // key, as decrypt-only, and writes under nothing new it was not sent.
+    let step = apply(&n1, &[], &[]).unwrap();
+    assert_eq!(states(&step.keyring), [(1, DecryptOnly)]);
+    assert_eq!(step.promoted, Some((Some(1), None)));
+    assert!(step.destroyed.is_empty());
+    assert!(step.keyring.get(1).unwrap().key().is_some());
+}
+
+/// Every instruction a node refuses, each with its own error, and the
+/// keyring left as it was (converge is a function: the caller publishes
+/// only what it returns).
+#[test]
+fn a_node_refuses_every_illegal_instruction() {
+    let mut center = Center::new();
+    let mut n1 = center.enrol("n1");
+    center.sync(&mut n1);
+    let v2 = center.rotate();
+    let (sent, _) = center.send(&n1);
+    let before = states(&n1.ring);
+    let v1_id = n1.ring.get(1).unwrap().key_id.clone();
+    let (_, _, v2_id, v2_wrapped) = sent.iter().find(|s| s.0 == v2).unwrap().clone();
+
+    // A state a node cannot hold.
+    for state in [Retiring, Retired] {
+        let err = apply(&n1, &[(1, state, v1_id.clone(), Vec::new())], &[]).unwrap_err();
+        assert_eq!(err, ConvergeError::NotANodeState { version: 1, state });
+    }
+    // A version it holds, named under another key_id (a restored service).
+    let err = apply(&n1, &[(1, Primary, "c/v1/other".into(), Vec::new())], &[]).unwrap_err();
+    assert!(matches!(
+        err,
+        ConvergeError::KeyIdMismatch { version: 1, .. }
+    ));
+    // A version it lacks, without its key.
+    let err = apply(&n1, &[(v2, Pending, v2_id.clone(), Vec::new())], &[]).unwrap_err();
+    assert_eq!(err, ConvergeError::MissingKey { version: v2 });
+    // A key that does not open (wrapped to another node, or altered).
+    let mut bad = v2_wrapped.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    let err = apply(&n1, &[(v2, Pending, v2_id.clone(), bad)], &[]).unwrap_err();
+    assert!(matches!(err, ConvergeError::Delivery { version, .. } if version == v2));
+    // A key under another version's id.
+    let err = apply(
+        &n1,
+        &[(v2, Pending, v1_id.clone(), v2_wrapped.clone())],
+        &[],
+    )
+    .unwrap_err();
+    assert!(matches!(
+        err,
+        ConvergeError::Delivery { .. } | ConvergeError::KeyIdMismatch { .. }
+    ));
+    // The same version twice.
+    let twice = [
+        (1, Primary, v1_id.clone(), Vec::new()),
+        (1, DecryptOnly, v1_id.clone(), Vec::new()),
+    ];
+    assert_eq!(
+        apply(&n1, &twice, &[]).unwrap_err(),
+        ConvergeError::Duplicate { version: 1 }
+    );
+    // Two primaries.
+    let two = [
+        (1, Primary, v1_id.clone(), Vec::new()),
+        (v2, Primary, v2_id.clone(), v2_wrapped.clone()),
+    ];
+    assert_eq!(
+        apply(&n1, &two, &[]).unwrap_err(),
+        ConvergeError::Keyring(KeyringError::TwoPrimaries(1, v2))
+    );
+    assert_eq!(states(&n1.ring), before, "nothing changed");
+    // And what the service did send is taken.
+    assert!(apply(&n1, &sent, &[]).is_ok());
+}
+
+/// A node never holds `retiring` (a central state) at all, and a demotion
+/// is checked like every transition.
+#[test]
+fn a_keyring_never_holds_a_central_only_state() {
+    let mut ring = Keyring::new("c").unwrap();
+    let kv = KeyVersion::new("c", 1, Retiring, Key256::generate(), NOW);
+    assert_eq!(
+        ring.insert(kv),
+        Err(KeyringError::CentralOnly { version: 1 })
+    );
+    let primary = KeyVersion::new("c", 1, Primary, Key256::generate(), NOW);
+    assert_eq!(primary.demoted().unwrap().state(), DecryptOnly);
+    let pending = KeyVersion::new("c", 2, Pending, Key256::generate(), NOW);
+    assert!(matches!(
+        pending.demoted(),
+        Err(KeyringError::IllegalTransition { from: Pending, .. })
+    ));
+}

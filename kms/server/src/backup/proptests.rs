@@ -168,14 +168,16 @@ fn real() -> &'static (Vec<u8>, [u8; 32]) {
         let tmp = tempfile::tempdir().unwrap();
         let sealer =
             edgekms_hsm::soft::SoftSealer::open_or_create(&tmp.path().join("soft.key")).unwrap();
-        init::init(tmp.path(), &sealer, &["localhost".to_owned()]).unwrap();
-        let core = init::open(tmp.path(), &sealer).unwrap();
+        crate::init::init(tmp.path(), &sealer, &["localhost".to_owned()]).unwrap();
+        let core = crate::init::open(tmp.path(), &sealer).unwrap();
         let day = std::time::Duration::from_secs(86_400);
         core.add_node("op", "edge-1", "cp-1", day).unwrap();
         core.add_node("op", "edge-2", "cp-1", day).unwrap();
         core.rotate("op", "edge-1").unwrap();
         let key = [0x5a; 32];
-        let (blob, _) = make(&core, &Key256::from_bytes(&key), true).unwrap();
+        let (blob, _) = core
+            .backup("test", &Key256::from_bytes(&key), true)
+            .unwrap();
         (blob, key)
     })
 }

@@ -1,4 +1,4 @@
-//! The central service's state: RocksDB under `<data-dir>/state`, and a
+//! The embedded [`StateStore`]: RocksDB under `<data-dir>/state`, and a
 //! second copy of every record that cannot be re-derived under
 //! `<data-dir>/copies` (one checksummed file per record, see
 //! [`edgekms_daemon::durable`] and [`copies`]).
@@ -24,13 +24,21 @@ pub mod copies;
 
 use std::path::Path;
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
 use edgekms_hsm::{aead, Key256, SealedBlob};
 use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions, DB};
+use tokio::sync::broadcast;
 
 pub use self::copies::{probe, Probe, COPIES_DIR, STATE_DIR};
 use self::copies::{Slot, Value};
+use crate::state_store::{
+    AuditVisitor, Batch, Changed, Identity, Kek, Op, Revision, Snapshot, StateStore, StoreError,
+};
 use edgekms_core::rotation::cluster::Cluster;
-use edgekms_daemon::durable::{DurableError, RecordFiles};
+use edgekms_daemon::durable::RecordFiles;
 use edgekms_daemon::pki::PrivateKey;
 
 const ROOT: &[u8] = b"meta/root";
@@ -42,39 +50,45 @@ const CLUSTER_PREFIX: &[u8] = b"cluster/";
 const KEK_PREFIX: &[u8] = b"kek/";
 const AUDIT_PREFIX: &[u8] = b"audit/";
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("state store {path}: {source}")]
-    Open {
-        path: String,
-        #[source]
-        source: rocksdb::Error,
-    },
-    #[error("state store: {0}")]
-    Rocks(#[from] rocksdb::Error),
-    #[error("state record {key} is corrupted: {detail}")]
-    Corrupt { key: String, detail: String },
-    #[error(
-        "state record {key} does not open with the root key (tampered, or from another server)"
-    )]
-    Unwrap { key: String },
-    #[error(transparent)]
-    Seal(#[from] edgekms_hsm::SealError),
-    #[error(transparent)]
-    Durable(#[from] DurableError),
-    #[error("{0} is not initialized: run `edgekms-server init --data-dir {0}` first")]
-    NotInitialized(String),
-    #[error("{dir} is not empty ({why}); refusing to overwrite its keys: a new root key is made only in an empty directory. To keep its keys, serve it; to start afresh, move it away and use a new directory")]
-    NotEmpty { dir: String, why: String },
-    #[error("refusing to start: {what} (file {file}); {recover}", recover = copies::RECOVER)]
-    Unrecoverable { what: String, file: String },
+impl From<rocksdb::Error> for StoreError {
+    fn from(e: rocksdb::Error) -> Self {
+        StoreError::Backend(e.to_string())
+    }
 }
 
-/// The state store. Writes are synced before they return.
+/// The embedded state store. Writes are synced before they return.
 pub struct Store {
     db: DB,
     files: RecordFiles,
+    /// Serializes [`StateStore::apply`]'s check-then-write, and holds each
+    /// cluster's revision (counted from this process's start: one process
+    /// owns a RocksDB store, so no other writer can move them).
+    revisions: Mutex<Revisions>,
+    audit_seq: AtomicU64,
+    changes: broadcast::Sender<Changed>,
 }
+
+#[derive(Default)]
+struct Revisions {
+    last: Revision,
+    of: HashMap<String, Revision>,
+}
+
+impl Revisions {
+    fn of(&mut self, cluster: &str) -> Revision {
+        if let Some(r) = self.of.get(cluster) {
+            return *r;
+        }
+        // First read of a stored record: any revision above every one
+        // handed out so far.
+        self.last += 1;
+        self.of.insert(cluster.to_owned(), self.last);
+        self.last
+    }
+}
+
+/// How many changes a slow watcher may lag before it is told to reload.
+const WATCH_BACKLOG: usize = 4096;
 
 fn kek_key(cluster: &str, version: u32) -> Vec<u8> {
     let mut key = KEK_PREFIX.to_vec();
@@ -158,7 +172,25 @@ impl Change {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Store {
+    fn assemble(db: DB, files: RecordFiles) -> Result<Self, StoreError> {
+        let store = Self {
+            db,
+            files,
+            revisions: Mutex::new(Revisions::default()),
+            audit_seq: AtomicU64::new(0),
+            changes: broadcast::channel(WATCH_BACKLOG).0,
+        };
+        store
+            .audit_seq
+            .store(store.last_audit_seq()?, Ordering::SeqCst);
+        Ok(store)
+    }
+
     /// Opens an initialized data dir's state for serving: strict RocksDB,
     /// reconciled with the record copies, or rebuilt from them (see
     /// [`copies`]); never creates a key.
@@ -280,7 +312,8 @@ impl Store {
         ))
     }
 
-    pub fn clusters(&self) -> Result<Vec<Cluster>, StoreError> {
+    /// Every cluster record.
+    pub fn cluster_records(&self) -> Result<Vec<Cluster>, StoreError> {
         let mut out = Vec::new();
         for item in self
             .db
@@ -301,7 +334,7 @@ impl Store {
     }
 
     /// KEK `version` of `cluster`, unwrapped; None once destroyed.
-    pub fn kek(
+    pub fn read_kek(
         &self,
         root: &Key256,
         cluster: &str,
@@ -452,6 +485,163 @@ impl Store {
     }
 }
 
+impl StateStore for Store {
+    fn identity(&self, root: &Key256) -> Result<Identity, StoreError> {
+        let (ca_cert, ca_key, server_cert, server_key) = Store::identity(self, root)?;
+        Ok(Identity {
+            ca_cert,
+            ca_key,
+            server_cert,
+            server_key,
+        })
+    }
+
+    fn clusters(&self) -> Result<Vec<(Cluster, Revision)>, StoreError> {
+        let mut revisions = lock(&self.revisions);
+        Ok(self
+            .cluster_records()?
+            .into_iter()
+            .map(|c| {
+                let rev = revisions.of(c.name());
+                (c, rev)
+            })
+            .collect())
+    }
+
+    fn cluster(&self, name: &str) -> Result<Option<(Cluster, Revision)>, StoreError> {
+        let mut revisions = lock(&self.revisions);
+        let key = cluster_key(name);
+        let Some(raw) = self.db.get(&key)? else {
+            return Ok(None);
+        };
+        let c = serde_json::from_slice(&raw).map_err(|e| StoreError::Corrupt {
+            key: printable(&key),
+            detail: e.to_string(),
+        })?;
+        Ok(Some((c, revisions.of(name))))
+    }
+
+    fn kek(
+        &self,
+        root: &Key256,
+        cluster: &str,
+        version: u32,
+        key_id: &str,
+    ) -> Result<Option<Key256>, StoreError> {
+        self.read_kek(root, cluster, version, key_id)
+    }
+
+    fn apply(&self, root: &Key256, batch: Batch) -> Result<Vec<Changed>, StoreError> {
+        let mut revisions = lock(&self.revisions);
+        for (cluster, expected) in &batch.expect {
+            let exists = self.db.get_pinned(cluster_key(cluster))?.is_some();
+            let now = if exists { revisions.of(cluster) } else { 0 };
+            if now != *expected {
+                return Err(StoreError::Conflict {
+                    cluster: cluster.clone(),
+                });
+            }
+        }
+        let mut change = Change::default();
+        let mut written = Vec::new();
+        for op in &batch.ops {
+            match op {
+                Op::PutCluster(c) => {
+                    change.put_cluster(c)?;
+                    written.push(c.name().to_owned());
+                }
+                Op::PutKek {
+                    cluster,
+                    version,
+                    key_id,
+                    key,
+                } => change.put_kek(root, cluster, *version, key_id, key),
+                Op::DeleteKek { cluster, version } => change.delete_kek(cluster, *version),
+            }
+        }
+        self.commit(change)?;
+        let changed: Vec<Changed> = written
+            .into_iter()
+            .map(|cluster| {
+                revisions.last += 1;
+                let revision = revisions.last;
+                revisions.of.insert(cluster.clone(), revision);
+                Changed { cluster, revision }
+            })
+            .collect();
+        drop(revisions);
+        for c in &changed {
+            // No subscriber is not an error.
+            let _ = self.changes.send(c.clone());
+        }
+        Ok(changed)
+    }
+
+    fn watch(&self) -> broadcast::Receiver<Changed> {
+        self.changes.subscribe()
+    }
+
+    fn append_audit(&self, json: &[u8]) -> Result<u64, StoreError> {
+        let seq = self.audit_seq.fetch_add(1, Ordering::SeqCst) + 1;
+        self.put_audit(seq, json)?;
+        Ok(seq)
+    }
+
+    fn audit_scan(&self, from: u64, visit: AuditVisitor<'_>) -> Result<(), StoreError> {
+        Store::audit_scan(self, from, visit)
+    }
+
+    fn audit_scan_back(&self, upto: u64, visit: AuditVisitor<'_>) -> Result<(), StoreError> {
+        Store::audit_scan_back(self, upto, visit)
+    }
+
+    fn audit_bounds(&self) -> Result<Option<(u64, u64)>, StoreError> {
+        Ok(match self.first_audit_seq()? {
+            Some(first) => Some((first, self.last_audit_seq()?)),
+            None => None,
+        })
+    }
+
+    fn delete_audit_below(&self, below: u64) -> Result<(), StoreError> {
+        Store::delete_audit_below(self, below)
+    }
+
+    fn snapshot(&self, root: &Key256, with_audit: bool) -> Result<Snapshot, StoreError> {
+        // Every apply holds this lock: what is read under it is one cut.
+        let revisions = lock(&self.revisions);
+        let identity = StateStore::identity(self, root)?;
+        let clusters = self.cluster_records()?;
+        let mut keks = Vec::new();
+        for c in &clusters {
+            for (&version, meta) in c.versions() {
+                // Retired versions have no central copy any more.
+                if let Some(key) = self.read_kek(root, c.name(), version, &meta.key_id)? {
+                    keks.push(Kek {
+                        cluster: c.name().to_owned(),
+                        version,
+                        key_id: meta.key_id.clone(),
+                        key,
+                    });
+                }
+            }
+        }
+        drop(revisions);
+        let mut audit = Vec::new();
+        if with_audit {
+            Store::audit_scan(self, 0, |_, raw| {
+                audit.push(raw.to_vec());
+                true
+            })?;
+        }
+        Ok(Snapshot {
+            identity,
+            clusters,
+            keks,
+            audit,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -474,6 +664,22 @@ mod tests {
     }
 
     #[test]
+    fn the_embedded_store_meets_the_state_store_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::create(dir.path()).unwrap();
+        let root = Key256::generate();
+        let blob = SealedBlob {
+            backend: "soft".into(),
+            bytes: vec![7; 40],
+        };
+        let key = PrivateKey::from_der(vec![1; 50]);
+        store
+            .put_init(&blob, &root, b"ca", &key, b"server", &key)
+            .unwrap();
+        crate::state_store::conformance::run(&store, &root);
+    }
+
+    #[test]
     fn keks_are_wrapped_bound_and_destroyable() {
         let dir = tempfile::tempdir().unwrap();
         let store = initialized(dir.path());
@@ -493,7 +699,7 @@ mod tests {
             store.kek(&Key256::generate(), "a", 1, "a/v1/x"),
             Err(StoreError::Unwrap { .. })
         ));
-        assert_eq!(store.clusters().unwrap(), [cluster]);
+        assert_eq!(store.cluster_records().unwrap(), [cluster]);
         let mut change = Change::default();
         change.delete_kek("a", 1);
         store.commit(change).unwrap();
@@ -628,7 +834,7 @@ mod recovery_tests {
         /// Opens and checks that nothing was lost.
         fn assert_intact(&self) -> Store {
             let store = Store::open(self.path()).unwrap();
-            let c = store.clusters().unwrap();
+            let c = store.cluster_records().unwrap();
             assert_eq!(c.len(), 1);
             assert_eq!(c[0].primary().unwrap().0, 3);
             assert_eq!(c[0].versions()[&1].state, VersionState::Retired);

@@ -25,10 +25,11 @@ use edgekms_hsm::{aead, SealedBlob};
 use rocksdb::{Direction, IteratorMode, Options, WriteBatch, DB};
 
 use super::{
-    cluster_key, kek_key, printable, Store, StoreError, CA_CERT, CA_KEY, CLUSTER_PREFIX,
-    KEK_PREFIX, ROOT, SERVER_CERT, SERVER_KEY,
+    cluster_key, kek_key, printable, Store, CA_CERT, CA_KEY, CLUSTER_PREFIX, KEK_PREFIX, ROOT,
+    SERVER_CERT, SERVER_KEY,
 };
 use crate::metrics;
+use crate::state_store::StoreError;
 use edgekms_core::rotation::cluster::Cluster;
 use edgekms_core::VersionState;
 use edgekms_daemon::durable::{self, DurableError, RecordFiles};
@@ -213,7 +214,7 @@ pub fn probe(data_dir: &Path) -> Result<Probe, StoreError> {
         let db = DB::open_for_read_only(&db_options(false), &state, false).map_err(|e| {
             StoreError::Open {
                 path: state.display().to_string(),
-                source: e,
+                detail: e.to_string(),
             }
         })?;
         if db.get(ROOT)?.is_some() {
@@ -434,7 +435,7 @@ pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
             );
         }
     }
-    Ok(Store { db, files })
+    Store::assemble(db, files)
 }
 
 /// Brings RocksDB and the copies into agreement (see the module doc).
@@ -626,10 +627,16 @@ fn rebuild(data_dir: &Path, files: RecordFiles, cause: String) -> Result<Store, 
     }
     check_complete(&records, &files).map_err(|(why, file)| fail(why, &file))?;
     let aside = if state.exists() {
-        let mut aside = data_dir.join(format!("{STATE_DIR}.damaged-{}", crate::now_unix()));
+        let mut aside = data_dir.join(format!(
+            "{STATE_DIR}.damaged-{}",
+            edgekms_daemon::config::now_unix()
+        ));
         let mut n = 1;
         while aside.exists() {
-            aside = data_dir.join(format!("{STATE_DIR}.damaged-{}-{n}", crate::now_unix()));
+            aside = data_dir.join(format!(
+                "{STATE_DIR}.damaged-{}-{n}",
+                edgekms_daemon::config::now_unix()
+            ));
             n += 1;
         }
         std::fs::rename(&state, &aside).map_err(|e| io_err("rename", &state, e))?;
@@ -637,9 +644,9 @@ fn rebuild(data_dir: &Path, files: RecordFiles, cause: String) -> Result<Store, 
     } else {
         None
     };
-    let db = DB::open(&db_options(true), &state).map_err(|source| StoreError::Open {
+    let db = DB::open(&db_options(true), &state).map_err(|e| StoreError::Open {
         path: state.display().to_string(),
-        source,
+        detail: e.to_string(),
     })?;
     let mut batch = WriteBatch::default();
     for (slot, value) in &records {
@@ -656,7 +663,7 @@ fn rebuild(data_dir: &Path, files: RecordFiles, cause: String) -> Result<Store, 
         files.dir().display()
     );
     count_repair("store");
-    Ok(Store { db, files })
+    Store::assemble(db, files)
 }
 
 /// Creates the state of a new data dir (`init`, `restore`): refuses one
@@ -674,9 +681,9 @@ pub fn create(data_dir: &Path) -> Result<Store, StoreError> {
     durable::write_marker(data_dir)?;
     let files = RecordFiles::open(&data_dir.join(COPIES_DIR))?;
     let state = data_dir.join(STATE_DIR);
-    let db = DB::open(&db_options(true), &state).map_err(|source| StoreError::Open {
+    let db = DB::open(&db_options(true), &state).map_err(|e| StoreError::Open {
         path: state.display().to_string(),
-        source,
+        detail: e.to_string(),
     })?;
-    Ok(Store { db, files })
+    Store::assemble(db, files)
 }

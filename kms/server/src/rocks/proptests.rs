@@ -98,7 +98,7 @@ proptest! {
         change.put_cluster(&c).unwrap();
         change.put_kek(&root, &c.name(), version, &key_id, &kek);
         s.commit(change).unwrap();
-        prop_assert_eq!(s.clusters().unwrap(), vec![c.clone()]);
+        prop_assert_eq!(s.cluster_records().unwrap(), vec![c.clone()]);
         prop_assert!(s.kek(&root, &c.name(), version, &key_id).unwrap() == Some(kek));
         let other_id = format!("{key_id}x");
         prop_assert!(s.kek(&root, &c.name(), version, &other_id).is_err());

@@ -1,0 +1,414 @@
+//! What operators do: enrol and revoke nodes, rotate, promote, retire,
+//! back up, and follow a rotation to its end. Each operation is audited
+//! once, with its outcome ([`crate::audit::AuditLog::outcome`]); the
+//! rotation policy (when `--force` promotes, when `--wait` is done) is
+//! decided here, not by the CLI.
+
+use std::time::Duration;
+
+use edgekms_core::keyid;
+use edgekms_core::rotation::cluster::{Cluster, Event, Progress, TokenRecord};
+use edgekms_core::VersionState;
+use edgekms_daemon::config::now_unix;
+use edgekms_hsm::Key256;
+use edgekms_proto::fleet as pb;
+use rand::Rng;
+
+use crate::audit::AuditRecord;
+use crate::backup::{self, Summary};
+use crate::error::ServerError;
+use crate::state_store::Op;
+use crate::Central;
+
+/// What an accepted [`Central::add_node`] returns.
+#[derive(Debug)]
+pub struct Invitation {
+    pub token: String,
+    pub expires_unix: u64,
+    pub ca_hash: String,
+    pub cluster_created: bool,
+}
+
+/// What [`Central::rotate`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rotation {
+    pub version: u32,
+    pub key_id: String,
+    /// False: a rotation was already pending, and this is it.
+    pub created: bool,
+    /// Promoted at once (a cluster without active nodes).
+    pub promoted: bool,
+}
+
+/// How long a forced promotion waits for connected nodes that have not
+/// acked yet: they ack within moments, unless something is wrong.
+pub const FORCE_GRACE: Duration = Duration::from_secs(10);
+/// How often a watched rotation is looked at besides every change of its
+/// cluster (node progress is absorbed without waking anyone).
+const WATCH_TICK: Duration = Duration::from_millis(250);
+
+/// A join token id: 128 random bits, hex. Never one in use: a collision
+/// (astronomically unlikely, but then an invitation would silently replace
+/// another node's) draws again, and gives up after a few draws.
+fn fresh_token_id(
+    in_use: impl Fn(&str) -> bool,
+    mut draw: impl FnMut() -> String,
+) -> Result<String, ServerError> {
+    for _ in 0..8 {
+        let id = draw();
+        if !in_use(&id) {
+            return Ok(id);
+        }
+    }
+    Err(ServerError::InvalidArgument(
+        "cannot draw an unused join token id; try again".into(),
+    ))
+}
+
+fn random_token_id() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
+
+fn random_string(len: usize) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rngs::OsRng;
+    (0..len)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+impl Central {
+    /// Refuses (and audits, without the names) a call naming a cluster or
+    /// node that is not a valid name: nothing else sees such a name.
+    fn check_names(&self, event: &str, actor: &str, names: &[&str]) -> Result<(), ServerError> {
+        for name in names {
+            if let Err(e) = keyid::validate_name(name) {
+                self.audit
+                    .record(AuditRecord::new(event, actor).result(&e.to_string()));
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// `kmsctl node add`: creates the cluster if needed (version 1
+    /// primary), issues a join token.
+    pub fn add_node(
+        &self,
+        actor: &str,
+        cluster: &str,
+        node: &str,
+        ttl: Duration,
+    ) -> Result<Invitation, ServerError> {
+        keyid::validate_name(cluster)?;
+        keyid::validate_name(node)?;
+        let now = now_unix();
+        let expires_unix = now.checked_add(ttl.as_secs()).ok_or_else(|| {
+            ServerError::InvalidArgument(format!(
+                "token lifetime of {} s is too long",
+                ttl.as_secs()
+            ))
+        })?;
+        let secret = random_string(16);
+        let id = fresh_token_id(|id| self.commit.token(id).is_some(), random_token_id)?;
+        let token = TokenRecord {
+            id: id.clone(),
+            secret_sha256: edgekms_core::rotation::cluster::token_hash(&secret),
+            expires_unix,
+            used: false,
+        };
+        let mut created = false;
+        let result = self.commit.create_or_mutate(
+            cluster,
+            |ops| {
+                created = true;
+                let key = Key256::generate();
+                let key_id = keyid::derive(cluster, 1, &key);
+                ops.push(Op::PutKek {
+                    cluster: cluster.to_owned(),
+                    version: 1,
+                    key_id: key_id.clone(),
+                    key,
+                });
+                Cluster::new(cluster, key_id, now)
+            },
+            |c, _| {
+                c.invite(node, token.clone())?;
+                Ok(((), Vec::new()))
+            },
+        );
+        let rec = AuditRecord::new("enrol-invite", actor)
+            .cluster(cluster)
+            .node(node);
+        if let Err(e) = result {
+            self.audit.record(rec.result(&e.to_string()));
+            return Err(e);
+        }
+        if created {
+            self.audit.record(
+                AuditRecord::new("rotation", actor)
+                    .cluster(cluster)
+                    .version(1)
+                    .detail("cluster created; version 1 is primary"),
+            );
+        }
+        self.audit
+            .record(rec.detail(format!("join token {id} expires at {expires_unix}")));
+        Ok(Invitation {
+            token: format!("{id}.{secret}"),
+            expires_unix,
+            ca_hash: self.ca_hash.clone(),
+            cluster_created: created,
+        })
+    }
+
+    /// `kmsctl node remove`.
+    pub fn remove_node(&self, actor: &str, cluster: &str, node: &str) -> Result<(), ServerError> {
+        self.check_names("revocation", actor, &[cluster, node])?;
+        let result = self.mutate(cluster, |c, _| Ok(((), c.revoke(node, now_unix())?)));
+        let rec = AuditRecord::new("revocation", actor)
+            .cluster(cluster)
+            .node(node);
+        self.audit.outcome(rec, &result, |rec, _| rec);
+        result.map(|_| ())
+    }
+
+    /// `kmsctl rotate`: a new pending version, or the one already pending.
+    pub fn rotate(&self, actor: &str, cluster: &str) -> Result<Rotation, ServerError> {
+        self.check_names("rotation", actor, &[cluster])?;
+        let result = self.mutate(cluster, |c, ops| {
+            let key = Key256::generate();
+            let upcoming = c.upcoming_version();
+            let key_id = keyid::derive(c.name(), upcoming, &key);
+            let (version, created, events) = c.rotate(key_id.clone(), now_unix())?;
+            if created {
+                ops.push(Op::PutKek {
+                    cluster: c.name().to_owned(),
+                    version,
+                    key_id,
+                    key,
+                });
+            }
+            edgekms_daemon::failpoint::hit("server-rotate-before-commit");
+            let meta = c.versions().get(&version);
+            let rotation = Rotation {
+                version,
+                key_id: meta.map(|m| m.key_id.clone()).unwrap_or_default(),
+                created,
+                promoted: meta.is_some_and(|m| m.state == VersionState::Primary),
+            };
+            Ok((rotation, events))
+        });
+        let rec = AuditRecord::new("rotation", actor).cluster(cluster);
+        self.audit.outcome(rec, &result, |rec, (r, _)| {
+            rec.version(r.version).detail(if r.created {
+                "new pending version"
+            } else {
+                "a rotation was already pending"
+            })
+        });
+        result.map(|(r, _)| r)
+    }
+
+    /// `kmsctl rotate --force`: promotes now; returns the nodes left out.
+    pub fn force_promote(
+        &self,
+        actor: &str,
+        cluster: &str,
+        version: u32,
+    ) -> Result<Vec<String>, ServerError> {
+        self.check_names("promotion", actor, &[cluster])?;
+        let result = self.mutate(cluster, |c, _| {
+            Ok(((), c.force_promote(version, now_unix())?))
+        });
+        // A success is audited as the protocol's own promotion event.
+        if let Err(e) = &result {
+            self.audit.record(
+                AuditRecord::new("promotion", actor)
+                    .cluster(cluster)
+                    .version(version)
+                    .result(&e.to_string()),
+            );
+        }
+        let (_, events) = result?;
+        Ok(events
+            .into_iter()
+            .find_map(|e| match e {
+                Event::Promoted { without, .. } => Some(without),
+                _ => None,
+            })
+            .unwrap_or_default())
+    }
+
+    /// `kmsctl retire`: `(destroyed, nodes still holding it)`.
+    pub fn retire(
+        &self,
+        actor: &str,
+        cluster: &str,
+        version: u32,
+    ) -> Result<(bool, Vec<String>), ServerError> {
+        self.check_names("retirement", actor, &[cluster])?;
+        let result = self.mutate(cluster, |c, _| {
+            let events = c.retire(version, now_unix())?;
+            Ok((c.holders(version), events))
+        });
+        let rec = AuditRecord::new("retirement", actor)
+            .cluster(cluster)
+            .version(version);
+        self.audit.outcome(rec, &result, |rec, _| rec);
+        let (waiting, events) = result?;
+        Ok((events.contains(&Event::Destroyed { version }), waiting))
+    }
+
+    /// Starts the rotations automatic rotation calls for.
+    pub fn auto_rotate_due(&self) {
+        let now = now_unix();
+        let due: Vec<String> = self.commit.read_all(|all| {
+            all.filter(|c| c.pending().is_none())
+                .filter(|c| {
+                    let Some(interval) = self.auto_rotate.interval(c.name()) else {
+                        return false;
+                    };
+                    c.primary()
+                        .is_some_and(|(_, m)| m.changed_unix + interval.as_secs() <= now)
+                })
+                .map(|c| c.name().to_owned())
+                .collect()
+        });
+        for cluster in due {
+            if let Err(e) = self.rotate("auto-rotate", &cluster) {
+                tracing::warn!(%cluster, error = %e, "automatic rotation failed");
+            }
+        }
+    }
+
+    /// `kmsctl backup`: the whole state, one consistent cut of it,
+    /// encrypted under `key`; audited as event `backup`.
+    pub fn backup(
+        &self,
+        actor: &str,
+        key: &Key256,
+        with_audit: bool,
+    ) -> Result<(Vec<u8>, Summary), ServerError> {
+        let result = self
+            .store()
+            .snapshot(self.commit.root(), with_audit)
+            .map_err(ServerError::from)
+            .map(|snapshot| backup::make(&snapshot, key, now_unix()));
+        self.audit.outcome(
+            AuditRecord::new("backup", actor),
+            &result,
+            |rec, (blob, s)| {
+                rec.detail(format!(
+                    "{} clusters, {} key versions, {} audit records, {} bytes",
+                    s.clusters,
+                    s.key_versions,
+                    s.audit_records,
+                    blob.len()
+                ))
+            },
+        );
+        result
+    }
+
+    /// Follows the rotation of `cluster` to `version` (`kmsctl rotate
+    /// --force` / `--wait`), handing each change of progress to `send`
+    /// until the watch is complete or `send` says stop. With `force`, the
+    /// version is promoted once no connected node lacks it, or after
+    /// [`FORCE_GRACE`]; with `wait`, the watch ends once the version is
+    /// settled. Neither: one message.
+    pub async fn watch_rotation<F>(
+        &self,
+        actor: &str,
+        req: &pb::WatchRotationRequest,
+        mut send: impl FnMut(pb::RotationProgress) -> F,
+    ) -> Result<(), ServerError>
+    where
+        F: std::future::Future<Output = bool>,
+    {
+        keyid::validate_name(&req.cluster)?;
+        let (cluster, version) = (req.cluster.as_str(), req.version);
+        let mut changes = self.subscribe(cluster);
+        let grace_ends = tokio::time::Instant::now() + FORCE_GRACE;
+        let mut stale: Vec<String> = Vec::new();
+        let mut forced = !req.force;
+        let mut last: Option<pb::RotationProgress> = None;
+        loop {
+            let progress = self
+                .commit
+                .read(cluster, |c| c.progress(version, &stale))??;
+            if !forced {
+                let pending = matches!(progress, Progress::Pending { .. });
+                let ready = !pending
+                    || tokio::time::Instant::now() >= grace_ends
+                    || self.commit.read(cluster, |c| {
+                        c.only_unreachable_lack(version, |node| self.streams.is_open(cluster, node))
+                    })?;
+                if ready {
+                    if pending {
+                        stale = self.force_promote(actor, cluster, version)?;
+                    }
+                    forced = true;
+                    let state = self.version_state(cluster, version)?;
+                    let done = !req.wait;
+                    let msg = pb::RotationProgress {
+                        phase: "promoted".into(),
+                        version,
+                        stale_nodes: stale.clone(),
+                        state,
+                        done,
+                        ..Default::default()
+                    };
+                    if !send(msg).await || done {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            }
+            let state = self.version_state(cluster, version)?;
+            let msg = crate::views::progress_message(version, &progress, &stale, state);
+            let done = msg.done || (!req.wait && forced);
+            let msg = pb::RotationProgress { done, ..msg };
+            if last.as_ref() != Some(&msg) {
+                if !send(msg.clone()).await || done {
+                    return Ok(());
+                }
+                last = Some(msg);
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep(WATCH_TICK) => {}
+            }
+        }
+    }
+
+    fn version_state(&self, cluster: &str, version: u32) -> Result<String, ServerError> {
+        self.commit.read(cluster, |c| {
+            c.versions()
+                .get(&version)
+                .map(|m| m.state.as_str().to_owned())
+                .unwrap_or_default()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn token_ids_are_128_bit_and_never_reuse_one_in_use() {
+        let id = random_token_id();
+        assert_eq!(id.len(), 32);
+        assert!(hex::decode(&id).is_ok());
+        assert_ne!(id, random_token_id());
+        let in_use = |id: &str| id == "taken";
+        // A collision draws again.
+        let mut draws = vec!["fresh", "taken"];
+        let got = fresh_token_id(in_use, || draws.pop().unwrap().to_owned()).unwrap();
+        assert_eq!(got, "fresh");
+        // Only collisions: refused.
+        assert!(fresh_token_id(in_use, || "taken".to_owned()).is_err());
+    }
+}

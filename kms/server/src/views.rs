@@ -1,0 +1,131 @@
+//! What operators and metrics read: `kmsctl status`, a rotation's
+//! progress, and the gauges `/metrics` computes at scrape time. Read only.
+
+use std::collections::BTreeMap;
+
+use edgekms_core::keyid;
+use edgekms_core::rotation::cluster::{Cluster, NodeState, Progress};
+use edgekms_daemon::config::now_unix;
+use edgekms_proto::fleet as pb;
+
+use crate::error::ServerError;
+use crate::Central;
+
+impl Central {
+    /// `kmsctl status`: every cluster, or the one named.
+    pub fn status(&self, only: &str) -> Result<pb::StatusResponse, ServerError> {
+        let clusters = if only.is_empty() {
+            self.commit
+                .read_all(|all| all.map(|c| self.cluster_status(c)).collect())
+        } else {
+            keyid::validate_name(only)?;
+            vec![self.commit.read(only, |c| self.cluster_status(c))?]
+        };
+        Ok(pb::StatusResponse {
+            clusters,
+            server_time_unix: now_unix(),
+        })
+    }
+
+    fn cluster_status(&self, c: &Cluster) -> pb::ClusterStatus {
+        pb::ClusterStatus {
+            name: c.name().to_owned(),
+            seq: c.seq(),
+            primary: c.primary().map(|p| p.0).unwrap_or(0),
+            pending: c.pending().map(|p| p.0).unwrap_or(0),
+            versions: c
+                .versions()
+                .iter()
+                .map(|(&version, m)| pb::VersionStatus {
+                    version,
+                    state: m.state.as_str().into(),
+                    key_id: m.key_id.clone(),
+                    created_unix: m.created_unix,
+                    held_by: c.holders(version).len() as u32,
+                })
+                .collect(),
+            nodes: c
+                .nodes()
+                .iter()
+                .map(|(name, n)| pb::NodeStatus {
+                    name: name.clone(),
+                    state: n.state.as_str().into(),
+                    connected: self.streams.is_open(c.name(), name),
+                    last_contact_unix: n.last_contact_unix,
+                    held: n.held.iter().copied().collect(),
+                    primary: n.primary,
+                    applied_seq: n.applied_seq,
+                    behind: c.behind(name),
+                    token_expires_unix: match n.state {
+                        NodeState::Invited => n.token.as_ref().map(|t| t.expires_unix).unwrap_or(0),
+                        _ => 0,
+                    },
+                })
+                .collect(),
+        }
+    }
+
+    /// For metrics: nodes per state (and connected), clusters with a
+    /// pending rotation, age of the oldest un-acked delivery in seconds.
+    pub fn gauges(&self) -> (BTreeMap<&'static str, u64>, u64, u64) {
+        let mut nodes = BTreeMap::from([("invited", 0), ("active", 0), ("revoked", 0)]);
+        let mut pending = 0;
+        let mut oldest: Option<u64> = None;
+        self.commit.read_all(|all| {
+            for c in all {
+                for n in c.nodes().values() {
+                    *nodes.entry(n.state.as_str()).or_insert(0) += 1;
+                }
+                if c.pending().is_some() {
+                    pending += 1;
+                }
+                if let Some(since) = c.oldest_unacked_since() {
+                    oldest = Some(oldest.map_or(since, |o| o.min(since)));
+                }
+            }
+        });
+        nodes.insert("connected", self.streams.count() as u64);
+        let age = oldest.map_or(0, |since| now_unix().saturating_sub(since));
+        (nodes, pending, age)
+    }
+}
+
+/// A rotation's progress as `kmsctl` receives it; `done` once settled or
+/// gone.
+pub fn progress_message(
+    version: u32,
+    progress: &Progress,
+    stale: &[String],
+    state: String,
+) -> pb::RotationProgress {
+    let base = pb::RotationProgress {
+        version,
+        stale_nodes: stale.to_vec(),
+        state,
+        ..Default::default()
+    };
+    match progress {
+        Progress::Pending { holding, missing } => pb::RotationProgress {
+            phase: "pending".into(),
+            holding: holding.clone(),
+            missing: missing.clone(),
+            ..base
+        },
+        Progress::Primary { serving, waiting } => pb::RotationProgress {
+            phase: "primary".into(),
+            serving: serving.clone(),
+            waiting: waiting.clone(),
+            ..base
+        },
+        Progress::Settled => pb::RotationProgress {
+            phase: "settled".into(),
+            done: true,
+            ..base
+        },
+        Progress::Gone(_) => pb::RotationProgress {
+            phase: "gone".into(),
+            done: true,
+            ..base
+        },
+    }
+}
