@@ -176,16 +176,8 @@ pub fn make(node: &Node, key: &Key256) -> Result<(Vec<u8>, NodeDump), NodeError>
 pub enum RestoreError {
     #[error("not an edgekms node backup (it does not start with \"EKNB\"; a central backup is restored with `edgekms-server restore`)")]
     NotABackup,
-    #[error("backup format {0} is not supported: this edgekms-plugin reads format {supported}; restore with the version that wrote it, or a newer one", supported = sealedfile::FORMAT)]
-    Format(u8),
-    #[error(
-        "backup does not open with this key: it was made under another key file (check --key-file)"
-    )]
-    WrongKey,
-    #[error("backup is truncated: {0}; use a complete copy")]
-    Truncated(String),
-    #[error("backup is corrupt: {0}; use another copy")]
-    Corrupt(String),
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error(
         "the backup is of cluster {backup:?}, not {configured:?}: check --cluster or the file"
     )]
@@ -196,17 +188,6 @@ pub enum RestoreError {
     Io(String),
     #[error(transparent)]
     Node(#[from] NodeError),
-}
-
-impl From<FileError> for RestoreError {
-    fn from(e: FileError) -> Self {
-        match e {
-            FileError::Format(f) => RestoreError::Format(f),
-            FileError::WrongKey => RestoreError::WrongKey,
-            FileError::Truncated(d) => RestoreError::Truncated(d),
-            FileError::Corrupt(d) => RestoreError::Corrupt(d),
-        }
-    }
 }
 
 impl From<StoreError> for RestoreError {
@@ -222,7 +203,7 @@ pub fn open(blob: &[u8], key: &Key256) -> Result<NodeDump, RestoreError> {
         return Err(RestoreError::NotABackup);
     }
     let plain = sealedfile::open(blob, key)?;
-    decode(&plain).map_err(RestoreError::Corrupt)
+    decode(&plain).map_err(|e| FileError::Corrupt(e).into())
 }
 
 fn io(what: String) -> impl FnOnce(std::io::Error) -> RestoreError {
@@ -318,9 +299,9 @@ fn build(
     // Read back as the plugin will.
     let back = store.load_keyring(&nsk)?;
     if back.versions().count() != ring.versions().count() {
-        return Err(RestoreError::Corrupt(
+        return Err(RestoreError::File(FileError::Corrupt(
             "the restored cache does not read back".into(),
-        ));
+        )));
     }
     Ok(Restored {
         versions: dump.keyring.versions().count(),
@@ -367,7 +348,7 @@ mod tests {
         assert!(open(&blob, &key).is_ok());
         assert!(matches!(
             open(&blob, &Key256::generate()),
-            Err(RestoreError::WrongKey)
+            Err(RestoreError::File(FileError::WrongKey))
         ));
         let mut bad = blob.clone();
         let last = bad.len() - 1;

@@ -27,16 +27,18 @@ pub const KEY_CHECK_LEN: usize = 8;
 /// Magic, format, key check, body length.
 pub const HEADER_LEN: usize = 4 + 1 + KEY_CHECK_LEN + 8;
 
-/// Why a file does not open; the caller words it for its kind of file.
+/// Why a backup does not open (or, `Corrupt`, does not parse once open).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FileError {
-    #[error("format {0} is not supported (this version reads format {FORMAT})")]
+    #[error("backup format {0} is not supported: this version reads format {FORMAT}; restore with the version that wrote it, or a newer one")]
     Format(u8),
-    #[error("it does not open with this key")]
+    #[error(
+        "backup does not open with this key: it was made under another key file (check --key-file)"
+    )]
     WrongKey,
-    #[error("truncated: {0}")]
+    #[error("backup is truncated: {0}; use a complete copy")]
     Truncated(String),
-    #[error("corrupt: {0}")]
+    #[error("backup is corrupt: {0}; use another copy")]
     Corrupt(String),
 }
 

@@ -44,33 +44,14 @@ pub enum BackupError {
     KeyFile { path: String, reason: String },
     #[error("not an edgekms backup (it does not start with \"EKBK\")")]
     NotABackup,
-    #[error("backup format {0} is not supported: this edgekms-server reads format {FORMAT}; restore with the version that wrote it, or a newer one")]
-    Format(u8),
-    #[error(
-        "backup does not open with this key: it was made under another key file (check --key-file)"
-    )]
-    WrongKey,
-    #[error("backup is truncated: {0}; use a complete copy")]
-    Truncated(String),
-    #[error("backup is corrupt: {0}; use another copy")]
-    Corrupt(String),
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("{0} already holds an initialized edgekms-server state; refusing to overwrite it (restore into a new, empty --data-dir)")]
     Initialized(PathBuf),
     #[error("{0} holds a partial state (an interrupted restore?); remove it and restore again")]
     Partial(PathBuf),
     #[error(transparent)]
     Server(#[from] ServerError),
-}
-
-impl From<FileError> for BackupError {
-    fn from(e: FileError) -> Self {
-        match e {
-            FileError::Format(f) => BackupError::Format(f),
-            FileError::WrongKey => BackupError::WrongKey,
-            FileError::Truncated(d) => BackupError::Truncated(d),
-            FileError::Corrupt(d) => BackupError::Corrupt(d),
-        }
-    }
 }
 
 impl From<StoreError> for BackupError {
@@ -153,7 +134,7 @@ fn count(n: usize) -> u32 {
 }
 
 fn corrupt(detail: impl Into<String>) -> BackupError {
-    BackupError::Corrupt(detail.into())
+    BackupError::File(FileError::Corrupt(detail.into()))
 }
 
 // ---- writing ----
@@ -415,7 +396,7 @@ pub(crate) mod tests {
         let (blob, _) = make(&core, &key, false);
 
         let err = open(&blob, &Key256::generate()).unwrap_err();
-        assert!(matches!(err, BackupError::WrongKey));
+        assert!(matches!(err, BackupError::File(FileError::WrongKey)));
         assert!(
             err.to_string().contains("does not open with this key"),
             "{err}"
@@ -429,30 +410,30 @@ pub(crate) mod tests {
             4,
         ] {
             let err = open(&blob[..cut], &key).unwrap_err();
-            assert!(matches!(err, BackupError::Truncated(_)), "cut {cut}: {err}");
+            assert!(matches!(err, BackupError::File(FileError::Truncated(_))), "cut {cut}: {err}");
             assert!(err.to_string().starts_with("backup is truncated"), "{err}");
         }
         for i in [HEADER_LEN, HEADER_LEN + 20, blob.len() - 1] {
             let mut bad = blob.clone();
             bad[i] ^= 1;
             let err = open(&bad, &key).unwrap_err();
-            assert!(matches!(err, BackupError::Corrupt(_)), "byte {i}: {err}");
+            assert!(matches!(err, BackupError::File(FileError::Corrupt(_))), "byte {i}: {err}");
         }
         // The body length is authenticated too.
         let mut longer = blob.clone();
         longer.push(0);
-        assert!(matches!(open(&longer, &key), Err(BackupError::Corrupt(_))));
+        assert!(matches!(open(&longer, &key), Err(BackupError::File(FileError::Corrupt(_)))));
         let mut other_format = blob.clone();
         other_format[4] = 2;
         assert!(matches!(
             open(&other_format, &key),
-            Err(BackupError::Format(2))
+            Err(BackupError::File(FileError::Format(2)))
         ));
         assert!(matches!(
             open(b"{\"not\":1}", &key),
             Err(BackupError::NotABackup)
         ));
-        assert!(matches!(open(b"", &key), Err(BackupError::Truncated(_))));
+        assert!(matches!(open(b"", &key), Err(BackupError::File(FileError::Truncated(_)))));
     }
 
     #[test]

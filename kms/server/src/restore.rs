@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use edgekms_core::sealedfile::FileError;
 use edgekms_hsm::{Key256, Sealer};
 
 use crate::audit::AuditRecord;
@@ -65,7 +66,7 @@ pub fn restore(
         None => (&dump.server_cert, &dump.server_key),
     };
     tls::server_config(&dump.ca_cert, server_cert, server_key)
-        .map_err(|e| BackupError::Corrupt(format!("the server certificate or key: {e}")))?;
+        .map_err(|e| BackupError::File(FileError::Corrupt(format!("the server certificate or key: {e}"))))?;
 
     let root = Key256::generate();
     let sealed = sealer.seal(&root)?;
@@ -118,10 +119,10 @@ pub fn restore(
     let central = init::open(data_dir, sealer)?;
     let loaded = central.store().clusters()?;
     let unreadable = |what: String| {
-        BackupError::Corrupt(format!(
+        BackupError::File(FileError::Corrupt(format!(
             "the restored {} does not read back ({what}); remove it and restore again",
             data_dir.display()
-        ))
+        )))
     };
     if loaded.len() != dump.clusters.len() {
         return Err(unreadable(format!(

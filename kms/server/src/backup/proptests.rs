@@ -204,7 +204,7 @@ proptest! {
         raw.extend_from_slice(&edgekms_core::sealedfile::key_check(&key));
         raw.extend_from_slice(&(body.len() as u64).to_be_bytes());
         raw.extend_from_slice(&body);
-        prop_assert!(matches!(open(&raw, &key), Err(BackupError::Corrupt(_))));
+        prop_assert!(matches!(open(&raw, &key), Err(BackupError::File(FileError::Corrupt(_)))));
     }
 
     /// The dump parser on its own: arbitrary plaintexts, counts and
@@ -265,17 +265,17 @@ proptest! {
         let err = open(&bad, &key).unwrap_err();
         let expected = match i {
             0..=3 => matches!(err, BackupError::NotABackup),
-            4 => matches!(err, BackupError::Format(_)),
-            5..=12 => matches!(err, BackupError::WrongKey),
-            13..=20 => matches!(err, BackupError::Truncated(_) | BackupError::Corrupt(_)),
-            _ => matches!(err, BackupError::Corrupt(_)),
+            4 => matches!(err, BackupError::File(FileError::Format(_))),
+            5..=12 => matches!(err, BackupError::File(FileError::WrongKey)),
+            13..=20 => matches!(err, BackupError::File(FileError::Truncated(_)) | BackupError::File(FileError::Corrupt(_))),
+            _ => matches!(err, BackupError::File(FileError::Corrupt(_))),
         };
         prop_assert!(expected, "byte {i}: {err}");
         let err = open(&blob[..cut.index(blob.len())], &key).unwrap_err();
-        prop_assert!(matches!(err, BackupError::Truncated(_)), "{err}");
+        prop_assert!(matches!(err, BackupError::File(FileError::Truncated(_))), "{err}");
         let mut longer = blob.clone();
         longer.extend_from_slice(&extra);
-        prop_assert!(matches!(open(&longer, &key), Err(BackupError::Corrupt(_))));
+        prop_assert!(matches!(open(&longer, &key), Err(BackupError::File(FileError::Corrupt(_)))));
     }
 
     /// Backup key files: any text is a key or refused, never a panic.
