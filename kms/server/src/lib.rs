@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use edgekms_hsm::Key256;
 use edgekms_proto::fleet as pb;
@@ -80,12 +80,7 @@ pub fn audit_time_ms(raw: &[u8]) -> Option<u64> {
     serde_json::from_slice::<Time>(raw).ok().map(|t| t.time_ms)
 }
 
-pub fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub use edgekms_daemon::config::now_unix;
 
 #[derive(Default)]
 struct State {
