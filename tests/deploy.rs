@@ -354,7 +354,7 @@ fn systemd_unit_and_plugin_toml_use_the_plugin_defaults() {
     let cfg = settings.validate().unwrap();
     assert_eq!(cfg.socket, Path::new(DEFAULT_SOCKET));
     assert_eq!(cfg.data_dir, Path::new(DEFAULT_DATA_DIR));
-    assert_eq!(cfg.sealer, SealerKind::Tpm);
+    assert_eq!(cfg.sealer.kind, SealerKind::Tpm);
 
     let unit = unit_entries("systemd/edgekms-plugin.service");
     let exec = unit_value(&unit, "ExecStart");

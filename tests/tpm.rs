@@ -396,3 +396,94 @@ async fn a_joined_node_with_changed_pcrs_syncs_again_after_reseal() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// The central service takes the nodes' TPM options: `init --tpm-pcrs`
+/// binds the root key to PCR 7 of a real swtpm, serving with them comes up
+/// ready, and once PCR 7 changes serving refuses with the policy failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_seals_its_root_key_to_tpm_pcrs() {
+    use std::process::{Child, Command, Stdio};
+    struct Killed(Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    if !swtpm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tpm = Swtpm::start(&dir.path().join("tpm"));
+    let data_dir = dir.path().join("server");
+    let data = data_dir.display().to_string();
+    let tcti = tpm.tcti();
+    let sealer = [
+        "--sealer",
+        "tpm",
+        "--tpm-tcti",
+        &tcti,
+        "--tpm-pcrs",
+        "sha256:7",
+    ];
+    let out = Command::new(bin("edgekms-server"))
+        .args(["init", "--data-dir", &data])
+        .args(sealer)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "init failed: {shown}");
+    assert!(shown.contains("root key sealed by: tpm"), "{shown}");
+
+    let log = dir.path().join("server.log");
+    let serve = || {
+        let out = std::fs::File::create(&log).unwrap();
+        let ops = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(bin("edgekms-server"))
+            .args(["--data-dir", &data])
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--metrics-addr", &ops])
+            .args(sealer)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        (Killed(child), ops.parse::<std::net::SocketAddr>().unwrap())
+    };
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let (server, ops) = serve();
+    poll_until(
+        "the server on swtpm not ready",
+        30,
+        log_text,
+        || async move { matches!(http_get(ops, "/readyz").await, Ok((200, _))) },
+    )
+    .await;
+    drop(server);
+
+    // Bound to PCR 7 as it was at init: a change stops the root key.
+    tpm.extend_pcr(7);
+    let (mut server, _) = serve();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", log_text());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(!status.success(), "{}", log_text());
+    assert!(
+        log_text().contains("TPM policy check failed") && log_text().contains("PCR 7"),
+        "{}",
+        log_text()
+    );
+}

@@ -4,20 +4,26 @@
 //! calls AES-256-GCM ([`aead`]), process memory hygiene ([`memory`]) and the
 //! [`Sealer`] trait with its backends: [`tpm`] (TPM 2.0 through tss-esapi,
 //! behind the default `tpm` feature) and [`soft`] (a key file, for
-//! development only, which says so loudly).
+//! development only, which says so loudly). [`config`] is the one place a
+//! daemon's sealer choice becomes a sealer ([`open`]).
 //!
-//! A sealer protects exactly one thing: the node sealing key (NSK). Everything
-//! else (KEK versions, node identity keys) is wrapped by the NSK with
+//! A sealer protects exactly one key per machine: a node's node sealing key
+//! (NSK), or the central service's root key. Everything else (KEK versions,
+//! node identity keys, the central state) is wrapped by that key with
 //! [`aead`], so that start-up costs one seal-backend operation whatever the
 //! number of keys.
 
 pub mod aead;
+pub mod config;
 pub mod key;
 pub mod memory;
 pub mod soft;
 #[cfg(feature = "tpm")]
 pub mod tpm;
 
+pub use config::{
+    open, ConfigProblems, SealerConfig, SealerKind, SoftKeyFile, DEFAULT_TCTI, SOFT_KEY_FILE,
+};
 pub use key::Key256;
 
 use std::collections::BTreeMap;
@@ -117,23 +123,29 @@ pub fn check_backend(sealer: &dyn Sealer, blob: &SealedBlob) -> Result<(), SealE
 }
 
 /// Every way sealing can fail, each with what to check.
+///
+/// Worded for any backend and either daemon: "the machine" is a node
+/// (`edgekms-plugin`) or the central service's host (`edgekms-server`).
+/// Where a recovery is named, both are: a node recovers its key with the
+/// recovery passphrase (`kmsctl local reseal`) or by re-joining; the central
+/// service by `edgekms-server restore` of a `kmsctl backup`.
 #[derive(Debug, thiserror::Error)]
 pub enum SealError {
-    #[error("no TPM reachable through {tcti}: {detail} (is the device present and readable, e.g. /dev/tpmrm0, or is the TCTI string right?)")]
+    #[error("no TPM reachable through {tcti}: {detail} (is the device present and readable, e.g. /dev/tpmrm0, or is the TCTI string (--tpm-tcti) right?)")]
     NoDevice { tcti: String, detail: String },
     #[error("the TPM is in dictionary-attack lockout: {detail} (wait for the lockout to expire or clear it with the lockout auth)")]
     Lockout { detail: String },
-    #[error("the TPM refused the owner authorization: {detail} (check the configured owner auth)")]
+    #[error("the TPM refused the owner authorization: {detail} (check the configured owner auth, --tpm-owner-auth-file)")]
     AuthFailed { detail: String },
-    #[error("the sealed key belongs to another TPM: {detail} (was the data dir copied from another node?)")]
+    #[error("the sealed key belongs to another TPM: {detail} (was the data dir copied from another machine? a node recovers with `kmsctl local reseal` and its recovery passphrase, or by re-joining; the central service by `edgekms-server restore` of a `kmsctl backup`)")]
     ForeignBlob { detail: String },
-    #[error("the soft-sealer key file {path} {problem}: restore that file from a backup, or recover with the recovery passphrase: move the file away and run `kmsctl local reseal`, which seals the node key under a new key file (edgekms-server: restore a `kmsctl backup`)")]
+    #[error("the soft-sealer key file {path} {problem}: restore that file from a backup; else a node recovers with its recovery passphrase (move the file away and run `kmsctl local reseal`, which seals the node key under a new key file) or by re-joining, and the central service by `edgekms-server restore` of a `kmsctl backup`")]
     SoftKeyFile { path: String, problem: String },
-    #[error("the sealed key blob is corrupted: {detail} (restore the data dir from a backup or re-enrol the node)")]
+    #[error("the sealed key blob is corrupted: {detail} (restore the data dir from a backup; else a node recovers with `kmsctl local reseal` and its recovery passphrase, or by re-joining, and the central service by `edgekms-server restore` of a `kmsctl backup`)")]
     CorruptBlob { detail: String },
-    #[error("TPM policy check failed: {reason} (check the node, then run `kmsctl local reseal`)")]
+    #[error("TPM policy check failed: {reason} (check the machine: firmware, boot loader, Secure Boot; then a node reseals with `kmsctl local reseal`, and the central service recovers by `edgekms-server restore` of a `kmsctl backup`)")]
     PolicyCheckFailed { reason: String },
-    #[error("the sealed key was made by the {blob:?} backend but the {configured:?} backend is configured (refusing to switch backends silently)")]
+    #[error("the sealed key was made by the {blob:?} backend but the {configured:?} backend is configured (refusing to switch backends silently: set --sealer to the one the key was sealed with)")]
     WrongBackend { blob: String, configured: String },
     #[error("{op}: {source}")]
     Io {

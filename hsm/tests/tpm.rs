@@ -301,7 +301,14 @@ fn blob_from_another_tpm_is_foreign() {
         Err(SealError::ForeignBlob { detail }) => {
             let msg = SealError::ForeignBlob { detail }.to_string();
             assert!(msg.contains("another TPM"), "{msg}");
-            assert!(msg.contains("data dir copied from another node"), "{msg}");
+            assert!(
+                msg.contains("data dir copied from another machine"),
+                "{msg}"
+            );
+            assert!(
+                msg.contains("kmsctl local reseal") && msg.contains("edgekms-server restore"),
+                "{msg}"
+            );
         }
         other => panic!("expected ForeignBlob, got {other:?}"),
     }

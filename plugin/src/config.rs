@@ -5,31 +5,18 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use clap::{Args, ValueEnum};
+use clap::Args;
+use edgekms_daemon::config::{sealer_kind_parser, LogFormat};
+use edgekms_hsm::SealerConfig;
 use serde::Deserialize;
+
+/// The sealer choice, defined once for both daemons in `edgekms_hsm`.
+pub use edgekms_hsm::SealerKind;
 
 pub const DEFAULT_SOCKET: &str = "/var/run/edgekms/kms.sock";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/edgekms";
-pub const DEFAULT_TPM_TCTI: &str = "device:/dev/tpmrm0";
 /// Where `/metrics`, `/healthz` and `/readyz` are served unless told otherwise.
 pub const DEFAULT_METRICS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9464);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SealerKind {
-    /// TPM 2.0 (default on real nodes).
-    Tpm,
-    /// Key file on disk. INSECURE: development only.
-    Soft,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
 
 /// What the operator can set, from flags or the config file.
 #[derive(Debug, Clone, Default, Args, Deserialize)]
@@ -48,7 +35,7 @@ pub struct Settings {
     #[arg(long, value_name = "NAME")]
     pub node: Option<String>,
     /// Where the node sealing key is sealed: tpm (real nodes) or soft (INSECURE, development) [default: tpm]
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = sealer_kind_parser())]
     pub sealer: Option<SealerKind>,
     /// Admin socket for `kmsctl local` [default: admin.sock beside --socket]
     #[arg(long, value_name = "PATH")]
@@ -96,10 +83,9 @@ pub struct Config {
     /// Whether `node` was given (flag or file) rather than the host name:
     /// only a given name can conflict with the data dir's.
     pub node_given: bool,
-    pub sealer: SealerKind,
-    pub tpm_tcti: String,
-    pub tpm_pcrs: Option<String>,
-    pub tpm_owner_auth_file: Option<PathBuf>,
+    /// The sealer and its TPM options, validated; opened by
+    /// [`crate::node::sealer_from_config`].
+    pub sealer: SealerConfig,
     pub log_format: LogFormat,
     pub sync_backoff_max: std::time::Duration,
     /// The metrics and health endpoint; `None` with `--no-metrics`.
@@ -114,9 +100,7 @@ impl Settings {
     /// Reads a TOML config file with the same keys as the flags
     /// (`data_dir`, `tpm_tcti`, ...).
     pub fn from_file(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| format!("config {}: {}", path.display(), e.message()))
+        edgekms_daemon::config::read_toml(path)
     }
 
     /// `self` with every unset field taken from `file`.
@@ -171,13 +155,14 @@ impl Settings {
         if let Err(e) = edgekms_core::keyid::validate_name(&node) {
             problems.push(format!("--node: {e}"));
         }
-        let sealer = self.sealer.unwrap_or(SealerKind::Tpm);
-        if sealer == SealerKind::Soft
-            && (self.tpm_pcrs.is_some()
-                || self.tpm_tcti.is_some()
-                || self.tpm_owner_auth_file.is_some())
-        {
-            problems.push("--tpm-* options given but --sealer is soft".to_owned());
+        let sealer = SealerConfig {
+            kind: self.sealer.unwrap_or_default(),
+            tpm_tcti: self.tpm_tcti,
+            tpm_pcrs: self.tpm_pcrs,
+            tpm_owner_auth_file: self.tpm_owner_auth_file,
+        };
+        if let Err(e) = sealer.validate() {
+            problems.extend(e.0);
         }
         let sync_backoff_max = match self.sync_backoff_max.as_deref() {
             None => std::time::Duration::from_secs(30),
@@ -203,9 +188,6 @@ impl Settings {
                 node,
                 node_given,
                 sealer,
-                tpm_tcti: self.tpm_tcti.unwrap_or_else(|| DEFAULT_TPM_TCTI.into()),
-                tpm_pcrs: self.tpm_pcrs,
-                tpm_owner_auth_file: self.tpm_owner_auth_file,
                 log_format: self.log_format.unwrap_or_default(),
                 metrics_addr: if self.no_metrics {
                     None
@@ -251,7 +233,7 @@ mod tests {
         assert_eq!(cfg.cluster, "edge-2");
         assert_eq!(cfg.socket, PathBuf::from("/run/x/kms.sock"));
         assert_eq!(cfg.admin_socket, PathBuf::from("/run/x/admin.sock"));
-        assert_eq!(cfg.sealer, SealerKind::Soft);
+        assert_eq!(cfg.sealer.kind, SealerKind::Soft);
         assert_eq!(cfg.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
     }
 
@@ -263,8 +245,8 @@ mod tests {
         }
         .validate()
         .unwrap();
-        assert_eq!(cfg.sealer, SealerKind::Tpm);
-        assert_eq!(cfg.tpm_tcti, DEFAULT_TPM_TCTI);
+        assert_eq!(cfg.sealer.kind, SealerKind::Tpm);
+        assert_eq!(cfg.sealer.tcti(), edgekms_hsm::DEFAULT_TCTI);
     }
 
     #[test]
@@ -387,6 +369,36 @@ mod tests {
                 .unwrap()
                 .recovery_passphrase_file,
             Some(PathBuf::from("/root/pass"))
+        );
+    }
+
+    #[test]
+    fn sealer_options_are_validated_with_the_rest() {
+        let err = Settings {
+            cluster: Some("Bad_Name".into()),
+            sealer: Some(SealerKind::Soft),
+            tpm_tcti: Some("swtpm:".into()),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(
+            err.contains("Bad_Name") && err.contains("--tpm-* options given but --sealer is soft"),
+            "{err}"
+        );
+        let file: Settings = toml::from_str(
+            "cluster = \"c\"\ntpm_tcti = \"swtpm:host=127.0.0.1,port=2321\"\ntpm_pcrs = \"sha256:7\"\ntpm_owner_auth_file = \"/etc/edgekms/owner\"\n",
+        )
+        .unwrap();
+        let cfg = Settings::default().or(file).validate().unwrap();
+        assert_eq!(
+            cfg.sealer,
+            SealerConfig {
+                kind: SealerKind::Tpm,
+                tpm_tcti: Some("swtpm:host=127.0.0.1,port=2321".into()),
+                tpm_pcrs: Some("sha256:7".into()),
+                tpm_owner_auth_file: Some("/etc/edgekms/owner".into()),
+            }
         );
     }
 

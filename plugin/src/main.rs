@@ -7,8 +7,9 @@ use std::sync::{Arc, OnceLock};
 
 use clap::Parser;
 use edgekms_daemon::cli;
+use edgekms_daemon::config::LogFormat;
 use edgekms_daemon::ops::{Handlers, OpsServer};
-use edgekms_plugin::config::{Config, LogFormat, Settings};
+use edgekms_plugin::config::{Config, Settings};
 use edgekms_plugin::metrics;
 use edgekms_plugin::node::{sealer_from_config, Node};
 use edgekms_plugin::{backup, server, sync};

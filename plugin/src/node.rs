@@ -15,16 +15,17 @@
 //! as healthz, and Encrypt/Decrypt fail with UNAVAILABLE.
 
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use edgekms_core::delivery::{Binding, DeliveryKey};
 use edgekms_core::rotation::node::{converge, Received};
 use edgekms_core::{KeyVersion, Keyring};
-use edgekms_hsm::{Key256, SealError, SealedBlob, Sealer, SealerInfo};
+use edgekms_daemon::config::now_unix;
+use edgekms_hsm::{Key256, SealError, SealedBlob, Sealer, SealerInfo, SoftKeyFile};
 use edgekms_proto::fleet::ClusterState;
 use zeroize::Zeroizing;
 
-use crate::config::{Config, SealerKind};
+use crate::config::Config;
 use crate::error::NodeError;
 use crate::metrics::{self, SealerOp};
 use crate::recovery;
@@ -77,23 +78,17 @@ pub struct Holding {
     pub primary: u32,
 }
 
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// Builds the sealer the config asks for. Never falls back to another one.
+/// Builds the sealer the config asks for (see [`edgekms_hsm::open`]).
+/// Never falls back to another one. A missing soft-sealer key file is made
+/// by the first seal; with a key sealed under it, unsealing names it.
 pub fn sealer_from_config(cfg: &Config) -> Result<Box<dyn Sealer>, NodeError> {
     require_cluster(cfg)?;
     private_data_dir(&cfg.data_dir)?;
-    match cfg.sealer {
-        SealerKind::Soft => Ok(Box::new(edgekms_hsm::soft::SoftSealer::open_or_create(
-            &cfg.data_dir.join("soft-sealer.key"),
-        )?)),
-        SealerKind::Tpm => tpm_sealer(cfg),
-    }
+    Ok(edgekms_hsm::open(
+        &cfg.sealer,
+        &cfg.data_dir,
+        SoftKeyFile::MayCreate,
+    )?)
 }
 
 /// `--cluster` may be left out only once the data dir names one: checked
@@ -119,37 +114,6 @@ pub fn private_data_dir(dir: &std::path::Path) -> Result<(), NodeError> {
         tracing::warn!(dir = %dir.display(), "the data dir was readable by other users: made it 0700");
     }
     Ok(())
-}
-
-#[cfg(feature = "tpm")]
-fn tpm_sealer(cfg: &Config) -> Result<Box<dyn Sealer>, NodeError> {
-    use edgekms_hsm::tpm::{PcrPolicy, TpmConfig, TpmSealer};
-    let pcrs = cfg.tpm_pcrs.as_deref().map(PcrPolicy::parse).transpose()?;
-    let owner_auth = match &cfg.tpm_owner_auth_file {
-        Some(path) => {
-            let text =
-                zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
-                    SealError::Io {
-                        op: format!("read TPM owner auth {}", path.display()),
-                        source,
-                    }
-                })?);
-            Some(zeroize::Zeroizing::new(
-                text.trim_end_matches(['\r', '\n']).to_owned(),
-            ))
-        }
-        None => None,
-    };
-    Ok(Box::new(TpmSealer::new(TpmConfig {
-        tcti: cfg.tpm_tcti.clone(),
-        pcrs,
-        owner_auth,
-    })?))
-}
-
-#[cfg(not(feature = "tpm"))]
-fn tpm_sealer(_: &Config) -> Result<Box<dyn Sealer>, NodeError> {
-    Err(SealError::Unsupported("--sealer tpm (this build has no `tpm` feature)").into())
 }
 
 impl Node {

@@ -163,13 +163,6 @@ fn record_kind(name: &str) -> &'static str {
     }
 }
 
-fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 fn rocks_options() -> Options {
     let mut opts = Options::default();
     opts.create_if_missing(true);
@@ -457,7 +450,10 @@ impl Store {
                 copies.dir().display()
             )));
         }
-        let aside = path.with_file_name(format!("{CACHE_DIR}.damaged-{}", now_unix()));
+        let aside = path.with_file_name(format!(
+            "{CACHE_DIR}.damaged-{}",
+            edgekms_daemon::config::now_unix()
+        ));
         std::fs::rename(path, &aside).map_err(|e| {
             StoreError::Damaged(format!(
                 "the key cache {} is damaged ({source}) and cannot be moved aside to {}: {e}",

@@ -295,6 +295,7 @@ mod tests {
                 let msg = e.to_string();
                 assert!(msg.contains(needle), "{msg}");
                 assert!(msg.contains("kmsctl local reseal"), "{msg}");
+                assert!(msg.contains("edgekms-server restore"), "{msg}");
                 assert!(!msg.contains("another TPM"), "{msg}");
             }
             other => panic!("expected SoftKeyFile ({needle}), got {other:?}"),

@@ -45,8 +45,7 @@ use zeroize::Zeroizing;
 pub use policy::{PcrBank, PcrPolicy};
 pub use sealer::TpmSealer;
 
-/// The kernel's resource-managed TPM device.
-pub const DEFAULT_TCTI: &str = "device:/dev/tpmrm0";
+pub use crate::config::DEFAULT_TCTI;
 
 /// How to reach the TPM and what to bind the key to.
 #[derive(Clone)]

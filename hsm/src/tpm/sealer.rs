@@ -436,11 +436,11 @@ impl Sealer for TpmSealer {
             tracing::warn!(
                 sealed_with = %sealed_with.map_or_else(|| "none".to_owned(), ToString::to_string),
                 configured = %self.policy_name(),
-                "the node sealing key is sealed with another PCR policy than the configured one; run `kmsctl local reseal` to apply the configured one"
+                "the key is sealed with another PCR policy than the configured one (--tpm-pcrs); a node applies the configured one with `kmsctl local reseal`, the central service when it restores a `kmsctl backup` with it"
             );
         }
         if !public.object_attributes().no_da() {
-            tracing::info!("the node sealing key was sealed before edgekms set noDA (dictionary-attack exemption) on it; `kmsctl local reseal` seals it again with noDA");
+            tracing::info!("the key was sealed before edgekms set noDA (dictionary-attack exemption) on it; on a node, `kmsctl local reseal` seals it again with noDA");
         }
         self.with_primary(Some(&blob.primary), |ctx, primary| {
             self.unseal_under(ctx, primary, &blob, public, private)

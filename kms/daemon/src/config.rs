@@ -2,13 +2,15 @@
 //! command-line flags and as a TOML file with the same keys; flags win
 //! over the file; validation reports every bad field at once. This module
 //! holds the parts they share: reading the file, the log format, the
-//! backup key file, and the clock.
+//! `--sealer` flag's parser, the backup key file, and the clock. What a
+//! sealer choice means lives in [`edgekms_hsm::config`].
 
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::ValueEnum;
-use edgekms_hsm::Key256;
+use edgekms_hsm::{Key256, SealerKind};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use zeroize::Zeroizing;
@@ -19,6 +21,12 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
+}
+
+/// The `--sealer` flag of both daemons: `tpm` or `soft`, listed in `--help`
+/// and in clap's error for any other value.
+pub fn sealer_kind_parser() -> impl TypedValueParser<Value = SealerKind> {
+    PossibleValuesParser::new(SealerKind::NAMES).try_map(|name| name.parse::<SealerKind>())
 }
 
 /// Reads a TOML config file into `T` (whose unknown keys the caller's
@@ -74,5 +82,20 @@ mod tests {
         let e = read_key_file(&path).unwrap_err().to_string();
         assert!(e.contains("64 hex digits"), "{e}");
         assert!(read_key_file(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn the_sealer_flag_takes_tpm_or_soft() {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[arg(long, value_parser = sealer_kind_parser())]
+            sealer: Option<SealerKind>,
+        }
+        use clap::Parser as _;
+        let parse = |v: &str| Flags::try_parse_from(["x", "--sealer", v]).map(|f| f.sealer);
+        assert_eq!(parse("soft").unwrap(), Some(SealerKind::Soft));
+        assert_eq!(parse("tpm").unwrap(), Some(SealerKind::Tpm));
+        let e = parse("hsm").map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("tpm") && e.contains("soft"), "{e}");
     }
 }

@@ -16,9 +16,7 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use clap::ValueEnum;
-use edgekms_hsm::{Key256, SealError, Sealer};
-use serde::Deserialize;
+use edgekms_hsm::{Key256, SealError, Sealer, SealerConfig, SoftKeyFile};
 
 use crate::error::ServerError;
 use crate::rocks::{self, Probe, Store};
@@ -26,69 +24,27 @@ use crate::state_store::StoreError;
 use crate::Central;
 use edgekms_daemon::pki;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SealerKind {
-    /// TPM 2.0 of the central host.
-    Tpm,
-    /// Key file on disk. INSECURE: development only.
-    Soft,
-}
-
-/// The soft sealer's key file in a data dir.
-const SOFT_KEY: &str = "soft-sealer.key";
-
-/// [`sealer`] for serving an existing data dir: a missing soft sealer key
-/// is refused rather than made anew (a new one cannot unseal the root key).
-pub fn serve_sealer(
-    data_dir: &Path,
-    kind: SealerKind,
-    tcti: &str,
-) -> Result<Box<dyn Sealer>, ServerError> {
-    let key = data_dir.join(SOFT_KEY);
-    if kind == SealerKind::Soft
-        && !key.exists()
-        && (edgekms_daemon::durable::has_marker(data_dir)
-            || data_dir.join(rocks::STATE_DIR).exists())
-    {
-        return Err(StoreError::Unrecoverable {
-            what: "the soft sealer key is missing, and without it the root key cannot be unsealed"
-                .into(),
-            file: key.display().to_string(),
-        }
-        .into());
-    }
-    sealer(data_dir, kind, tcti)
-}
-
-/// Builds the sealer for the root key. Never falls back to another one.
-pub fn sealer(
-    data_dir: &Path,
-    kind: SealerKind,
-    tcti: &str,
-) -> Result<Box<dyn Sealer>, ServerError> {
+/// Builds the sealer for a new root key (`init`, `restore`), as
+/// [`edgekms_hsm::open`] does for either daemon: a soft-sealer key file is
+/// made by the first seal. Never falls back to another sealer.
+pub fn sealer(data_dir: &Path, cfg: &SealerConfig) -> Result<Box<dyn Sealer>, ServerError> {
     private_dir(data_dir)?;
-    match kind {
-        SealerKind::Soft => Ok(Box::new(edgekms_hsm::soft::SoftSealer::open_or_create(
-            &data_dir.join(SOFT_KEY),
-        )?)),
-        SealerKind::Tpm => tpm(tcti),
-    }
+    Ok(edgekms_hsm::open(cfg, data_dir, SoftKeyFile::MayCreate)?)
 }
 
-#[cfg(feature = "tpm")]
-fn tpm(tcti: &str) -> Result<Box<dyn Sealer>, ServerError> {
-    use edgekms_hsm::tpm::{TpmConfig, TpmSealer};
-    Ok(Box::new(TpmSealer::new(TpmConfig {
-        tcti: tcti.to_owned(),
-        pcrs: None,
-        owner_auth: None,
-    })?))
-}
-
-#[cfg(not(feature = "tpm"))]
-fn tpm(_: &str) -> Result<Box<dyn Sealer>, ServerError> {
-    Err(SealError::Unsupported("--sealer tpm (this build has no `tpm` feature)").into())
+/// [`sealer`] for serving an existing data dir: once it holds a state, a
+/// missing soft-sealer key file is refused rather than made anew (a new one
+/// cannot unseal the root key).
+pub fn serve_sealer(data_dir: &Path, cfg: &SealerConfig) -> Result<Box<dyn Sealer>, ServerError> {
+    let initialized =
+        edgekms_daemon::durable::has_marker(data_dir) || data_dir.join(rocks::STATE_DIR).exists();
+    let key_file = if initialized {
+        SoftKeyFile::MustExist
+    } else {
+        SoftKeyFile::MayCreate
+    };
+    private_dir(data_dir)?;
+    Ok(edgekms_hsm::open(cfg, data_dir, key_file)?)
 }
 
 fn io(op: String) -> impl FnOnce(std::io::Error) -> ServerError {

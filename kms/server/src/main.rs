@@ -12,14 +12,15 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use edgekms_daemon::cli;
+use edgekms_daemon::config::{read_toml, sealer_kind_parser, LogFormat};
 use edgekms_daemon::ops::{Handlers, OpsServer};
-use edgekms_server::init::{self, SealerKind};
+use edgekms_hsm::{SealerConfig, SealerKind};
+use edgekms_server::init;
 use edgekms_server::{backup, metrics, restore, service, AutoRotate, Central, Retention};
 use serde::Deserialize;
 
-const DEFAULT_TCTI: &str = "device:/dev/tpmrm0";
 /// Where `/metrics`, `/healthz` and `/readyz` are served unless told otherwise.
 const DEFAULT_METRICS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9465);
 
@@ -46,23 +47,40 @@ enum Command {
     Restore(RestoreArgs),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
-
-/// Where a new root key is sealed (`init`, `restore`).
+/// Where a new root key is sealed (`init`, `restore`); `serve` takes the
+/// same options (and config keys) in [`ServeArgs`].
 #[derive(Debug, Args)]
 struct SealerArgs {
     /// Where the root key is sealed: tpm, or soft (INSECURE, development)
-    #[arg(long, value_enum, default_value = "tpm")]
+    #[arg(long, value_parser = sealer_kind_parser(), default_value = "tpm")]
     sealer: SealerKind,
-    /// TPM TCTI (device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321, ...)
-    #[arg(long, value_name = "TCTI", default_value = DEFAULT_TCTI)]
-    tpm_tcti: String,
+    /// TPM TCTI: device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321, mssim:host=...,port=..., tabrmd: [default: device:/dev/tpmrm0]
+    #[arg(long, value_name = "TCTI")]
+    tpm_tcti: Option<String>,
+    /// Bind the root key to these PCRs, e.g. sha256:7 or sha256:0,2,7 [default: no PCR policy]
+    #[arg(long, value_name = "BANK:LIST")]
+    tpm_pcrs: Option<String>,
+    /// File holding the TPM owner-hierarchy authorization, when the owner set one (kept out of argv)
+    #[arg(long, value_name = "FILE")]
+    tpm_owner_auth_file: Option<PathBuf>,
+}
+
+impl SealerArgs {
+    /// The sealer choice, validated: a bad one is a usage error.
+    fn config(self) -> anyhow::Result<SealerConfig> {
+        sealer_config(SealerConfig {
+            kind: self.sealer,
+            tpm_tcti: self.tpm_tcti,
+            tpm_pcrs: self.tpm_pcrs,
+            tpm_owner_auth_file: self.tpm_owner_auth_file,
+        })
+    }
+}
+
+/// `cfg` if valid; every problem in one usage error otherwise.
+fn sealer_config(cfg: SealerConfig) -> anyhow::Result<SealerConfig> {
+    cfg.validate().map_err(|e| Usage(e.to_string()))?;
+    Ok(cfg)
 }
 
 #[derive(Debug, Args)]
@@ -114,11 +132,17 @@ struct ServeArgs {
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<SocketAddr>,
     /// The sealer the root key was sealed with at init [default: tpm]
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = sealer_kind_parser())]
     sealer: Option<SealerKind>,
     /// TPM TCTI [default: device:/dev/tpmrm0]
     #[arg(long, value_name = "TCTI")]
     tpm_tcti: Option<String>,
+    /// The PCRs given to init, e.g. sha256:7 (a root key sealed under a PCR policy is unsealed under the configured one) [default: no PCR policy]
+    #[arg(long, value_name = "BANK:LIST")]
+    tpm_pcrs: Option<String>,
+    /// File holding the TPM owner-hierarchy authorization, when the owner set one (kept out of argv and the config)
+    #[arg(long, value_name = "FILE")]
+    tpm_owner_auth_file: Option<PathBuf>,
     /// Rotate every cluster automatically this often (e.g. 90d) [default: off]
     #[arg(long, value_name = "DURATION")]
     auto_rotate_every: Option<String>,
@@ -163,6 +187,8 @@ impl ServeArgs {
             listen: self.listen.or(file.listen),
             sealer: self.sealer.or(file.sealer),
             tpm_tcti: self.tpm_tcti.or(file.tpm_tcti),
+            tpm_pcrs: self.tpm_pcrs.or(file.tpm_pcrs),
+            tpm_owner_auth_file: self.tpm_owner_auth_file.or(file.tpm_owner_auth_file),
             auto_rotate_every: self.auto_rotate_every.or(file.auto_rotate_every),
             cluster_auto_rotate: file.cluster_auto_rotate,
             heartbeat: self.heartbeat.or(file.heartbeat),
@@ -181,6 +207,16 @@ impl ServeArgs {
             max_unauthenticated_per_peer: self
                 .max_unauthenticated_per_peer
                 .or(file.max_unauthenticated_per_peer),
+        }
+    }
+
+    /// The sealer choice, unvalidated.
+    fn sealer(&self) -> SealerConfig {
+        SealerConfig {
+            kind: self.sealer.unwrap_or_default(),
+            tpm_tcti: self.tpm_tcti.clone(),
+            tpm_pcrs: self.tpm_pcrs.clone(),
+            tpm_owner_auth_file: self.tpm_owner_auth_file.clone(),
         }
     }
 
@@ -223,7 +259,7 @@ fn main() -> ExitCode {
 fn run_init(args: InitArgs) -> anyhow::Result<()> {
     cli::quiet_tss();
     cli::init_logging(false);
-    let sealer = init::sealer(&args.data_dir, args.sealer.sealer, &args.sealer.tpm_tcti)?;
+    let sealer = init::sealer(&args.data_dir, &args.sealer.config()?)?;
     let names = init::server_names(&args.sans);
     let done = init::init(&args.data_dir, sealer.as_ref(), &names)?;
     println!(
@@ -245,8 +281,9 @@ fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
     let blob = std::fs::read(&args.file).with_context(|| format!("cannot read {file}"))?;
     // Everything is checked before anything is created.
     let dump = backup::open(&blob, &key).with_context(|| format!("cannot restore {file}"))?;
+    let sealer_cfg = args.sealer.config()?;
     restore::check_target(&args.data_dir)?;
-    let sealer = init::sealer(&args.data_dir, args.sealer.sealer, &args.sealer.tpm_tcti)?;
+    let sealer = init::sealer(&args.data_dir, &sealer_cfg)?;
     let names = (!args.sans.is_empty()).then(|| init::server_names(&args.sans));
     let done = restore::restore(&dump, &args.data_dir, sealer.as_ref(), names.as_deref())
         .with_context(|| format!("cannot restore {file}"))?;
@@ -325,21 +362,20 @@ const REFUSAL_WINDOW: Duration = Duration::from_secs(60);
 fn run_serve(flags: ServeArgs) -> anyhow::Result<()> {
     cli::quiet_tss();
     let file = match &flags.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read config {}", path.display()))?;
-            toml::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("config {}: {}", path.display(), e.message()))?
-        }
+        Some(path) => read_toml(path).map_err(|e| anyhow::anyhow!(e))?,
         None => ServeArgs::default(),
     };
     let args = flags.or(file);
     let mut problems = Vec::new();
     if args.data_dir.is_none() {
-        problems.push("--data-dir is required");
+        problems.push("--data-dir is required".to_owned());
     }
     if args.listen.is_none() {
-        problems.push("--listen is required (e.g. 0.0.0.0:8443)");
+        problems.push("--listen is required (e.g. 0.0.0.0:8443)".to_owned());
+    }
+    let sealer = args.sealer();
+    if let Err(e) = sealer.validate() {
+        problems.extend(e.0);
     }
     if !problems.is_empty() {
         return Err(Usage(problems.join("; ")).into());
@@ -380,8 +416,7 @@ fn run_serve(flags: ServeArgs) -> anyhow::Result<()> {
     );
     let open = Open {
         data_dir,
-        sealer: args.sealer.unwrap_or(SealerKind::Tpm),
-        tcti: args.tpm_tcti.clone().unwrap_or_else(|| DEFAULT_TCTI.into()),
+        sealer,
         auto_rotate: rotate,
         heartbeat,
         retention,
@@ -392,8 +427,7 @@ fn run_serve(flags: ServeArgs) -> anyhow::Result<()> {
 /// How to open the data dir (unsealing the root key).
 struct Open {
     data_dir: PathBuf,
-    sealer: SealerKind,
-    tcti: String,
+    sealer: SealerConfig,
     auto_rotate: AutoRotate,
     heartbeat: Duration,
     retention: Retention,
@@ -401,7 +435,7 @@ struct Open {
 
 impl Open {
     fn open(self) -> anyhow::Result<Central> {
-        let sealer = init::serve_sealer(&self.data_dir, self.sealer, &self.tcti)?;
+        let sealer = init::serve_sealer(&self.data_dir, &self.sealer)?;
         let mut core = init::open(&self.data_dir, sealer.as_ref())?;
         core.auto_rotate = self.auto_rotate;
         core.heartbeat = self.heartbeat;
@@ -549,6 +583,75 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(off_flag.or(on_in_file).metrics(), None);
+    }
+
+    #[test]
+    fn sealer_options_come_from_flags_or_the_file() {
+        let file: ServeArgs = toml::from_str(
+            "sealer = \"tpm\"\ntpm_pcrs = \"sha256:7\"\ntpm_owner_auth_file = \"/etc/edgekms/owner\"",
+        )
+        .unwrap();
+        let flags = ServeArgs {
+            tpm_tcti: Some("swtpm:host=127.0.0.1,port=2321".into()),
+            ..Default::default()
+        };
+        let cfg = flags.or(file).sealer();
+        assert_eq!(
+            cfg,
+            SealerConfig {
+                kind: SealerKind::Tpm,
+                tpm_tcti: Some("swtpm:host=127.0.0.1,port=2321".into()),
+                tpm_pcrs: Some("sha256:7".into()),
+                tpm_owner_auth_file: Some("/etc/edgekms/owner".into()),
+            }
+        );
+        assert!(cfg.validate().is_ok());
+        let soft: ServeArgs = toml::from_str("sealer = \"soft\"\ntpm_pcrs = \"sha256:7\"").unwrap();
+        let e = soft.sealer().validate().unwrap_err().to_string();
+        assert!(e.contains("--sealer is soft"), "{e}");
+        assert!(toml::from_str::<ServeArgs>("tpm_pcr = \"sha256:7\"").is_err());
+    }
+
+    #[test]
+    fn init_and_restore_take_the_nodes_tpm_options() {
+        let cli = Cli::try_parse_from([
+            "edgekms-server",
+            "init",
+            "--data-dir",
+            "/d",
+            "--tpm-pcrs",
+            "sha256:7",
+            "--tpm-owner-auth-file",
+            "/etc/owner",
+        ])
+        .unwrap();
+        let Some(Command::Init(init)) = cli.command else {
+            panic!("not init: {cli:?}")
+        };
+        let cfg = init.sealer.config().unwrap();
+        assert_eq!(cfg.kind, SealerKind::Tpm);
+        assert_eq!(cfg.tcti(), edgekms_hsm::DEFAULT_TCTI);
+        assert_eq!(cfg.tpm_pcrs.as_deref(), Some("sha256:7"));
+        let cli = Cli::try_parse_from([
+            "edgekms-server",
+            "restore",
+            "b.bak",
+            "--key-file",
+            "k",
+            "--data-dir",
+            "/d",
+            "--sealer",
+            "soft",
+            "--tpm-pcrs",
+            "sha256:7",
+        ])
+        .unwrap();
+        let Some(Command::Restore(restore)) = cli.command else {
+            panic!("not restore: {cli:?}")
+        };
+        let e = restore.sealer.config().unwrap_err();
+        assert!(e.downcast_ref::<Usage>().is_some(), "{e}");
+        assert!(e.to_string().contains("--sealer is soft"), "{e}");
     }
 
     #[test]
