@@ -4,6 +4,7 @@
 //! a node joined to it, and a standalone node, each node with one seed it
 //! encrypted then. The on-disk formats must stay readable for ever; this
 //! test fails the day one is not.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
 

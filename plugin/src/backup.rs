@@ -118,9 +118,8 @@ pub fn decode(plain: &[u8]) -> Result<NodeDump, String> {
     let count = r.u32("the version count")?;
     for _ in 0..count {
         let version = r.u32("a version number")?;
-        let state = match r.u8("a version state")? {
-            b => byte_state(b).ok_or_else(|| format!("version {version} has unknown state {b}"))?,
-        };
+        let b = r.u8("a version state")?;
+        let state = byte_state(b).ok_or_else(|| format!("version {version} has unknown state {b}"))?;
         let created = r.u64("a creation time")?;
         let key_id = r.string("a key_id")?;
         let kv = if state == VersionState::Retired {

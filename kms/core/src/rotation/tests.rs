@@ -31,6 +31,9 @@ struct Node {
 
 const NOW: u64 = 1_000;
 
+/// One version as sent: number, state, key_id, wrapped key (or empty).
+type Sent = (u32, VersionState, String, Vec<u8>);
+
 impl Center {
     fn new() -> Self {
         let key = Key256::generate();
@@ -75,7 +78,7 @@ impl Center {
     }
 
     /// What the service sends `node`: its desired state, keys wrapped.
-    fn send(&self, node: &Node) -> (Vec<(u32, VersionState, String, Vec<u8>)>, Vec<u32>) {
+    fn send(&self, node: &Node) -> (Vec<Sent>, Vec<u32>) {
         let desired = self.cluster.desired(node.name);
         let public = node.delivery.public_key();
         let versions = desired
@@ -119,7 +122,7 @@ impl Center {
 
 fn apply(
     node: &Node,
-    versions: &[(u32, VersionState, String, Vec<u8>)],
+    versions: &[Sent],
     retired: &[u32],
 ) -> Result<super::node::Converged, ConvergeError> {
     let received: Vec<Received<'_>> = versions

@@ -96,24 +96,24 @@ proptest! {
         let kek = Key256::from_bytes(&kek);
         let mut change = Change::default();
         change.put_cluster(&c).unwrap();
-        change.put_kek(&root, &c.name(), version, &key_id, &kek);
+        change.put_kek(&root, c.name(), version, &key_id, &kek);
         s.commit(change).unwrap();
         prop_assert_eq!(s.cluster_records().unwrap(), vec![c.clone()]);
-        prop_assert!(s.kek(&root, &c.name(), version, &key_id).unwrap() == Some(kek));
+        prop_assert!(s.kek(&root, c.name(), version, &key_id).unwrap() == Some(kek));
         let other_id = format!("{key_id}x");
-        prop_assert!(s.kek(&root, &c.name(), version, &other_id).is_err());
+        prop_assert!(s.kek(&root, c.name(), version, &other_id).is_err());
 
-        let good = s.db.get(kek_key(&c.name(), version)).unwrap().unwrap();
+        let good = s.db.get(kek_key(c.name(), version)).unwrap().unwrap();
         // Moved to another version's slot: refused.
         let other = version.wrapping_add(1);
-        s.db.put(kek_key(&c.name(), other), &good).unwrap();
-        prop_assert!(matches!(s.kek(&root, &c.name(), other, &key_id), Err(StoreError::Unwrap { .. })), "not refused as expected");
+        s.db.put(kek_key(c.name(), other), &good).unwrap();
+        prop_assert!(matches!(s.kek(&root, c.name(), other, &key_id), Err(StoreError::Unwrap { .. })), "not refused as expected");
         let mut bad = good.clone();
         bad[at.index(good.len())] ^= 1 << bit;
-        s.db.put(kek_key(&c.name(), version), &bad).unwrap();
-        prop_assert!(matches!(s.kek(&root, &c.name(), version, &key_id), Err(StoreError::Unwrap { .. })), "not refused as expected");
-        s.db.put(kek_key(&c.name(), version), &good[..cut.index(good.len())]).unwrap();
-        prop_assert!(matches!(s.kek(&root, &c.name(), version, &key_id), Err(StoreError::Unwrap { .. })), "not refused as expected");
+        s.db.put(kek_key(c.name(), version), &bad).unwrap();
+        prop_assert!(matches!(s.kek(&root, c.name(), version, &key_id), Err(StoreError::Unwrap { .. })), "not refused as expected");
+        s.db.put(kek_key(c.name(), version), &good[..cut.index(good.len())]).unwrap();
+        prop_assert!(matches!(s.kek(&root, c.name(), version, &key_id), Err(StoreError::Unwrap { .. })), "not refused as expected");
     }
 }
 
