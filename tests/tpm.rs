@@ -308,7 +308,7 @@ fn no_raw_key_bytes_in_a_tpm_data_dir() {
             keys.push(kv.key().unwrap().expose().to_vec());
         }
     }
-    let store = edgekms_plugin::store::Store::open(&cfg.data_dir, "edge-1").unwrap();
+    let store = edgekms_plugin::cache::Cache::open(&cfg.data_dir, "edge-1").unwrap();
     let blob = store.sealed_nsk().unwrap().unwrap();
     drop(store);
     let sealer = sealer_from_config(&cfg).unwrap();

@@ -35,7 +35,7 @@ async fn blocking<T: Send + 'static>(
 #[tonic::async_trait]
 impl NodeAdmin for AdminService {
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<NodeStatus>, Status> {
-        let r = self.node.report();
+        let r = self.node.local_status();
         let (primary_version, primary_key_id) = r.primary.unwrap_or_default();
         Ok(Response::new(NodeStatus {
             cluster: r.cluster,

@@ -30,10 +30,10 @@ use edgekms_core::{KeyVersion, Keyring, VersionState};
 use edgekms_hsm::{Key256, Sealer};
 use zeroize::Zeroizing;
 
+use crate::cache::{byte_state, state_byte, Cache, CacheError};
 use crate::error::NodeError;
 use crate::node::Node;
 use crate::recovery;
-use crate::store::{byte_state, state_byte, Store, StoreError};
 
 /// The file's first bytes ("edgekms node backup").
 pub const MAGIC: &[u8; 4] = b"EKNB";
@@ -119,7 +119,8 @@ pub fn decode(plain: &[u8]) -> Result<NodeDump, String> {
     for _ in 0..count {
         let version = r.u32("a version number")?;
         let b = r.u8("a version state")?;
-        let state = byte_state(b).ok_or_else(|| format!("version {version} has unknown state {b}"))?;
+        let state =
+            byte_state(b).ok_or_else(|| format!("version {version} has unknown state {b}"))?;
         let created = r.u64("a creation time")?;
         let key_id = r.string("a key_id")?;
         let kv = if state == VersionState::Retired {
@@ -151,7 +152,7 @@ pub fn make(node: &Node, key: &Key256) -> Result<(Vec<u8>, NodeDump), NodeError>
     if let Some(reason) = &snap.unavailable {
         return Err(NodeError::Unavailable(reason.clone()));
     }
-    if node.store().fleet()?.is_some() {
+    if node.cache().fleet()?.is_some() {
         return Err(NodeError::InvalidArgument(
             "this node's keys come from the central key service: back up the central service (`kmsctl backup`); a lost node joins again".into(),
         ));
@@ -189,8 +190,8 @@ pub enum RestoreError {
     Node(#[from] NodeError),
 }
 
-impl From<StoreError> for RestoreError {
-    fn from(e: StoreError) -> Self {
+impl From<CacheError> for RestoreError {
+    fn from(e: CacheError) -> Self {
         RestoreError::Node(e.into())
     }
 }
@@ -288,12 +289,12 @@ fn build(
         ))
         .map_err(NodeError::from)?;
     }
-    let store = Store::open_with(dir, Some(&dump.cluster))?;
+    let store = Cache::open_with(dir, Some(&dump.cluster))?;
     let nsk = Key256::generate();
     let passphrase = recovery::generate_passphrase();
     let wrapped = recovery::wrap(&nsk, &passphrase, &dump.cluster);
     let blob = sealer.seal(&nsk).map_err(NodeError::from)?;
-    edgekms_daemon::durable::write_marker(dir).map_err(StoreError::from)?;
+    edgekms_daemon::durable::write_marker(dir).map_err(CacheError::from)?;
     store.put_new_nsk(&blob, &wrapped, &nsk, &ring)?;
     // Read back as the plugin will.
     let back = store.load_keyring(&nsk)?;

@@ -10,14 +10,14 @@ use edgekms_core::KeyringError;
 use edgekms_hsm::SealError;
 use tonic::{Code, Status};
 
-use crate::store::StoreError;
+use crate::cache::CacheError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error(transparent)]
     Keyring(#[from] KeyringError),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Cache(#[from] CacheError),
     #[error(transparent)]
     Seal(#[from] SealError),
     #[error("key material is not available: {0}")]
@@ -96,18 +96,18 @@ fn seal_code(e: &SealError) -> Code {
     }
 }
 
-fn store_code(e: &StoreError) -> Code {
+fn store_code(e: &CacheError) -> Code {
     match e {
-        StoreError::Keyring(e) => keyring_code(e),
-        StoreError::Seal(e) => seal_code(e),
-        StoreError::Db { .. }
-        | StoreError::Rocks(_)
-        | StoreError::ClusterMismatch { .. }
-        | StoreError::Corrupt { .. }
-        | StoreError::Unwrap { .. }
-        | StoreError::Durable(_)
-        | StoreError::Damaged(_)
-        | StoreError::NoCluster { .. } => Code::Internal,
+        CacheError::Keyring(e) => keyring_code(e),
+        CacheError::Seal(e) => seal_code(e),
+        CacheError::Db { .. }
+        | CacheError::Rocks(_)
+        | CacheError::ClusterMismatch { .. }
+        | CacheError::Corrupt { .. }
+        | CacheError::Unwrap { .. }
+        | CacheError::Durable(_)
+        | CacheError::Damaged(_)
+        | CacheError::NoCluster { .. } => Code::Internal,
     }
 }
 
@@ -115,7 +115,7 @@ impl NodeError {
     pub fn code(&self) -> Code {
         match self {
             NodeError::Keyring(e) => keyring_code(e),
-            NodeError::Store(e) => store_code(e),
+            NodeError::Cache(e) => store_code(e),
             NodeError::Seal(e) => seal_code(e),
             NodeError::Unavailable(_) => Code::Unavailable,
             NodeError::InvalidArgument(_) => Code::InvalidArgument,

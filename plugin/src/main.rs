@@ -12,7 +12,7 @@ use edgekms_daemon::ops::{Handlers, OpsServer};
 use edgekms_plugin::config::{Config, Settings};
 use edgekms_plugin::metrics;
 use edgekms_plugin::node::{sealer_from_config, Node};
-use edgekms_plugin::{backup, server, sync};
+use edgekms_plugin::{backup, socket, sync};
 
 /// Kubernetes KMS v2 plugin: wraps kube-apiserver's DEK seeds with KEKs kept
 /// in a local cache and sealed to this node's TPM.
@@ -214,7 +214,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     edgekms_plugin::node::require_cluster(&cfg)?;
     // One descriptor per connection: as many as the hard limit allows.
     let fds = cli::raise_fd_limit();
-    let limits = server::limits(cfg.max_connections);
+    let limits = socket::limits(cfg.max_connections);
     cli::log_connection_limits(limits.max_connections, fds);
 
     runtime()?.block_on(async {
@@ -242,10 +242,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let _ = opened.set(node.clone());
         // Bound only now that keys are loaded: a connecting apiserver finds a
         // plugin that can answer.
-        let kms = server::bind(&cfg.socket)?;
-        let admin = server::bind(&cfg.admin_socket)?;
+        let kms = socket::bind(&cfg.socket)?;
+        let admin = socket::bind(&cfg.admin_socket)?;
         tokio::spawn(sync::run(node.clone(), cfg.sync_backoff_max));
-        server::serve(node, kms, admin, limits, cli::shutdown_signal()).await?;
+        socket::serve(node, kms, admin, limits, cli::shutdown_signal()).await?;
         tracing::info!("stopped");
         Ok(())
     })

@@ -25,11 +25,11 @@ use edgekms_hsm::{Key256, SealError, SealedBlob, Sealer, SealerInfo, SoftKeyFile
 use edgekms_proto::fleet::ClusterState;
 use zeroize::Zeroizing;
 
+use crate::cache::{Cache, CacheError};
 use crate::config::Config;
 use crate::error::NodeError;
 use crate::metrics::{self, SealerOp};
 use crate::recovery;
-use crate::store::{Store, StoreError};
 
 /// What the KMS service reads, published whole.
 #[derive(Debug)]
@@ -41,7 +41,7 @@ pub struct Snapshot {
 
 /// A node's view of itself, for `kmsctl local status`.
 #[derive(Debug, Clone)]
-pub struct NodeReport {
+pub struct LocalStatus {
     pub cluster: String,
     pub node: String,
     pub healthz: String,
@@ -57,7 +57,7 @@ pub struct NodeReport {
 pub struct Node {
     cluster: String,
     node: String,
-    store: Store,
+    cache: Cache,
     sealer: Box<dyn Sealer>,
     nsk: Mutex<Option<Arc<Key256>>>,
     snapshot: RwLock<Arc<Snapshot>>,
@@ -95,8 +95,8 @@ pub fn sealer_from_config(cfg: &Config) -> Result<Box<dyn Sealer>, NodeError> {
 /// before anything is created in a new data dir (a soft sealer's key).
 pub fn require_cluster(cfg: &Config) -> Result<(), NodeError> {
     if cfg.cluster.is_empty()
-        && !cfg.data_dir.join(crate::store::CACHE_DIR).exists()
-        && !cfg.data_dir.join(crate::store::COPIES_DIR).exists()
+        && !cfg.data_dir.join(crate::cache::CACHE_DIR).exists()
+        && !cfg.data_dir.join(crate::cache::COPIES_DIR).exists()
     {
         return Err(NodeError::InvalidArgument(format!(
             "--cluster is required (the cluster this node belongs to): the data dir {} names none yet",
@@ -110,7 +110,7 @@ pub fn require_cluster(cfg: &Config) -> Result<(), NodeError> {
 /// this user, not writable by others (refused), not readable by others
 /// (tightened, and said so).
 pub fn private_data_dir(dir: &std::path::Path) -> Result<(), NodeError> {
-    if edgekms_daemon::durable::private_dir(dir).map_err(StoreError::from)? {
+    if edgekms_daemon::durable::private_dir(dir).map_err(CacheError::from)? {
         tracing::warn!(dir = %dir.display(), "the data dir was readable by other users: made it 0700");
     }
     Ok(())
@@ -133,7 +133,7 @@ impl Node {
     fn open_as(cfg: &Config, sealer: Box<dyn Sealer>, joining: bool) -> Result<Self, NodeError> {
         private_data_dir(&cfg.data_dir)?;
         let configured = (!cfg.cluster.is_empty()).then_some(cfg.cluster.as_str());
-        let store = Store::open_with(&cfg.data_dir, configured)?;
+        let store = Cache::open_with(&cfg.data_dir, configured)?;
         let fleet = store.fleet()?;
         if joining && fleet.is_some() {
             return Err(NodeError::InvalidArgument(format!(
@@ -172,14 +172,14 @@ impl Node {
             })),
             cluster,
             node: name,
-            store,
+            cache: store,
             sealer,
             nsk: Mutex::new(None),
             admin: Mutex::new(()),
             fleet: joining || fleet.is_some(),
             fleet_seq: std::sync::atomic::AtomicU64::new(fleet_seq),
         };
-        let nsk = match node.store.sealed_nsk()? {
+        let nsk = match node.cache.sealed_nsk()? {
             Some(blob) => {
                 edgekms_hsm::check_backend(node.sealer.as_ref(), &blob)?;
                 match node.unseal(&blob) {
@@ -201,14 +201,14 @@ impl Node {
                     Err(e) => return Err(e.into()),
                 }
             }
-            None if edgekms_daemon::durable::has_marker(&cfg.data_dir) || node.store.holds_keys()? => {
-                return Err(StoreError::Damaged(format!(
+            None if edgekms_daemon::durable::has_marker(&cfg.data_dir) || node.cache.holds_keys()? => {
+                return Err(CacheError::Damaged(format!(
                     "the data dir {} has held keys but its sealed node key is in neither the key cache (meta/nsk) nor {}: \
                      restore that file from a backup of the data dir, or run `edgekms-plugin restore` from a `kmsctl local backup` file, \
                      or (joined node) join again with an empty --data-dir. If the very first start of this data dir was interrupted, \
                      empty it and start again. No key was made",
                     cfg.data_dir.display(),
-                    node.store.copy_path("nsk").display()
+                    node.cache.copy_path("nsk").display()
                 ))
                 .into())
             }
@@ -240,8 +240,8 @@ impl Node {
             .write(&passphrase)
             .map_err(NodeError::from)
             .and_then(|()| {
-                edgekms_daemon::durable::write_marker(&cfg.data_dir).map_err(StoreError::from)?;
-                Ok(self.store.put_new_nsk(&blob, &wrapped, &nsk, &ring)?)
+                edgekms_daemon::durable::write_marker(&cfg.data_dir).map_err(CacheError::from)?;
+                Ok(self.cache.put_new_nsk(&blob, &wrapped, &nsk, &ring)?)
             });
         if let Err(e) = stored {
             recovery::PassphraseOut::abandon(passfile);
@@ -261,7 +261,7 @@ impl Node {
     /// publishes. A standalone node without a primary refuses: its keys
     /// are lost, and a new one would not open anything written before.
     fn load(&self, nsk: Key256) -> Result<(), NodeError> {
-        let ring = self.store.load_keyring(&nsk)?;
+        let ring = self.cache.load_keyring(&nsk)?;
         if ring.primary().is_none() && self.fleet {
             *self.nsk.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(nsk));
             self.publish(
@@ -272,12 +272,12 @@ impl Node {
         }
         if ring.primary().is_none() {
             let held: Vec<u32> = ring.versions().map(|kv| kv.version).collect();
-            return Err(StoreError::Damaged(format!(
+            return Err(CacheError::Damaged(format!(
                 "the data dir {} holds the node key but no primary KEK version (versions present: {held:?}) \
                  in the key cache or {}: restore the data dir from a backup, or run `edgekms-plugin restore` \
                  from a `kmsctl local backup` file. No key was made",
-                self.store.data_dir().display(),
-                self.store.data_dir().join(crate::store::COPIES_DIR).display()
+                self.cache.data_dir().display(),
+                self.cache.data_dir().join(crate::cache::COPIES_DIR).display()
             ))
             .into());
         }
@@ -401,7 +401,7 @@ impl Node {
         next.promote(v)?;
         next.self_test()?;
         let changed: Vec<u32> = std::iter::once(v).chain(old).collect();
-        self.store.save_versions(&nsk, &next, &changed)?;
+        self.cache.save_versions(&nsk, &next, &changed)?;
         let kv = next
             .get(v)
             .cloned()
@@ -421,7 +421,7 @@ impl Node {
             tracing::info!(target: "audit", op = "retire", version, result = %e);
             return Err(e.into());
         }
-        self.store.save_versions(&nsk, &next, &[version])?;
+        self.cache.save_versions(&nsk, &next, &[version])?;
         self.publish(next, None);
         tracing::info!(target: "audit", op = "retire", version, result = "ok");
         Ok(())
@@ -433,7 +433,7 @@ impl Node {
     /// firmware update).
     pub fn reseal(&self, passphrase: &str) -> Result<(), NodeError> {
         let _guard = self.admin.lock().unwrap_or_else(|e| e.into_inner());
-        let blob = self.store.recovery_blob()?.ok_or_else(|| {
+        let blob = self.cache.recovery_blob()?.ok_or_else(|| {
             NodeError::Recovery(
                 "this node has no recovery wrapper (created before recovery existed?)".into(),
             )
@@ -444,7 +444,7 @@ impl Node {
                 "the recovery passphrase is wrong".into(),
             ));
         };
-        self.store.put_sealed_nsk(&self.seal(&nsk)?)?;
+        self.cache.put_sealed_nsk(&self.seal(&nsk)?)?;
         self.load(nsk)?;
         tracing::info!(target: "audit", op = "reseal", sealer = self.sealer.name(), result = "ok");
         Ok(())
@@ -458,8 +458,8 @@ impl Node {
         &self.node
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
+    pub fn cache(&self) -> &Cache {
+        &self.cache
     }
 
     /// The NSK, for wrapping the node's fleet keys.
@@ -527,7 +527,7 @@ impl Node {
         let next = step.keyring;
         let all: Vec<u32> = next.versions().map(|kv| kv.version).collect();
         edgekms_daemon::failpoint::hit("plugin-before-store");
-        self.store.save_versions_at(&nsk, &next, &all, state.seq)?;
+        self.cache.save_versions_at(&nsk, &next, &all, state.seq)?;
         edgekms_daemon::failpoint::hit("plugin-after-store");
         let unavailable = match next.primary() {
             Some(_) => None,
@@ -548,10 +548,10 @@ impl Node {
     }
 
     /// Everything `kmsctl local status` shows.
-    pub fn report(&self) -> NodeReport {
+    pub fn local_status(&self) -> LocalStatus {
         let snap = self.snapshot();
         let (healthz, _) = self.status();
-        NodeReport {
+        LocalStatus {
             cluster: self.cluster.clone(),
             node: self.node.clone(),
             healthz,
@@ -572,12 +572,124 @@ impl Node {
                 })
                 .collect(),
             sealer: self.sealer.info(),
-            sealed_key: match self.store.sealed_nsk() {
+            sealed_key: match self.cache.sealed_nsk() {
                 Ok(Some(blob)) => self.sealer.describe_sealed(&blob),
                 _ => SealerInfo::new(),
             },
             hardware_backed: self.sealer.is_hardware_backed(),
             unsealed: snap.unavailable.is_none(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use crate::config::Settings;
+    use edgekms_core::delivery;
+    use edgekms_hsm::SealerKind;
+    use edgekms_proto::fleet::{VersionEntry, VersionState as Wire};
+
+    /// A joined (fleet) node of cluster "c" in `dir`, with no key yet.
+    fn joined(dir: &std::path::Path) -> Node {
+        let cfg = Settings {
+            data_dir: Some(dir.join("data")),
+            cluster: Some("c".into()),
+            node: Some("n1".into()),
+            sealer: Some(SealerKind::Soft),
+            socket: Some(dir.join("kms.sock")),
+            recovery_passphrase_file: Some(dir.join("passphrase")),
+            ..Settings::default()
+        }
+        .validate()
+        .unwrap();
+        let sealer = sealer_from_config(&cfg).unwrap();
+        Node::open_for_join(&cfg, sealer).unwrap()
+    }
+
+    /// Version `v` of "c" as the service sends it to `node`, key wrapped.
+    fn entry(dk: &DeliveryKey, v: u32, state: Wire, key: &Key256) -> VersionEntry {
+        let key_id = edgekms_core::keyid::derive("c", v, key);
+        let binding = Binding {
+            cluster: "c",
+            node: "n1",
+            version: v,
+            key_id: &key_id,
+        };
+        VersionEntry {
+            version: v,
+            state: state as i32,
+            wrapped_key: delivery::wrap(&dk.public_key(), binding, key)
+                .unwrap()
+                .into(),
+            key_id,
+        }
+    }
+
+    #[test]
+    fn a_delivered_state_is_stored_then_published_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = joined(dir.path());
+        let dk = DeliveryKey::generate();
+        assert!(node.snapshot().unavailable.is_some());
+        let k1 = Key256::generate();
+        let state = ClusterState {
+            seq: 7,
+            versions: vec![entry(&dk, 1, Wire::Primary, &k1)],
+            retired: vec![],
+            heartbeat: false,
+        };
+        let holding = node.apply_cluster_state(&state, &dk).unwrap();
+        assert_eq!(
+            holding,
+            Holding {
+                held: vec![1],
+                applied_seq: 7,
+                primary: 1
+            }
+        );
+        assert_eq!(node.status().0, "ok");
+        // Durable before published: a fresh open of the cache has it.
+        let nsk = node.sealing_key().unwrap();
+        let ring = node.cache().load_keyring(&nsk).unwrap();
+        assert_eq!(ring.primary().map(|p| p.version), Some(1));
+    }
+
+    #[test]
+    fn a_refused_state_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = joined(dir.path());
+        let dk = DeliveryKey::generate();
+        let k1 = Key256::generate();
+        let good = ClusterState {
+            seq: 3,
+            versions: vec![entry(&dk, 1, Wire::Primary, &k1)],
+            ..Default::default()
+        };
+        node.apply_cluster_state(&good, &dk).unwrap();
+        let before = node.holding();
+        let mut unspecified = entry(&dk, 2, Wire::Primary, &Key256::generate());
+        unspecified.state = Wire::Unspecified as i32;
+        let mut other_id = entry(&dk, 1, Wire::Primary, &k1);
+        other_id.key_id = "c/v1/0000000000000000".into();
+        other_id.wrapped_key = Default::default();
+        for (what, versions) in [
+            ("unspecified state", vec![unspecified]),
+            ("key_id mismatch", vec![other_id]),
+        ] {
+            let bad = ClusterState {
+                seq: 4,
+                versions,
+                ..Default::default()
+            };
+            let err = node.apply_cluster_state(&bad, &dk).unwrap_err();
+            assert!(
+                matches!(err, NodeError::InvalidArgument(_)),
+                "{what}: {err}"
+            );
+            assert_eq!(node.holding(), before, "{what}");
+            assert_eq!(node.status().0, "ok", "{what}");
         }
     }
 }

@@ -18,11 +18,11 @@ use edgekms_proto::fleet::{JoinRequest, NodeReport};
 use rand::Rng;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::cache::{FleetKeys, FleetRecord};
 use crate::config::Config;
 use crate::error::NodeError;
 use crate::metrics;
 use crate::node::{sealer_from_config, Holding, Node};
-use crate::store::{FleetKeys, FleetRecord};
 
 /// How often a connected node reports even when nothing changed, so the
 /// service sees it alive.
@@ -86,11 +86,11 @@ pub struct SyncClient {
 impl SyncClient {
     /// The client for a joined node; `None` for a standalone one.
     pub fn for_node(node: Arc<Node>, backoff_max: Duration) -> Result<Option<Self>, SyncError> {
-        let Some(record) = node.store().fleet().map_err(NodeError::from)? else {
+        let Some(record) = node.cache().fleet().map_err(NodeError::from)? else {
             return Ok(None);
         };
         let nsk = node.sealing_key()?;
-        let keys = node.store().fleet_keys(&nsk).map_err(NodeError::from)?;
+        let keys = node.cache().fleet_keys(&nsk).map_err(NodeError::from)?;
         let bad = |what: &str| SyncError::Config(format!("join record: {what} is not hex"));
         let ca = hex::decode(&record.ca_der).map_err(|_| bad("CA"))?;
         let cert = hex::decode(&record.cert_der).map_err(|_| bad("certificate"))?;
@@ -262,7 +262,7 @@ pub async fn join(
         .map_err(|s| SyncError::Refused(s.message().to_owned()))?
         .into_inner();
     let nsk = node.sealing_key()?;
-    node.store()
+    node.cache()
         .put_fleet(
             &nsk,
             &FleetRecord {

@@ -10,9 +10,9 @@ use std::path::Path;
 
 use edgekms_hsm::soft::SoftSealer;
 use edgekms_hsm::Sealer;
+use edgekms_plugin::cache::Cache;
 use edgekms_plugin::config::{SealerKind, Settings};
 use edgekms_plugin::node::{sealer_from_config, Node};
-use edgekms_plugin::store::Store;
 
 fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
     let mut hits = Vec::new();
@@ -60,7 +60,7 @@ fn no_key_or_plaintext_in_the_data_dir() {
         assert_eq!(keys.len(), 3, "v2..v4 hold keys, v1 is retired");
     }
     // The NSK, recovered the way the plugin does it.
-    let store = Store::open(&cfg.data_dir, "edge-1").unwrap();
+    let store = Cache::open(&cfg.data_dir, "edge-1").unwrap();
     let blob = store.sealed_nsk().unwrap().unwrap();
     drop(store);
     let soft = SoftSealer::open_or_create(&cfg.data_dir.join("soft-sealer.key")).unwrap();

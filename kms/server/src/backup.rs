@@ -410,19 +410,28 @@ pub(crate) mod tests {
             4,
         ] {
             let err = open(&blob[..cut], &key).unwrap_err();
-            assert!(matches!(err, BackupError::File(FileError::Truncated(_))), "cut {cut}: {err}");
+            assert!(
+                matches!(err, BackupError::File(FileError::Truncated(_))),
+                "cut {cut}: {err}"
+            );
             assert!(err.to_string().starts_with("backup is truncated"), "{err}");
         }
         for i in [HEADER_LEN, HEADER_LEN + 20, blob.len() - 1] {
             let mut bad = blob.clone();
             bad[i] ^= 1;
             let err = open(&bad, &key).unwrap_err();
-            assert!(matches!(err, BackupError::File(FileError::Corrupt(_))), "byte {i}: {err}");
+            assert!(
+                matches!(err, BackupError::File(FileError::Corrupt(_))),
+                "byte {i}: {err}"
+            );
         }
         // The body length is authenticated too.
         let mut longer = blob.clone();
         longer.push(0);
-        assert!(matches!(open(&longer, &key), Err(BackupError::File(FileError::Corrupt(_)))));
+        assert!(matches!(
+            open(&longer, &key),
+            Err(BackupError::File(FileError::Corrupt(_)))
+        ));
         let mut other_format = blob.clone();
         other_format[4] = 2;
         assert!(matches!(
@@ -433,7 +442,10 @@ pub(crate) mod tests {
             open(b"{\"not\":1}", &key),
             Err(BackupError::NotABackup)
         ));
-        assert!(matches!(open(b"", &key), Err(BackupError::File(FileError::Truncated(_)))));
+        assert!(matches!(
+            open(b"", &key),
+            Err(BackupError::File(FileError::Truncated(_)))
+        ));
     }
 
     #[test]

@@ -65,8 +65,11 @@ pub fn restore(
         Some(issued) => (&issued.cert_der, &issued.key),
         None => (&dump.server_cert, &dump.server_key),
     };
-    tls::server_config(&dump.ca_cert, server_cert, server_key)
-        .map_err(|e| BackupError::File(FileError::Corrupt(format!("the server certificate or key: {e}"))))?;
+    tls::server_config(&dump.ca_cert, server_cert, server_key).map_err(|e| {
+        BackupError::File(FileError::Corrupt(format!(
+            "the server certificate or key: {e}"
+        )))
+    })?;
 
     let root = Key256::generate();
     let sealed = sealer.seal(&root)?;

@@ -152,19 +152,19 @@ proptest! {
 
 /// One cache for the suite (opening RocksDB is not under test), used by
 /// one case at a time.
-fn store() -> std::sync::MutexGuard<'static, (tempfile::TempDir, Store)> {
-    static STORE: OnceLock<Mutex<(tempfile::TempDir, Store)>> = OnceLock::new();
+fn store() -> std::sync::MutexGuard<'static, (tempfile::TempDir, Cache)> {
+    static STORE: OnceLock<Mutex<(tempfile::TempDir, Cache)>> = OnceLock::new();
     STORE
         .get_or_init(|| {
             let dir = tempfile::tempdir().unwrap();
-            let store = Store::open(dir.path(), "edge-1").unwrap();
+            let store = Cache::open(dir.path(), "edge-1").unwrap();
             Mutex::new((dir, store))
         })
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn clear_keks(s: &Store) {
+fn clear_keks(s: &Cache) {
     let keys: Vec<_> =
         s.db.prefix_iterator(KEK_PREFIX)
             .map(|item| item.unwrap().0)
@@ -282,7 +282,7 @@ fn a_live_record_with_a_damaged_state_byte_is_not_read_as_retired() {
         raw[1] = state_byte(VersionState::Retired);
         assert!(matches!(
             decode_record("edge-1", &nsk, 2, &raw),
-            Err(StoreError::Corrupt { .. })
+            Err(CacheError::Corrupt { .. })
         ));
     }
 }

@@ -17,7 +17,7 @@
 //! is stored: a data dir with it never starts afresh.
 //!
 //! Every write goes to the copies first, then to RocksDB in one synced
-//! batch. At open ([`Store::open_with`]) the two are reconciled: a copy
+//! batch. At open ([`Cache::open_with`]) the two are reconciled: a copy
 //! that verifies wins (it is never older than an acknowledged write), a
 //! missing or damaged copy is rewritten from RocksDB, each repair logged
 //! and counted in `edgekms_store_repairs_total`. When RocksDB refuses to
@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 use edgekms_core::{KeyVersion, Keyring, KeyringError, VersionState};
 use edgekms_daemon::durable::{self, DurableError, RecordFiles};
 use edgekms_hsm::{aead, Key256, SealedBlob};
-use rocksdb::{BlockBasedOptions, Cache, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{BlockBasedOptions, Options, WriteBatch, WriteOptions, DB};
 use zeroize::Zeroizing;
 
 const CLUSTER_KEY: &[u8] = b"meta/cluster";
@@ -50,7 +50,7 @@ const FLEET_SEQ_KEY: &[u8] = b"meta/fleet-seq";
 const RECORD_V1: u8 = 1;
 
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub enum CacheError {
     #[error("key cache {path}: {source}")]
     Db {
         path: String,
@@ -108,7 +108,7 @@ fn fleet_keys_aad(cluster: &str) -> Vec<u8> {
 
 /// The RocksDB-backed cache and its copies. Every write is durable in both
 /// before it returns.
-pub struct Store {
+pub struct Cache {
     db: DB,
     cluster: String,
     copies: RecordFiles,
@@ -173,7 +173,7 @@ fn rocks_options() -> Options {
     opts.set_keep_log_file_num(3);
     opts.set_max_background_jobs(1);
     let mut table = BlockBasedOptions::default();
-    table.set_block_cache(&Cache::new_lru_cache(1 << 20));
+    table.set_block_cache(&rocksdb::Cache::new_lru_cache(1 << 20));
     opts.set_block_based_table_factory(&table);
     durable::strict_rocksdb(&mut opts);
     opts
@@ -307,8 +307,8 @@ pub fn decode_record(
     nsk: &Key256,
     version: u32,
     raw: &[u8],
-) -> Result<KeyVersion, StoreError> {
-    let corrupt = |detail: &str| StoreError::Corrupt {
+) -> Result<KeyVersion, CacheError> {
+    let corrupt = |detail: &str| CacheError::Corrupt {
         key: format!("kek/{version}"),
         detail: detail.to_owned(),
     };
@@ -338,7 +338,7 @@ pub fn decode_record(
         return Ok(KeyVersion::retired(version, key_id, created_unix));
     }
     let plain = aead::open(nsk, &wrap_aad(cluster, version, &key_id), wrapped)
-        .map_err(|_| StoreError::Unwrap { version })?;
+        .map_err(|_| CacheError::Unwrap { version })?;
     let key = Key256::from_slice(&plain).ok_or_else(|| corrupt("wrapped key is not 32 bytes"))?;
     let kv = KeyVersion::new(cluster, version, state, key, created_unix);
     if kv.key_id != key_id {
@@ -347,23 +347,23 @@ pub fn decode_record(
     Ok(kv)
 }
 
-impl Store {
+impl Cache {
     /// Opens (creating) the cache under `data_dir` for `cluster`.
-    pub fn open(data_dir: &Path, cluster: &str) -> Result<Self, StoreError> {
+    pub fn open(data_dir: &Path, cluster: &str) -> Result<Self, CacheError> {
         Self::open_with(data_dir, Some(cluster))
     }
 
     /// Opens the cache under `data_dir`, reconciling it with its copies
     /// (see the module doc). `cluster` must match the one the data dir
     /// names; `None` takes the data dir's (and fails when it names none).
-    pub fn open_with(data_dir: &Path, cluster: Option<&str>) -> Result<Self, StoreError> {
+    pub fn open_with(data_dir: &Path, cluster: Option<&str>) -> Result<Self, CacheError> {
         let marked = durable::has_marker(data_dir);
         if cluster.is_none()
             && !data_dir.join(CACHE_DIR).exists()
             && !data_dir.join(COPIES_DIR).exists()
         {
             // Nothing here yet: create nothing.
-            return Err(StoreError::NoCluster {
+            return Err(CacheError::NoCluster {
                 path: data_dir.display().to_string(),
             });
         }
@@ -372,7 +372,7 @@ impl Store {
         let db = match DB::open(&rocks_options(), &path) {
             Ok(db) => db,
             Err(source) if is_busy(&source) => {
-                return Err(StoreError::Db {
+                return Err(CacheError::Db {
                     path: path.display().to_string(),
                     source,
                 })
@@ -390,7 +390,7 @@ impl Store {
         // Reading every record checks every block: a damaged SST that
         // opened fine fails here, and is treated as a refused open.
         if let Err(e) = store.reconcile(!marked) {
-            let StoreError::Rocks(source) = e else {
+            let CacheError::Rocks(source) = e else {
                 return Err(e);
             };
             drop(store);
@@ -404,13 +404,13 @@ impl Store {
         }
         match (store.db.get(CLUSTER_KEY)?, cluster) {
             (Some(stored), Some(configured)) if stored != configured.as_bytes() => {
-                return Err(StoreError::ClusterMismatch {
+                return Err(CacheError::ClusterMismatch {
                     stored: String::from_utf8_lossy(&stored).into_owned(),
                     configured: configured.to_owned(),
                 })
             }
             (Some(stored), _) => {
-                store.cluster = String::from_utf8(stored).map_err(|_| StoreError::Corrupt {
+                store.cluster = String::from_utf8(stored).map_err(|_| CacheError::Corrupt {
                     key: "meta/cluster".into(),
                     detail: "not UTF-8".into(),
                 })?;
@@ -420,7 +420,7 @@ impl Store {
                 store.put(&[(CLUSTER_KEY.to_vec(), configured.as_bytes().to_vec())])?;
             }
             (None, None) => {
-                return Err(StoreError::NoCluster {
+                return Err(CacheError::NoCluster {
                     path: data_dir.display().to_string(),
                 })
             }
@@ -440,9 +440,9 @@ impl Store {
         path: &Path,
         copies: &RecordFiles,
         source: rocksdb::Error,
-    ) -> Result<DB, StoreError> {
+    ) -> Result<DB, CacheError> {
         if let Err(why) = copies_incomplete(copies) {
-            return Err(StoreError::Damaged(format!(
+            return Err(CacheError::Damaged(format!(
                 "the key cache {} is damaged ({source}) and cannot be rebuilt from {}: {why}. \
                  Restore the data dir from a backup, or run `edgekms-plugin restore` from a `kmsctl local backup` file, \
                  or (joined node) join again with an empty --data-dir. No key was made",
@@ -455,7 +455,7 @@ impl Store {
             edgekms_daemon::config::now_unix()
         ));
         std::fs::rename(path, &aside).map_err(|e| {
-            StoreError::Damaged(format!(
+            CacheError::Damaged(format!(
                 "the key cache {} is damaged ({source}) and cannot be moved aside to {}: {e}",
                 path.display(),
                 aside.display()
@@ -469,7 +469,7 @@ impl Store {
             copies.dir().display()
         );
         crate::metrics::record_store_repair("rocksdb");
-        DB::open(&rocks_options(), path).map_err(|source| StoreError::Db {
+        DB::open(&rocks_options(), path).map_err(|source| CacheError::Db {
             path: path.display().to_string(),
             source,
         })
@@ -478,7 +478,7 @@ impl Store {
     /// Makes RocksDB and the copies agree; see the module doc. `backfill`:
     /// a data dir from before the copies existed, whose missing copies are
     /// written without a repair warning.
-    fn reconcile(&self, backfill: bool) -> Result<(), StoreError> {
+    fn reconcile(&self, backfill: bool) -> Result<(), CacheError> {
         let mut names: std::collections::BTreeSet<String> = self
             .copies
             .names()?
@@ -525,7 +525,7 @@ impl Store {
                     crate::metrics::record_store_repair(record_kind(&name));
                 }
                 (Err(DurableError::Damaged { path, detail }), None) => {
-                    return Err(StoreError::Damaged(format!(
+                    return Err(CacheError::Damaged(format!(
                         "record file {path} is damaged ({detail}) and the key cache has no copy of record {name}: \
                          restore that file from a backup of the data dir, or run `edgekms-plugin restore` from a \
                          `kmsctl local backup` file, or (joined node) join again with an empty --data-dir. No key was made"
@@ -562,7 +562,7 @@ impl Store {
 
     /// Whether any key record (node key, recovery wrapper, KEK, join keys)
     /// is here: a data dir holding none of them is empty.
-    pub fn holds_keys(&self) -> Result<bool, StoreError> {
+    pub fn holds_keys(&self) -> Result<bool, CacheError> {
         for key in [NSK_KEY, RECOVERY_KEY, FLEET_KEY, FLEET_KEYS_KEY] {
             if self.db.get(key)?.is_some() {
                 return Ok(true);
@@ -573,7 +573,7 @@ impl Store {
 
     /// Writes `records` (RocksDB key, value): the copies first, then one
     /// synced RocksDB batch.
-    fn put(&self, records: &[(Vec<u8>, Vec<u8>)]) -> Result<(), StoreError> {
+    fn put(&self, records: &[(Vec<u8>, Vec<u8>)]) -> Result<(), CacheError> {
         let named: Vec<(String, &[u8])> = records
             .iter()
             .filter_map(|(k, v)| copy_name(k).map(|n| (n, &v[..])))
@@ -591,14 +591,14 @@ impl Store {
     }
 
     /// The sealed node sealing key, if this node has one yet.
-    pub fn sealed_nsk(&self) -> Result<Option<SealedBlob>, StoreError> {
+    pub fn sealed_nsk(&self) -> Result<Option<SealedBlob>, CacheError> {
         match self.db.get(NSK_KEY)? {
             Some(raw) => Ok(Some(SealedBlob::decode(&raw)?)),
             None => Ok(None),
         }
     }
 
-    pub fn put_sealed_nsk(&self, blob: &SealedBlob) -> Result<(), StoreError> {
+    pub fn put_sealed_nsk(&self, blob: &SealedBlob) -> Result<(), CacheError> {
         self.put(&[(NSK_KEY.to_vec(), blob.encode())])
     }
 
@@ -610,7 +610,7 @@ impl Store {
         recovery: &[u8],
         nsk: &Key256,
         keyring: &Keyring,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), CacheError> {
         let mut records = self.version_records(
             nsk,
             keyring,
@@ -635,7 +635,7 @@ impl Store {
             .collect()
     }
 
-    pub fn recovery_blob(&self) -> Result<Option<Vec<u8>>, StoreError> {
+    pub fn recovery_blob(&self) -> Result<Option<Vec<u8>>, CacheError> {
         Ok(self.db.get(RECOVERY_KEY)?)
     }
 
@@ -645,7 +645,7 @@ impl Store {
         nsk: &Key256,
         keyring: &Keyring,
         versions: &[u32],
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), CacheError> {
         self.put(&self.version_records(nsk, keyring, versions))
     }
 
@@ -657,20 +657,20 @@ impl Store {
         keyring: &Keyring,
         versions: &[u32],
         seq: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), CacheError> {
         let mut records = self.version_records(nsk, keyring, versions);
         records.push((FLEET_SEQ_KEY.to_vec(), seq.to_be_bytes().to_vec()));
         self.put(&records)
     }
 
     /// The last central state applied (0: none).
-    pub fn fleet_seq(&self) -> Result<u64, StoreError> {
+    pub fn fleet_seq(&self) -> Result<u64, CacheError> {
         Ok(match self.db.get(FLEET_SEQ_KEY)? {
             Some(raw) => raw
                 .as_slice()
                 .try_into()
                 .map(u64::from_be_bytes)
-                .map_err(|_| StoreError::Corrupt {
+                .map_err(|_| CacheError::Corrupt {
                     key: "meta/fleet-seq".into(),
                     detail: "not 8 bytes".into(),
                 })?,
@@ -679,7 +679,7 @@ impl Store {
     }
 
     /// Whether the cache holds any KEK version.
-    pub fn has_versions(&self) -> Result<bool, StoreError> {
+    pub fn has_versions(&self) -> Result<bool, CacheError> {
         Ok(self
             .db
             .prefix_iterator(KEK_PREFIX)
@@ -688,12 +688,12 @@ impl Store {
             .is_some_and(|(k, _)| k.starts_with(KEK_PREFIX)))
     }
 
-    pub fn fleet(&self) -> Result<Option<FleetRecord>, StoreError> {
+    pub fn fleet(&self) -> Result<Option<FleetRecord>, CacheError> {
         match self.db.get(FLEET_KEY)? {
             None => Ok(None),
             Some(raw) => serde_json::from_slice(&raw)
                 .map(Some)
-                .map_err(|e| StoreError::Corrupt {
+                .map_err(|e| CacheError::Corrupt {
                     key: "meta/fleet".into(),
                     detail: e.to_string(),
                 }),
@@ -706,8 +706,8 @@ impl Store {
         nsk: &Key256,
         record: &FleetRecord,
         keys: &FleetKeys,
-    ) -> Result<(), StoreError> {
-        let json = serde_json::to_vec(record).map_err(|e| StoreError::Corrupt {
+    ) -> Result<(), CacheError> {
+        let json = serde_json::to_vec(record).map_err(|e| CacheError::Corrupt {
             key: "meta/fleet".into(),
             detail: e.to_string(),
         })?;
@@ -722,8 +722,8 @@ impl Store {
         ])
     }
 
-    pub fn fleet_keys(&self, nsk: &Key256) -> Result<FleetKeys, StoreError> {
-        let corrupt = |detail: &str| StoreError::Corrupt {
+    pub fn fleet_keys(&self, nsk: &Key256) -> Result<FleetKeys, CacheError> {
+        let corrupt = |detail: &str| CacheError::Corrupt {
             key: "meta/fleet-keys".into(),
             detail: detail.into(),
         };
@@ -747,7 +747,7 @@ impl Store {
     }
 
     /// Loads every cached version, unwrapping each with `nsk`.
-    pub fn load_keyring(&self, nsk: &Key256) -> Result<Keyring, StoreError> {
+    pub fn load_keyring(&self, nsk: &Key256) -> Result<Keyring, CacheError> {
         let mut ring = Keyring::new(&self.cluster)?;
         let mut kvs = Vec::new();
         for item in self.db.prefix_iterator(KEK_PREFIX) {
@@ -758,7 +758,7 @@ impl Store {
             let version_bytes: [u8; 4] =
                 key[KEK_PREFIX.len()..]
                     .try_into()
-                    .map_err(|_| StoreError::Corrupt {
+                    .map_err(|_| CacheError::Corrupt {
                         key: String::from_utf8_lossy(&key).into_owned(),
                         detail: "bad version key".into(),
                     })?;
@@ -809,12 +809,12 @@ mod tests {
         assert!(!raw.windows(32).any(|w| w == kv.key().unwrap().expose()));
         assert!(matches!(
             decode_record("edge-1", &nsk, 5, &raw),
-            Err(StoreError::Unwrap { version: 5 })
+            Err(CacheError::Unwrap { version: 5 })
         ));
         assert!(decode_record("edge-2", &nsk, 4, &raw).is_err());
         assert!(matches!(
             decode_record("edge-1", &Key256::generate(), 4, &raw),
-            Err(StoreError::Unwrap { .. })
+            Err(CacheError::Unwrap { .. })
         ));
         for len in 0..raw.len() {
             assert!(decode_record("edge-1", &nsk, 4, &raw[..len]).is_err());
@@ -825,7 +825,7 @@ mod tests {
     fn fleet_keys_are_wrapped_by_the_nsk() {
         let dir = tempfile::tempdir().unwrap();
         let nsk = Key256::generate();
-        let store = Store::open(dir.path(), "edge-1").unwrap();
+        let store = Cache::open(dir.path(), "edge-1").unwrap();
         assert!(store.fleet().unwrap().is_none());
         let rec = FleetRecord {
             server: "https://127.0.0.1:1".into(),
@@ -883,21 +883,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let nsk = Key256::generate();
         {
-            let store = Store::open(dir.path(), "edge-1").unwrap();
+            let store = Cache::open(dir.path(), "edge-1").unwrap();
             let mut ring = Keyring::new("edge-1").unwrap();
             let v = ring.add_pending(Key256::generate(), 1).unwrap();
             ring.promote(v).unwrap();
             store.save_versions(&nsk, &ring, &[v]).unwrap();
         }
-        let store = Store::open(dir.path(), "edge-1").unwrap();
+        let store = Cache::open(dir.path(), "edge-1").unwrap();
         assert_eq!(
             store.load_keyring(&nsk).unwrap().primary().unwrap().version,
             1
         );
         drop(store);
         assert!(matches!(
-            Store::open(dir.path(), "edge-2"),
-            Err(StoreError::ClusterMismatch { .. })
+            Cache::open(dir.path(), "edge-2"),
+            Err(CacheError::ClusterMismatch { .. })
         ));
     }
 }
