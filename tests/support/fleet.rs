@@ -19,7 +19,6 @@ pub struct Server {
     /// The metrics and health endpoint, unless the arguments chose one or
     /// turned it off.
     pub ops: SocketAddr,
-    pub log: PathBuf,
     pub extra_args: Vec<String>,
     pub env: Vec<(String, String)>,
     /// Open-file limit (soft and hard) to start the process with, via prlimit.
@@ -77,7 +76,6 @@ impl Server {
             data_dir: data_dir.to_owned(),
             listen: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
             ops,
-            log: data_dir.with_extension("log"),
             extra_args,
             env: Vec::new(),
             nofile: None,
@@ -116,12 +114,23 @@ impl Server {
             .env("RUST_LOG", "info");
         match &mut self.daemon {
             Some(d) => d.respawn(cmd),
-            None => self.daemon = Some(Daemon::spawn("server", cmd, &self.log)),
+            None => {
+                let log = self.data_dir.with_extension("log");
+                self.daemon = Some(Daemon::spawn("server", cmd, &log));
+            }
         }
     }
 
     fn daemon(&mut self) -> &mut Daemon {
         self.daemon.as_mut().expect("the server was never spawned")
+    }
+
+    /// `<data_dir>.log`, where its output goes.
+    pub fn log(&self) -> &Path {
+        self.daemon
+            .as_ref()
+            .expect("the server was never spawned")
+            .log()
     }
 
     /// Waits until the service answers `kmsctl status`.
@@ -153,7 +162,7 @@ impl Server {
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        std::fs::read_to_string(self.log()).unwrap_or_default()
     }
 
     pub fn pid(&self) -> u32 {

@@ -24,7 +24,6 @@ pub struct Plugin {
     pub socket: PathBuf,
     pub admin_socket: PathBuf,
     pub data_dir: PathBuf,
-    pub log: PathBuf,
     pub args: Vec<String>,
     /// The metrics and health endpoint; `None` with `--no-metrics`.
     pub metrics_addr: Option<SocketAddr>,
@@ -111,7 +110,6 @@ impl Plugin {
             socket,
             admin_socket,
             data_dir,
-            log,
             args,
             metrics_addr,
             daemon,
@@ -188,6 +186,11 @@ impl Plugin {
 
     pub async fn admin(&self) -> Admin {
         kms::admin(&self.admin_socket).await
+    }
+
+    /// `dir/plugin.log`, where its output goes.
+    pub fn log(&self) -> &Path {
+        self.daemon.log()
     }
 
     pub fn log_text(&self) -> String {

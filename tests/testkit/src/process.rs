@@ -73,16 +73,16 @@ pub fn try_signal(pid: u32, sig: &str) -> bool {
 /// file; killed (SIGKILL) and reaped on drop unless stopped before.
 pub struct Daemon {
     /// What it is, for failure messages ("plugin", "server", "swtpm").
-    name: String,
+    name: &'static str,
     log: PathBuf,
     child: Option<Child>,
 }
 
 impl Daemon {
     /// Spawns `cmd` (stdin closed, stdout and stderr appended to `log`).
-    pub fn spawn(name: &str, cmd: Command, log: &Path) -> Daemon {
+    pub fn spawn(name: &'static str, cmd: Command, log: &Path) -> Daemon {
         let mut d = Daemon {
-            name: name.to_owned(),
+            name,
             log: log.to_owned(),
             child: None,
         };
