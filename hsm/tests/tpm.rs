@@ -87,16 +87,6 @@ impl SwtpmExt for Swtpm {
     }
 }
 
-/// A fresh swtpm in a fresh temporary directory, or `None` to skip.
-fn swtpm() -> Option<(tempfile::TempDir, Swtpm)> {
-    if !swtpm::available() {
-        return None;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let tpm = Swtpm::start(&dir.path().join("state"));
-    Some((dir, tpm))
-}
-
 // ---------------------------------------------------------------- helpers
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -128,7 +118,9 @@ fn private_offset(bytes: &[u8]) -> usize {
 
 #[test]
 fn seal_unseal_round_trip_and_survives_restart() {
-    let Some((_dir, tpm)) = swtpm() else { return };
+    let Some((_dir, tpm)) = swtpm::fresh() else {
+        return;
+    };
     let sealer = timed("TpmSealer::new (probe)", || tpm.sealer(None));
     assert_eq!(sealer.name(), "tpm");
     assert!(sealer.is_hardware_backed());
@@ -164,8 +156,12 @@ fn seal_unseal_round_trip_and_survives_restart() {
 
 #[test]
 fn blob_from_another_tpm_is_foreign() {
-    let Some((_a_dir, a)) = swtpm() else { return };
-    let Some((_b_dir, b)) = swtpm() else { return };
+    let Some((_a_dir, a)) = swtpm::fresh() else {
+        return;
+    };
+    let Some((_b_dir, b)) = swtpm::fresh() else {
+        return;
+    };
     let key = Key256::generate();
     let blob = a.sealer(None).seal(&key).expect("seal on A");
     match b.sealer(None).unseal(&blob) {
@@ -189,7 +185,9 @@ fn blob_from_another_tpm_is_foreign() {
 
 #[test]
 fn pcr_policy_detects_a_changed_pcr_and_reseal_recovers() {
-    let Some((_dir, tpm)) = swtpm() else { return };
+    let Some((_dir, tpm)) = swtpm::fresh() else {
+        return;
+    };
     let sealer = tpm.sealer(Some("sha256:7"));
     assert_eq!(
         sealer.info().get("pcr_policy").map(String::as_str),
@@ -216,7 +214,9 @@ fn pcr_policy_detects_a_changed_pcr_and_reseal_recovers() {
 
 #[test]
 fn multi_pcr_policy_names_every_changed_pcr() {
-    let Some((_dir, tpm)) = swtpm() else { return };
+    let Some((_dir, tpm)) = swtpm::fresh() else {
+        return;
+    };
     let sealer = tpm.sealer(Some("sha256:0,7"));
     let key = Key256::generate();
     let blob = sealer.seal(&key).expect("seal");
@@ -242,7 +242,9 @@ fn multi_pcr_policy_names_every_changed_pcr() {
 
 #[test]
 fn tampered_recorded_pcr_values_are_refused() {
-    let Some((_dir, tpm)) = swtpm() else { return };
+    let Some((_dir, tpm)) = swtpm::fresh() else {
+        return;
+    };
     let sealer = tpm.sealer(Some("sha256:7"));
     let key = Key256::generate();
     let mut blob = sealer.seal(&key).expect("seal");
@@ -257,7 +259,9 @@ fn tampered_recorded_pcr_values_are_refused() {
 
 #[test]
 fn corrupted_or_garbage_blobs_are_corrupt() {
-    let Some((_dir, tpm)) = swtpm() else { return };
+    let Some((_dir, tpm)) = swtpm::fresh() else {
+        return;
+    };
     let sealer = tpm.sealer(None);
     let key = Key256::generate();
     let blob = sealer.seal(&key).expect("seal");
@@ -351,7 +355,9 @@ fn missing_device_and_bad_tcti() {
 
 #[test]
 fn owner_auth_is_required_once_set() {
-    let Some((_dir, tpm)) = swtpm() else { return };
+    let Some((_dir, tpm)) = swtpm::fresh() else {
+        return;
+    };
     tpm.set_owner_auth("newpass");
     let key = Key256::generate();
 
@@ -441,7 +447,9 @@ fn lock_out(tpm: &Swtpm) -> usize {
 
 #[test]
 fn info_reports_the_tpm_and_survives_its_absence() {
-    let Some((_dir, tpm)) = swtpm() else { return };
+    let Some((_dir, tpm)) = swtpm::fresh() else {
+        return;
+    };
     let sealer = tpm.sealer(None);
     let info = sealer.info();
     eprintln!("{info:?}");
@@ -474,7 +482,9 @@ fn info_reports_the_tpm_and_survives_its_absence() {
 
 #[test]
 fn other_banks_and_long_pcr_lists() {
-    let Some((_dir, tpm)) = swtpm() else { return };
+    let Some((_dir, tpm)) = swtpm::fresh() else {
+        return;
+    };
     let key = Key256::generate();
     // More than eight PCRs takes several PCR_Read calls.
     for policy in [
@@ -513,7 +523,9 @@ fn other_banks_and_long_pcr_lists() {
 /// whatever EDGEKMS_REQUIRE_SWTPM says: they are not a build dependency).
 #[test]
 fn blob_parts_are_tpm2_tools_files() {
-    let Some((dir, tpm)) = swtpm() else { return };
+    let Some((dir, tpm)) = swtpm::fresh() else {
+        return;
+    };
     if Command::new("tpm2_unseal")
         .arg("--version")
         .output()
@@ -601,7 +613,9 @@ fn blob_parts_are_tpm2_tools_files() {
 
 #[test]
 fn every_flipped_byte_is_refused() {
-    let Some((_dir, tpm)) = swtpm() else { return };
+    let Some((_dir, tpm)) = swtpm::fresh() else {
+        return;
+    };
     let key = Key256::generate();
     for policy in [None, Some("sha256:7")] {
         let sealer = tpm.sealer(policy);
@@ -634,7 +648,9 @@ fn fixtures() -> PathBuf {
 #[test]
 #[ignore = "regenerates the committed fixture; only for a format change"]
 fn write_legacy_fixture() {
-    let Some((_dir, tpm)) = swtpm() else { return };
+    let Some((_dir, tpm)) = swtpm::fresh() else {
+        return;
+    };
     let out = fixtures();
     std::fs::create_dir_all(out.join("state")).expect("fixture dir");
     let key = Key256::generate();
@@ -748,7 +764,7 @@ fn blobs_sealed_before_no_da_still_open() {
         assert!(sealer.unseal(&resealed).expect("unseal resealed") == key);
     }
     // A blob from another TPM is still foreign, not mistaken for legacy.
-    let Some((_other_dir, other)) = swtpm() else {
+    let Some((_other_dir, other)) = swtpm::fresh() else {
         return;
     };
     match other.sealer(None).unseal(&blobs[0].1) {

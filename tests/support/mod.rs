@@ -25,7 +25,7 @@ pub use edgekms_testkit::net::free_port;
 pub use edgekms_testkit::poll::poll_until;
 pub use edgekms_testkit::process::{signal, target_bin as bin, without_terminal};
 pub use edgekms_testkit::procfs::tcp_listen_ports;
-pub use edgekms_testkit::swtpm::{available as swtpm_available, Swtpm};
+pub use edgekms_testkit::swtpm::{self, available as swtpm_available, Swtpm};
 pub use files::{copy_dir, files_containing, mode};
 pub use http::{http_get, sample};
 pub use kms::{decrypt, encrypt, key_id, Admin, Kms};

@@ -49,6 +49,18 @@ pub fn require() {
     );
 }
 
+/// A swtpm on state of its own in a fresh temporary directory (the state
+/// in `dir/state`; the directory is the caller's to use too), or `None`
+/// when the test is to skip (see [`available`]).
+pub fn fresh() -> Option<(tempfile::TempDir, Swtpm)> {
+    if !available() {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tpm = Swtpm::start(&dir.path().join("state"));
+    Some((dir, tpm))
+}
+
 /// One running swtpm; stopped (SIGCONT, SIGTERM so that it writes its
 /// state, then SIGKILL if it lingers) on drop.
 pub struct Swtpm {
