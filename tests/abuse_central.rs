@@ -54,7 +54,7 @@ async fn joins_with_huge_names_are_refused_at_bounded_cost() {
     let tmp = tempfile::tempdir().unwrap();
     let mut server = Server::start(tmp.path()).await;
     let state = server.data_dir.join("state");
-    let (disk0, log0) = (dir_bytes(&state), file_bytes(&server.log));
+    let (disk0, log0) = (dir_bytes(&state), file_bytes(server.log()));
     let started = Instant::now();
 
     // The reproduction: 20 Joins without a certificate, each with
@@ -107,7 +107,7 @@ async fn joins_with_huge_names_are_refused_at_bounded_cost() {
     let records = audit(&server, &["--since", "1h"]);
     assert_eq!(events(&records, is_bad_name), (1, 1), "{records:#?}");
 
-    let (disk1, log1) = (dir_bytes(&state), file_bytes(&server.log));
+    let (disk1, log1) = (dir_bytes(&state), file_bytes(server.log()));
     eprintln!(
         "40 refused Joins (20 x 4 MiB, 20 x 60 KiB names) in {took:?}: store {disk0} -> {disk1} bytes, log {log0} -> {log1} bytes"
     );
@@ -149,7 +149,7 @@ async fn refused_handshake_and_call_floods_are_counted_not_stored_each() {
     let tmp = tempfile::tempdir().unwrap();
     let mut server = Server::start(tmp.path()).await;
     let state = server.data_dir.join("state");
-    let (disk0, log0) = (dir_bytes(&state), file_bytes(&server.log));
+    let (disk0, log0) = (dir_bytes(&state), file_bytes(server.log()));
     let started = Instant::now();
 
     // Plain-text garbage where a TLS handshake should be, each read until
@@ -198,7 +198,7 @@ async fn refused_handshake_and_call_floods_are_counted_not_stored_each() {
     let records = audit(&server, &[]);
     assert_eq!(events(&records, from_flood("connection")), (1, 1));
     assert_eq!(events(&records, from_flood("status")), (1, 1));
-    let (disk1, log1) = (dir_bytes(&state), file_bytes(&server.log));
+    let (disk1, log1) = (dir_bytes(&state), file_bytes(server.log()));
     eprintln!(
         "{GARBAGE} garbage handshakes + {NO_CERT} no-certificate calls in {took:?}: store {disk0} -> {disk1} bytes, log {log0} -> {log1} bytes, {} audit records",
         records.len()

@@ -597,11 +597,9 @@ async fn a_joined_node_that_lost_its_keks_is_refilled_from_the_central_service()
 /// refused; the TPM never seals a new node key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tpm_sealed_blob_damaged_in_both_places_is_refused() {
-    if !swtpm_available() {
+    let Some((root, tpm)) = swtpm::fresh() else {
         return;
-    }
-    let root = tempfile::tempdir().unwrap();
-    let tpm = Swtpm::start(&root.path().join("tpm"));
+    };
     let dir = root.path().join("p");
     let mut args = Plugin::soft_args(&dir, "edge-1");
     let i = args.iter().position(|a| a == "soft").unwrap();

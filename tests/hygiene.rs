@@ -61,7 +61,7 @@ async fn caller_input_cannot_forge_or_flood_log_lines() {
     // Still serving.
     assert_eq!(decrypt(&mut kms, &ct, &key_id).await.unwrap(), b"seed");
 
-    let log = std::fs::read(&p.log).unwrap();
+    let log = std::fs::read(p.log()).unwrap();
     assert!(!log.contains(&0x1b), "a raw ESC reached the log");
     let log = String::from_utf8(log).unwrap();
     let new: Vec<&str> = log.lines().skip(before).collect();

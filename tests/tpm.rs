@@ -30,11 +30,9 @@ fn recovery_passphrase(log: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seal_restart_unseal_and_decrypt_everything() {
-    if !swtpm_available() {
+    let Some((dir, tpm)) = swtpm::fresh() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let tpm = Swtpm::start(&dir.path().join("tpm"));
+    };
     let mut p = Plugin::spawn(dir.path(), tpm_args(dir.path(), &tpm, None));
     p.wait_healthy().await;
     let mut kms = p.kms().await;
@@ -122,11 +120,9 @@ async fn data_dir_copied_to_another_tpm_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changed_pcr_refuses_then_recovery_passphrase_reseals() {
-    if !swtpm_available() {
+    let Some((dir, tpm)) = swtpm::fresh() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let tpm = Swtpm::start(&dir.path().join("tpm"));
+    };
     let args = tpm_args(dir.path(), &tpm, Some("sha256:7"));
     let mut p = Plugin::spawn(dir.path(), args.clone());
     p.wait_healthy().await;
@@ -285,11 +281,9 @@ async fn a_soft_data_dir_is_never_used_by_a_tpm_config_or_back() {
 fn no_raw_key_bytes_in_a_tpm_data_dir() {
     use edgekms_plugin::config::{SealerKind, Settings};
     use edgekms_plugin::node::{sealer_from_config, Node};
-    if !swtpm_available() {
+    let Some((dir, tpm)) = swtpm::fresh() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let tpm = Swtpm::start(&dir.path().join("tpm"));
+    };
     let cfg = Settings {
         data_dir: Some(dir.path().join("data")),
         cluster: Some("edge-1".into()),

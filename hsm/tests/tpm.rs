@@ -10,16 +10,15 @@
 // Test code: failing loudly is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::HashSet;
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::str::FromStr;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use edgekms_hsm::tpm::{PcrPolicy, TpmConfig, TpmSealer};
 use edgekms_hsm::{Key256, SealError, SealedBlob, Sealer};
+use edgekms_testkit::net::free_port_pair;
+use edgekms_testkit::swtpm::{self, Swtpm};
 use tss_esapi::attributes::ObjectAttributesBuilder;
 use tss_esapi::handles::{AuthHandle, ObjectHandle, PcrHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
@@ -33,113 +32,19 @@ use zeroize::Zeroizing;
 
 // ---------------------------------------------------------------- swtpm
 
-/// Ports handed out in this process, so that parallel tests never race
-/// each other for one.
-static USED_PORTS: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
-
-/// A free port P with P+1 also free (swtpm's TCTI uses P+1 for control).
-fn free_port_pair() -> u16 {
-    let mut used = USED_PORTS.lock().unwrap_or_else(|e| e.into_inner());
-    let used = used.get_or_insert_with(HashSet::new);
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("bind an ephemeral port");
-        if port == u16::MAX || used.contains(&port) || used.contains(&(port + 1)) {
-            continue;
-        }
-        if TcpListener::bind(("127.0.0.1", port + 1)).is_err() {
-            continue;
-        }
-        used.insert(port);
-        used.insert(port + 1);
-        return port;
-    }
+/// What these tests do with a swtpm (edgekms-testkit's launcher) through
+/// tss-esapi: a sealer on it, and TPM commands of their own.
+trait SwtpmExt {
+    fn sealer(&self, pcrs: Option<&str>) -> TpmSealer;
+    fn config(&self, pcrs: Option<&str>) -> TpmConfig;
+    /// Runs `f` on a connection of its own, closed before returning (swtpm
+    /// serves one client at a time).
+    fn with_context<T>(&self, f: impl FnOnce(&mut Context) -> T) -> T;
+    fn extend_pcr_handle(&self, pcr: PcrHandle);
+    fn set_owner_auth(&self, auth: &str);
 }
 
-/// Whether swtpm tests can run; says why not (or panics when
-/// `EDGEKMS_REQUIRE_SWTPM=1`).
-fn swtpm_present() -> bool {
-    let present = Command::new("swtpm")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !present {
-        if std::env::var("EDGEKMS_REQUIRE_SWTPM").as_deref() == Ok("1") {
-            panic!("EDGEKMS_REQUIRE_SWTPM=1 but the swtpm binary is not on PATH");
-        }
-        eprintln!("SKIPPED: the swtpm binary is not on PATH (install swtpm, or set EDGEKMS_REQUIRE_SWTPM=1 to make this a failure)");
-    }
-    present
-}
-
-/// One running swtpm; stopped (SIGTERM, then SIGKILL) on drop.
-struct Swtpm {
-    child: Child,
-    port: u16,
-    state: PathBuf,
-}
-
-impl Swtpm {
-    /// Starts swtpm on the state directory `state` (created if needed).
-    fn start(state: &Path) -> Swtpm {
-        std::fs::create_dir_all(state).expect("state dir");
-        for _attempt in 0..5 {
-            let port = free_port_pair();
-            let log = std::fs::File::create(state.join("swtpm.log")).expect("log file");
-            let mut child = Command::new("swtpm")
-                .arg("socket")
-                .arg("--tpm2")
-                .arg("--tpmstate")
-                .arg(format!("dir={}", state.display()))
-                .args(["--flags", "not-need-init,startup-clear"])
-                .arg("--server")
-                .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
-                .arg("--ctrl")
-                .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("spawn swtpm");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let ready = loop {
-                if child.try_wait().ok().flatten().is_some() {
-                    break false; // exited: port taken after all, or bad state
-                }
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    // Make sure it is our swtpm that answered, not a
-                    // stranger on the port while ours dies of EADDRINUSE.
-                    std::thread::sleep(Duration::from_millis(30));
-                    break child.try_wait().ok().flatten().is_none();
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break false;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            };
-            if ready {
-                return Swtpm {
-                    child,
-                    port,
-                    state: state.to_owned(),
-                };
-            }
-            let _ = child.wait();
-        }
-        let log = std::fs::read_to_string(state.join("swtpm.log")).unwrap_or_default();
-        panic!("swtpm did not start on {}: {log}", state.display());
-    }
-
-    fn tcti(&self) -> String {
-        format!("swtpm:host=127.0.0.1,port={}", self.port)
-    }
-
+impl SwtpmExt for Swtpm {
     fn sealer(&self, pcrs: Option<&str>) -> TpmSealer {
         TpmSealer::new(self.config(pcrs)).expect("TpmSealer::new")
     }
@@ -152,15 +57,14 @@ impl Swtpm {
         }
     }
 
-    /// Runs `f` on a connection of its own, closed before returning (swtpm
-    /// serves one client at a time).
     fn with_context<T>(&self, f: impl FnOnce(&mut Context) -> T) -> T {
         let conf = TctiNameConf::from_str(&self.tcti()).expect("tcti");
         let mut ctx = Context::new(conf).expect("connect to swtpm");
         f(&mut ctx)
     }
 
-    fn extend_pcr(&self, pcr: PcrHandle) {
+    /// Extends `pcr` in the sha256 bank with 0x42...42.
+    fn extend_pcr_handle(&self, pcr: PcrHandle) {
         self.with_context(|ctx| {
             let mut values = DigestValues::new();
             values.set(
@@ -181,49 +85,6 @@ impl Swtpm {
             .expect("HierarchyChangeAuth");
         });
     }
-
-    /// Stops swtpm, keeping its state directory.
-    fn stop(mut self) -> PathBuf {
-        self.terminate();
-        self.state.clone()
-    }
-
-    fn terminate(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
-        }
-        // SIGTERM lets swtpm write its state; SIGKILL if it lingers.
-        if let Ok(pid) = i32::try_from(self.child.id()) {
-            // SAFETY: kill(2) on the pid of a child we spawned and have not
-            // yet reaped, so the pid cannot have been reused.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Swtpm {
-    fn drop(&mut self) {
-        self.terminate();
-    }
-}
-
-/// A fresh swtpm in a fresh temporary directory, or `None` to skip.
-fn swtpm() -> Option<(tempfile::TempDir, Swtpm)> {
-    if !swtpm_present() {
-        return None;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let tpm = Swtpm::start(&dir.path().join("state"));
-    Some((dir, tpm))
 }
 
 // ---------------------------------------------------------------- helpers
@@ -257,7 +118,9 @@ fn private_offset(bytes: &[u8]) -> usize {
 
 #[test]
 fn seal_unseal_round_trip_and_survives_restart() {
-    let Some((_dir, tpm)) = swtpm() else { return };
+    let Some((_dir, tpm)) = swtpm::fresh() else {
+        return;
+    };
     let sealer = timed("TpmSealer::new (probe)", || tpm.sealer(None));
     assert_eq!(sealer.name(), "tpm");
     assert!(sealer.is_hardware_backed());
@@ -293,8 +156,12 @@ fn seal_unseal_round_trip_and_survives_restart() {
 
 #[test]
 fn blob_from_another_tpm_is_foreign() {
-    let Some((_a_dir, a)) = swtpm() else { return };
-    let Some((_b_dir, b)) = swtpm() else { return };
+    let Some((_a_dir, a)) = swtpm::fresh() else {
+        return;
+    };
+    let Some((_b_dir, b)) = swtpm::fresh() else {
+        return;
+    };
     let key = Key256::generate();
     let blob = a.sealer(None).seal(&key).expect("seal on A");
     match b.sealer(None).unseal(&blob) {
@@ -325,7 +192,9 @@ fn blob_from_another_tpm_is_foreign() {
 
 #[test]
 fn pcr_policy_detects_a_changed_pcr_and_reseal_recovers() {
-    let Some((_dir, tpm)) = swtpm() else { return };
+    let Some((_dir, tpm)) = swtpm::fresh() else {
+        return;
+    };
     let sealer = tpm.sealer(Some("sha256:7"));
     assert_eq!(
         sealer.info().get("pcr_policy").map(String::as_str),
@@ -337,7 +206,7 @@ fn pcr_policy_detects_a_changed_pcr_and_reseal_recovers() {
     let back = timed("unseal with sha256:7", || sealer.unseal(&blob)).expect("unseal");
     assert!(back == key);
 
-    tpm.extend_pcr(PcrHandle::Pcr7);
+    tpm.extend_pcr_handle(PcrHandle::Pcr7);
     match sealer.unseal(&blob) {
         Err(SealError::PolicyCheckFailed { reason }) => {
             eprintln!("reason: {reason}");
@@ -352,19 +221,21 @@ fn pcr_policy_detects_a_changed_pcr_and_reseal_recovers() {
 
 #[test]
 fn multi_pcr_policy_names_every_changed_pcr() {
-    let Some((_dir, tpm)) = swtpm() else { return };
+    let Some((_dir, tpm)) = swtpm::fresh() else {
+        return;
+    };
     let sealer = tpm.sealer(Some("sha256:0,7"));
     let key = Key256::generate();
     let blob = sealer.seal(&key).expect("seal");
     assert!(sealer.unseal(&blob).expect("unseal") == key);
 
-    tpm.extend_pcr(PcrHandle::Pcr7);
+    tpm.extend_pcr_handle(PcrHandle::Pcr7);
     let err = sealer.unseal(&blob).expect_err("PCR 7 changed");
     assert!(
         matches!(&err, SealError::PolicyCheckFailed { reason } if reason.contains("PCR 7 changed")),
         "{err:?}"
     );
-    tpm.extend_pcr(PcrHandle::Pcr0);
+    tpm.extend_pcr_handle(PcrHandle::Pcr0);
     let err = sealer.unseal(&blob).expect_err("PCRs 0 and 7 changed");
     assert!(
         matches!(&err, SealError::PolicyCheckFailed { reason } if reason.contains("PCRs 0, 7 changed")),
@@ -372,13 +243,15 @@ fn multi_pcr_policy_names_every_changed_pcr() {
     );
     // A PCR outside the policy does not matter.
     let blob = sealer.seal(&key).expect("reseal");
-    tpm.extend_pcr(PcrHandle::Pcr8);
+    tpm.extend_pcr_handle(PcrHandle::Pcr8);
     assert!(sealer.unseal(&blob).expect("unseal after PCR 8") == key);
 }
 
 #[test]
 fn tampered_recorded_pcr_values_are_refused() {
-    let Some((_dir, tpm)) = swtpm() else { return };
+    let Some((_dir, tpm)) = swtpm::fresh() else {
+        return;
+    };
     let sealer = tpm.sealer(Some("sha256:7"));
     let key = Key256::generate();
     let mut blob = sealer.seal(&key).expect("seal");
@@ -393,7 +266,9 @@ fn tampered_recorded_pcr_values_are_refused() {
 
 #[test]
 fn corrupted_or_garbage_blobs_are_corrupt() {
-    let Some((_dir, tpm)) = swtpm() else { return };
+    let Some((_dir, tpm)) = swtpm::fresh() else {
+        return;
+    };
     let sealer = tpm.sealer(None);
     let key = Key256::generate();
     let blob = sealer.seal(&key).expect("seal");
@@ -471,7 +346,7 @@ fn missing_device_and_bad_tcti() {
         }
     }
     // Nothing listening: no device.
-    if !swtpm_present() {
+    if !swtpm::available() {
         return;
     }
     let port = free_port_pair();
@@ -487,7 +362,9 @@ fn missing_device_and_bad_tcti() {
 
 #[test]
 fn owner_auth_is_required_once_set() {
-    let Some((_dir, tpm)) = swtpm() else { return };
+    let Some((_dir, tpm)) = swtpm::fresh() else {
+        return;
+    };
     tpm.set_owner_auth("newpass");
     let key = Key256::generate();
 
@@ -577,7 +454,9 @@ fn lock_out(tpm: &Swtpm) -> usize {
 
 #[test]
 fn info_reports_the_tpm_and_survives_its_absence() {
-    let Some((_dir, tpm)) = swtpm() else { return };
+    let Some((_dir, tpm)) = swtpm::fresh() else {
+        return;
+    };
     let sealer = tpm.sealer(None);
     let info = sealer.info();
     eprintln!("{info:?}");
@@ -610,7 +489,9 @@ fn info_reports_the_tpm_and_survives_its_absence() {
 
 #[test]
 fn other_banks_and_long_pcr_lists() {
-    let Some((_dir, tpm)) = swtpm() else { return };
+    let Some((_dir, tpm)) = swtpm::fresh() else {
+        return;
+    };
     let key = Key256::generate();
     // More than eight PCRs takes several PCR_Read calls.
     for policy in [
@@ -631,11 +512,11 @@ fn other_banks_and_long_pcr_lists() {
     }
     let sealer = tpm.sealer(Some("sha1:7"));
     let blob = sealer.seal(&key).expect("seal");
-    tpm.extend_pcr(PcrHandle::Pcr7); // extends the sha256 bank only
+    tpm.extend_pcr_handle(PcrHandle::Pcr7); // extends the sha256 bank only
     assert!(sealer.unseal(&blob).expect("sha1 PCR 7 unchanged") == key);
     let sealer = tpm.sealer(Some("sha256:16"));
     let blob = sealer.seal(&key).expect("seal");
-    tpm.extend_pcr(PcrHandle::Pcr16);
+    tpm.extend_pcr_handle(PcrHandle::Pcr16);
     let err = sealer.unseal(&blob).expect_err("PCR 16 changed");
     assert!(
         matches!(&err, SealError::PolicyCheckFailed { reason } if reason.contains("PCR 16 changed")),
@@ -649,7 +530,9 @@ fn other_banks_and_long_pcr_lists() {
 /// whatever EDGEKMS_REQUIRE_SWTPM says: they are not a build dependency).
 #[test]
 fn blob_parts_are_tpm2_tools_files() {
-    let Some((dir, tpm)) = swtpm() else { return };
+    let Some((dir, tpm)) = swtpm::fresh() else {
+        return;
+    };
     if Command::new("tpm2_unseal")
         .arg("--version")
         .output()
@@ -737,7 +620,9 @@ fn blob_parts_are_tpm2_tools_files() {
 
 #[test]
 fn every_flipped_byte_is_refused() {
-    let Some((_dir, tpm)) = swtpm() else { return };
+    let Some((_dir, tpm)) = swtpm::fresh() else {
+        return;
+    };
     let key = Key256::generate();
     for policy in [None, Some("sha256:7")] {
         let sealer = tpm.sealer(policy);
@@ -770,7 +655,9 @@ fn fixtures() -> PathBuf {
 #[test]
 #[ignore = "regenerates the committed fixture; only for a format change"]
 fn write_legacy_fixture() {
-    let Some((_dir, tpm)) = swtpm() else { return };
+    let Some((_dir, tpm)) = swtpm::fresh() else {
+        return;
+    };
     let out = fixtures();
     std::fs::create_dir_all(out.join("state")).expect("fixture dir");
     let key = Key256::generate();
@@ -799,7 +686,7 @@ fn hex_encode(bytes: &[u8]) -> String {
 type LegacyTpm = (tempfile::TempDir, Swtpm, Key256, Vec<(String, SealedBlob)>);
 
 fn legacy_swtpm() -> Option<LegacyTpm> {
-    if !swtpm_present() {
+    if !swtpm::available() {
         return None;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -884,7 +771,7 @@ fn blobs_sealed_before_no_da_still_open() {
         assert!(sealer.unseal(&resealed).expect("unseal resealed") == key);
     }
     // A blob from another TPM is still foreign, not mistaken for legacy.
-    let Some((_other_dir, other)) = swtpm() else {
+    let Some((_other_dir, other)) = swtpm::fresh() else {
         return;
     };
     match other.sealer(None).unseal(&blobs[0].1) {

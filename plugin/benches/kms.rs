@@ -19,6 +19,7 @@ use edgekms_proto::kms_v2::key_management_service_server::{
     KeyManagementService, KeyManagementServiceServer,
 };
 use edgekms_proto::kms_v2::*;
+use edgekms_testkit::process::Daemon;
 use tonic::{Request, Response, Status};
 
 const SEED: [u8; 32] = [7; 32];
@@ -191,16 +192,12 @@ fn main() {
 async fn bench() {
     let dir = tempfile::tempdir().unwrap();
     let echo_sock: PathBuf = dir.path().join("echo.sock");
-    let _echo = Proc(
-        Command::new(std::env::current_exe().unwrap())
-            .arg("--echo-server")
-            .arg(&echo_sock)
-            .spawn()
-            .unwrap(),
-    );
+    let mut echo = Command::new(std::env::current_exe().unwrap());
+    echo.arg("--echo-server").arg(&echo_sock);
+    let _echo = Daemon::spawn("echo server", echo, &dir.path().join("echo.log"));
     let plugin_dir = dir.path().join("plugin");
     std::fs::create_dir_all(&plugin_dir).unwrap();
-    let plugin = Proc(plugin_cmd(&plugin_dir, &soft()).spawn().unwrap());
+    let plugin = spawn_plugin(&plugin_dir, &soft());
     let plugin_sock = plugin_dir.join("kms.sock");
     until_healthy(&echo_sock, Instant::now()).await;
     until_healthy(&plugin_sock, Instant::now()).await;
@@ -254,7 +251,7 @@ async fn bench() {
             );
         }
     }
-    let rss = peak_rss_kib(plugin.0.id());
+    let rss = peak_rss_kib(plugin.pid());
     stop(plugin);
 
     // Start-up: 1 version, then 1,000 cached versions.

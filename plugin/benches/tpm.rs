@@ -7,12 +7,12 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 use edgekms_hsm::tpm::{TpmConfig, TpmSealer};
 use edgekms_hsm::{Key256, Sealer};
+use edgekms_testkit::swtpm::{self, Swtpm};
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -21,42 +21,9 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 fn main() {
     let dir = tempfile::tempdir().unwrap();
-    // swtpm on a free loopback port pair (P for commands, P+1 for control).
-    let port = loop {
-        let p = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-            break p;
-        }
-    };
-    let state = dir.path().join("tpm");
-    std::fs::create_dir_all(&state).unwrap();
-    let _swtpm = Proc(
-        Command::new("swtpm")
-            .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
-            .arg("--tpmstate")
-            .arg(format!("dir={}", state.display()))
-            .arg("--server")
-            .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
-            .arg("--ctrl")
-            .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("swtpm is needed: apt-get install swtpm swtpm-tools"),
-    );
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "swtpm did not start"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let tcti = format!("swtpm:host=127.0.0.1,port={port}");
+    swtpm::require();
+    let tpm = Swtpm::start(&dir.path().join("tpm"));
+    let tcti = tpm.tcti();
 
     let sealer = TpmSealer::new(TpmConfig {
         tcti: tcti.clone(),

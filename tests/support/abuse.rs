@@ -15,6 +15,8 @@ use edgekms_server::rocks::Store;
 use edgekms_server::AuditRecord;
 use tonic::transport::Channel;
 
+use edgekms_testkit::procfs::status_kib;
+
 use super::bin;
 use super::fleet::Server;
 
@@ -83,15 +85,7 @@ pub fn file_bytes(path: &Path) -> u64 {
 
 /// A `/proc/<pid>/status` field in KiB (VmHWM: peak resident set).
 pub fn proc_kib(pid: u32, field: &str) -> u64 {
-    try_proc_kib(pid, field).unwrap()
-}
-
-fn try_proc_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    status_kib(pid, field).unwrap()
 }
 
 /// What a `kmsctl` run streamed, and what it cost.
@@ -143,7 +137,7 @@ pub fn kmsctl_streamed(server: &Server, args: &[&str], keep: impl Fn(&str) -> bo
         // VmHWM of the process itself (a fresh address space since exec;
         // getrusage would count the test process it was forked from).
         if lines % 512 == 1 {
-            if let Some(kib) = try_proc_kib(pid, "VmHWM") {
+            if let Some(kib) = status_kib(pid, "VmHWM") {
                 peak = peak.max(kib);
             }
         }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{bin, free_port, Plugin};
+use super::Plugin;
 
 /// What a process holds right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,36 +31,10 @@ pub fn usage(pid: u32) -> Usage {
     }
 }
 
-pub fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
+pub use edgekms_testkit::procfs::{clk_tck, cpu_ticks, fd_count};
 
 pub fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-pub fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) in parentheses:
-    // state is field 3, utime 14, stime 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    get(11) + get(12)
-}
-
-/// Clock ticks per second (for [`Usage::cpu_ticks`]).
-pub fn clk_tck() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    u64::try_from(t).ok().filter(|t| *t > 0).unwrap_or(100)
+    edgekms_testkit::procfs::status_kib(pid, "VmRSS").unwrap_or(0)
 }
 
 /// Samples a process's descriptors and RSS every 50 ms on a thread until
@@ -407,38 +381,9 @@ pub async fn unary_with_authority(socket: &Path, path: &str, authority: &str) ->
 /// under an open-file limit of `nofile` (soft and hard, via prlimit), and
 /// waits until it answers.
 pub async fn plugin_with_nofile(dir: &Path, cluster: &str, extra: &[&str], nofile: u64) -> Plugin {
-    std::fs::create_dir_all(dir).unwrap();
     let mut args = Plugin::soft_args(dir, cluster);
     args.extend(extra.iter().map(|s| s.to_string()));
-    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    args.extend(["--metrics-addr".into(), metrics.to_string()]);
-    let log = dir.join("plugin.log");
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log)
-        .unwrap();
-    let child = Command::new("prlimit")
-        .arg(format!("--nofile={nofile}:{nofile}"))
-        .arg("--")
-        .arg(bin("edgekms-plugin"))
-        .args(&args)
-        .env("RUST_LOG", "info")
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap();
-    let socket = dir.join("run/kms.sock");
-    let p = Plugin {
-        dir: dir.to_owned(),
-        admin_socket: socket.with_file_name("admin.sock"),
-        socket,
-        data_dir: dir.join("data"),
-        log,
-        args,
-        metrics_addr: Some(metrics),
-        child: Some(child),
-    };
+    let p = Plugin::spawn_limited(dir, args, &[], Some(nofile));
     p.wait_healthy().await;
     p
 }

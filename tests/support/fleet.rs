@@ -3,10 +3,12 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{bin, free_port, http_get, poll_until, signal, Plugin};
+use edgekms_testkit::process::{command_with_nofile, Daemon};
+
+use super::{bin, free_port, http, poll_until, Plugin};
 
 /// A running `edgekms-server` (soft sealer) on free loopback ports, killed
 /// on drop.
@@ -17,12 +19,12 @@ pub struct Server {
     /// The metrics and health endpoint, unless the arguments chose one or
     /// turned it off.
     pub ops: SocketAddr,
-    pub log: PathBuf,
     pub extra_args: Vec<String>,
     pub env: Vec<(String, String)>,
     /// Open-file limit (soft and hard) to start the process with, via prlimit.
     pub nofile: Option<u64>,
-    child: Option<Child>,
+    /// The process; `None` before the first spawn.
+    daemon: Option<Daemon>,
 }
 
 impl Server {
@@ -74,11 +76,10 @@ impl Server {
             data_dir: data_dir.to_owned(),
             listen: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
             ops,
-            log: data_dir.with_extension("log"),
             extra_args,
             env: Vec::new(),
             nofile: None,
-            child: None,
+            daemon: None,
         };
         s.respawn();
         s
@@ -104,34 +105,32 @@ impl Server {
 
     /// Starts the process (again) on the same address and data dir.
     pub fn respawn(&mut self) {
-        assert!(self.child.is_none(), "already running");
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let mut cmd = match self.nofile {
-            Some(n) => {
-                let mut c = Command::new("prlimit");
-                c.arg(format!("--nofile={n}:{n}"))
-                    .arg("--")
-                    .arg(bin("edgekms-server"));
-                c
-            }
-            None => Command::new(bin("edgekms-server")),
-        };
-        let child = cmd
-            .args(["--sealer", "soft", "--heartbeat", "1s", "--data-dir"])
+        let mut cmd = command_with_nofile(&bin("edgekms-server"), self.nofile);
+        cmd.args(["--sealer", "soft", "--heartbeat", "1s", "--data-dir"])
             .arg(&self.data_dir)
             .args(["--listen", &self.listen.to_string()])
             .args(&self.extra_args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("RUST_LOG", "info")
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
+            .env("RUST_LOG", "info");
+        match &mut self.daemon {
+            Some(d) => d.respawn(cmd),
+            None => {
+                let log = self.data_dir.with_extension("log");
+                self.daemon = Some(Daemon::spawn("server", cmd, &log));
+            }
+        }
+    }
+
+    fn daemon(&mut self) -> &mut Daemon {
+        self.daemon.as_mut().expect("the server was never spawned")
+    }
+
+    /// `<data_dir>.log`, where its output goes.
+    pub fn log(&self) -> &Path {
+        self.daemon
+            .as_ref()
+            .expect("the server was never spawned")
+            .log()
     }
 
     /// Waits until the service answers `kmsctl status`.
@@ -147,72 +146,52 @@ impl Server {
 
     /// Waits until `/readyz` answers 200.
     pub async fn wait_ready(&self) {
-        let ops = self.ops;
-        poll_until(
+        http::wait_200(
             "server not ready",
             15,
             || self.log_text(),
-            || async move { matches!(http_get(ops, "/readyz").await, Ok((200, _))) },
+            self.ops,
+            "/readyz",
         )
         .await;
     }
 
     /// Scrapes `/metrics` and parses it as the Prometheus text format.
     pub async fn scrape(&self) -> prometheus_parse::Scrape {
-        let (status, body) = http_get(self.ops, "/metrics").await.unwrap();
-        assert_eq!(status, 200, "{body}");
-        prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap()
+        http::scrape(self.ops).await
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        std::fs::read_to_string(self.log()).unwrap_or_default()
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
+        self.daemon
+            .as_ref()
+            .expect("the server was never spawned")
+            .pid()
     }
 
     /// SIGKILL, as `kill -9`.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(d) = &mut self.daemon {
+            d.kill();
         }
     }
 
     /// SIGTERM; returns the exit code. Async: the test's own client
     /// connections must keep running to close while the server drains.
     pub async fn stop(&mut self) -> Option<i32> {
-        let mut child = self.child.take()?;
-        signal(child.id(), "TERM");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("server did not stop within 15 s of SIGTERM");
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        self.daemon()
+            .stop_async(Duration::from_secs(15))
+            .await
+            .and_then(|s| s.code())
     }
 
     /// Waits up to `within` for the process to exit by itself (a failpoint,
     /// a start-up error); its exit status, or None if it still runs.
     pub fn exited_within(&mut self, within: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + within;
-        loop {
-            let status = self.child.as_mut()?.try_wait().unwrap();
-            if let Some(status) = status {
-                self.child = None;
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.daemon().exited_within(within)
     }
 
     /// `kmsctl --server .. --operator-dir .. ARGS`.
@@ -288,12 +267,6 @@ impl Server {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 

@@ -6,8 +6,10 @@
 //! the operator API, and runs every node in this process as a tokio task
 //! with its own TCP + mutual TLS connection and `Sync` stream: it joins
 //! with a one-time token (CA pin, no client certificate), opens its stream
-//! with the issued certificate, unwraps every delivered KEK with its
-//! delivery key (real ECDH + AES-GCM, as a plugin does) and reports back.
+//! with the issued certificate, and applies every state the server sends
+//! as a plugin does: `edgekms_core::rotation::node::converge` on the
+//! keyring it holds, unwrapping each delivered KEK with its delivery key
+//! (real ECDH + AES-GCM); then it reports back what it holds.
 //! Once every node serves version 1, it rotates every cluster and times
 //! until every node reports version 2 as primary and the server's Status
 //! agrees. Prints the server's peak RSS (VmHWM) and CPU time (utime +
@@ -18,20 +20,23 @@
 //! promoted within 10 s, server peak RSS under 500 MiB.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use edgekms_core::delivery::{Binding, DeliveryKey};
+use edgekms_core::rotation::node::{converge, Received};
+use edgekms_core::Keyring;
 use edgekms_daemon::pki::{self, PrivateKey};
 use edgekms_daemon::tls;
 use edgekms_proto::fleet as pb;
 use edgekms_proto::fleet::fleet_client::FleetClient;
 use edgekms_proto::fleet::operator_client::OperatorClient;
+use edgekms_testkit::process::Daemon;
+use edgekms_testkit::{net, procfs};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::transport::Channel;
 
@@ -61,7 +66,7 @@ const TARGET_RSS_MIB: f64 = 500.0;
 /// `edgekms-server` on a free loopback port, in a temporary data dir;
 /// stopped (SIGTERM, then SIGKILL) and removed on drop.
 struct Server {
-    child: Child,
+    daemon: Daemon,
     url: String,
     dir: Option<tempfile::TempDir>,
     /// Keep the data dir and server.log (`--keep`).
@@ -82,24 +87,17 @@ impl Server {
             "edgekms-server init failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(server_bin())
-            .args(["--sealer", "soft", "--data-dir"])
+        let listen = net::free_addr();
+        let mut cmd = Command::new(server_bin());
+        cmd.args(["--sealer", "soft", "--data-dir"])
             .arg(&data)
             .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("server.log")).unwrap())
-            .spawn()
-            .unwrap();
+            .arg(listen.to_string())
+            .env("RUST_LOG", "info");
+        let daemon = Daemon::spawn("edgekms-server", cmd, &dir.path().join("server.log"));
         Server {
-            child,
-            url: format!("https://127.0.0.1:{port}"),
+            daemon,
+            url: format!("https://{listen}"),
             dir: Some(dir),
             keep,
         }
@@ -117,65 +115,32 @@ impl Server {
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.daemon.pid()
     }
 
     fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.path().join("server.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        self.daemon.log_tail(20)
     }
 
     /// Peak resident set size, MiB.
     fn peak_rss_mib(&self) -> f64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        let kib: u64 = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        kib as f64 / 1024.0
+        procfs::status_kib(self.pid(), "VmHWM").unwrap_or(0) as f64 / 1024.0
     }
 
     /// Sockets the server holds open (listener, operator, one per node).
     fn sockets(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-            .map(|dir| {
-                dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-                    .filter(|target| target.to_string_lossy().starts_with("socket:"))
-                    .count()
-            })
-            .unwrap_or(0)
+        procfs::socket_count(self.pid())
     }
 
     /// User + system CPU time so far, seconds.
     fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
-        // Fields after "(comm) ": state is field 3, utime 14, stime 15.
-        let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| -> u64 { fields.get(i).and_then(|v| v.parse().ok()).unwrap_or(0) };
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        (ticks(11) + ticks(12)) as f64 / hz
+        procfs::cpu_seconds(self.pid())
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline && !matches!(self.child.try_wait(), Ok(Some(_))) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.daemon.terminate(Duration::from_secs(5));
         if let (true, Some(dir)) = (self.keep, self.dir.take()) {
             println!("kept {}", dir.keep().display());
         }
@@ -322,8 +287,7 @@ async fn node_inner(
         .await
         .map_err(|e| format!("sync: {e}"))?
         .into_inner();
-    let mut held = BTreeSet::new();
-    let mut primary = 0u32;
+    let mut keyring = Keyring::new(&spec.cluster).map_err(|e| e.to_string())?;
     let mut on_v2 = false;
     loop {
         let state = match inbound.message().await {
@@ -336,31 +300,16 @@ async fn node_inner(
         if state.heartbeat {
             continue;
         }
-        for entry in &state.versions {
-            if !entry.wrapped_key.is_empty() {
-                let binding = Binding {
-                    cluster: &spec.cluster,
-                    node: &spec.node,
-                    version: entry.version,
-                    key_id: &entry.key_id,
-                };
-                // A plugin would now wrap it under its NSK and persist it.
-                let _kek = delivery
-                    .unwrap(binding, &entry.wrapped_key)
-                    .map_err(|e| e.to_string())?;
-                held.insert(entry.version);
-            }
-        }
-        for entry in &state.versions {
-            if entry.state == pb::VersionState::Primary as i32 && held.contains(&entry.version) {
-                primary = entry.version;
-            }
-        }
-        for v in &state.retired {
-            held.remove(v);
-        }
+        // As the plugin's `apply_cluster_state`, without the store: a
+        // plugin would also wrap each new key under its NSK and persist it.
+        keyring = apply(&keyring, &state, spec, &delivery)?;
+        let primary = keyring.primary().map_or(0, |p| p.version);
         tx.send(pb::NodeReport {
-            held: held.iter().copied().collect(),
+            held: keyring
+                .versions()
+                .filter(|kv| kv.key().is_some())
+                .map(|kv| kv.version)
+                .collect(),
             applied_seq: state.seq,
             primary,
         })
@@ -378,6 +327,46 @@ async fn node_inner(
             _ => {}
         }
     }
+}
+
+/// The keyring `current` converged on `state` by the node's rules.
+fn apply(
+    current: &Keyring,
+    state: &pb::ClusterState,
+    spec: &NodeSpec,
+    delivery: &DeliveryKey,
+) -> Result<Keyring, String> {
+    let received = state
+        .versions
+        .iter()
+        .map(|entry| {
+            let version_state = edgekms_proto::convert::version_state(entry.state())
+                .ok_or_else(|| format!("version {} sent without a state", entry.version))?;
+            Ok(Received {
+                version: entry.version,
+                state: version_state,
+                key_id: &entry.key_id,
+                wrapped_key: &entry.wrapped_key,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let unwrap = |r: &Received<'_>| {
+        let binding = Binding {
+            cluster: &spec.cluster,
+            node: &spec.node,
+            version: r.version,
+            key_id: r.key_id,
+        };
+        delivery
+            .unwrap(binding, r.wrapped_key)
+            .map_err(|e| e.to_string())
+    };
+    let now_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    converge(current, &received, &state.retired, now_unix, unwrap)
+        .map(|step| step.keyring)
+        .map_err(|e| format!("converge: {e}"))
 }
 
 // ---- one run ----

@@ -3,27 +3,19 @@
 #![allow(dead_code)]
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use edgekms_proto::admin::node_admin_client::NodeAdminClient;
 use edgekms_proto::admin::RotateRequest;
 use edgekms_proto::kms_v2::key_management_service_client::KeyManagementServiceClient;
 use edgekms_proto::kms_v2::StatusRequest;
+use edgekms_testkit::process::Daemon;
 
-/// A child process killed on drop.
-pub struct Proc(pub Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The plugin on `dir/kms.sock` with data in `dir/data`; `sealer` are the
-/// sealer flags (`--sealer soft`, or tpm with its TCTI).
-pub fn plugin_cmd(dir: &Path, sealer: &[String]) -> Command {
+/// The plugin on `dir/kms.sock` with data in `dir/data`, logging to
+/// `dir/plugin.log`; `sealer` are the sealer flags (`--sealer soft`, or
+/// tpm with its TCTI).
+pub fn spawn_plugin(dir: &Path, sealer: &[String]) -> Daemon {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgekms-plugin"));
     cmd.args(["--cluster", "bench", "--node", "n1"])
         .args(sealer)
@@ -31,10 +23,8 @@ pub fn plugin_cmd(dir: &Path, sealer: &[String]) -> Command {
         .arg(dir.join("kms.sock"))
         .arg("--data-dir")
         .arg(dir.join("data"))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("plugin.log")).unwrap());
-    cmd
+        .env("RUST_LOG", "info");
+    Daemon::spawn("plugin", cmd, &dir.join("plugin.log"))
 }
 
 pub fn soft() -> Vec<String> {
@@ -45,7 +35,7 @@ pub async fn client(
     socket: &Path,
 ) -> Option<KeyManagementServiceClient<tonic::transport::Channel>> {
     Some(KeyManagementServiceClient::new(
-        edgekms_proto::uds::connect(socket).await.ok()?,
+        edgekms_testkit::kms::connect(socket).await.ok()?,
     ))
 }
 
@@ -70,11 +60,8 @@ pub async fn until_healthy(socket: &Path, start: Instant) -> Duration {
 }
 
 /// SIGTERM and wait.
-pub fn stop(mut p: Proc) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &p.0.id().to_string()])
-        .status();
-    let _ = p.0.wait();
+pub fn stop(mut p: Daemon) {
+    p.stop(Duration::from_secs(60));
 }
 
 /// Median start-up (spawn to healthz "ok") over `runs` starts.
@@ -82,7 +69,7 @@ pub async fn startup(dir: &Path, sealer: &[String], runs: usize) -> Duration {
     let mut times = Vec::new();
     for _ in 0..runs {
         let start = Instant::now();
-        let p = Proc(plugin_cmd(dir, sealer).spawn().unwrap());
+        let p = spawn_plugin(dir, sealer);
         times.push(until_healthy(&dir.join("kms.sock"), start).await);
         stop(p);
     }
@@ -92,10 +79,10 @@ pub async fn startup(dir: &Path, sealer: &[String], runs: usize) -> Duration {
 
 /// Rotates until the cache holds `versions` KEK versions.
 pub async fn grow_to(dir: &Path, sealer: &[String], versions: u32) {
-    let p = Proc(plugin_cmd(dir, sealer).spawn().unwrap());
+    let p = spawn_plugin(dir, sealer);
     until_healthy(&dir.join("kms.sock"), Instant::now()).await;
     let mut admin = NodeAdminClient::new(
-        edgekms_proto::uds::connect(dir.join("admin.sock"))
+        edgekms_testkit::kms::connect(dir.join("admin.sock"))
             .await
             .unwrap(),
     );

@@ -1,4 +1,24 @@
 //! Test helpers shared by every edgekms crate's tests and benches. Depends
 //! on no edgekms crate, so any of them can use it as a dev-dependency.
+//!
+//! - [`net`]: free loopback ports, never handed out twice in one process;
+//! - [`process`]: a daemon child process for a test (log file, signals,
+//!   waits with a deadline, killed on drop), and where the built binaries are;
+//! - [`procfs`]: what a process holds and has used (memory, CPU, descriptors,
+//!   listening ports), from /proc;
+//! - [`swtpm`]: a real software TPM on free loopback ports, and whether the
+//!   swtpm tests may skip;
+//! - [`poll`]: waiting for a condition with a deadline and a log to show;
+//! - [`kms`]: a gRPC channel to a unix socket (the KMS v2 and admin sockets);
+//! - [`proptest_policy`]: the case count of every property test.
+//!
+//! Helpers fail loudly (they panic with what went wrong): they serve tests.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod kms;
+pub mod net;
+pub mod poll;
+pub mod process;
+pub mod procfs;
 pub mod proptest_policy;
+pub mod swtpm;
