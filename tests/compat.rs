@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
-use edgekms_e2e::fleet::{node_args, Server};
+use edgekms_e2e::fleet::{node_args, version_states, Server};
 use edgekms_e2e::{copy_dir, decrypt, key_id, Plugin};
 
 fn fixture() -> PathBuf {
@@ -57,19 +57,8 @@ async fn a_central_data_dir_of_the_previous_layout_serves_and_rotates() {
     let status = server.kmsctl_json(&["status", "c1"]);
     let c = &status["clusters"][0];
     assert_eq!(c["primary"], 2, "{status}");
-    let states: Vec<(u64, String)> = c["versions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| {
-            (
-                v["version"].as_u64().unwrap(),
-                v["state"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
     assert_eq!(
-        states,
+        version_states(c),
         [(1, "decrypt-only".to_owned()), (2, "primary".to_owned())]
     );
     assert_eq!(c["nodes"][0]["name"], "n1", "{status}");

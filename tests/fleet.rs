@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use edgekms_e2e::fleet::{enrol, join, node_args, text, Server};
+use edgekms_e2e::fleet::{enrol, join, node_args, text, version_states, Server};
 use edgekms_e2e::{decrypt, encrypt, key_id, Plugin};
 use serde_json::Value;
 
@@ -58,17 +58,7 @@ fn local_versions(p: &Plugin) -> Vec<(u64, String)> {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["versions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| {
-            (
-                v["version"].as_u64().unwrap(),
-                v["state"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
+    version_states(&v)
 }
 
 /// The invariant: no node has a primary that another node of its cluster

@@ -105,6 +105,10 @@ impl Settings {
 
     /// `self` with every unset field taken from `file`.
     pub fn or(self, file: Settings) -> Settings {
+        let (metrics_addr, no_metrics) = edgekms_daemon::config::merge_metrics_flags(
+            (self.metrics_addr, self.no_metrics),
+            (file.metrics_addr, file.no_metrics),
+        );
         Settings {
             socket: self.socket.or(file.socket),
             data_dir: self.data_dir.or(file.data_dir),
@@ -116,15 +120,8 @@ impl Settings {
             tpm_pcrs: self.tpm_pcrs.or(file.tpm_pcrs),
             tpm_owner_auth_file: self.tpm_owner_auth_file.or(file.tpm_owner_auth_file),
             log_format: self.log_format.or(file.log_format),
-            // A flag wins over the file, in both directions: --metrics-addr
-            // turns on what `no_metrics = true` in the file turned off, and
-            // --no-metrics turns off what the file's metrics_addr set.
-            metrics_addr: if self.no_metrics {
-                None
-            } else {
-                self.metrics_addr.or(file.metrics_addr)
-            },
-            no_metrics: self.no_metrics || (self.metrics_addr.is_none() && file.no_metrics),
+            metrics_addr,
+            no_metrics,
             sync_backoff_max: self.sync_backoff_max.or(file.sync_backoff_max),
             recovery_passphrase_file: self
                 .recovery_passphrase_file

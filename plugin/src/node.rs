@@ -110,9 +110,7 @@ pub fn require_cluster(cfg: &Config) -> Result<(), NodeError> {
 /// this user, not writable by others (refused), not readable by others
 /// (tightened, and said so).
 pub fn private_data_dir(dir: &std::path::Path) -> Result<(), NodeError> {
-    if edgekms_daemon::durable::private_dir(dir).map_err(CacheError::from)? {
-        tracing::warn!(dir = %dir.display(), "the data dir was readable by other users: made it 0700");
-    }
+    edgekms_daemon::durable::private_data_dir(dir).map_err(CacheError::from)?;
     Ok(())
 }
 

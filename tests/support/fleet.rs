@@ -324,3 +324,19 @@ pub async fn enrol(server: &Server, root: &Path, cluster: &str, node: &str) -> P
     p.wait_healthy().await;
     p
 }
+
+/// `(version, state)` of every version in a JSON status object (a cluster
+/// of `kmsctl status`, or `kmsctl local status`).
+pub fn version_states(status: &serde_json::Value) -> Vec<(u64, String)> {
+    status["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["version"].as_u64().unwrap(),
+                v["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}

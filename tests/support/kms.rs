@@ -1,5 +1,5 @@
 //! Typed calls to the plugin's KMS v2 and admin sockets (edgekms-proto's
-//! clients over `edgekms_testkit::kms`'s unix-socket channel).
+//! clients over `edgekms_proto::uds`'s unix-socket channel).
 
 use std::path::Path;
 
@@ -14,13 +14,13 @@ pub type Admin = NodeAdminClient<Channel>;
 /// A KMS v2 client on `socket`, or why it cannot connect.
 pub async fn try_kms(socket: &Path) -> Result<Kms, tonic::transport::Error> {
     Ok(KeyManagementServiceClient::new(
-        edgekms_testkit::kms::connect(socket).await?,
+        edgekms_proto::uds::connect(socket).await?,
     ))
 }
 
 /// An admin client on `socket`.
 pub async fn admin(socket: &Path) -> Admin {
-    NodeAdminClient::new(edgekms_testkit::kms::connect(socket).await.unwrap())
+    NodeAdminClient::new(edgekms_proto::uds::connect(socket).await.unwrap())
 }
 
 pub async fn encrypt(kms: &mut Kms, plaintext: &[u8]) -> (Vec<u8>, String) {

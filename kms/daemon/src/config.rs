@@ -5,6 +5,7 @@
 //! `--sealer` flag's parser, the backup key file, and the clock. What a
 //! sealer choice means lives in [`edgekms_hsm::config`].
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -35,6 +36,23 @@ pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
     toml::from_str(&text).map_err(|e| format!("config {}: {}", path.display(), e.message()))
+}
+
+/// `--metrics-addr` / `--no-metrics` from flags over the config file: a
+/// flag wins in both directions (`--metrics-addr` turns on what the file's
+/// `no_metrics = true` turned off; `--no-metrics` turns off the file's
+/// address). Returns the merged `(metrics_addr, no_metrics)`.
+pub fn merge_metrics_flags(
+    flag: (Option<SocketAddr>, bool),
+    file: (Option<SocketAddr>, bool),
+) -> (Option<SocketAddr>, bool) {
+    let (addr, off) = flag;
+    let (file_addr, file_off) = file;
+    if off {
+        (None, true)
+    } else {
+        (addr.or(file_addr), addr.is_none() && file_off)
+    }
 }
 
 /// Seconds since the Unix epoch (0 if the clock is before it).
@@ -70,6 +88,32 @@ pub fn read_key_file(path: &Path) -> Result<Key256, KeyFileError> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_metrics_flag_wins_over_the_file_both_ways() {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        assert_eq!(
+            merge_metrics_flags((None, false), (Some(b), false)),
+            (Some(b), false)
+        );
+        assert_eq!(
+            merge_metrics_flags((Some(a), false), (Some(b), false)),
+            (Some(a), false)
+        );
+        assert_eq!(
+            merge_metrics_flags((Some(a), false), (None, true)),
+            (Some(a), false)
+        );
+        assert_eq!(
+            merge_metrics_flags((None, true), (Some(b), false)),
+            (None, true)
+        );
+        assert_eq!(
+            merge_metrics_flags((None, false), (None, true)),
+            (None, true)
+        );
+    }
 
     #[test]
     fn key_files_hold_64_hex_digits() {

@@ -60,6 +60,15 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Du
     }
 }
 
+/// [`private_dir`] for a daemon's data dir, saying so when it had to
+/// tighten the mode.
+pub fn private_data_dir(dir: &Path) -> Result<(), DurableError> {
+    if private_dir(dir)? {
+        tracing::warn!(dir = %dir.display(), "the data dir was readable by other users: made it 0700");
+    }
+    Ok(())
+}
+
 /// Creates `dir` with mode 0700, or checks an existing one: it must be owned
 /// by this process's user and not writable by group or others. Read or
 /// search bits for group and others are removed. Returns whether the mode

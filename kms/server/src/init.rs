@@ -54,9 +54,7 @@ fn io(op: String) -> impl FnOnce(std::io::Error) -> ServerError {
 /// Creates `dir` with mode 0700, or checks an existing one (ours, not
 /// writable by others; read access for others is removed and logged).
 pub(super) fn private_dir(dir: &Path) -> Result<(), ServerError> {
-    if edgekms_daemon::durable::private_dir(dir).map_err(StoreError::from)? {
-        tracing::warn!(dir = %dir.display(), "the data dir was readable by others; now mode 0700");
-    }
+    edgekms_daemon::durable::private_data_dir(dir).map_err(StoreError::from)?;
     Ok(())
 }
 

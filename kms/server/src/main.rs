@@ -181,6 +181,10 @@ struct ServeArgs {
 
 impl ServeArgs {
     fn or(self, file: ServeArgs) -> ServeArgs {
+        let (metrics_addr, no_metrics) = edgekms_daemon::config::merge_metrics_flags(
+            (self.metrics_addr, self.no_metrics),
+            (file.metrics_addr, file.no_metrics),
+        );
         ServeArgs {
             config: self.config,
             data_dir: self.data_dir.or(file.data_dir),
@@ -195,14 +199,8 @@ impl ServeArgs {
             audit_retention: self.audit_retention.or(file.audit_retention),
             audit_max_records: self.audit_max_records.or(file.audit_max_records),
             log_format: self.log_format.or(file.log_format),
-            // A flag wins over the file, in both directions: --metrics-addr
-            // turns on what `no_metrics = true` in the file turned off.
-            metrics_addr: if self.no_metrics {
-                None
-            } else {
-                self.metrics_addr.or(file.metrics_addr)
-            },
-            no_metrics: self.no_metrics || (self.metrics_addr.is_none() && file.no_metrics),
+            metrics_addr,
+            no_metrics,
             max_connections: self.max_connections.or(file.max_connections),
             max_unauthenticated_per_peer: self
                 .max_unauthenticated_per_peer

@@ -1062,7 +1062,6 @@ mod copies_proptests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::copies::{self, Slot, Value};
     use edgekms_core::rotation::cluster::{Cluster, VersionMeta};
-    use edgekms_core::VersionState;
     use proptest::prelude::*;
 
     fn name() -> impl Strategy<Value = String> {
@@ -1079,15 +1078,7 @@ mod copies_proptests {
         ]
     }
 
-    fn state() -> impl Strategy<Value = VersionState> {
-        prop_oneof![
-            Just(VersionState::Pending),
-            Just(VersionState::Primary),
-            Just(VersionState::DecryptOnly),
-            Just(VersionState::Retiring),
-            Just(VersionState::Retired),
-        ]
-    }
+    use edgekms_core::rotation::cluster::proptests::version_state as state;
 
     fn cluster() -> impl Strategy<Value = Cluster> {
         (

@@ -35,7 +35,7 @@ pub async fn client(
     socket: &Path,
 ) -> Option<KeyManagementServiceClient<tonic::transport::Channel>> {
     Some(KeyManagementServiceClient::new(
-        edgekms_testkit::kms::connect(socket).await.ok()?,
+        edgekms_proto::uds::connect(socket).await.ok()?,
     ))
 }
 
@@ -82,7 +82,7 @@ pub async fn grow_to(dir: &Path, sealer: &[String], versions: u32) {
     let p = spawn_plugin(dir, sealer);
     until_healthy(&dir.join("kms.sock"), Instant::now()).await;
     let mut admin = NodeAdminClient::new(
-        edgekms_testkit::kms::connect(dir.join("admin.sock"))
+        edgekms_proto::uds::connect(dir.join("admin.sock"))
             .await
             .unwrap(),
     );

@@ -9,13 +9,15 @@
 //! - [`swtpm`]: a real software TPM on free loopback ports, and whether the
 //!   swtpm tests may skip;
 //! - [`poll`]: waiting for a condition with a deadline and a log to show;
-//! - [`kms`]: a gRPC channel to a unix socket (the KMS v2 and admin sockets);
 //! - [`proptest_policy`]: the case count of every property test.
+//!
+//! The KMS v2 and admin clients over a unix socket are edgekms-proto's
+//! (`edgekms_proto::uds`), which this crate may not know: tests/support
+//! and the benches build on it.
 //!
 //! Helpers fail loudly (they panic with what went wrong): they serve tests.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-pub mod kms;
 pub mod net;
 pub mod poll;
 pub mod process;

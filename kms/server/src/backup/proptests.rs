@@ -90,15 +90,7 @@ fn flat(d: &Dump) -> Flat {
     )
 }
 
-fn state() -> impl Strategy<Value = VersionState> {
-    prop_oneof![
-        Just(VersionState::Pending),
-        Just(VersionState::Primary),
-        Just(VersionState::DecryptOnly),
-        Just(VersionState::Retiring),
-        Just(VersionState::Retired),
-    ]
-}
+use edgekms_core::rotation::cluster::proptests::version_state as state;
 
 /// A dump `parse` must accept: unique valid cluster names, each version's
 /// key_id derived from its key, a KEK for every version nodes hold (and

@@ -13,7 +13,8 @@ use super::*;
 use edgekms_testkit::proptest_policy::config;
 use edgekms_testkit::proptest_policy::name;
 
-fn version_state() -> impl Strategy<Value = VersionState> {
+/// Any version state.
+pub fn version_state() -> impl Strategy<Value = VersionState> {
     prop_oneof![
         Just(VersionState::Pending),
         Just(VersionState::Primary),
