@@ -337,6 +337,10 @@ impl Central {
             let progress = self
                 .commit
                 .read(cluster, |c| c.progress(version, &stale))??;
+            if !forced && matches!(progress, Progress::Gone(_)) {
+                // Nothing to promote: the progress below says what it is.
+                forced = true;
+            }
             if !forced {
                 let pending = matches!(progress, Progress::Pending { .. });
                 let ready = !pending
@@ -396,6 +400,59 @@ impl Central {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// Watches a rotation to its end; the messages sent.
+    async fn watch(
+        core: &Central,
+        version: u32,
+        force: bool,
+        wait: bool,
+    ) -> Vec<pb::RotationProgress> {
+        let req = pb::WatchRotationRequest {
+            cluster: "edge-1".into(),
+            version,
+            force,
+            wait,
+        };
+        let sent = std::sync::Mutex::new(Vec::new());
+        core.watch_rotation("test", &req, |msg| {
+            sent.lock().unwrap().push(msg);
+            async { true }
+        })
+        .await
+        .unwrap();
+        sent.into_inner().unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_service_says_when_a_rotation_is_done_or_gone() {
+        let tmp = tempfile::tempdir().unwrap();
+        // edge-1: v1 retired, v2 decrypt-only, v3 primary; no node joined.
+        let core = crate::backup::tests::server(tmp.path());
+        let settled = watch(&core, 3, false, true).await;
+        assert_eq!(settled.len(), 1);
+        assert_eq!(
+            (settled[0].phase.as_str(), settled[0].done),
+            ("settled", true)
+        );
+        // Forcing a version that is primary already promotes nothing.
+        let forced = watch(&core, 3, true, false).await;
+        assert_eq!(forced.len(), 1);
+        assert_eq!(forced[0].phase, "promoted");
+        assert!(forced[0].stale_nodes.is_empty());
+        // A superseded version is gone, forced or not; never promoted.
+        for force in [false, true] {
+            let gone = watch(&core, 2, force, true).await;
+            assert_eq!(gone.len(), 1, "{gone:?}");
+            assert_eq!(
+                (gone[0].phase.as_str(), gone[0].state.as_str()),
+                ("gone", "decrypt-only")
+            );
+            assert!(gone[0].done);
+        }
+        let state = core.status("edge-1").unwrap().clusters[0].primary;
+        assert_eq!(state, 3);
+    }
 
     #[test]
     fn token_ids_are_128_bit_and_never_reuse_one_in_use() {
