@@ -45,7 +45,7 @@ pub struct RotateArgs {
     pub timeout: String,
 }
 
-pub enum FleetCommand {
+pub enum CentralCommand {
     Node(NodeCommand),
     Rotate(RotateArgs),
     Retire {
@@ -107,13 +107,13 @@ fn duration(flag: &str, value: &str) -> Result<Duration, Failure> {
 
 /// Checks the command's duration flags before connecting, so that a bad
 /// one is a usage error (exit 2) whether or not the service is reachable.
-pub fn check(command: &FleetCommand) -> Result<(), Failure> {
+pub fn check(command: &CentralCommand) -> Result<(), Failure> {
     match command {
-        FleetCommand::Node(NodeCommand::Add { ttl, .. }) => duration("ttl", ttl).map(drop),
-        FleetCommand::Audit {
+        CentralCommand::Node(NodeCommand::Add { ttl, .. }) => duration("ttl", ttl).map(drop),
+        CentralCommand::Audit {
             since: Some(since), ..
         } => duration("since", since).map(drop),
-        FleetCommand::Rotate(args) => {
+        CentralCommand::Rotate(args) => {
             duration("timeout", &args.timeout)?;
             edgekms_daemon::duration::parse(&args.settle)
                 .map(drop)
@@ -125,11 +125,11 @@ pub fn check(command: &FleetCommand) -> Result<(), Failure> {
 
 pub async fn run(
     client: &mut OperatorClient<Channel>,
-    command: FleetCommand,
+    command: CentralCommand,
     json: bool,
 ) -> Result<(), Failure> {
     match command {
-        FleetCommand::Node(NodeCommand::Add { cluster, node, ttl }) => {
+        CentralCommand::Node(NodeCommand::Add { cluster, node, ttl }) => {
             let ttl = duration("ttl", &ttl)?;
             let r = client
                 .add_node(pb::AddNodeRequest {
@@ -161,7 +161,7 @@ pub async fn run(
                 );
             }
         }
-        FleetCommand::Node(NodeCommand::Remove { cluster, node }) => {
+        CentralCommand::Node(NodeCommand::Remove { cluster, node }) => {
             client
                 .remove_node(pb::RemoveNodeRequest {
                     cluster: cluster.clone(),
@@ -174,8 +174,8 @@ pub async fn run(
                 println!("revoked {cluster}/{node}: it is refused from now on");
             }
         }
-        FleetCommand::Rotate(args) => rotate(client, args, json).await?,
-        FleetCommand::Retire { cluster, version } => {
+        CentralCommand::Rotate(args) => rotate(client, args, json).await?,
+        CentralCommand::Retire { cluster, version } => {
             let r = client
                 .retire(pb::RetireRequest {
                     cluster: cluster.clone(),
@@ -199,7 +199,7 @@ pub async fn run(
                 );
             }
         }
-        FleetCommand::Status { cluster } => {
+        CentralCommand::Status { cluster } => {
             let s = client
                 .status(pb::StatusRequest {
                     cluster: cluster.unwrap_or_default(),
@@ -212,7 +212,7 @@ pub async fn run(
                 print_status(&s);
             }
         }
-        FleetCommand::Audit { since, limit } => audit(client, since, limit, json).await?,
+        CentralCommand::Audit { since, limit } => audit(client, since, limit, json).await?,
     }
     Ok(())
 }

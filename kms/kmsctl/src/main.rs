@@ -245,34 +245,34 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             kms_cmd(&mut kms, command, json).await
         }
         Command::Node { command } => {
-            fleet_cmd(
+            central_cmd(
                 cli.server,
                 cli.operator_dir,
-                central::FleetCommand::Node(command),
+                central::CentralCommand::Node(command),
                 json,
             )
             .await
         }
         Command::Rotate(args) => {
-            fleet_cmd(
+            central_cmd(
                 cli.server,
                 cli.operator_dir,
-                central::FleetCommand::Rotate(args),
+                central::CentralCommand::Rotate(args),
                 json,
             )
             .await
         }
         Command::Retire { cluster, version } => {
-            let cmd = central::FleetCommand::Retire { cluster, version };
-            fleet_cmd(cli.server, cli.operator_dir, cmd, json).await
+            let cmd = central::CentralCommand::Retire { cluster, version };
+            central_cmd(cli.server, cli.operator_dir, cmd, json).await
         }
         Command::Status { cluster } => {
-            let cmd = central::FleetCommand::Status { cluster };
-            fleet_cmd(cli.server, cli.operator_dir, cmd, json).await
+            let cmd = central::CentralCommand::Status { cluster };
+            central_cmd(cli.server, cli.operator_dir, cmd, json).await
         }
         Command::Audit { since, limit } => {
-            let cmd = central::FleetCommand::Audit { since, limit };
-            fleet_cmd(cli.server, cli.operator_dir, cmd, json).await
+            let cmd = central::CentralCommand::Audit { since, limit };
+            central_cmd(cli.server, cli.operator_dir, cmd, json).await
         }
         Command::Backup(args) => {
             let key = backup::prepare(&args)?;
@@ -282,10 +282,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
-async fn fleet_cmd(
+async fn central_cmd(
     server: Option<String>,
     operator_dir: Option<PathBuf>,
-    command: central::FleetCommand,
+    command: central::CentralCommand,
     json: bool,
 ) -> Result<(), Failure> {
     central::check(&command)?;
