@@ -66,6 +66,22 @@ fn status_error(s: tonic::Status) -> SyncError {
     }
 }
 
+/// The first wait after a broken session.
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+
+/// The reconnect policy: `(wait now, next backoff)` after a session that
+/// lasted `lasted`. Doubling up to `max`; a session that held for 30 s
+/// or more starts again from the first wait (it was a fresh failure, not
+/// the same outage).
+fn backoff_step(backoff: Duration, lasted: Duration, max: Duration) -> (Duration, Duration) {
+    let backoff = if lasted > Duration::from_secs(30) {
+        FIRST_BACKOFF
+    } else {
+        backoff
+    };
+    (backoff.min(max), (backoff * 2).min(max))
+}
+
 fn report(h: Holding) -> NodeReport {
     NodeReport {
         held: h.held,
@@ -110,7 +126,7 @@ impl SyncClient {
     /// Syncs forever: reconnects with exponential backoff (with jitter, up
     /// to `backoff_max`), never giving up.
     pub async fn run(self) {
-        let mut backoff = Duration::from_millis(500);
+        let mut backoff = FIRST_BACKOFF;
         loop {
             let started = Instant::now();
             let err = match self.session(false).await {
@@ -126,12 +142,10 @@ impl SyncClient {
                     tracing::warn!(error = %err, "sync with the central key service interrupted; serving cached keys")
                 }
             }
-            if started.elapsed() > Duration::from_secs(30) {
-                backoff = Duration::from_millis(500);
-            }
+            let (wait, next) = backoff_step(backoff, started.elapsed(), self.backoff_max);
             let jitter = rand::thread_rng().gen_range(0.8..1.2);
-            tokio::time::sleep(backoff.mul_f64(jitter).min(self.backoff_max)).await;
-            backoff = (backoff * 2).min(self.backoff_max);
+            tokio::time::sleep(wait.mul_f64(jitter).min(self.backoff_max)).await;
+            backoff = next;
         }
     }
 
@@ -292,4 +306,47 @@ pub async fn join(
         holding: node.holding(),
         first_sync,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn reconnects_back_off_to_the_maximum_and_reset_after_a_long_session() {
+        let max = Duration::from_secs(30);
+        let short = Duration::from_secs(1);
+        let mut backoff = FIRST_BACKOFF;
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            let (wait, next) = backoff_step(backoff, short, max);
+            waits.push(wait.as_millis());
+            backoff = next;
+        }
+        assert_eq!(waits, [500, 1000, 2000, 4000, 8000, 16000, 30000, 30000]);
+        let (wait, next) = backoff_step(backoff, Duration::from_secs(31), max);
+        assert_eq!((wait, next), (FIRST_BACKOFF, FIRST_BACKOFF * 2));
+    }
+
+    #[test]
+    fn a_refusal_is_told_apart_from_a_broken_stream() {
+        for code in [tonic::Code::PermissionDenied, tonic::Code::Unauthenticated] {
+            let e = status_error(tonic::Status::new(code, "revoked"));
+            assert_eq!(e.kind(), "refused", "{code:?}");
+        }
+        let e = status_error(tonic::Status::unavailable("down"));
+        assert_eq!(e.kind(), "stream");
+        assert!(e.to_string().contains("down"));
+    }
+
+    #[test]
+    fn a_report_carries_what_the_node_holds() {
+        let r = report(Holding {
+            held: vec![1, 2],
+            applied_seq: 9,
+            primary: 2,
+        });
+        assert_eq!((r.held, r.applied_seq, r.primary), (vec![1, 2], 9, 2));
+    }
 }
