@@ -8,8 +8,9 @@
 //! - [`faults`], [`abuse`], [`conn`]: what the fault and abuse tests do.
 //!
 //! What no edgekms crate is needed for (swtpm, child processes, free
-//! ports, polling, unix-socket channels) lives in `edgekms-testkit`,
-//! re-exported here so that test call sites stay short.
+//! ports, polling, /proc figures) lives in `edgekms-testkit`, re-exported
+//! here so that test call sites stay short; the unix-socket channel is
+//! `edgekms_proto::uds`, as kmsctl uses it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod abuse;
