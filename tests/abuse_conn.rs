@@ -10,13 +10,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use edgekms_e2e::conn::{
-    anonymous_tls, clk_tck, closed_by_server, flood, idle_tls, idle_unix, plugin_with_nofile,
-    python_with_grpcio, raise_own_fd_limit, tls_connect, unary_with_authority, usage, Sampler,
+    anonymous_tls, assert_memory_bounded, clk_tck, closed_by_server, flood, idle_tls, idle_unix,
+    plugin_with_nofile, python_with_grpcio, raise_own_fd_limit, tls_connect, unary_with_authority,
+    usage, Sampler,
 };
 use edgekms_e2e::fleet::{enrol, text, Server};
 use edgekms_e2e::{decrypt, encrypt, key_id, Plugin};
-
-const MIB: u64 = 1024;
 
 fn loopback(last: u8) -> IpAddr {
     IpAddr::from([127, 0, 0, last])
@@ -136,17 +135,7 @@ async fn central_sheds_idle_unauthenticated_connections_and_serves_operators_and
     );
     assert!(shed_by_now + failed > 0, "nothing was shed");
     assert_eq!(closed_all, 3000 - failed, "connections left open");
-    assert!(
-        peak_rss < before.rss_kib + 200 * MIB,
-        "memory grew from {} KiB to {peak_rss} KiB",
-        before.rss_kib
-    );
-    assert!(
-        after.rss_kib < before.rss_kib + 48 * MIB,
-        "memory after: {} KiB (before {} KiB)",
-        after.rss_kib,
-        before.rss_kib
-    );
+    assert_memory_bounded(before, peak_rss, after, 200, 48);
     // Shed to make room (when they come faster than 10 s of idleness
     // closes them) or for idleness: either way counted and logged.
     assert!(by_cap + by_timeout >= (shed_by_now + failed) as f64);
@@ -220,17 +209,7 @@ async fn central_stream_flood_is_bounded() {
             "{s:?} after {written} streams"
         );
     }
-    assert!(
-        peak_rss < before.rss_kib + 64 * MIB,
-        "memory grew from {} KiB to {peak_rss} KiB",
-        before.rss_kib
-    );
-    assert!(
-        after.rss_kib < before.rss_kib + 16 * MIB,
-        "memory after: {} KiB (before {} KiB)",
-        after.rss_kib,
-        before.rss_kib
-    );
+    assert_memory_bounded(before, peak_rss, after, 64, 16);
     assert!(
         after.fds <= before.fds + 2,
         "{} -> {}",
@@ -287,17 +266,7 @@ async fn plugin_stream_flood_is_bounded() {
             "{s:?} after {written} streams"
         );
     }
-    assert!(
-        peak_rss < before.rss_kib + 64 * MIB,
-        "memory grew from {} KiB to {peak_rss} KiB",
-        before.rss_kib
-    );
-    assert!(
-        after.rss_kib < before.rss_kib + 16 * MIB,
-        "memory after: {} KiB (before {} KiB)",
-        after.rss_kib,
-        before.rss_kib
-    );
+    assert_memory_bounded(before, peak_rss, after, 64, 16);
     assert!(
         after.fds <= before.fds + 2,
         "{} -> {}",

@@ -23,6 +23,28 @@ pub struct Usage {
     pub cpu_ticks: u64,
 }
 
+/// The memory bounds a flood must keep: the peak RSS at most `peak_mib`
+/// MiB above `before`, and what is left after it at most `after_mib`.
+pub fn assert_memory_bounded(
+    before: Usage,
+    peak_rss: u64,
+    after: Usage,
+    peak_mib: u64,
+    after_mib: u64,
+) {
+    assert!(
+        peak_rss < before.rss_kib + peak_mib * 1024,
+        "memory grew from {} KiB to {peak_rss} KiB",
+        before.rss_kib
+    );
+    assert!(
+        after.rss_kib < before.rss_kib + after_mib * 1024,
+        "memory after: {} KiB (before {} KiB)",
+        after.rss_kib,
+        before.rss_kib
+    );
+}
+
 pub fn usage(pid: u32) -> Usage {
     Usage {
         fds: fd_count(pid),
