@@ -107,6 +107,7 @@ impl TestNode {
             held: held.to_vec(),
             applied_seq: 0,
             primary: 0,
+            ..Default::default()
         })
         .await
         .unwrap();

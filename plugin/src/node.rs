@@ -635,8 +635,7 @@ mod tests {
         let state = ClusterState {
             seq: 7,
             versions: vec![entry(&dk, 1, Wire::Primary, &k1)],
-            retired: vec![],
-            heartbeat: false,
+            ..Default::default()
         };
         let holding = node.apply_cluster_state(&state, &dk).unwrap();
         assert_eq!(

@@ -87,6 +87,7 @@ fn report(h: Holding) -> NodeReport {
         held: h.held,
         applied_seq: h.applied_seq,
         primary: h.primary,
+        ..Default::default()
     }
 }
 

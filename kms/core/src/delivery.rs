@@ -10,6 +10,12 @@
 //! ciphertext (32) | tag (16)`. The HKDF info and the AEAD associated data
 //! both bind cluster, node, version and key_id, so a blob opens only as
 //! what it was made for.
+//!
+//! The same scheme runs the other way when a restored central service
+//! heals from its fleet: a node returns a KEK the service lacks, wrapped to
+//! the service's own delivery key ([`return_key`], [`DeliveryKey::open_returned`]).
+//! The direction is bound too, so a blob made for one way never opens as
+//! the other.
 
 use edgekms_hsm::{aead, Key256};
 use hkdf::Hkdf;
@@ -45,6 +51,22 @@ pub struct Binding<'a> {
     pub node: &'a str,
     pub version: u32,
     pub key_id: &'a str,
+}
+
+/// Which way a blob travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    ToNode,
+    ToService,
+}
+
+impl Direction {
+    fn tags(self) -> (&'static [u8], &'static [u8]) {
+        match self {
+            Direction::ToNode => (b"edgekms delivery v1\0", b"edgekms delivery aad v1\0"),
+            Direction::ToService => (b"edgekms return v1\0", b"edgekms return aad v1\0"),
+        }
+    }
 }
 
 impl Binding<'_> {
@@ -105,6 +127,26 @@ impl DeliveryKey {
 
     /// Opens a delivery, and checks the key matches its key_id.
     pub fn unwrap(&self, binding: Binding<'_>, wrapped: &[u8]) -> Result<Key256, DeliveryError> {
+        self.open(Direction::ToNode, binding, wrapped)
+    }
+
+    /// Opens a key a node returned to this (service) key ([`return_key`]),
+    /// and checks it matches its key_id: `binding.node` is the node that
+    /// returned it.
+    pub fn open_returned(
+        &self,
+        binding: Binding<'_>,
+        wrapped: &[u8],
+    ) -> Result<Key256, DeliveryError> {
+        self.open(Direction::ToService, binding, wrapped)
+    }
+
+    fn open(
+        &self,
+        direction: Direction,
+        binding: Binding<'_>,
+        wrapped: &[u8],
+    ) -> Result<Key256, DeliveryError> {
         let malformed = DeliveryError::Malformed {
             version: binding.version,
             len: wrapped.len(),
@@ -120,11 +162,12 @@ impl DeliveryKey {
             point,
             &self.public_key(),
             binding,
+            direction,
         );
         let open = DeliveryError::Open {
             version: binding.version,
         };
-        let plain = aead::open(&kek, &binding.encode(b"edgekms delivery aad v1\0"), sealed)
+        let plain = aead::open(&kek, &binding.encode(direction.tags().1), sealed)
             .map_err(|_| open.clone())?;
         let key = Key256::from_slice(&plain).ok_or(open)?;
         if crate::keyid::derive(binding.cluster, binding.version, &key) != binding.key_id {
@@ -137,8 +180,14 @@ impl DeliveryKey {
     }
 }
 
-fn derive(shared: &[u8], eph_point: &[u8], node_point: &[u8], binding: Binding<'_>) -> Key256 {
-    let mut info = binding.encode(b"edgekms delivery v1\0");
+fn derive(
+    shared: &[u8],
+    eph_point: &[u8],
+    node_point: &[u8],
+    binding: Binding<'_>,
+    direction: Direction,
+) -> Key256 {
+    let mut info = binding.encode(direction.tags().0);
     info.extend_from_slice(eph_point);
     info.extend_from_slice(node_point);
     let hk = Hkdf::<Sha256>::new(None, shared);
@@ -161,6 +210,25 @@ pub fn wrap(
     binding: Binding<'_>,
     kek: &Key256,
 ) -> Result<Vec<u8>, DeliveryError> {
+    seal(Direction::ToNode, node_public, binding, kek)
+}
+
+/// Wraps `kek`, which node `binding.node` holds, back to the central
+/// service whose delivery public key is `service_public`.
+pub fn return_key(
+    service_public: &[u8],
+    binding: Binding<'_>,
+    kek: &Key256,
+) -> Result<Vec<u8>, DeliveryError> {
+    seal(Direction::ToService, service_public, binding, kek)
+}
+
+fn seal(
+    direction: Direction,
+    node_public: &[u8],
+    binding: Binding<'_>,
+    kek: &Key256,
+) -> Result<Vec<u8>, DeliveryError> {
     let node = PublicKey::from_sec1_bytes(node_public).map_err(|_| DeliveryError::BadPublicKey)?;
     let eph = EphemeralSecret::random(&mut rand::rngs::OsRng);
     let eph_point = eph.public_key().to_encoded_point(false);
@@ -171,13 +239,14 @@ pub fn wrap(
         eph_point.as_bytes(),
         node_point.as_bytes(),
         binding,
+        direction,
     );
     let mut out = Vec::with_capacity(WRAPPED_LEN);
     out.push(FORMAT);
     out.extend_from_slice(eph_point.as_bytes());
     aead::seal_into(
         &key,
-        &binding.encode(b"edgekms delivery aad v1\0"),
+        &binding.encode(direction.tags().1),
         kek.expose(),
         &mut out,
     );
@@ -220,6 +289,36 @@ mod tests {
         let mut b = binding(&key_id);
         b.version = 3;
         assert!(node.unwrap(b, &wrapped).is_err());
+    }
+
+    #[test]
+    fn a_returned_key_opens_only_as_a_return() {
+        let service = DeliveryKey::generate();
+        let kek = Key256::generate();
+        let key_id = crate::keyid::derive("a", 2, &kek);
+        let returned = return_key(&service.public_key(), binding(&key_id), &kek).unwrap();
+        assert_eq!(returned.len(), WRAPPED_LEN);
+        assert_eq!(
+            service.open_returned(binding(&key_id), &returned).unwrap(),
+            kek
+        );
+        // Never as a delivery, and a delivery never as a return.
+        assert!(matches!(
+            service.unwrap(binding(&key_id), &returned),
+            Err(DeliveryError::Open { .. })
+        ));
+        let delivered = wrap(&service.public_key(), binding(&key_id), &kek).unwrap();
+        assert!(matches!(
+            service.open_returned(binding(&key_id), &delivered),
+            Err(DeliveryError::Open { .. })
+        ));
+        // A key that is not the key_id's is refused.
+        let other = Key256::generate();
+        let forged = return_key(&service.public_key(), binding(&key_id), &other).unwrap();
+        assert!(matches!(
+            service.open_returned(binding(&key_id), &forged),
+            Err(DeliveryError::KeyIdMismatch { .. })
+        ));
     }
 
     #[test]

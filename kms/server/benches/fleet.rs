@@ -312,6 +312,7 @@ async fn node_inner(
                 .collect(),
             applied_seq: state.seq,
             primary,
+            ..Default::default()
         })
         .await
         .map_err(|_| "sync stream closed")?;

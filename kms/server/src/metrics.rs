@@ -31,7 +31,7 @@ pub const REPAIR_KINDS: [&str; 5] = ["root", "identity", "cluster", "kek", "stor
 
 /// The gRPC methods, as the `method` label spells them. Anything else (an
 /// unknown path) counts as `other`, so no caller can mint new series.
-pub const METHODS: [&str; 11] = [
+pub const METHODS: [&str; 12] = [
     "Join",
     "Sync",
     "AddNode",
@@ -43,6 +43,7 @@ pub const METHODS: [&str; 11] = [
     "Audit",
     "Backup",
     "WatchRotation",
+    "EndReconcile",
 ];
 
 /// The `method` label of a gRPC request path.

@@ -245,7 +245,7 @@ impl Central {
             seq: desired.seq,
             versions,
             retired: desired.retired,
-            heartbeat: false,
+            ..Default::default()
         }))
     }
 }

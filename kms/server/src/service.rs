@@ -226,6 +226,14 @@ impl Operator for OperatorService {
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
+
+    async fn end_reconcile(
+        &self,
+        req: Request<pb::EndReconcileRequest>,
+    ) -> Result<Response<pb::EndReconcileResponse>, Status> {
+        let _actor = self.operator(&req, "reconcile")?;
+        Err(Status::unimplemented("reconcile: not yet"))
+    }
 }
 
 #[derive(Clone)]

@@ -60,8 +60,10 @@ impl Central {
                         NodeState::Invited => n.token.as_ref().map(|t| t.expires_unix).unwrap_or(0),
                         _ => 0,
                     },
+                    ..Default::default()
                 })
                 .collect(),
+            ..Default::default()
         }
     }
 

@@ -395,6 +395,21 @@ impl Cluster {
         Ok(())
     }
 
+    /// Withdraws every join token not yet used, returning the nodes whose
+    /// token it was. A restore does this: the backup cannot tell whether a
+    /// token was used after it was taken, and a used token must never enrol
+    /// a node again. The nodes stay invited; `kmsctl node add` issues anew.
+    pub fn invalidate_unused_tokens(&mut self) -> Vec<String> {
+        let mut withdrawn = Vec::new();
+        for (name, rec) in &mut self.nodes {
+            if rec.state == NodeState::Invited && rec.token.as_ref().is_some_and(|t| !t.used) {
+                rec.token = None;
+                withdrawn.push(name.clone());
+            }
+        }
+        withdrawn
+    }
+
     /// Checks a join token for `node` without changing anything.
     pub fn check_token(&self, node: &str, secret: &str, now: u64) -> Result<(), FleetError> {
         let rec = self.nodes.get(node).ok_or(FleetError::BadToken)?;
@@ -797,6 +812,18 @@ mod tests {
             c.authorize("n1", "other"),
             Err(FleetError::StaleCertificate { .. })
         ));
+    }
+
+    #[test]
+    fn invalidated_tokens_are_refused_and_new_ones_work() {
+        let mut c = two_nodes();
+        c.invite("n3", token("t3", "s3", 1000)).unwrap();
+        assert_eq!(c.invalidate_unused_tokens(), ["n3"]);
+        assert_eq!(c.check_token("n3", "s3", 150), Err(FleetError::BadToken));
+        // Active nodes keep their records; a new invitation works.
+        assert_eq!(c.authorize("n1", "cert-n1"), Ok(()));
+        c.invite("n3", token("t4", "s4", 1000)).unwrap();
+        assert_eq!(c.check_token("n3", "s4", 150), Ok(()));
     }
 
     #[test]
