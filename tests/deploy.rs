@@ -490,6 +490,8 @@ const METRICS: &[&str] = &[
     "edgekms_server_clusters_pending_rotation",
     "edgekms_server_oldest_unacked_delivery_seconds",
     "edgekms_store_repairs_total",
+    "edgekms_server_clusters_reconciling",
+    "edgekms_server_key_clashes",
 ];
 
 #[test]

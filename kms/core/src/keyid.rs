@@ -77,9 +77,31 @@ pub fn derive(cluster: &str, version: u32, key: &Key256) -> String {
     format!("{cluster}/v{version}/{}", hex::encode(&digest[..8]))
 }
 
+/// Whether `key_id` has the shape [`derive`] gives version `version` of
+/// `cluster` (what a node reports is checked before it is kept).
+pub fn is_for(key_id: &str, cluster: &str, version: u32) -> bool {
+    let prefix = format!("{cluster}/v{version}/");
+    key_id.strip_prefix(&prefix).is_some_and(|fp| {
+        fp.len() == 16
+            && fp
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_id_is_checked_against_its_cluster_and_version() {
+        let id = derive("edge-1", 7, &Key256::generate());
+        assert!(is_for(&id, "edge-1", 7));
+        assert!(!is_for(&id, "edge-1", 8));
+        assert!(!is_for(&id, "edge-2", 7));
+        assert!(!is_for(&format!("{id}0"), "edge-1", 7));
+        assert!(!is_for(&id.to_uppercase(), "edge-1", 7));
+    }
 
     #[test]
     fn stable_per_version_distinct_across_versions_and_keys() {

@@ -55,6 +55,11 @@ pub enum CentralCommand {
     Status {
         cluster: Option<String>,
     },
+    /// End a reconciliation without these nodes.
+    Reconcile {
+        cluster: String,
+        without: Vec<String>,
+    },
     Audit {
         since: Option<String>,
         limit: Option<u64>,
@@ -210,6 +215,22 @@ pub async fn run(
                 print_json(status_json(&s));
             } else {
                 print_status(&s);
+            }
+        }
+        CentralCommand::Reconcile { cluster, without } => {
+            client
+                .end_reconcile(pb::EndReconcileRequest {
+                    cluster: cluster.clone(),
+                    without: without.clone(),
+                })
+                .await?;
+            if json {
+                print_json(json!({"cluster": cluster, "reconciled": true, "without": without}));
+            } else {
+                println!(
+                    "cluster {cluster} reconciled without {}: they are not counted until what they report agrees with the service",
+                    without.join(", ")
+                );
             }
         }
         CentralCommand::Audit { since, limit } => audit(client, since, limit, json).await?,
@@ -582,6 +603,23 @@ fn print_status(s: &pb::StatusResponse) {
                 format!("v{}", c.pending)
             }
         );
+        if c.reconciling {
+            print_reconciling(c);
+        }
+        if !c.clashes.is_empty() {
+            println!("  CLASHES: two keys under one version number (never counted as held; see the operator guide, \"Clashes\")");
+            for x in &c.clashes {
+                let service = if x.service_key_id.is_empty() {
+                    "no key its nodes agree on".to_owned()
+                } else {
+                    x.service_key_id.clone()
+                };
+                println!(
+                    "    node {} holds v{} as {}; the service knows {}",
+                    x.node, x.version, x.node_key_id, service
+                );
+            }
+        }
         let active = c.nodes.iter().filter(|n| n.state == "active").count();
         println!(
             "  {:<8} {:<13} {:<6} {:<20} KEY ID",
@@ -619,7 +657,11 @@ fn print_status(s: &pb::StatusResponse) {
                     format!("v{}", n.primary)
                 },
                 match (n.state.as_str(), n.behind) {
+                    ("invited", _) if n.token_expires_unix == 0 => {
+                        "(no valid token: `kmsctl node add`)".into()
+                    }
                     ("invited", _) => format!("(token expires {})", utc(n.token_expires_unix)),
+                    _ if n.excused => "left out".into(),
                     (_, true) => "yes".into(),
                     _ => "no".into(),
                 }
@@ -628,11 +670,50 @@ fn print_status(s: &pb::StatusResponse) {
     }
 }
 
+/// What a reconciling cluster waits for, in plain words.
+fn print_reconciling(c: &pb::ClusterStatus) {
+    println!(
+        "  RECONCILING since {}: {}",
+        utc(c.reconciling_since_unix),
+        c.reconciling_reason
+    );
+    println!("    nothing is rotated, promoted or retired until every active node has reported; nodes keep serving their own keys");
+    if c.reconciling_waiting_for.is_empty() {
+        println!("    waiting for: nobody (it ends with the next report)");
+    } else {
+        println!("    waiting for: {}", c.reconciling_waiting_for.join(", "));
+    }
+    for w in &c.reconciling_wanted {
+        println!(
+            "    asked back from the nodes: v{} {} (a version they hold and the service lacks)",
+            w.version, w.key_id
+        );
+    }
+    if !c.reconciling_waiting_for.is_empty() {
+        println!(
+            "    to go on without them: kmsctl reconcile {} --without {}",
+            c.name,
+            c.reconciling_waiting_for.join(",")
+        );
+    }
+}
+
 fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
     json!({
         "server_time_unix": s.server_time_unix,
         "clusters": s.clusters.iter().map(|c| json!({
             "name": c.name, "seq": c.seq, "primary": c.primary, "pending": c.pending,
+            "reconciling": c.reconciling.then(|| json!({
+                "reason": c.reconciling_reason, "since_unix": c.reconciling_since_unix,
+                "waiting_for": c.reconciling_waiting_for,
+                "wanted": c.reconciling_wanted.iter().map(|w| json!({
+                    "version": w.version, "key_id": w.key_id,
+                })).collect::<Vec<_>>(),
+            })),
+            "clashes": c.clashes.iter().map(|x| json!({
+                "node": x.node, "version": x.version,
+                "service_key_id": x.service_key_id, "node_key_id": x.node_key_id,
+            })).collect::<Vec<_>>(),
             "versions": c.versions.iter().map(|v| json!({
                 "version": v.version, "state": v.state, "key_id": v.key_id,
                 "created_unix": v.created_unix, "held_by": v.held_by,
@@ -641,7 +722,7 @@ fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
                 "name": n.name, "state": n.state, "connected": n.connected,
                 "last_contact_unix": n.last_contact_unix, "held": n.held,
                 "primary": n.primary, "applied_seq": n.applied_seq, "behind": n.behind,
-                "token_expires_unix": n.token_expires_unix,
+                "token_expires_unix": n.token_expires_unix, "excused": n.excused,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })

@@ -95,8 +95,15 @@ enum Command {
     Rotate(central::RotateArgs),
     /// Retire a decrypt-only version: every node destroys it, then the central copy (central service)
     Retire { cluster: String, version: u32 },
-    /// Versions and nodes per cluster (central service)
+    /// Versions and nodes per cluster, and any reconciliation or clash (central service)
     Status { cluster: Option<String> },
+    /// End a cluster's reconciliation without the nodes it waits for, named exactly as `kmsctl status` lists them (central service)
+    Reconcile {
+        cluster: String,
+        /// The nodes to go on without, comma-separated
+        #[arg(long, value_name = "NODE,...", value_delimiter = ',', required = true)]
+        without: Vec<String>,
+    },
     /// The central service's audit log, oldest first, streamed (`-o json`: a JSON array, one record per line)
     Audit {
         /// Only records newer than this (e.g. 1h, 7d)
@@ -268,6 +275,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Status { cluster } => {
             let cmd = central::CentralCommand::Status { cluster };
+            central_cmd(cli.server, cli.operator_dir, cmd, json).await
+        }
+        Command::Reconcile { cluster, without } => {
+            let cmd = central::CentralCommand::Reconcile { cluster, without };
             central_cmd(cli.server, cli.operator_dir, cmd, json).await
         }
         Command::Audit { since, limit } => {

@@ -310,6 +310,47 @@ pub fn protocol_events(cluster: &str, events: &[Event]) -> Vec<AuditRecord> {
                 .cluster(cluster)
                 .version(*version)
                 .detail("every node dropped it; central copy destroyed"),
+            Event::ReconcileStarted { reason } => AuditRecord::new("reconciling", "server")
+                .cluster(cluster)
+                .detail(reason.clone()),
+            Event::Clash {
+                node,
+                version,
+                service_key_id,
+                node_key_id,
+            } => AuditRecord::new("clash", "node")
+                .cluster(cluster)
+                .node(node)
+                .version(*version)
+                .result("refused")
+                .detail(format!(
+                    "the node holds {node_key_id}, the service knows {}",
+                    if service_key_id.is_empty() {
+                        "no key its nodes agree on"
+                    } else {
+                        service_key_id
+                    }
+                )),
+            Event::Healed { node, version } => AuditRecord::new("heal", "node")
+                .cluster(cluster)
+                .node(node)
+                .version(*version)
+                .detail("a version the service lacked, returned by the node and checked against its key_id"),
+            Event::LearnedDestroyed { node, version } => AuditRecord::new("learned-destroyed", "node")
+                .cluster(cluster)
+                .node(node)
+                .version(*version)
+                .detail("the node destroyed it: retired here too"),
+            Event::Reconciled { primary, without } => {
+                let rec = AuditRecord::new("reconciled", "server")
+                    .cluster(cluster)
+                    .version(*primary);
+                if without.is_empty() {
+                    rec.detail("every node reported")
+                } else {
+                    rec.detail(format!("ended by the operator without {}", without.join(", ")))
+                }
+            }
         })
         .collect()
 }

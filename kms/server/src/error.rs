@@ -50,7 +50,11 @@ impl ServerError {
                 FleetError::RetirePrimary { .. }
                 | FleetError::RetirePending { .. }
                 | FleetError::AlreadyRetired { .. }
-                | FleetError::NotPending { .. } => Code::FailedPrecondition,
+                | FleetError::NotPending { .. }
+                | FleetError::Reconciling { .. }
+                | FleetError::NotReconciling(_)
+                | FleetError::WrongExcuse { .. } => Code::FailedPrecondition,
+                FleetError::NotWanted { .. } => Code::InvalidArgument,
                 FleetError::VersionsExhausted(_) => Code::ResourceExhausted,
             },
             ServerError::Store(_) | ServerError::Seal(_) => Code::Internal,

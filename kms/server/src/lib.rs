@@ -78,6 +78,11 @@ pub struct Central {
     shutdown: watch::Sender<bool>,
     pub auto_rotate: AutoRotate,
     pub heartbeat: Duration,
+    /// The key nodes return versions to when this service heals
+    /// ([`edgekms_core::rotation::cluster`]'s reconciliation). One per
+    /// process, never stored: a node wraps to the key of the stream it
+    /// answers on.
+    service_key: edgekms_core::delivery::DeliveryKey,
 }
 
 impl Central {
@@ -95,6 +100,7 @@ impl Central {
             shutdown: watch::channel(false).0,
             auto_rotate: AutoRotate::default(),
             heartbeat: Duration::from_secs(15),
+            service_key: edgekms_core::delivery::DeliveryKey::generate(),
         })
     }
 

@@ -534,7 +534,10 @@ fn serve(
             .unwrap_or(Duration::from_secs(40));
         let period = (shortest / 4).clamp(Duration::from_secs(1), Duration::from_secs(10));
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
+            // Not at start-up: a rotation falls due from the recorded time
+            // of the last one, and the first look comes one period in.
+            let first = tokio::time::Instant::now() + period;
+            let mut tick = tokio::time::interval_at(first, period);
             loop {
                 tick.tick().await;
                 ticker.auto_rotate_due();

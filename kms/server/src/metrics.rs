@@ -24,6 +24,8 @@ const PENDING: &str = "edgekms_server_clusters_pending_rotation";
 const OLDEST_UNACKED: &str = "edgekms_server_oldest_unacked_delivery_seconds";
 const REQUESTS: &str = "edgekms_server_requests_total";
 const REPAIRS: &str = "edgekms_store_repairs_total";
+const RECONCILING: &str = "edgekms_server_clusters_reconciling";
+const CLASHES: &str = "edgekms_server_key_clashes";
 
 /// The `record` label values of `edgekms_store_repairs_total`: a record
 /// kind, or `store` for a RocksDB rebuilt from the copies.
@@ -67,6 +69,8 @@ pub struct Metrics {
     nodes: IntGaugeVec,
     pending: IntGauge,
     oldest_unacked: IntGauge,
+    reconciling: IntGauge,
+    clashes: IntGauge,
     requests: IntCounterVec,
     repairs: IntCounterVec,
 }
@@ -89,6 +93,14 @@ impl Metrics {
             OLDEST_UNACKED,
             "Seconds the oldest delivered, not yet acked key version has waited for a node's ack; 0 when none waits.",
         )?;
+        let reconciling = IntGauge::new(
+            RECONCILING,
+            "Clusters reconciling (restored from a backup, or nodes hold versions the service does not know): nothing is rotated, promoted or retired until every node reported.",
+        )?;
+        let clashes = IntGauge::new(
+            CLASHES,
+            "Versions a node holds under another key_id than the service's (two keys under one version number; never counted as held). Any non-zero value needs an operator: see kmsctl status.",
+        )?;
         let requests = IntCounterVec::new(
             Opts::new(
                 REQUESTS,
@@ -107,6 +119,8 @@ impl Metrics {
         registry.register(Box::new(nodes.clone()))?;
         registry.register(Box::new(pending.clone()))?;
         registry.register(Box::new(oldest_unacked.clone()))?;
+        registry.register(Box::new(reconciling.clone()))?;
+        registry.register(Box::new(clashes.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(repairs.clone()))?;
         for kind in REPAIR_KINDS {
@@ -121,6 +135,8 @@ impl Metrics {
             nodes,
             pending,
             oldest_unacked,
+            reconciling,
+            clashes,
             requests,
             repairs,
         })
@@ -144,14 +160,16 @@ impl Metrics {
     /// The text exposition; the gauges are read from `core` now, and left
     /// out while it is `None` (still starting).
     pub fn render(&self, core: Option<&Central>) -> String {
-        let gauges = [NODES, PENDING, OLDEST_UNACKED];
+        let gauges = [NODES, PENDING, OLDEST_UNACKED, RECONCILING, CLASHES];
         if let Some(core) = core {
-            let (nodes, pending, oldest) = core.gauges();
-            for (state, n) in nodes {
+            let g = core.gauges();
+            for (state, n) in g.nodes {
                 self.nodes.with_label_values(&[state]).set(to_i64(n));
             }
-            self.pending.set(to_i64(pending));
-            self.oldest_unacked.set(to_i64(oldest));
+            self.pending.set(to_i64(g.pending));
+            self.oldest_unacked.set(to_i64(g.oldest_unacked));
+            self.reconciling.set(to_i64(g.reconciling));
+            self.clashes.set(to_i64(g.clashes));
         }
         let mut families = self.registry.gather();
         if core.is_none() {

@@ -240,6 +240,25 @@ impl Central {
             .unwrap_or_default())
     }
 
+    /// `kmsctl reconcile CLUSTER --without NODES`: ends a reconciliation
+    /// without the nodes that hold it up, named exactly.
+    pub fn end_reconcile(
+        &self,
+        actor: &str,
+        cluster: &str,
+        without: &[String],
+    ) -> Result<(), ServerError> {
+        self.check_names("end-reconcile", actor, &[cluster])?;
+        let result = self.mutate(cluster, |c, _| {
+            Ok(((), c.end_reconcile(without, now_unix())?))
+        });
+        let rec = AuditRecord::new("end-reconcile", actor)
+            .cluster(cluster)
+            .detail(format!("without {}", without.join(", ")));
+        self.audit.outcome(rec, &result, |rec, _| rec);
+        result.map(|_| ())
+    }
+
     /// `kmsctl retire`: `(destroyed, nodes still holding it)`.
     pub fn retire(
         &self,
@@ -264,7 +283,9 @@ impl Central {
     pub fn auto_rotate_due(&self) {
         let now = now_unix();
         let due: Vec<String> = self.commit.read_all(|all| {
-            all.filter(|c| c.pending().is_none())
+            // A reconciling cluster is not rotated: its nodes may hold
+            // versions it does not know yet.
+            all.filter(|c| c.pending().is_none() && c.reconciling().is_none())
                 .filter(|c| {
                     let Some(interval) = self.auto_rotate.interval(c.name()) else {
                         return false;

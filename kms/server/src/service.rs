@@ -4,7 +4,6 @@
 //! needs the live certificate of an active node; `Operator` calls need an
 //! operator certificate. Every refusal is audited.
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -231,8 +230,10 @@ impl Operator for OperatorService {
         &self,
         req: Request<pb::EndReconcileRequest>,
     ) -> Result<Response<pb::EndReconcileResponse>, Status> {
-        let _actor = self.operator(&req, "reconcile")?;
-        Err(Status::unimplemented("reconcile: not yet"))
+        let actor = self.operator(&req, "reconcile")?;
+        let r = req.into_inner();
+        self.core.end_reconcile(&actor, &r.cluster, &r.without)?;
+        Ok(Response::new(pb::EndReconcileResponse {}))
     }
 }
 
@@ -331,7 +332,7 @@ async fn run_stream(
     let mut heartbeat =
         tokio::time::interval(core.heartbeat.max(std::time::Duration::from_millis(100)));
     heartbeat.tick().await;
-    let mut last: Option<(u64, BTreeSet<u32>)> = None;
+    let mut last: crate::nodes::LastSent = None;
     let mut reported = false;
     loop {
         tokio::select! {

@@ -60,36 +60,80 @@ impl Central {
                         NodeState::Invited => n.token.as_ref().map(|t| t.expires_unix).unwrap_or(0),
                         _ => 0,
                     },
-                    ..Default::default()
+                    excused: n.excused,
                 })
                 .collect(),
-            ..Default::default()
+            reconciling: c.reconciling().is_some(),
+            reconciling_reason: c
+                .reconciling()
+                .map(|r| r.reason.clone())
+                .unwrap_or_default(),
+            reconciling_since_unix: c.reconciling().map_or(0, |r| r.since_unix),
+            reconciling_waiting_for: c.reconcile_waiting(),
+            reconciling_wanted: match c.reconciling() {
+                Some(_) => c
+                    .wanted()
+                    .into_iter()
+                    .map(|(version, key_id)| pb::KeyRef { version, key_id })
+                    .collect(),
+                None => Vec::new(),
+            },
+            clashes: c
+                .clashes()
+                .into_iter()
+                .map(|x| pb::Clash {
+                    node: x.node,
+                    version: x.version,
+                    service_key_id: x.service_key_id,
+                    node_key_id: x.node_key_id,
+                })
+                .collect(),
         }
     }
 
-    /// For metrics: nodes per state (and connected), clusters with a
-    /// pending rotation, age of the oldest un-acked delivery in seconds.
-    pub fn gauges(&self) -> (BTreeMap<&'static str, u64>, u64, u64) {
-        let mut nodes = BTreeMap::from([("invited", 0), ("active", 0), ("revoked", 0)]);
-        let mut pending = 0;
+    /// What the metrics gauges show, gathered in one pass.
+    pub fn gauges(&self) -> Gauges {
+        let mut g = Gauges {
+            nodes: BTreeMap::from([("invited", 0), ("active", 0), ("revoked", 0)]),
+            ..Gauges::default()
+        };
         let mut oldest: Option<u64> = None;
         self.commit.read_all(|all| {
             for c in all {
                 for n in c.nodes().values() {
-                    *nodes.entry(n.state.as_str()).or_insert(0) += 1;
+                    *g.nodes.entry(n.state.as_str()).or_insert(0) += 1;
                 }
                 if c.pending().is_some() {
-                    pending += 1;
+                    g.pending += 1;
                 }
+                if c.reconciling().is_some() {
+                    g.reconciling += 1;
+                }
+                g.clashes += c.clashes().len() as u64;
                 if let Some(since) = c.oldest_unacked_since() {
                     oldest = Some(oldest.map_or(since, |o| o.min(since)));
                 }
             }
         });
-        nodes.insert("connected", self.streams.count() as u64);
-        let age = oldest.map_or(0, |since| now_unix().saturating_sub(since));
-        (nodes, pending, age)
+        g.nodes.insert("connected", self.streams.count() as u64);
+        g.oldest_unacked = oldest.map_or(0, |since| now_unix().saturating_sub(since));
+        g
     }
+}
+
+/// The metrics gauges' values.
+#[derive(Debug, Default)]
+pub struct Gauges {
+    /// Nodes per state, and those with a stream open (`connected`).
+    pub nodes: BTreeMap<&'static str, u64>,
+    /// Clusters with a rotation pending.
+    pub pending: u64,
+    /// Age of the oldest un-acked delivery, seconds.
+    pub oldest_unacked: u64,
+    /// Clusters reconciling.
+    pub reconciling: u64,
+    /// (node, version) pairs held under another key than the service's.
+    pub clashes: u64,
 }
 
 /// A rotation's progress as `kmsctl` receives it; `done` once settled or

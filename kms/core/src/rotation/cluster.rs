@@ -48,6 +48,78 @@ impl NodeState {
     }
 }
 
+/// A version as a node reported holding it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Held {
+    /// Empty only from a node too old to report key_ids: matched by
+    /// number alone.
+    pub key_id: String,
+    pub state: VersionState,
+}
+
+/// One report from a node: what it holds (by key_id), what it destroyed,
+/// and how far it applied the service's state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    pub held: BTreeMap<u32, Held>,
+    /// Tombstones: versions the node destroyed, with their key_ids.
+    pub destroyed: BTreeMap<u32, String>,
+    pub applied_seq: u64,
+    pub primary: u32,
+}
+
+impl Report {
+    /// What a node holding `keyring` reports: every version whose key it
+    /// holds, and its tombstones.
+    pub fn of(keyring: &crate::keyring::Keyring, applied_seq: u64) -> Self {
+        let mut held = BTreeMap::new();
+        let mut destroyed = BTreeMap::new();
+        for kv in keyring.versions() {
+            if kv.key().is_some() {
+                let state = kv.state();
+                let key_id = kv.key_id.clone();
+                held.insert(kv.version, Held { key_id, state });
+            } else {
+                destroyed.insert(kv.version, kv.key_id.clone());
+            }
+        }
+        Self {
+            held,
+            destroyed,
+            applied_seq,
+            primary: keyring.primary().map_or(0, |p| p.version),
+        }
+    }
+
+    /// A report of numbers alone (a node older than key_ids in reports).
+    pub fn legacy(held: BTreeSet<u32>, applied_seq: u64, primary: u32) -> Self {
+        let state = |v: u32| {
+            if v == primary {
+                VersionState::Primary
+            } else {
+                VersionState::DecryptOnly
+            }
+        };
+        Self {
+            held: held
+                .into_iter()
+                .map(|v| {
+                    (
+                        v,
+                        Held {
+                            key_id: String::new(),
+                            state: state(v),
+                        },
+                    )
+                })
+                .collect(),
+            destroyed: BTreeMap::new(),
+            applied_seq,
+            primary,
+        }
+    }
+}
+
 /// A join token's server side: the secret only as a hash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenRecord {
@@ -65,8 +137,21 @@ pub struct NodeRecord {
     pub cert_sha256: String,
     /// The node's delivery public key, hex.
     pub delivery_public_key: String,
-    /// Versions the node last reported as durable in its cache.
+    /// Versions the node holds under the key_id this service knows them
+    /// by: what counts as the node holding a version (acks, promotion).
     pub held: BTreeSet<u32>,
+    /// Everything the node last reported holding, with key_ids and states
+    /// (including what `held` leaves out: versions this service does not
+    /// know, or knows under another key_id).
+    #[serde(default)]
+    pub reported: BTreeMap<u32, Held>,
+    /// The node's tombstones: versions it destroyed.
+    #[serde(default)]
+    pub destroyed: BTreeMap<u32, String>,
+    /// Left out of a reconciliation by the operator
+    /// ([`Cluster::end_reconcile`]).
+    #[serde(default)]
+    pub excused: bool,
     pub applied_seq: u64,
     pub primary: u32,
     pub last_contact_unix: u64,
@@ -81,6 +166,9 @@ impl NodeRecord {
             cert_sha256: String::new(),
             delivery_public_key: String::new(),
             held: BTreeSet::new(),
+            reported: BTreeMap::new(),
+            destroyed: BTreeMap::new(),
+            excused: false,
             applied_seq: 0,
             primary: 0,
             last_contact_unix: 0,
@@ -133,6 +221,27 @@ pub enum FleetError {
     },
     #[error("cluster {0} has used every version number")]
     VersionsExhausted(String),
+    #[error("cluster {cluster} is reconciling ({reason}): nothing is rotated, promoted or retired until every node has reported; waiting for: {waiting} (see `kmsctl status {cluster}`; `kmsctl reconcile {cluster} --without NODE,...` goes on without them)")]
+    Reconciling {
+        cluster: String,
+        reason: String,
+        waiting: String,
+    },
+    #[error("cluster {0} is not reconciling")]
+    NotReconciling(String),
+    #[error("the nodes holding up cluster {cluster}'s reconciliation are [{expected}]: name exactly these with --without (given: [{given}])")]
+    WrongExcuse {
+        cluster: String,
+        expected: String,
+        given: String,
+    },
+    #[error("cluster {cluster} did not ask node {node} for version {version} {key_id:?} (it knows the version, or the nodes disagree on its key)")]
+    NotWanted {
+        cluster: String,
+        node: String,
+        version: u32,
+        key_id: String,
+    },
 }
 
 /// What a transition did, for the audit log and the server's bookkeeping.
@@ -154,6 +263,34 @@ pub enum Event {
     Destroyed {
         version: u32,
     },
+    /// The cluster started reconciling.
+    ReconcileStarted {
+        reason: String,
+    },
+    /// A node holds a version under another key than this service's (or
+    /// nodes disagree on a version the service lacks: `service_key_id`
+    /// empty). Newly seen in this report.
+    Clash {
+        node: String,
+        version: u32,
+        service_key_id: String,
+        node_key_id: String,
+    },
+    /// A version the service lacked came back from a node.
+    Healed {
+        node: String,
+        version: u32,
+    },
+    /// A node reported destroying a version: it goes on being retired.
+    LearnedDestroyed {
+        node: String,
+        version: u32,
+    },
+    /// Reconciliation ended; the cluster's primary is `primary`.
+    Reconciled {
+        primary: u32,
+        without: Vec<String>,
+    },
 }
 
 /// One version of the state a node must converge to.
@@ -170,7 +307,13 @@ pub struct DesiredVersion {
 pub struct Desired {
     pub seq: u64,
     pub versions: Vec<DesiredVersion>,
-    pub retired: Vec<u32>,
+    /// Versions to destroy, with their key_ids.
+    pub retired: Vec<(u32, String)>,
+    /// The cluster is reconciling: the node is sent nothing to apply,
+    /// only `wanted`.
+    pub reconciling: bool,
+    /// Versions this node holds that the service lacks: to return.
+    pub wanted: Vec<(u32, String)>,
 }
 
 /// How far the rotation to one version has come, as an operator waits
@@ -205,6 +348,9 @@ pub struct Cluster {
     versions: BTreeMap<u32, VersionMeta>,
     nodes: BTreeMap<String, NodeRecord>,
     created_unix: u64,
+    /// Set while the cluster reconciles ([`reconcile`]).
+    #[serde(default)]
+    reconciling: Option<Reconciling>,
 }
 
 /// How far a node's report may push the next version number.
@@ -236,6 +382,7 @@ impl Cluster {
             versions,
             nodes: BTreeMap::new(),
             created_unix: now,
+            reconciling: None,
         }
     }
 
@@ -261,6 +408,7 @@ impl Cluster {
             versions,
             nodes,
             created_unix,
+            reconciling: None,
         }
     }
 
@@ -310,18 +458,20 @@ impl Cluster {
     /// A report that changes nothing the protocol acts on (an active node,
     /// holding what it held): its progress is noted and `true` returned.
     /// Anything else returns `false` untouched, for [`Cluster::report`].
-    pub fn note_progress(
-        &mut self,
-        node: &str,
-        held: &BTreeSet<u32>,
-        applied_seq: u64,
-        primary: u32,
-        now: u64,
-    ) -> bool {
+    pub fn note_progress(&mut self, node: &str, report: &Report, now: u64) -> bool {
+        let awaited = self
+            .reconciling
+            .as_ref()
+            .is_some_and(|r| !r.reported.contains(node));
         match self.nodes.get_mut(node) {
-            Some(n) if n.state == NodeState::Active && &n.held == held => {
-                n.applied_seq = applied_seq;
-                n.primary = primary;
+            Some(n)
+                if n.state == NodeState::Active
+                    && !awaited
+                    && n.reported == report.held
+                    && n.destroyed == report.destroyed =>
+            {
+                n.applied_seq = report.applied_seq;
+                n.primary = report.primary;
                 n.last_contact_unix = now;
                 true
             }
@@ -449,6 +599,9 @@ impl Cluster {
         rec.joined_unix = now;
         rec.last_contact_unix = now;
         rec.held.clear();
+        rec.reported.clear();
+        rec.destroyed.clear();
+        rec.excused = false;
         rec.applied_seq = 0;
         Ok(())
     }
@@ -459,7 +612,7 @@ impl Cluster {
         rec.state = NodeState::Revoked;
         rec.token = None;
         rec.cert_sha256.clear();
-        Ok(self.reconcile(now))
+        Ok(self.settle(now))
     }
 
     /// Checks that `cert_sha256` is the live certificate of an active node.
@@ -486,13 +639,15 @@ impl Cluster {
         }
     }
 
-    /// Records a node's report of what it holds and applied.
+    /// Records a node's report of what it holds and applied. A version
+    /// counts as held only under the key_id this service knows it by; a
+    /// report that disagrees with the service (versions it does not know,
+    /// other key_ids, tombstones of live versions, a newer primary) starts
+    /// a reconciliation ([`reconcile`]).
     pub fn report(
         &mut self,
         node: &str,
-        held: BTreeSet<u32>,
-        applied_seq: u64,
-        primary: u32,
+        report: Report,
         now: u64,
     ) -> Result<Vec<Event>, FleetError> {
         let cluster = self.name.clone();
@@ -508,6 +663,13 @@ impl Cluster {
                 return Err(FleetError::NotJoined { cluster, node });
             }
         }
+        let clashes_before: BTreeSet<u32> = self
+            .clashes_of(node)
+            .into_iter()
+            .map(|c| c.version)
+            .collect();
+        let held = self.matching(&report.held);
+        let rec = self.node_mut(node)?;
         let mut events: Vec<Event> = held
             .difference(&rec.held)
             .map(|&version| Event::Acked {
@@ -522,7 +684,13 @@ impl Cluster {
         // A node holding a version this service never issued saw a service
         // that was later restored from an older backup: never mint that
         // number again (bounded, so a node cannot exhaust the numbers).
-        if let Some(&top) = held.iter().next_back() {
+        let top = report
+            .held
+            .keys()
+            .chain(report.destroyed.keys())
+            .copied()
+            .max();
+        if let Some(top) = top {
             if top >= self.next_version && top < self.next_version.saturating_add(MAX_VERSION_SKIP)
             {
                 self.next_version = top + 1;
@@ -530,11 +698,37 @@ impl Cluster {
         }
         let rec = self.node_mut(node)?;
         rec.held = held;
-        rec.applied_seq = applied_seq;
-        rec.primary = primary;
+        rec.reported = report.held;
+        rec.destroyed = report.destroyed;
+        rec.applied_seq = report.applied_seq;
+        rec.primary = report.primary;
         rec.last_contact_unix = now;
-        events.extend(self.reconcile(now));
+        events.extend(
+            self.clashes_of(node)
+                .into_iter()
+                .filter(|c| !clashes_before.contains(&c.version))
+                .map(|c| Event::Clash {
+                    node: c.node,
+                    version: c.version,
+                    service_key_id: c.service_key_id,
+                    node_key_id: c.node_key_id,
+                }),
+        );
+        events.extend(self.after_report(node, now));
         Ok(events)
+    }
+
+    /// The versions of a report that this service knows under the same
+    /// key_id (or by number alone, from a node too old to send key_ids).
+    fn matching(&self, held: &BTreeMap<u32, Held>) -> BTreeSet<u32> {
+        held.iter()
+            .filter(|(v, h)| {
+                self.versions
+                    .get(v)
+                    .is_some_and(|m| h.key_id.is_empty() || h.key_id == m.key_id)
+            })
+            .map(|(v, _)| *v)
+            .collect()
     }
 
     /// Starts a rotation: version `next_version` becomes pending with
@@ -545,6 +739,7 @@ impl Cluster {
         key_id: String,
         now: u64,
     ) -> Result<(u32, bool, Vec<Event>), FleetError> {
+        self.refuse_while_reconciling()?;
         if let Some((v, _)) = self.pending() {
             return Ok((v, false, Vec::new()));
         }
@@ -562,7 +757,7 @@ impl Cluster {
             },
         );
         self.seq += 1;
-        let events = self.reconcile(now);
+        let events = self.advance(now);
         Ok((version, true, events))
     }
 
@@ -571,10 +766,11 @@ impl Cluster {
         self.next_version
     }
 
-    /// Active nodes that do not hold `version`.
+    /// Active nodes that do not hold `version` (not counting those left
+    /// out of a reconciliation: they are out until they agree again).
     pub fn lacking(&self, version: u32) -> Vec<String> {
         self.active()
-            .filter(|(_, n)| !n.held.contains(&version))
+            .filter(|(_, n)| !n.excused && !n.held.contains(&version))
             .map(|(name, _)| name.clone())
             .collect()
     }
@@ -597,6 +793,7 @@ impl Cluster {
 
     /// Promotes pending `version` now, whoever lacks it (`--force`).
     pub fn force_promote(&mut self, version: u32, now: u64) -> Result<Vec<Event>, FleetError> {
+        self.refuse_while_reconciling()?;
         let name = self.name.clone();
         let meta = self.version_mut(version)?;
         if meta.state != VersionState::Pending {
@@ -607,12 +804,13 @@ impl Cluster {
             });
         }
         let mut events = vec![self.promote(version, now)];
-        events.extend(self.reconcile(now));
+        events.extend(self.advance(now));
         Ok(events)
     }
 
     /// Starts retiring `version`: nodes destroy it, then the central copy.
     pub fn retire(&mut self, version: u32, now: u64) -> Result<Vec<Event>, FleetError> {
+        self.refuse_while_reconciling()?;
         let cluster = self.name.clone();
         let meta = self.version_mut(version)?;
         match meta.state {
@@ -630,12 +828,16 @@ impl Cluster {
         meta.state = VersionState::Retiring;
         meta.changed_unix = now;
         self.seq += 1;
-        Ok(self.reconcile(now))
+        Ok(self.advance(now))
     }
 
-    /// Moves the cluster forward as far as the nodes' reports allow.
-    pub fn reconcile(&mut self, now: u64) -> Vec<Event> {
+    /// Moves the cluster forward as far as the nodes' reports allow (not
+    /// at all while it reconciles: the reports are not yet trusted).
+    pub fn advance(&mut self, now: u64) -> Vec<Event> {
         let mut events = Vec::new();
+        if self.reconciling.is_some() {
+            return events;
+        }
         if let Some((v, _)) = self.pending() {
             if self.lacking(v).is_empty() {
                 events.push(self.promote(v, now));
@@ -661,9 +863,20 @@ impl Cluster {
 
     /// What `node` must converge to.
     pub fn desired(&self, node: &str) -> Desired {
+        if self.reconciling.is_some() {
+            return Desired {
+                seq: self.seq,
+                versions: Vec::new(),
+                retired: Vec::new(),
+                reconciling: true,
+                wanted: self.wanted_from(node),
+            };
+        }
         let held = self.nodes.get(node).map(|n| &n.held);
         let has = |v: u32| held.is_some_and(|h| h.contains(&v));
         Desired {
+            reconciling: false,
+            wanted: Vec::new(),
             seq: self.seq,
             versions: self
                 .versions
@@ -680,7 +893,7 @@ impl Cluster {
                 .versions
                 .iter()
                 .filter(|(_, m)| !m.state.held_by_nodes())
-                .map(|(&v, _)| v)
+                .map(|(&v, m)| (v, m.key_id.clone()))
                 .collect(),
         }
     }
@@ -752,6 +965,9 @@ impl Cluster {
     }
 }
 
+mod reconcile;
+pub use reconcile::{Clash, Reconciling};
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -772,7 +988,7 @@ mod tests {
             c.invite(n, token(n, &format!("s-{n}"), 1000)).unwrap();
             c.join(n, &format!("s-{n}"), 110, format!("cert-{n}"), "pk".into())
                 .unwrap();
-            c.report(n, [1].into(), 1, 1, 120).unwrap();
+            c.report(n, Report::legacy([1].into(), 1, 1), 120).unwrap();
         }
         c
     }
@@ -858,7 +1074,9 @@ mod tests {
         assert!(d.versions.iter().any(|dv| dv.version == 2 && dv.needs_key));
         assert!(d.versions.iter().all(|dv| dv.version != 1 || !dv.needs_key));
 
-        let events = c.report("n1", [1, 2].into(), c.seq, 1, 210).unwrap();
+        let events = c
+            .report("n1", Report::legacy([1, 2].into(), c.seq, 1), 210)
+            .unwrap();
         assert_eq!(
             events,
             [Event::Acked {
@@ -870,14 +1088,17 @@ mod tests {
         assert_eq!(c.lacking(2), ["n2"]);
         assert!(c.oldest_unacked_since().is_some());
 
-        let events = c.report("n2", [1, 2].into(), c.seq, 1, 220).unwrap();
+        let events = c
+            .report("n2", Report::legacy([1, 2].into(), c.seq, 1), 220)
+            .unwrap();
         assert!(events.contains(&Event::Promoted {
             version: 2,
             without: vec![]
         }));
         assert_eq!(states(&c), [(1, "decrypt-only"), (2, "primary")]);
         assert!(c.behind("n1") && c.behind("n2"));
-        c.report("n1", [1, 2].into(), c.seq, 2, 230).unwrap();
+        c.report("n1", Report::legacy([1, 2].into(), c.seq, 2), 230)
+            .unwrap();
         assert!(!c.behind("n1"));
         assert_eq!(c.oldest_unacked_since(), None);
     }
@@ -887,7 +1108,8 @@ mod tests {
         let mut c = two_nodes();
         c.invite("n3", token("t3", "s3", 1000)).unwrap();
         c.rotate("a/v2/y".into(), 200).unwrap();
-        c.report("n1", [1, 2].into(), c.seq, 1, 210).unwrap();
+        c.report("n1", Report::legacy([1, 2].into(), c.seq, 1), 210)
+            .unwrap();
         let events = c.revoke("n2", 220).unwrap();
         assert!(matches!(events[..], [Event::Promoted { version: 2, .. }]));
     }
@@ -909,7 +1131,8 @@ mod tests {
     fn force_promotion_names_the_stale_nodes() {
         let mut c = two_nodes();
         c.rotate("a/v2/y".into(), 200).unwrap();
-        c.report("n1", [1, 2].into(), c.seq, 1, 210).unwrap();
+        c.report("n1", Report::legacy([1, 2].into(), c.seq, 1), 210)
+            .unwrap();
         let events = c.force_promote(2, 220).unwrap();
         assert_eq!(
             events,
@@ -947,19 +1170,23 @@ mod tests {
             Err(FleetError::RetirePending { .. })
         ));
         for n in ["n1", "n2"] {
-            c.report(n, [1, 2].into(), c.seq, 1, 210).unwrap();
+            c.report(n, Report::legacy([1, 2].into(), c.seq, 1), 210)
+                .unwrap();
         }
         assert!(c.retire(1, 300).unwrap().is_empty());
-        assert_eq!(c.desired("n1").retired, [1]);
+        assert_eq!(c.desired("n1").retired, [(1, "a/v1/x".to_owned())]);
         assert!(c.desired("n1").versions.iter().all(|dv| dv.version != 1));
         assert!(
-            c.report("n1", [2].into(), c.seq, 2, 310).unwrap()
+            c.report("n1", Report::legacy([2].into(), c.seq, 2), 310)
+                .unwrap()
                 == [Event::Dropped {
                     node: "n1".into(),
                     version: 1
                 }]
         );
-        let events = c.report("n2", [2].into(), c.seq, 2, 320).unwrap();
+        let events = c
+            .report("n2", Report::legacy([2].into(), c.seq, 2), 320)
+            .unwrap();
         assert!(events.contains(&Event::Destroyed { version: 1 }));
         assert_eq!(states(&c), [(1, "retired"), (2, "primary")]);
         assert!(matches!(
@@ -982,10 +1209,11 @@ mod tests {
     fn versions_nodes_hold_from_before_a_restore_are_never_minted_again() {
         let mut c = two_nodes();
         // The service was restored to before it issued v2 and v3.
-        c.report("n1", [1, 2, 3].into(), c.seq, 3, 300).unwrap();
+        c.report("n1", Report::legacy([1, 2, 3].into(), c.seq, 3), 300)
+            .unwrap();
         assert_eq!(c.upcoming_version(), 4);
         // A report cannot push numbers arbitrarily far.
-        c.report("n2", [1, 1_000_000].into(), c.seq, 1, 310)
+        c.report("n2", Report::legacy([1, 1_000_000].into(), c.seq, 1), 310)
             .unwrap();
         assert_eq!(c.upcoming_version(), 4);
     }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use edgekms_hsm::Key256;
 
-use super::cluster::{Cluster, Event, Progress, TokenRecord};
+use super::cluster::{Cluster, Event, FleetError, Progress, Report, TokenRecord};
 use super::node::{converge, ConvergeError, Received};
 use super::VersionState::{self, *};
 use crate::delivery::{self, Binding, DeliveryKey};
@@ -27,6 +27,12 @@ struct Node {
     name: &'static str,
     delivery: DeliveryKey,
     ring: Keyring,
+}
+
+impl Node {
+    fn report(&self, applied_seq: u64) -> Report {
+        Report::of(&self.ring, applied_seq)
+    }
 }
 
 const NOW: u64 = 1_000;
@@ -99,24 +105,18 @@ impl Center {
                 (dv.version, dv.state, dv.key_id, wrapped)
             })
             .collect();
-        (versions, desired.retired)
+        (
+            versions,
+            desired.retired.into_iter().map(|(v, _)| v).collect(),
+        )
     }
 
     /// One round: the node converges on what it is sent and reports.
     fn sync(&mut self, node: &mut Node) -> Vec<Event> {
         let (versions, retired) = self.send(node);
         node.ring = apply(node, &versions, &retired).unwrap().keyring;
-        let held = node
-            .ring
-            .versions()
-            .filter(|kv| kv.key().is_some())
-            .map(|kv| kv.version)
-            .collect();
-        let primary = node.ring.primary().map_or(0, |p| p.version);
-        let seq = self.cluster.seq();
-        self.cluster
-            .report(node.name, held, seq, primary, NOW)
-            .unwrap()
+        let report = node.report(self.cluster.seq());
+        self.cluster.report(node.name, report, NOW).unwrap()
     }
 }
 
@@ -357,5 +357,303 @@ fn a_keyring_never_holds_a_central_only_state() {
     assert!(matches!(
         pending.demoted(),
         Err(KeyringError::IllegalTransition { from: Pending, .. })
+    ));
+}
+
+/// The service's delivery key, for keys its nodes return.
+fn service_key() -> &'static DeliveryKey {
+    static KEY: std::sync::OnceLock<DeliveryKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(DeliveryKey::generate)
+}
+
+impl Center {
+    /// A backup: the record and the keys as they are now.
+    fn backup(&self) -> (Cluster, BTreeMap<u32, Key256>) {
+        let keys = self
+            .keys
+            .iter()
+            .map(|(v, k)| (*v, Key256::from_bytes(k.expose())))
+            .collect();
+        (self.cluster.clone(), keys)
+    }
+
+    /// A service restored from `backup`: reconciling until its nodes report.
+    fn restored((mut cluster, keys): (Cluster, BTreeMap<u32, Key256>)) -> Self {
+        let events = cluster.start_reconciling("restored from a backup", NOW);
+        assert!(matches!(events[..], [Event::ReconcileStarted { .. }]));
+        Self { cluster, keys }
+    }
+
+    /// One round as a plugin runs it: report, then either return what a
+    /// reconciling service asks for (wrapped to the service's key, opened
+    /// and checked there) or converge on its state and report again.
+    fn round(&mut self, node: &mut Node) -> Vec<Event> {
+        let mut events = self
+            .cluster
+            .report(node.name, node.report(self.cluster.seq()), NOW)
+            .unwrap();
+        let desired = self.cluster.desired(node.name);
+        if !desired.reconciling {
+            events.extend(self.sync(node));
+            return events;
+        }
+        assert!(desired.versions.is_empty() && desired.retired.is_empty());
+        for (version, key_id) in desired.wanted {
+            let kv = node.ring.get(version).unwrap();
+            assert_eq!(kv.key_id, key_id, "asked for the key_id it holds");
+            let binding = Binding {
+                cluster: "c",
+                node: node.name,
+                version,
+                key_id: &key_id,
+            };
+            let blob =
+                delivery::return_key(&service_key().public_key(), binding, kv.key().unwrap())
+                    .unwrap();
+            let key = service_key().open_returned(binding, &blob).unwrap();
+            events.extend(
+                self.cluster
+                    .adopt_returned(node.name, version, &key_id, NOW)
+                    .unwrap(),
+            );
+            self.keys.insert(version, key);
+        }
+        events
+    }
+}
+
+/// Every node can read what every other node writes now.
+fn all_read_each_other(nodes: &[&Node]) {
+    for writer in nodes {
+        let (ct, kv) = writer.ring.encrypt(b"seed").unwrap();
+        for reader in nodes {
+            assert_eq!(
+                reader.ring.decrypt(&ct, &kv.key_id).unwrap().0.as_slice(),
+                b"seed",
+                "{} reads {}'s write under {}",
+                reader.name,
+                writer.name,
+                kv.key_id
+            );
+        }
+    }
+}
+
+#[test]
+fn a_restored_service_reconciles_heals_and_never_mints_a_held_number_again() {
+    let mut center = Center::new();
+    let (mut n1, mut n2) = (center.enrol("n1"), center.enrol("n2"));
+    center.sync(&mut n1);
+    center.sync(&mut n2);
+    let backup = center.backup();
+    let v2 = center.rotate();
+    for _ in 0..2 {
+        center.sync(&mut n1);
+        center.sync(&mut n2);
+    }
+    let v2_key_id = n1.ring.get(v2).unwrap().key_id.clone();
+
+    let mut restored = Center::restored(backup);
+    // Nothing is rotated, promoted or retired before the nodes report.
+    for refused in [
+        restored
+            .cluster
+            .rotate("c/v2/other".into(), NOW)
+            .map(|_| ()),
+        restored.cluster.retire(1, NOW).map(|_| ()),
+    ] {
+        assert!(
+            matches!(refused, Err(FleetError::Reconciling { .. })),
+            "{refused:?}"
+        );
+    }
+    let events = restored.round(&mut n1);
+    assert!(events.contains(&Event::Healed {
+        node: "n1".into(),
+        version: v2
+    }));
+    // Still waiting for n2; the healed version is known by its key_id.
+    assert_eq!(restored.cluster.reconcile_waiting(), ["n2"]);
+    assert_eq!(restored.cluster.versions()[&v2].key_id, v2_key_id);
+    let events = restored.round(&mut n2);
+    assert!(events.contains(&Event::Reconciled {
+        primary: v2,
+        without: vec![]
+    }));
+    assert!(restored.cluster.reconciling().is_none());
+    assert_eq!(
+        center_states(&restored.cluster),
+        [(1, DecryptOnly), (2, Primary)]
+    );
+    // The next rotation mints v3, and both nodes read each other.
+    assert_eq!(restored.rotate(), 3);
+    for _ in 0..2 {
+        restored.sync(&mut n1);
+        restored.sync(&mut n2);
+    }
+    assert_eq!(n1.ring.primary().unwrap().version, 3);
+    all_read_each_other(&[&n1, &n2]);
+}
+
+#[test]
+fn a_restore_from_before_two_rotations_rolls_no_primary_back() {
+    let mut center = Center::new();
+    let (mut n1, mut n2) = (center.enrol("n1"), center.enrol("n2"));
+    center.sync(&mut n1);
+    center.sync(&mut n2);
+    let backup = center.backup();
+    for _ in 0..2 {
+        center.rotate();
+        for _ in 0..2 {
+            center.sync(&mut n1);
+            center.sync(&mut n2);
+        }
+    }
+    assert_eq!(n1.ring.primary().unwrap().version, 3);
+
+    let mut restored = Center::restored(backup);
+    restored.round(&mut n1);
+    restored.round(&mut n2);
+    assert_eq!(restored.cluster.primary().unwrap().0, 3);
+    for _ in 0..2 {
+        restored.sync(&mut n1);
+        restored.sync(&mut n2);
+    }
+    for n in [&n1, &n2] {
+        assert_eq!(
+            states(&n.ring),
+            [(1, DecryptOnly), (2, DecryptOnly), (3, Primary)]
+        );
+    }
+    assert_eq!(restored.cluster.upcoming_version(), 4);
+}
+
+#[test]
+fn a_version_destroyed_after_the_backup_stays_destroyed() {
+    let mut center = Center::new();
+    let (mut n1, mut n2) = (center.enrol("n1"), center.enrol("n2"));
+    center.sync(&mut n1);
+    center.sync(&mut n2);
+    center.rotate();
+    for _ in 0..2 {
+        center.sync(&mut n1);
+        center.sync(&mut n2);
+    }
+    let backup = center.backup();
+    center.cluster.retire(1, NOW).unwrap();
+    center.sync(&mut n1);
+    center.sync(&mut n2);
+    assert_eq!(center.cluster.versions()[&1].state, Retired);
+
+    let mut restored = Center::restored(backup);
+    assert_eq!(restored.cluster.versions()[&1].state, DecryptOnly);
+    restored.round(&mut n1);
+    let events = restored.round(&mut n2);
+    assert!(
+        events.contains(&Event::Destroyed { version: 1 }),
+        "{events:?}"
+    );
+    assert_eq!(restored.cluster.versions()[&1].state, Retired);
+    assert!(restored
+        .cluster
+        .desired("n1")
+        .versions
+        .iter()
+        .all(|dv| dv.version != 1));
+}
+
+#[test]
+fn nodes_back_one_by_one_end_the_reconciliation_with_nothing_lost() {
+    let mut center = Center::new();
+    let (mut n1, mut n2, mut n3) = (center.enrol("n1"), center.enrol("n2"), center.enrol("n3"));
+    for n in [&mut n1, &mut n2, &mut n3] {
+        center.sync(n);
+    }
+    let backup = center.backup();
+    // v2 reaches everyone; v3 is forced while n3 is away.
+    center.rotate();
+    for _ in 0..2 {
+        for n in [&mut n1, &mut n2, &mut n3] {
+            center.sync(n);
+        }
+    }
+    let v3 = center.rotate();
+    center.sync(&mut n1);
+    center.sync(&mut n2);
+    center.cluster.force_promote(v3, NOW).unwrap();
+    center.sync(&mut n1);
+    center.sync(&mut n2);
+
+    let mut restored = Center::restored(backup);
+    restored.round(&mut n1);
+    assert_eq!(restored.cluster.reconcile_waiting(), ["n2", "n3"]);
+    assert!(restored.cluster.rotate("c/v2/x".into(), NOW).is_err());
+    restored.round(&mut n3);
+    assert_eq!(restored.cluster.reconcile_waiting(), ["n2"]);
+    restored.round(&mut n2);
+    assert!(restored.cluster.reconciling().is_none());
+    assert_eq!(restored.cluster.primary().unwrap().0, v3);
+    for _ in 0..2 {
+        for n in [&mut n1, &mut n2, &mut n3] {
+            restored.sync(n);
+        }
+    }
+    all_read_each_other(&[&n1, &n2, &n3]);
+}
+
+#[test]
+fn a_forced_end_names_the_nodes_left_out_and_a_clash_is_never_an_ack() {
+    let mut center = Center::new();
+    let (mut n1, mut n2) = (center.enrol("n1"), center.enrol("n2"));
+    center.sync(&mut n1);
+    center.sync(&mut n2);
+    let backup = center.backup();
+    // v2 reaches only n2 before the service is lost.
+    center.rotate();
+    center.sync(&mut n2);
+    let old_v2 = n2.ring.get(2).unwrap().key_id.clone();
+
+    let mut restored = Center::restored(backup);
+    restored.round(&mut n1);
+    // n2 is away: the operator must name it, exactly.
+    assert!(matches!(
+        restored.cluster.end_reconcile(&[], NOW),
+        Err(FleetError::WrongExcuse { .. })
+    ));
+    assert!(matches!(
+        restored
+            .cluster
+            .end_reconcile(&["n1".into(), "n2".into()], NOW),
+        Err(FleetError::WrongExcuse { .. })
+    ));
+    let events = restored.cluster.end_reconcile(&["n2".into()], NOW).unwrap();
+    assert!(events.contains(&Event::Reconciled {
+        primary: 1,
+        without: vec!["n2".into()]
+    }));
+    // Only n2, left out, held v2: the service cannot know it and mints
+    // v2 again, under another key (what forcing risks).
+    let v = restored.rotate();
+    assert_eq!(v, 2);
+    assert_ne!(restored.cluster.versions()[&2].key_id, old_v2);
+    // n2 comes back holding the old v2: a clash, never counted as holding.
+    let events = restored
+        .cluster
+        .report("n2", n2.report(restored.cluster.seq()), NOW)
+        .unwrap();
+    assert!(events.iter().any(|e| matches!(
+        e,
+        Event::Clash { node, version: 2, node_key_id, .. } if node == "n2" && *node_key_id == old_v2
+    )));
+    assert!(!events
+        .iter()
+        .any(|e| matches!(e, Event::Acked { version: 2, .. })));
+    assert_eq!(restored.cluster.holders(2), Vec::<String>::new());
+    assert_eq!(restored.cluster.clashes().len(), 1);
+    // The node refuses the service's v2 rather than taking either key.
+    let (versions, retired) = restored.send(&n2);
+    assert!(matches!(
+        apply(&n2, &versions, &retired),
+        Err(ConvergeError::KeyIdMismatch { version: 2, .. })
     ));
 }

@@ -52,6 +52,21 @@ fn node_record() -> impl Strategy<Value = NodeRecord> {
                 token,
                 cert_sha256,
                 delivery_public_key,
+                reported: held
+                    .iter()
+                    .map(|&v| {
+                        let state = VersionState::DecryptOnly;
+                        (
+                            v,
+                            Held {
+                                key_id: format!("c/v{v}/0011"),
+                                state,
+                            },
+                        )
+                    })
+                    .collect(),
+                destroyed: held.iter().map(|&v| (v, format!("c/v{v}/dead"))).collect(),
+                excused: a % 2 == 0,
                 held,
                 applied_seq: a,
                 primary: p,
@@ -91,15 +106,25 @@ pub fn cluster_with(
         versions,
         proptest::collection::btree_map(name(), node_record(), 0..3),
         any::<u64>(),
+        proptest::option::of((
+            "\\PC{0,20}",
+            any::<u64>(),
+            proptest::collection::btree_set(name(), 0..3),
+        )),
     )
         .prop_map(
-            |(name, seq, next_version, versions, nodes, created_unix)| Cluster {
+            |(name, seq, next_version, versions, nodes, created_unix, reconciling)| Cluster {
                 name,
                 seq,
                 next_version,
                 versions,
                 nodes,
                 created_unix,
+                reconciling: reconciling.map(|(reason, since_unix, reported)| Reconciling {
+                    reason,
+                    since_unix,
+                    reported,
+                }),
             },
         )
 }
