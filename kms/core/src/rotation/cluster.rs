@@ -140,12 +140,13 @@ pub struct NodeRecord {
     /// Versions the node holds under the key_id this service knows them
     /// by: what counts as the node holding a version (acks, promotion).
     pub held: BTreeSet<u32>,
-    /// Everything the node last reported holding, with key_ids and states
-    /// (including what `held` leaves out: versions this service does not
-    /// know, or knows under another key_id).
+    /// What the node last reported holding that `held` leaves out:
+    /// versions this service does not know, or knows under another key_id.
+    /// Empty in normal operation, so the record stays small.
     #[serde(default)]
-    pub reported: BTreeMap<u32, Held>,
-    /// The node's tombstones: versions it destroyed.
+    pub unmatched: BTreeMap<u32, Held>,
+    /// The node's tombstones this service has not retired (under the same
+    /// key_id) yet: versions the node destroyed. Empty in normal operation.
     #[serde(default)]
     pub destroyed: BTreeMap<u32, String>,
     /// Left out of a reconciliation by the operator
@@ -166,7 +167,7 @@ impl NodeRecord {
             cert_sha256: String::new(),
             delivery_public_key: String::new(),
             held: BTreeSet::new(),
-            reported: BTreeMap::new(),
+            unmatched: BTreeMap::new(),
             destroyed: BTreeMap::new(),
             excused: false,
             applied_seq: 0,
@@ -463,12 +464,14 @@ impl Cluster {
             .reconciling
             .as_ref()
             .is_some_and(|r| !r.reported.contains(node));
+        let (held, unmatched, destroyed) = self.sort_report(&report.held, &report.destroyed);
         match self.nodes.get_mut(node) {
             Some(n)
                 if n.state == NodeState::Active
                     && !awaited
-                    && n.reported == report.held
-                    && n.destroyed == report.destroyed =>
+                    && n.held == held
+                    && n.unmatched == unmatched
+                    && n.destroyed == destroyed =>
             {
                 n.applied_seq = report.applied_seq;
                 n.primary = report.primary;
@@ -599,7 +602,7 @@ impl Cluster {
         rec.joined_unix = now;
         rec.last_contact_unix = now;
         rec.held.clear();
-        rec.reported.clear();
+        rec.unmatched.clear();
         rec.destroyed.clear();
         rec.excused = false;
         rec.applied_seq = 0;
@@ -668,7 +671,7 @@ impl Cluster {
             .into_iter()
             .map(|c| c.version)
             .collect();
-        let held = self.matching(&report.held);
+        let (held, unmatched, destroyed) = self.sort_report(&report.held, &report.destroyed);
         let rec = self.node_mut(node)?;
         let mut events: Vec<Event> = held
             .difference(&rec.held)
@@ -698,8 +701,8 @@ impl Cluster {
         }
         let rec = self.node_mut(node)?;
         rec.held = held;
-        rec.reported = report.held;
-        rec.destroyed = report.destroyed;
+        rec.unmatched = unmatched;
+        rec.destroyed = destroyed;
         rec.applied_seq = report.applied_seq;
         rec.primary = report.primary;
         rec.last_contact_unix = now;
@@ -718,17 +721,39 @@ impl Cluster {
         Ok(events)
     }
 
-    /// The versions of a report that this service knows under the same
-    /// key_id (or by number alone, from a node too old to send key_ids).
-    fn matching(&self, held: &BTreeMap<u32, Held>) -> BTreeSet<u32> {
-        held.iter()
-            .filter(|(v, h)| {
+    /// Splits a report into the versions this service knows under the
+    /// same key_id (or by number alone, from a node too old to send
+    /// key_ids), the rest, and the tombstones of versions this service has
+    /// not retired under that key_id.
+    #[allow(clippy::type_complexity)]
+    fn sort_report(
+        &self,
+        reported: &BTreeMap<u32, Held>,
+        destroyed: &BTreeMap<u32, String>,
+    ) -> (BTreeSet<u32>, BTreeMap<u32, Held>, BTreeMap<u32, String>) {
+        let mut held = BTreeSet::new();
+        let mut unmatched = BTreeMap::new();
+        for (&v, h) in reported {
+            let known = self
+                .versions
+                .get(&v)
+                .is_some_and(|m| h.key_id.is_empty() || h.key_id == m.key_id);
+            if known {
+                held.insert(v);
+            } else {
+                unmatched.insert(v, h.clone());
+            }
+        }
+        let destroyed = destroyed
+            .iter()
+            .filter(|(v, key_id)| {
                 self.versions
                     .get(v)
-                    .is_some_and(|m| h.key_id.is_empty() || h.key_id == m.key_id)
+                    .is_none_or(|m| &&m.key_id != key_id || m.state.held_by_nodes())
             })
-            .map(|(v, _)| *v)
-            .collect()
+            .map(|(v, k)| (*v, k.clone()))
+            .collect();
+        (held, unmatched, destroyed)
     }
 
     /// Starts a rotation: version `next_version` becomes pending with

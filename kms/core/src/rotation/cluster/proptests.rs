@@ -52,7 +52,7 @@ fn node_record() -> impl Strategy<Value = NodeRecord> {
                 token,
                 cert_sha256,
                 delivery_public_key,
-                reported: held
+                unmatched: held
                     .iter()
                     .map(|&v| {
                         let state = VersionState::DecryptOnly;

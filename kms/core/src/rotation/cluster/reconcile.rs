@@ -108,7 +108,7 @@ impl Cluster {
             node_key_id: node_key_id.to_owned(),
         };
         let mut out = Vec::new();
-        for (&v, held) in &rec.reported {
+        for (&v, held) in &rec.unmatched {
             if held.key_id.is_empty() {
                 continue;
             }
@@ -118,7 +118,7 @@ impl Cluster {
                 None => {
                     let disagree = self.active().any(|(other, o)| {
                         other != node
-                            && o.reported
+                            && o.unmatched
                                 .get(&v)
                                 .is_some_and(|h| !h.key_id.is_empty() && h.key_id != held.key_id)
                     });
@@ -143,7 +143,7 @@ impl Cluster {
     pub fn wanted(&self) -> BTreeMap<u32, String> {
         let mut seen: BTreeMap<u32, Option<String>> = BTreeMap::new();
         for (_, rec) in self.counted() {
-            for (&v, held) in &rec.reported {
+            for (&v, held) in &rec.unmatched {
                 if held.key_id.is_empty() || self.versions.contains_key(&v) {
                     continue;
                 }
@@ -165,7 +165,7 @@ impl Cluster {
         };
         self.wanted()
             .into_iter()
-            .filter(|(v, k)| rec.reported.get(v).is_some_and(|h| &h.key_id == k))
+            .filter(|(v, k)| rec.unmatched.get(v).is_some_and(|h| &h.key_id == k))
             .collect()
     }
 
@@ -181,7 +181,7 @@ impl Cluster {
             .filter(|(name, rec)| {
                 !r.reported.contains(*name)
                     || !self.clashes_of(name).is_empty()
-                    || rec.reported.keys().any(|v| wanted.contains_key(v))
+                    || rec.unmatched.keys().any(|v| wanted.contains_key(v))
             })
             .map(|(name, _)| name.clone())
             .collect()
@@ -201,7 +201,7 @@ impl Cluster {
             return false;
         };
         let service_primary = self.primary().map_or(0, |(v, _)| v);
-        rec.reported
+        rec.unmatched
             .iter()
             .any(|(v, h)| !h.key_id.is_empty() && !self.versions.contains_key(v))
             || !self.clashes_of(node).is_empty()
@@ -289,10 +289,11 @@ impl Cluster {
         );
         for rec in self.nodes.values_mut() {
             if rec
-                .reported
+                .unmatched
                 .get(&version)
                 .is_some_and(|h| h.key_id == key_id)
             {
+                rec.unmatched.remove(&version);
                 rec.held.insert(version);
             }
         }
@@ -341,21 +342,18 @@ impl Cluster {
         let mut reported_primary = None;
         let mut reported_pending = BTreeSet::new();
         let mut tombstones: Vec<(String, u32, String)> = Vec::new();
+        let live = |v: &u32| {
+            self.versions
+                .get(v)
+                .is_some_and(|m| m.state.held_by_nodes())
+        };
         for (name, rec) in self.counted() {
-            for (&v, held) in &rec.reported {
-                let agrees = self.versions.get(&v).is_some_and(|m| {
-                    m.state.held_by_nodes() && (held.key_id.is_empty() || held.key_id == m.key_id)
-                });
-                match held.state {
-                    VersionState::Primary if agrees => {
-                        reported_primary = reported_primary.max(Some(v));
-                    }
-                    VersionState::Pending if agrees => {
-                        reported_pending.insert(v);
-                    }
-                    _ => {}
-                }
+            // `held` is what agrees with this record. A node's versions
+            // newer than its primary can only be pending on it.
+            if rec.held.contains(&rec.primary) && live(&rec.primary) {
+                reported_primary = reported_primary.max(Some(rec.primary));
             }
+            reported_pending.extend(rec.held.iter().filter(|v| **v > rec.primary && live(v)));
             for (&v, key_id) in &rec.destroyed {
                 tombstones.push((name.clone(), v, key_id.clone()));
             }
@@ -423,5 +421,168 @@ impl Cluster {
         });
         events.extend(self.advance(now));
         events
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{token_hash, Held, Report, TokenRecord};
+    use super::*;
+
+    const KEY_1: &str = "a/v1/0000000000000001";
+
+    /// Cluster "a" (v1 = [`KEY_1`]) with active nodes n1 and n2.
+    fn cluster() -> Cluster {
+        let mut c = Cluster::new("a", KEY_1.into(), 100);
+        for n in ["n1", "n2"] {
+            let token = TokenRecord {
+                id: n.into(),
+                secret_sha256: token_hash(n),
+                expires_unix: 1000,
+                used: false,
+            };
+            c.invite(n, token).unwrap();
+            c.join(n, n, 110, format!("cert-{n}"), "pk".into()).unwrap();
+        }
+        c
+    }
+
+    fn report(held: &[(u32, &str, VersionState)], primary: u32) -> Report {
+        Report {
+            held: held
+                .iter()
+                .map(|&(v, key_id, state)| {
+                    let key_id = key_id.to_owned();
+                    (v, Held { key_id, state })
+                })
+                .collect(),
+            destroyed: BTreeMap::new(),
+            applied_seq: 1,
+            primary,
+        }
+    }
+
+    #[test]
+    fn an_agreeing_report_changes_nothing_and_only_state_moves_are_absorbed() {
+        let mut c = cluster();
+        let r = report(&[(1, KEY_1, VersionState::Primary)], 1);
+        c.report("n1", r.clone(), 120).unwrap();
+        assert!(c.reconciling().is_none());
+        assert!(c.node("n1").unwrap().unmatched.is_empty());
+        assert!(c.note_progress("n1", &r, 130));
+        // A legacy report (numbers only) agrees by number.
+        c.report("n2", Report::legacy([1].into(), 1, 1), 120)
+            .unwrap();
+        assert!(c.reconciling().is_none());
+        assert_eq!(c.holders(1), ["n1", "n2"]);
+    }
+
+    #[test]
+    fn a_diverging_report_starts_a_reconciliation_that_the_rest_must_join() {
+        for (what, r) in [
+            (
+                "an unknown version",
+                report(
+                    &[
+                        (1, KEY_1, VersionState::Primary),
+                        (2, "a/v2/0000000000000002", VersionState::Pending),
+                    ],
+                    1,
+                ),
+            ),
+            (
+                "another key_id",
+                report(&[(1, "a/v1/00000000000000ff", VersionState::Primary)], 1),
+            ),
+            (
+                "a newer primary",
+                report(&[(1, KEY_1, VersionState::DecryptOnly)], 3),
+            ),
+            (
+                "a tombstone of a live version",
+                Report {
+                    destroyed: [(1, KEY_1.to_owned())].into(),
+                    ..report(&[], 0)
+                },
+            ),
+        ] {
+            let mut c = cluster();
+            let events = c.report("n1", r, 120).unwrap();
+            assert!(
+                events
+                    .iter()
+                    .any(|e| matches!(e, Event::ReconcileStarted { .. })),
+                "{what}: {events:?}"
+            );
+            assert_eq!(
+                c.reconcile_waiting().last().map(String::as_str),
+                Some("n2"),
+                "{what}"
+            );
+            // Not absorbed while awaited: n2's report goes through.
+            assert!(
+                !c.note_progress("n2", &Report::legacy([1].into(), 1, 1), 130),
+                "{what}"
+            );
+            assert!(
+                matches!(
+                    c.rotate("a/v9/x".into(), 130),
+                    Err(FleetError::Reconciling { .. })
+                ),
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_a_wanted_version_is_adopted_and_disagreeing_nodes_clash() {
+        let mut c = cluster();
+        c.start_reconciling("restored", 100);
+        let v2 = "a/v2/0000000000000002";
+        let other = "a/v2/00000000000000ee";
+        c.report(
+            "n1",
+            report(
+                &[
+                    (1, KEY_1, VersionState::DecryptOnly),
+                    (2, v2, VersionState::Primary),
+                ],
+                2,
+            ),
+            120,
+        )
+        .unwrap();
+        assert_eq!(c.wanted(), BTreeMap::from([(2, v2.to_owned())]));
+        assert!(matches!(
+            c.adopt_returned("n1", 2, other, 130),
+            Err(FleetError::NotWanted { .. })
+        ));
+        assert!(matches!(
+            c.adopt_returned("n2", 2, v2, 130),
+            Err(FleetError::NotWanted { .. })
+        ));
+        // n2 holds another v2: the nodes disagree, nothing is wanted, both
+        // clash, and the reconciliation waits.
+        c.report(
+            "n2",
+            report(
+                &[
+                    (1, KEY_1, VersionState::DecryptOnly),
+                    (2, other, VersionState::Primary),
+                ],
+                2,
+            ),
+            120,
+        )
+        .unwrap();
+        assert!(c.wanted().is_empty());
+        assert_eq!(c.clashes().len(), 2);
+        assert_eq!(c.reconcile_waiting(), ["n1", "n2"]);
+        assert!(c.adopt_returned("n1", 2, v2, 130).is_err());
+        // Left out by name, n2 no longer counts: v2 is wanted from n1.
+        let events = c.end_reconcile(&["n1".into(), "n2".into()], 140).unwrap();
+        assert!(matches!(events.last(), Some(Event::Reconciled { .. })));
+        assert!(c.node("n2").unwrap().excused);
+        assert_eq!(c.upcoming_version(), 3, "past every version a node holds");
     }
 }
