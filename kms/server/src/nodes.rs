@@ -213,8 +213,31 @@ impl Central {
         if absorbed {
             return Ok(());
         }
-        let mut returned = Vec::with_capacity(report.returned.len());
-        for r in &report.returned {
+        let result = self.commit_report(cluster, node, parsed, &report.returned);
+        if let Err(e) = &result {
+            if !report.returned.is_empty() {
+                // A refused key is worth a record: a node returning keys
+                // the service cannot check is broken or hostile.
+                self.audit.record(
+                    AuditRecord::new("heal", &format!("node {cluster}/{node}"))
+                        .cluster(cluster)
+                        .node(node)
+                        .result(&e.to_string()),
+                );
+            }
+        }
+        result
+    }
+
+    fn commit_report(
+        &self,
+        cluster: &str,
+        node: &str,
+        parsed: Report,
+        returned_keys: &[pb::ReturnedKey],
+    ) -> Result<(), ServerError> {
+        let mut returned = Vec::with_capacity(returned_keys.len());
+        for r in returned_keys {
             let binding = delivery::Binding {
                 cluster,
                 node,
