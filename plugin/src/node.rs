@@ -521,7 +521,8 @@ impl Node {
                 .unwrap(binding, r.wrapped_key)
                 .map_err(|e| e.to_string())
         };
-        let step = converge(&current, &received, &state.retired, now_unix(), unwrap)?;
+        let retired = edgekms_proto::convert::retire_orders(state);
+        let step = converge(&current, &received, &retired, now_unix(), unwrap)?;
         let next = step.keyring;
         let all: Vec<u32> = next.versions().map(|kv| kv.version).collect();
         edgekms_daemon::failpoint::hit("plugin-before-store");

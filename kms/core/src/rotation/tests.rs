@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use edgekms_hsm::Key256;
 
 use super::cluster::{Cluster, Event, Progress, TokenRecord};
-use super::node::{converge, ConvergeError, Received};
+use super::node::{converge, ConvergeError, Received, Retire};
 use super::VersionState::{self, *};
 use crate::delivery::{self, Binding, DeliveryKey};
 use crate::keyid;
@@ -105,6 +105,15 @@ impl Center {
     /// One round: the node converges on what it is sent and reports.
     fn sync(&mut self, node: &mut Node) -> Vec<Event> {
         let (versions, retired) = self.send(node);
+        // Retired by key_id, as a service that sends `retired_keys` does.
+        let versions_meta = self.cluster.versions();
+        let retired: Vec<Retire<'_>> = retired
+            .iter()
+            .map(|v| Retire {
+                version: *v,
+                key_id: versions_meta.get(v).map(|m| m.key_id.as_str()),
+            })
+            .collect();
         node.ring = apply(node, &versions, &retired).unwrap().keyring;
         let held = node
             .ring
@@ -123,7 +132,7 @@ impl Center {
 fn apply(
     node: &Node,
     versions: &[Sent],
-    retired: &[u32],
+    retired: &[Retire<'_>],
 ) -> Result<super::node::Converged, ConvergeError> {
     let received: Vec<Received<'_>> = versions
         .iter()
@@ -264,13 +273,25 @@ fn versions_the_service_does_not_mention_are_kept_and_demoted() {
     let mut center = Center::new();
     let mut n1 = center.enrol("n1");
     center.sync(&mut n1);
-    // The service forgets v1 (restored without it): the node keeps the
-    // key, as decrypt-only, and writes under nothing new it was not sent.
-    let step = apply(&n1, &[], &[]).unwrap();
-    assert_eq!(states(&step.keyring), [(1, DecryptOnly)]);
-    assert_eq!(step.promoted, Some((Some(1), None)));
+    // The service forgets v1 (restored without it) and sends v2 as the
+    // primary: the node keeps v1's key, as decrypt-only.
+    let v2 = center.rotate();
+    let (sent, _) = center.send(&n1);
+    let (_, _, v2_id, v2_wrapped) = sent.iter().find(|s| s.0 == v2).unwrap().clone();
+    let step = apply(&n1, &[(v2, Primary, v2_id, v2_wrapped)], &[]).unwrap();
+    assert_eq!(states(&step.keyring), [(1, DecryptOnly), (2, Primary)]);
+    assert_eq!(step.promoted, Some((Some(1), Some(v2))));
     assert!(step.destroyed.is_empty());
     assert!(step.keyring.get(1).unwrap().key().is_some());
+    // Forgetting every version is no reason to stop encrypting.
+    let v1_id = n1.ring.get(1).unwrap().key_id.clone();
+    assert_eq!(
+        apply(&n1, &[], &[]).unwrap_err(),
+        ConvergeError::PrimaryDropped {
+            version: 1,
+            key_id: v1_id
+        }
+    );
 }
 
 /// Every instruction a node refuses, each with its own error, and the
