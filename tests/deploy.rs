@@ -485,6 +485,8 @@ const METRICS: &[&str] = &[
     "edgekms_cached_key_versions",
     "edgekms_sync_last_contact_seconds",
     "edgekms_sync_errors_total",
+    "edgekms_sync_refused_states_total",
+    "edgekms_sync_central_reconciling",
     "edgekms_tpm_operation_duration_seconds",
     "edgekms_server_nodes",
     "edgekms_server_clusters_pending_rotation",

@@ -57,6 +57,7 @@ impl NodeAdmin for AdminService {
             sealed_key: r.sealed_key.into_iter().collect(),
             hardware_backed: r.hardware_backed,
             unsealed: r.unsealed,
+            central_reconciling: r.central_reconciling,
         }))
     }
 

@@ -36,6 +36,10 @@ impl From<ConvergeError> for NodeError {
             ConvergeError::Keyring(e) => NodeError::Keyring(e),
             ConvergeError::NotANodeState { .. }
             | ConvergeError::KeyIdMismatch { .. }
+            | ConvergeError::Destroyed { .. }
+            | ConvergeError::RetireKeyIdMismatch { .. }
+            | ConvergeError::Rollback { .. }
+            | ConvergeError::PrimaryDropped { .. }
             | ConvergeError::MissingKey { .. }
             | ConvergeError::Duplicate { .. }
             | ConvergeError::Delivery { .. } => NodeError::InvalidArgument(e.to_string()),

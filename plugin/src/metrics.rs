@@ -9,6 +9,7 @@
 use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
+use edgekms_core::rotation::node::ConvergeError;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
@@ -66,6 +67,57 @@ impl SealerOp {
     }
 }
 
+/// Why the node refused a state the central service sent, as the
+/// `reason` label spells it: a fixed few, so the operator can alert on
+/// each (a key_id clash or a rollback means a restored service).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// A version named under another key_id than this node's.
+    KeyIdClash,
+    /// A version this node destroyed, sent again to hold.
+    Destroyed,
+    /// An older primary, or none.
+    Rollback,
+    Other,
+}
+
+impl RefusalReason {
+    pub const ALL: [RefusalReason; 4] = [
+        RefusalReason::KeyIdClash,
+        RefusalReason::Destroyed,
+        RefusalReason::Rollback,
+        RefusalReason::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalReason::KeyIdClash => "key-id-clash",
+            RefusalReason::Destroyed => "destroyed",
+            RefusalReason::Rollback => "rollback",
+            RefusalReason::Other => "other",
+        }
+    }
+
+    /// Every refusal by name (no `_` arm), so a new one is classified on
+    /// purpose.
+    pub fn of(e: &ConvergeError) -> Self {
+        match e {
+            ConvergeError::KeyIdMismatch { .. } | ConvergeError::RetireKeyIdMismatch { .. } => {
+                RefusalReason::KeyIdClash
+            }
+            ConvergeError::Destroyed { .. } => RefusalReason::Destroyed,
+            ConvergeError::Rollback { .. } | ConvergeError::PrimaryDropped { .. } => {
+                RefusalReason::Rollback
+            }
+            ConvergeError::NotANodeState { .. }
+            | ConvergeError::MissingKey { .. }
+            | ConvergeError::Duplicate { .. }
+            | ConvergeError::Delivery { .. }
+            | ConvergeError::Keyring(_) => RefusalReason::Other,
+        }
+    }
+}
+
 pub use edgekms_daemon::ops::grpc_code_name as code_name;
 
 /// The plugin's metrics and the registry that renders them.
@@ -79,6 +131,8 @@ pub struct Metrics {
     sealer_duration: HistogramVec,
     sync_last_contact: prometheus::Gauge,
     sync_errors: IntCounterVec,
+    refused_states: IntCounterVec,
+    central_reconciling: IntGauge,
     store_repairs: IntCounterVec,
     last_contact: Mutex<Option<Instant>>,
     /// The code="OK" series of each method (in [`KmsMethod::ALL`] order),
@@ -135,6 +189,17 @@ impl Metrics {
             ),
             &["kind"],
         )?;
+        let refused_states = IntCounterVec::new(
+            Opts::new(
+                "edgekms_sync_refused_states_total",
+                "States from the central key service this node refused (and kept its keys), by reason: key-id-clash, destroyed, rollback or other.",
+            ),
+            &["reason"],
+        )?;
+        let central_reconciling = IntGauge::new(
+            "edgekms_sync_central_reconciling",
+            "1 while the central key service says it is reconciling this cluster (restored from a backup): it changes nothing meanwhile, and this node keeps serving its own keys.",
+        )?;
         let store_repairs = IntCounterVec::new(
             Opts::new(
                 "edgekms_store_repairs_total",
@@ -151,7 +216,14 @@ impl Metrics {
         registry.register(Box::new(sealer_duration.clone()))?;
         registry.register(Box::new(sync_last_contact.clone()))?;
         registry.register(Box::new(sync_errors.clone()))?;
+        registry.register(Box::new(refused_states.clone()))?;
+        registry.register(Box::new(central_reconciling.clone()))?;
         registry.register(Box::new(store_repairs.clone()))?;
+        // Every reason shows as 0 from the start, so increase() sees the
+        // first refusal.
+        for reason in RefusalReason::ALL {
+            refused_states.with_label_values(&[reason.as_str()]);
+        }
         // Successful calls show as 0 from the start, so rates exist at once.
         let kms_ok = KmsMethod::ALL.map(|method| {
             let labels = [method.as_str(), code_name(Code::Ok)];
@@ -171,6 +243,8 @@ impl Metrics {
             sealer_duration,
             sync_last_contact,
             sync_errors,
+            refused_states,
+            central_reconciling,
             store_repairs,
             last_contact: Mutex::new(None),
         })
@@ -212,6 +286,16 @@ impl Metrics {
 
     pub fn record_store_repair(&self, record: &'static str) {
         self.store_repairs.with_label_values(&[record]).inc();
+    }
+
+    pub fn record_refused_state(&self, reason: RefusalReason) {
+        self.refused_states
+            .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+
+    pub fn set_central_reconciling(&self, reconciling: bool) {
+        self.central_reconciling.set(i64::from(reconciling));
     }
 
     /// The text exposition, with the values computed at scrape time
@@ -287,6 +371,20 @@ pub fn record_sync_contact() {
 pub fn record_sync_error(kind: &'static str) {
     if let Some(m) = global() {
         m.record_sync_error(kind);
+    }
+}
+
+/// Call once per state from the central service that the node refused.
+pub fn record_refused_state(reason: RefusalReason) {
+    if let Some(m) = global() {
+        m.record_refused_state(reason);
+    }
+}
+
+/// Call with what the central service last said of itself.
+pub fn set_central_reconciling(reconciling: bool) {
+    if let Some(m) = global() {
+        m.set_central_reconciling(reconciling);
     }
 }
 
@@ -418,6 +516,81 @@ mod tests {
             ),
             Some(1.0)
         );
+    }
+
+    #[test]
+    fn refusals_count_by_reason_from_zero_and_reconciling_is_a_gauge() {
+        let m = Metrics::new().unwrap();
+        let text = m.render(true);
+        for reason in ["key-id-clash", "destroyed", "rollback", "other"] {
+            let series = format!("edgekms_sync_refused_states_total{{reason=\"{reason}\"}}");
+            assert_eq!(value(&text, &series), Some(0.0), "{text}");
+        }
+        assert_eq!(value(&text, "edgekms_sync_central_reconciling"), Some(0.0));
+        let clash = ConvergeError::RetireKeyIdMismatch {
+            version: 1,
+            sent: "c/v1/aa".into(),
+            held: "c/v1/bb".into(),
+        };
+        m.record_refused_state(RefusalReason::of(&clash));
+        m.record_refused_state(RefusalReason::of(&ConvergeError::MissingKey { version: 2 }));
+        m.set_central_reconciling(true);
+        let text = m.render(true);
+        assert_eq!(
+            value(
+                &text,
+                "edgekms_sync_refused_states_total{reason=\"key-id-clash\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&text, "edgekms_sync_refused_states_total{reason=\"other\"}"),
+            Some(1.0)
+        );
+        assert_eq!(value(&text, "edgekms_sync_central_reconciling"), Some(1.0));
+    }
+
+    #[test]
+    fn every_refusal_has_its_reason() {
+        let (version, sent, held) = (1, "c/v1/aa".to_owned(), "c/v1/bb".to_owned());
+        let cases = [
+            (
+                ConvergeError::KeyIdMismatch {
+                    version,
+                    sent: sent.clone(),
+                    held: held.clone(),
+                },
+                "key-id-clash",
+            ),
+            (
+                ConvergeError::Destroyed {
+                    version,
+                    sent: sent.clone(),
+                    held: held.clone(),
+                },
+                "destroyed",
+            ),
+            (
+                ConvergeError::Rollback {
+                    from: 2,
+                    from_key_id: held.clone(),
+                    to: 1,
+                    to_key_id: sent.clone(),
+                },
+                "rollback",
+            ),
+            (
+                ConvergeError::PrimaryDropped {
+                    version: 2,
+                    key_id: held,
+                },
+                "rollback",
+            ),
+            (ConvergeError::Duplicate { version }, "other"),
+        ];
+        for (err, reason) in cases {
+            assert_eq!(RefusalReason::of(&err).as_str(), reason, "{err}");
+        }
     }
 
     #[test]

@@ -14,15 +14,16 @@
 //! node still starts but serves no key material: Status reports the reason
 //! as healthz, and Encrypt/Decrypt fail with UNAVAILABLE.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use edgekms_core::delivery::{Binding, DeliveryKey};
+use edgekms_core::delivery::{self, Binding, DeliveryKey};
 use edgekms_core::rotation::node::{converge, Received};
-use edgekms_core::{KeyVersion, Keyring};
+use edgekms_core::{KeyVersion, Keyring, VersionState};
 use edgekms_daemon::config::now_unix;
 use edgekms_hsm::{Key256, SealError, SealedBlob, Sealer, SealerInfo, SoftKeyFile};
-use edgekms_proto::fleet::ClusterState;
+use edgekms_proto::fleet::{ClusterState, KeyRef, ReturnedKey};
 use zeroize::Zeroizing;
 
 use crate::cache::{Cache, CacheError};
@@ -52,6 +53,8 @@ pub struct LocalStatus {
     pub sealed_key: SealerInfo,
     pub hardware_backed: bool,
     pub unsealed: bool,
+    /// The central key service last said it is reconciling.
+    pub central_reconciling: bool,
 }
 
 pub struct Node {
@@ -66,16 +69,113 @@ pub struct Node {
     /// Joined to the central key service: keys come only from there.
     fleet: bool,
     /// The last central cluster state applied.
-    fleet_seq: std::sync::atomic::AtomicU64,
+    fleet_seq: AtomicU64,
+    /// What the central service last said of itself: reconciling or not.
+    central_reconciling: AtomicBool,
 }
 
-/// What a node reports to the central service.
+/// What a node reports to the central service. Versions are named by
+/// number and key_id together: a service restored from a backup compares
+/// key_ids, never numbers alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Holding {
-    /// Versions whose key is durable in the cache.
-    pub held: Vec<u32>,
+    /// Versions whose key is durable in the cache, oldest first.
+    pub versions: Vec<HeldKey>,
+    /// Tombstones: `(version, key_id)` of every version destroyed here.
+    pub destroyed: Vec<(u32, String)>,
     pub applied_seq: u64,
     pub primary: u32,
+}
+
+/// One version whose key the node holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldKey {
+    pub version: u32,
+    pub key_id: String,
+    pub state: VersionState,
+}
+
+impl Holding {
+    /// What `keyring` holds, as reported after applying state `applied_seq`.
+    pub fn of(keyring: &Keyring, applied_seq: u64) -> Self {
+        let (held, destroyed): (Vec<&KeyVersion>, Vec<&KeyVersion>) =
+            keyring.versions().partition(|kv| kv.key().is_some());
+        Self {
+            versions: held
+                .into_iter()
+                .map(|kv| HeldKey {
+                    version: kv.version,
+                    key_id: kv.key_id.clone(),
+                    state: kv.state(),
+                })
+                .collect(),
+            destroyed: destroyed
+                .into_iter()
+                .map(|kv| (kv.version, kv.key_id.clone()))
+                .collect(),
+            applied_seq,
+            primary: keyring.primary().map_or(0, |p| p.version),
+        }
+    }
+
+    /// The held version numbers (what services older than key_ids read).
+    pub fn held(&self) -> Vec<u32> {
+        self.versions.iter().map(|h| h.version).collect()
+    }
+}
+
+/// Why a version the central service asked for is not returned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotReturned {
+    #[error("the central service asks for version {version} ({wanted:?}), which this node does not hold")]
+    NotHeld { version: u32, wanted: String },
+    #[error("the central service asks for version {version} as {wanted:?}, but this node holds it as {held:?}: not returned")]
+    OtherKey {
+        version: u32,
+        wanted: String,
+        held: String,
+    },
+    #[error("the central service asks for version {version} ({wanted:?}), which this node destroyed (as {held:?}): not returned")]
+    Destroyed {
+        version: u32,
+        wanted: String,
+        held: String,
+    },
+}
+
+/// Which of the `wanted` versions this node returns: only those whose key
+/// it holds under exactly the key_id asked for, each once. The others are
+/// listed with the reason (the service asking for a key it should not
+/// get is worth a warning, never an answer).
+pub fn choose_returns<'r>(
+    keyring: &'r Keyring,
+    wanted: &[KeyRef],
+) -> (Vec<&'r KeyVersion>, Vec<NotReturned>) {
+    let mut chosen: Vec<&KeyVersion> = Vec::new();
+    let mut refused = Vec::new();
+    for want in wanted {
+        let wanted_id = || want.key_id.clone();
+        match keyring.get(want.version) {
+            None => refused.push(NotReturned::NotHeld {
+                version: want.version,
+                wanted: wanted_id(),
+            }),
+            Some(kv) if kv.key().is_none() => refused.push(NotReturned::Destroyed {
+                version: want.version,
+                wanted: wanted_id(),
+                held: kv.key_id.clone(),
+            }),
+            Some(kv) if kv.key_id != want.key_id => refused.push(NotReturned::OtherKey {
+                version: want.version,
+                wanted: wanted_id(),
+                held: kv.key_id.clone(),
+            }),
+            // Asked twice: wrapped once (bounds the work to what is held).
+            Some(kv) if chosen.iter().any(|c| c.version == kv.version) => {}
+            Some(kv) => chosen.push(kv),
+        }
+    }
+    (chosen, refused)
 }
 
 /// Builds the sealer the config asks for (see [`edgekms_hsm::open`]).
@@ -175,7 +275,8 @@ impl Node {
             nsk: Mutex::new(None),
             admin: Mutex::new(()),
             fleet: joining || fleet.is_some(),
-            fleet_seq: std::sync::atomic::AtomicU64::new(fleet_seq),
+            fleet_seq: AtomicU64::new(fleet_seq),
+            central_reconciling: AtomicBool::new(false),
         };
         let nsk = match node.cache.sealed_nsk()? {
             Some(blob) => {
@@ -467,17 +568,73 @@ impl Node {
 
     /// What this node holds, for its report to the central service.
     pub fn holding(&self) -> Holding {
-        let snap = self.snapshot();
-        Holding {
-            held: snap
-                .keyring
-                .versions()
-                .filter(|kv| kv.key().is_some())
-                .map(|kv| kv.version)
-                .collect(),
-            applied_seq: self.fleet_seq.load(std::sync::atomic::Ordering::SeqCst),
-            primary: snap.keyring.primary().map_or(0, |p| p.version),
+        Holding::of(
+            &self.snapshot().keyring,
+            self.fleet_seq.load(Ordering::SeqCst),
+        )
+    }
+
+    /// Remembers what the central service last said of itself.
+    pub fn note_central_reconciling(&self, reconciling: bool) {
+        if self.central_reconciling.swap(reconciling, Ordering::SeqCst) != reconciling {
+            tracing::info!(
+                reconciling,
+                "the central key service {} (this node keeps serving its own keys)",
+                if reconciling {
+                    "is reconciling"
+                } else {
+                    "ended its reconciliation"
+                }
+            );
         }
+        metrics::set_central_reconciling(reconciling);
+    }
+
+    /// The keys a reconciling central service asked for (`wanted`) that
+    /// this node holds under exactly those key_ids, each wrapped to the
+    /// service's delivery key `service_key`. Keys are never sent any other
+    /// way; what is not returned is logged.
+    pub fn return_wanted(&self, wanted: &[KeyRef], service_key: &[u8]) -> Vec<ReturnedKey> {
+        let snap = self.snapshot();
+        let (chosen, refused) = choose_returns(&snap.keyring, wanted);
+        // The ask is the service's: a few lines name the versions, a count
+        // stands for the rest.
+        const NAMED: usize = 8;
+        for why in refused.iter().take(NAMED) {
+            tracing::warn!(reason = %why, "a key the central service asked for is not returned");
+        }
+        if refused.len() > NAMED {
+            tracing::warn!(
+                more = refused.len() - NAMED,
+                "more keys the central service asked for are not returned"
+            );
+        }
+        let mut returned = Vec::new();
+        for kv in chosen {
+            let Some(key) = kv.key() else { continue };
+            let binding = Binding {
+                cluster: &self.cluster,
+                node: &self.node,
+                version: kv.version,
+                key_id: &kv.key_id,
+            };
+            match delivery::return_key(service_key, binding, key) {
+                Ok(wrapped) => {
+                    tracing::info!(target: "audit", op = "return-key", version = kv.version, key_id = %kv.key_id, result = "ok");
+                    returned.push(ReturnedKey {
+                        version: kv.version,
+                        key_id: kv.key_id.clone(),
+                        wrapped_key: wrapped.into(),
+                    });
+                }
+                // One bad key makes every wrap fail: say it once.
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot return keys to the central service");
+                    return Vec::new();
+                }
+            }
+        }
+        returned
     }
 
     /// Converges on the central service's state for this cluster (the
@@ -509,7 +666,8 @@ impl Node {
                     wrapped_key: &entry.wrapped_key,
                 })
             })
-            .collect::<Result<Vec<_>, NodeError>>()?;
+            .collect::<Result<Vec<_>, NodeError>>()
+            .inspect_err(|_| metrics::record_refused_state(metrics::RefusalReason::Other))?;
         let unwrap = |r: &Received<'_>| {
             let binding = Binding {
                 cluster: &self.cluster,
@@ -521,7 +679,11 @@ impl Node {
                 .unwrap(binding, r.wrapped_key)
                 .map_err(|e| e.to_string())
         };
-        let step = converge(&current, &received, &state.retired, now_unix(), unwrap)?;
+        let retired = edgekms_proto::convert::retire_orders(state);
+        let step =
+            converge(&current, &received, &retired, now_unix(), unwrap).inspect_err(|e| {
+                metrics::record_refused_state(metrics::RefusalReason::of(e));
+            })?;
         let next = step.keyring;
         let all: Vec<u32> = next.versions().map(|kv| kv.version).collect();
         edgekms_daemon::failpoint::hit("plugin-before-store");
@@ -534,8 +696,7 @@ impl Node {
             }
         };
         self.publish(next, unavailable);
-        self.fleet_seq
-            .store(state.seq, std::sync::atomic::Ordering::SeqCst);
+        self.fleet_seq.store(state.seq, Ordering::SeqCst);
         if let Some((_, new_primary)) = step.promoted {
             tracing::info!(target: "audit", op = "promote", version = new_primary.unwrap_or(0), source = "central", result = "ok");
         }
@@ -576,6 +737,7 @@ impl Node {
             },
             hardware_backed: self.sealer.is_hardware_backed(),
             unsealed: snap.unavailable.is_none(),
+            central_reconciling: self.central_reconciling.load(Ordering::SeqCst),
         }
     }
 }
@@ -625,6 +787,65 @@ mod tests {
         }
     }
 
+    /// `(version, key_id)` of `key` as version `v` of "c".
+    fn key_ref(v: u32, key: &Key256) -> KeyRef {
+        KeyRef {
+            version: v,
+            key_id: edgekms_core::keyid::derive("c", v, key),
+        }
+    }
+
+    /// The count of refused states with `reason`, from the global metrics.
+    fn refused(reason: metrics::RefusalReason) -> f64 {
+        let series = format!(
+            "edgekms_sync_refused_states_total{{reason=\"{}\"}} ",
+            reason.as_str()
+        );
+        metrics::render(true)
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .map_or(0.0, |v| v.parse().unwrap())
+    }
+
+    /// A joined node holding v1 (decrypt-only) and v2 (primary), with v3
+    /// (pending, then abandoned) destroyed: `(node, delivery key, keys)`.
+    fn settled(dir: &std::path::Path) -> (Node, DeliveryKey, [Key256; 3]) {
+        let node = joined(dir);
+        let dk = DeliveryKey::generate();
+        let keys = [Key256::generate(), Key256::generate(), Key256::generate()];
+        let [k1, k2, k3] = &keys;
+        let steps = [
+            ClusterState {
+                seq: 1,
+                versions: vec![entry(&dk, 1, Wire::Primary, k1)],
+                ..Default::default()
+            },
+            ClusterState {
+                seq: 2,
+                versions: vec![
+                    entry(&dk, 1, Wire::DecryptOnly, k1),
+                    entry(&dk, 2, Wire::Primary, k2),
+                    entry(&dk, 3, Wire::Pending, k3),
+                ],
+                ..Default::default()
+            },
+            ClusterState {
+                seq: 3,
+                versions: vec![
+                    entry(&dk, 1, Wire::DecryptOnly, k1),
+                    entry(&dk, 2, Wire::Primary, k2),
+                ],
+                retired: vec![3],
+                retired_keys: vec![key_ref(3, k3)],
+                ..Default::default()
+            },
+        ];
+        for state in &steps {
+            node.apply_cluster_state(state, &dk).unwrap();
+        }
+        (node, dk, keys)
+    }
+
     #[test]
     fn a_delivered_state_is_stored_then_published_and_reported() {
         let dir = tempfile::tempdir().unwrap();
@@ -641,11 +862,17 @@ mod tests {
         assert_eq!(
             holding,
             Holding {
-                held: vec![1],
+                versions: vec![HeldKey {
+                    version: 1,
+                    key_id: key_ref(1, &k1).key_id,
+                    state: VersionState::Primary
+                }],
+                destroyed: Vec::new(),
                 applied_seq: 7,
                 primary: 1
             }
         );
+        assert_eq!(holding.held(), [1]);
         assert_eq!(node.status().0, "ok");
         // Durable before published: a fresh open of the cache has it.
         let nsk = node.sealing_key().unwrap();
@@ -654,30 +881,98 @@ mod tests {
     }
 
     #[test]
+    fn holding_names_each_version_by_key_id_and_state_and_the_tombstones() {
+        let dir = tempfile::tempdir().unwrap();
+        let (node, _, [k1, k2, k3]) = settled(dir.path());
+        let holding = node.holding();
+        let held = |version, key: &Key256, state| HeldKey {
+            version,
+            key_id: key_ref(version, key).key_id,
+            state,
+        };
+        assert_eq!(
+            holding,
+            Holding {
+                versions: vec![
+                    held(1, &k1, VersionState::DecryptOnly),
+                    held(2, &k2, VersionState::Primary)
+                ],
+                destroyed: vec![(3, key_ref(3, &k3).key_id)],
+                applied_seq: 3,
+                primary: 2
+            }
+        );
+        assert_eq!(holding.held(), [1, 2]);
+    }
+
+    #[test]
     fn a_refused_state_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let node = joined(dir.path());
-        let dk = DeliveryKey::generate();
-        let k1 = Key256::generate();
-        let good = ClusterState {
-            seq: 3,
-            versions: vec![entry(&dk, 1, Wire::Primary, &k1)],
-            ..Default::default()
-        };
-        node.apply_cluster_state(&good, &dk).unwrap();
+        let (node, dk, [k1, k2, k3]) = settled(dir.path());
         let before = node.holding();
-        let mut unspecified = entry(&dk, 2, Wire::Primary, &Key256::generate());
+        let nsk = node.sealing_key().unwrap();
+        let on_disk = |node: &Node| {
+            let ring = node.cache().load_keyring(&nsk).unwrap();
+            Holding::of(&ring, node.cache().fleet_seq().unwrap())
+        };
+        let stored = on_disk(&node);
+        let mut unspecified = entry(&dk, 4, Wire::Primary, &Key256::generate());
         unspecified.state = Wire::Unspecified as i32;
-        let mut other_id = entry(&dk, 1, Wire::Primary, &k1);
-        other_id.key_id = "c/v1/0000000000000000".into();
+        let mut other_id = entry(&dk, 2, Wire::Primary, &k2);
+        other_id.key_id = "c/v2/0000000000000000".into();
         other_id.wrapped_key = Default::default();
-        for (what, versions) in [
-            ("unspecified state", vec![unspecified]),
-            ("key_id mismatch", vec![other_id]),
-        ] {
+        let v1 = || entry(&dk, 1, Wire::DecryptOnly, &k1);
+        let v2 = || entry(&dk, 2, Wire::Primary, &k2);
+        use metrics::RefusalReason::*;
+        let cases = [
+            (
+                "unspecified state",
+                vec![v1(), v2(), unspecified],
+                None,
+                Other,
+            ),
+            ("key_id mismatch", vec![v1(), other_id], None, KeyIdClash),
+            (
+                "a held version delivered under another key",
+                vec![v1(), entry(&dk, 2, Wire::Primary, &Key256::generate())],
+                None,
+                KeyIdClash,
+            ),
+            (
+                "a destroyed version sent again with its key",
+                vec![v1(), v2(), entry(&dk, 3, Wire::Pending, &k3)],
+                None,
+                Destroyed,
+            ),
+            (
+                "a retire under another key_id",
+                vec![v2()],
+                Some(key_ref(1, &Key256::generate())),
+                KeyIdClash,
+            ),
+            (
+                "an older primary",
+                vec![
+                    entry(&dk, 1, Wire::Primary, &k1),
+                    entry(&dk, 2, Wire::DecryptOnly, &k2),
+                ],
+                None,
+                Rollback,
+            ),
+            (
+                "no primary",
+                vec![v1(), entry(&dk, 2, Wire::DecryptOnly, &k2)],
+                None,
+                Rollback,
+            ),
+        ];
+        for (what, versions, retire, reason) in cases {
+            let counted = refused(reason);
             let bad = ClusterState {
                 seq: 4,
                 versions,
+                retired: retire.iter().map(|r| r.version).collect(),
+                retired_keys: retire.into_iter().collect(),
                 ..Default::default()
             };
             let err = node.apply_cluster_state(&bad, &dk).unwrap_err();
@@ -686,7 +981,109 @@ mod tests {
                 "{what}: {err}"
             );
             assert_eq!(node.holding(), before, "{what}");
+            assert_eq!(on_disk(&node), stored, "{what}");
             assert_eq!(node.status().0, "ok", "{what}");
+            // Other tests of this binary may count too: at least one more.
+            assert!(refused(reason) > counted, "{what}: {reason:?} counted");
         }
+    }
+
+    #[test]
+    fn a_destroyed_version_sent_again_with_its_key_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (node, dk, [k1, k2, k3]) = settled(dir.path());
+        let again = ClusterState {
+            seq: 4,
+            versions: vec![
+                entry(&dk, 1, Wire::DecryptOnly, &k1),
+                entry(&dk, 2, Wire::DecryptOnly, &k2),
+                entry(&dk, 3, Wire::Primary, &k3),
+            ],
+            ..Default::default()
+        };
+        let err = node
+            .apply_cluster_state(&again, &dk)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("version 3") && err.contains(&key_ref(3, &k3).key_id),
+            "{err}"
+        );
+        assert!(node.snapshot().keyring.get(3).unwrap().key().is_none());
+        assert_eq!(node.holding().primary, 2);
+    }
+
+    #[test]
+    fn only_keys_held_under_the_wanted_key_id_are_chosen_for_return() {
+        let dir = tempfile::tempdir().unwrap();
+        let (node, _, [k1, k2, k3]) = settled(dir.path());
+        let ring = &node.snapshot().keyring;
+        let other = key_ref(2, &Key256::generate());
+        let wanted = [
+            key_ref(1, &k1),
+            other.clone(),
+            key_ref(3, &k3),
+            key_ref(9, &Key256::generate()),
+            key_ref(1, &k1),
+        ];
+        let (chosen, refused) = choose_returns(ring, &wanted);
+        let chosen: Vec<_> = chosen.iter().map(|kv| kv.version).collect();
+        assert_eq!(chosen, [1]);
+        assert_eq!(
+            refused,
+            [
+                NotReturned::OtherKey {
+                    version: 2,
+                    wanted: other.key_id.clone(),
+                    held: key_ref(2, &k2).key_id
+                },
+                NotReturned::Destroyed {
+                    version: 3,
+                    wanted: key_ref(3, &k3).key_id,
+                    held: key_ref(3, &k3).key_id
+                },
+                NotReturned::NotHeld {
+                    version: 9,
+                    wanted: wanted[3].key_id.clone()
+                },
+            ]
+        );
+        let text = refused[0].to_string();
+        assert!(text.contains(&other.key_id) && text.contains(&key_ref(2, &k2).key_id));
+    }
+
+    #[test]
+    fn a_returned_key_opens_only_for_the_service_it_was_wrapped_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let (node, _, [k1, k2, _]) = settled(dir.path());
+        let service = DeliveryKey::generate();
+        let wanted = [key_ref(2, &k2), key_ref(1, &Key256::generate())];
+        let returned = node.return_wanted(&wanted, &service.public_key());
+        assert_eq!(returned.len(), 1);
+        let r = &returned[0];
+        assert_eq!((r.version, &r.key_id), (2, &wanted[0].key_id));
+        let binding = Binding {
+            cluster: "c",
+            node: "n1",
+            version: 2,
+            key_id: &r.key_id,
+        };
+        assert_eq!(service.open_returned(binding, &r.wrapped_key).unwrap(), k2);
+        assert!(DeliveryKey::generate()
+            .open_returned(binding, &r.wrapped_key)
+            .is_err());
+        // A delivery key that is no P-256 point: nothing is returned.
+        assert!(node.return_wanted(&[key_ref(1, &k1)], b"bad").is_empty());
+    }
+
+    #[test]
+    fn local_status_shows_what_the_service_last_said() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = joined(dir.path());
+        assert!(!node.local_status().central_reconciling);
+        node.note_central_reconciling(true);
+        assert!(node.local_status().central_reconciling);
+        node.note_central_reconciling(false);
+        assert!(!node.local_status().central_reconciling);
     }
 }

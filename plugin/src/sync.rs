@@ -13,8 +13,11 @@ use std::time::{Duration, Instant};
 use edgekms_core::delivery::DeliveryKey;
 use edgekms_daemon::pki::{self, PrivateKey};
 use edgekms_daemon::tls;
+use edgekms_proto::convert::wire_state;
 use edgekms_proto::fleet::fleet_client::FleetClient;
-use edgekms_proto::fleet::{JoinRequest, NodeReport};
+use edgekms_proto::fleet::{
+    ClusterState, HeldVersion, JoinRequest, KeyRef, NodeReport, ReturnedKey, VersionState as Wire,
+};
 use rand::Rng;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -82,12 +85,66 @@ fn backoff_step(backoff: Duration, lasted: Duration, max: Duration) -> (Duration
     (backoff.min(max), (backoff * 2).min(max))
 }
 
-fn report(h: Holding) -> NodeReport {
+/// What the node reports: every version by number (for services older
+/// than key_ids) and by key_id with its state, its tombstones, and the
+/// keys it returns to a reconciling service.
+fn report(h: &Holding, returned: Vec<ReturnedKey>) -> NodeReport {
     NodeReport {
-        held: h.held,
+        held: h.held(),
         applied_seq: h.applied_seq,
         primary: h.primary,
-        ..Default::default()
+        versions: h
+            .versions
+            .iter()
+            .map(|v| HeldVersion {
+                version: v.version,
+                key_id: v.key_id.clone(),
+                // A held version is pending, primary or decrypt-only, all
+                // of which exist on the wire.
+                state: wire_state(v.state).unwrap_or(Wire::Unspecified) as i32,
+            })
+            .collect(),
+        destroyed: h
+            .destroyed
+            .iter()
+            .map(|(version, key_id)| KeyRef {
+                version: *version,
+                key_id: key_id.clone(),
+            })
+            .collect(),
+        returned,
+    }
+}
+
+/// The keys a heartbeat asks this node to return, wrapped to the service
+/// (none when it asks for none, or names no key to wrap them to).
+fn answer_wanted(node: &Node, heartbeat: &ClusterState) -> Vec<ReturnedKey> {
+    if heartbeat.wanted.is_empty() {
+        return Vec::new();
+    }
+    if heartbeat.service_delivery_key.is_empty() {
+        tracing::warn!(
+            wanted = heartbeat.wanted.len(),
+            "the central service asks for keys but sends no delivery key to wrap them to"
+        );
+        return Vec::new();
+    }
+    node.return_wanted(&heartbeat.wanted, &heartbeat.service_delivery_key)
+}
+
+/// Whether to answer a heartbeat's `wanted` now, the last answer in this
+/// session having been to `last` (what was asked, and when). A reconciling
+/// service repeats its ask in every heartbeat: a new ask is answered at
+/// once, the same one again only after [`REPORT_EVERY`] (in case the
+/// service could not keep what it got), so neither the wrapping nor the
+/// warnings about versions not returned repeat every second.
+fn answer_due(last: Option<&(Vec<KeyRef>, Instant)>, wanted: &[KeyRef], now: Instant) -> bool {
+    match last {
+        _ if wanted.is_empty() => false,
+        Some((asked, at)) if asked.as_slice() == wanted => {
+            now.saturating_duration_since(*at) >= REPORT_EVERY
+        }
+        _ => true,
     }
 }
 
@@ -164,7 +221,7 @@ impl SyncClient {
                     .map_err(|_| SyncError::Stream("report channel closed".into()))
             }
         };
-        send(&tx, report(self.node.holding())).await?;
+        send(&tx, report(&self.node.holding(), Vec::new())).await?;
         let mut inbound = client
             .sync(ReceiverStream::new(rx))
             .await
@@ -174,6 +231,7 @@ impl SyncClient {
         tracing::info!(server = %self.server, "connected to the central key service");
         let mut tick = tokio::time::interval(REPORT_EVERY);
         tick.tick().await;
+        let mut answered: Option<(Vec<KeyRef>, Instant)> = None;
         loop {
             tokio::select! {
                 msg = inbound.message() => {
@@ -181,7 +239,18 @@ impl SyncClient {
                         return Err(SyncError::Stream("the service ended the stream".into()));
                     };
                     metrics::record_sync_contact();
+                    self.node.note_central_reconciling(state.reconciling);
+                    // A heartbeat changes nothing here; a reconciling
+                    // service also asks in it for the keys it lacks.
                     if state.heartbeat {
+                        let now = Instant::now();
+                        if answer_due(answered.as_ref(), &state.wanted, now) {
+                            let returned = answer_wanted(&self.node, &state);
+                            answered = Some((state.wanted, now));
+                            if !returned.is_empty() {
+                                send(&tx, report(&self.node.holding(), returned)).await?;
+                            }
+                        }
                         continue;
                     }
                     let node = self.node.clone();
@@ -193,7 +262,7 @@ impl SyncClient {
                     .map_err(|e| SyncError::Stream(format!("apply task failed: {e}")))??;
                     edgekms_daemon::failpoint::hit("plugin-before-ack");
                     let has_primary = holding.primary != 0;
-                    send(&tx, report(holding)).await?;
+                    send(&tx, report(&holding, Vec::new())).await?;
                     if until_primary && has_primary {
                         // Let the report reach the service before closing.
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -201,7 +270,7 @@ impl SyncClient {
                     }
                 }
                 _ = tick.tick() => {
-                    send(&tx, report(self.node.holding())).await?;
+                    send(&tx, report(&self.node.holding(), Vec::new())).await?;
                 }
             }
         }
@@ -342,12 +411,73 @@ mod tests {
     }
 
     #[test]
-    fn a_report_carries_what_the_node_holds() {
-        let r = report(Holding {
-            held: vec![1, 2],
-            applied_seq: 9,
-            primary: 2,
-        });
-        assert_eq!((r.held, r.applied_seq, r.primary), (vec![1, 2], 9, 2));
+    fn a_new_ask_is_answered_at_once_the_same_one_again_only_after_a_while() {
+        let now = Instant::now();
+        let ask = |v: u32| KeyRef {
+            version: v,
+            key_id: format!("c/v{v}/aa"),
+        };
+        assert!(!answer_due(None, &[], now));
+        assert!(answer_due(None, &[ask(2)], now));
+        let last = (vec![ask(2)], now);
+        assert!(!answer_due(
+            Some(&last),
+            &[ask(2)],
+            now + Duration::from_secs(1)
+        ));
+        assert!(answer_due(Some(&last), &[ask(2), ask(3)], now));
+        assert!(answer_due(Some(&last), &[ask(2)], now + REPORT_EVERY));
+        assert!(!answer_due(Some(&last), &[], now + REPORT_EVERY));
+    }
+
+    #[test]
+    fn a_report_carries_what_the_node_holds_by_key_id_and_its_tombstones() {
+        use crate::node::HeldKey;
+        use edgekms_core::VersionState;
+        let held = |version, state| HeldKey {
+            version,
+            key_id: format!("c/v{version}/aa"),
+            state,
+        };
+        let returned = ReturnedKey {
+            version: 2,
+            key_id: "c/v2/aa".into(),
+            wrapped_key: vec![1; 4].into(),
+        };
+        let r = report(
+            &Holding {
+                versions: vec![
+                    held(2, VersionState::DecryptOnly),
+                    held(3, VersionState::Primary),
+                    held(4, VersionState::Pending),
+                ],
+                destroyed: vec![(1, "c/v1/bb".into())],
+                applied_seq: 9,
+                primary: 3,
+            },
+            vec![returned.clone()],
+        );
+        assert_eq!((r.held, r.applied_seq, r.primary), (vec![2, 3, 4], 9, 3));
+        let versions: Vec<_> = r
+            .versions
+            .iter()
+            .map(|v| (v.version, v.key_id.as_str(), v.state()))
+            .collect();
+        assert_eq!(
+            versions,
+            [
+                (2, "c/v2/aa", Wire::DecryptOnly),
+                (3, "c/v3/aa", Wire::Primary),
+                (4, "c/v4/aa", Wire::Pending)
+            ]
+        );
+        assert_eq!(
+            r.destroyed,
+            [KeyRef {
+                version: 1,
+                key_id: "c/v1/bb".into()
+            }]
+        );
+        assert_eq!(r.returned, [returned]);
     }
 }

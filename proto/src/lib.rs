@@ -4,7 +4,8 @@
 //!   byte what kube-apiserver speaks.
 //! - [`admin`]: the node plugin's local admin API used by `kmsctl local`.
 //! - [`fleet`]: the central key service: node join and sync, operator API.
-//! - [`convert`]: the one mapping of version states to the wire.
+//! - [`convert`]: the one mapping of version states (and of retire
+//!   orders) between the core and the wire.
 
 #[allow(clippy::all, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 pub mod kms_v2 {

@@ -359,7 +359,7 @@ async fn local(
                     "cluster": s.cluster, "node": s.node, "healthz": s.healthz,
                     "primary_version": s.primary_version, "primary_key_id": s.primary_key_id,
                     "unsealed": s.unsealed, "hardware_backed": s.hardware_backed,
-                    "sealer": s.sealer,
+                    "sealer": s.sealer, "central_reconciling": s.central_reconciling,
                     "versions": s.versions.iter().map(|v| json!({
                         "version": v.version, "state": v.state, "key_id": v.key_id, "created_unix": v.created_unix,
                     })).collect::<Vec<_>>(),
@@ -370,6 +370,9 @@ async fn local(
                     s.cluster, s.node, s.healthz
                 );
                 println!("primary:  v{} ({})", s.primary_version, s.primary_key_id);
+                if s.central_reconciling {
+                    println!("central service: reconciling (this node keeps serving its own keys)");
+                }
                 println!(
                     "sealer:   {}{}",
                     s.sealer.get("backend").map(String::as_str).unwrap_or("?"),

@@ -365,7 +365,8 @@ fn apply(
     let now_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    converge(current, &received, &state.retired, now_unix, unwrap)
+    let retired = edgekms_proto::convert::retire_orders(state);
+    converge(current, &received, &retired, now_unix, unwrap)
         .map(|step| step.keyring)
         .map_err(|e| format!("converge: {e}"))
 }

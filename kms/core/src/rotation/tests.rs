@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use edgekms_hsm::Key256;
 
 use super::cluster::{Cluster, Event, FleetError, Progress, Report, TokenRecord};
-use super::node::{converge, ConvergeError, Received};
+use super::node::{converge, ConvergeError, Received, Retire};
 use super::VersionState::{self, *};
 use crate::delivery::{self, Binding, DeliveryKey};
 use crate::keyid;
@@ -84,7 +84,7 @@ impl Center {
     }
 
     /// What the service sends `node`: its desired state, keys wrapped.
-    fn send(&self, node: &Node) -> (Vec<Sent>, Vec<u32>) {
+    fn send(&self, node: &Node) -> (Vec<Sent>, Vec<(u32, String)>) {
         let desired = self.cluster.desired(node.name);
         let public = node.delivery.public_key();
         let versions = desired
@@ -105,25 +105,33 @@ impl Center {
                 (dv.version, dv.state, dv.key_id, wrapped)
             })
             .collect();
-        (
-            versions,
-            desired.retired.into_iter().map(|(v, _)| v).collect(),
-        )
+        (versions, desired.retired)
     }
 
     /// One round: the node converges on what it is sent and reports.
     fn sync(&mut self, node: &mut Node) -> Vec<Event> {
         let (versions, retired) = self.send(node);
-        node.ring = apply(node, &versions, &retired).unwrap().keyring;
+        node.ring = apply(node, &versions, &retires(&retired)).unwrap().keyring;
         let report = node.report(self.cluster.seq());
         self.cluster.report(node.name, report, NOW).unwrap()
     }
 }
 
+/// Retired by key_id, as a service that sends `retired_keys` does.
+fn retires(retired: &[(u32, String)]) -> Vec<Retire<'_>> {
+    retired
+        .iter()
+        .map(|(version, key_id)| Retire {
+            version: *version,
+            key_id: Some(key_id),
+        })
+        .collect()
+}
+
 fn apply(
     node: &Node,
     versions: &[Sent],
-    retired: &[u32],
+    retired: &[Retire<'_>],
 ) -> Result<super::node::Converged, ConvergeError> {
     let received: Vec<Received<'_>> = versions
         .iter()
@@ -264,13 +272,25 @@ fn versions_the_service_does_not_mention_are_kept_and_demoted() {
     let mut center = Center::new();
     let mut n1 = center.enrol("n1");
     center.sync(&mut n1);
-    // The service forgets v1 (restored without it): the node keeps the
-    // key, as decrypt-only, and writes under nothing new it was not sent.
-    let step = apply(&n1, &[], &[]).unwrap();
-    assert_eq!(states(&step.keyring), [(1, DecryptOnly)]);
-    assert_eq!(step.promoted, Some((Some(1), None)));
+    // The service forgets v1 (restored without it) and sends v2 as the
+    // primary: the node keeps v1's key, as decrypt-only.
+    let v2 = center.rotate();
+    let (sent, _) = center.send(&n1);
+    let (_, _, v2_id, v2_wrapped) = sent.iter().find(|s| s.0 == v2).unwrap().clone();
+    let step = apply(&n1, &[(v2, Primary, v2_id, v2_wrapped)], &[]).unwrap();
+    assert_eq!(states(&step.keyring), [(1, DecryptOnly), (2, Primary)]);
+    assert_eq!(step.promoted, Some((Some(1), Some(v2))));
     assert!(step.destroyed.is_empty());
     assert!(step.keyring.get(1).unwrap().key().is_some());
+    // Forgetting every version is no reason to stop encrypting.
+    let v1_id = n1.ring.get(1).unwrap().key_id.clone();
+    assert_eq!(
+        apply(&n1, &[], &[]).unwrap_err(),
+        ConvergeError::PrimaryDropped {
+            version: 1,
+            key_id: v1_id
+        }
+    );
 }
 
 /// Every instruction a node refuses, each with its own error, and the
@@ -653,7 +673,7 @@ fn a_forced_end_names_the_nodes_left_out_and_a_clash_is_never_an_ack() {
     // The node refuses the service's v2 rather than taking either key.
     let (versions, retired) = restored.send(&n2);
     assert!(matches!(
-        apply(&n2, &versions, &retired),
+        apply(&n2, &versions, &retires(&retired)),
         Err(ConvergeError::KeyIdMismatch { version: 2, .. })
     ));
 }
