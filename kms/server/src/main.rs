@@ -44,7 +44,7 @@ enum Command {
     /// Create the root key, the CA and the first operator certificate
     Init(InitArgs),
     /// Create a data dir from a `kmsctl backup` file, with a new root key sealed on this host;
-    /// all or nothing
+    /// all or nothing, and join tokens unused at backup time are withdrawn
     Restore(RestoreArgs),
 }
 
@@ -304,12 +304,13 @@ fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
         );
     }
     println!(
-        "restored {dir} from {file} (backup made at unix time {created})\n  {clusters} clusters, {keks} key versions, {audit} audit records\n  new root key sealed by: {sealer}\n  CA hash (unchanged; nodes and operators keep their certificates): {hash}\n  server certificate: {cert}\n  CA certificate: {dir}/ca.pem\nstart it: edgekms-server --data-dir {dir} --listen 0.0.0.0:8443 --sealer {sealer}",
+        "restored {dir} from {file} (backup made at unix time {created})\n  {clusters} clusters, {keks} key versions, {audit} audit records\n  {tokens}\n  new root key sealed by: {sealer}\n  CA hash (unchanged; nodes and operators keep their certificates): {hash}\n  server certificate: {cert}\n  CA certificate: {dir}/ca.pem\nstart it: edgekms-server --data-dir {dir} --listen 0.0.0.0:8443 --sealer {sealer}",
         dir = args.data_dir.display(),
         created = s.created_unix,
         clusters = s.clusters,
         keks = s.key_versions,
         audit = s.audit_records,
+        tokens = done.tokens_line(),
         sealer = done.sealer,
         hash = done.ca_hash,
         cert = match &done.reissued {

@@ -14,6 +14,11 @@
 //! into the same target: each restore holds an flock(2) on its own staging
 //! dir while it works, so only the dirs nobody holds (their process died)
 //! are removed, never a restore that still runs.
+//!
+//! Every join token not yet used at backup time is withdrawn: the backup
+//! cannot tell whether it was used after it was taken, and a used token
+//! must never enrol a node again. The nodes stay invited; `kmsctl node add`
+//! issues new tokens.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
@@ -36,6 +41,9 @@ use edgekms_daemon::{durable, failpoint, tls};
 
 /// The failpoint just before the staging dir is renamed into place.
 pub const FAILPOINT_BEFORE_RENAME: &str = "restore-before-rename";
+
+/// How many withdrawn tokens [`Restored::tokens_line`] names.
+const NAMED_TOKENS: usize = 20;
 
 fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BackupError {
     let path = path.to_owned();
@@ -109,8 +117,33 @@ pub struct Restored {
     pub reissued: Option<Vec<String>>,
     /// The sealer the new root key is sealed by (`tpm`, `soft`).
     pub sealer: &'static str,
+    /// `cluster/node` of every join token withdrawn (its length is the
+    /// count): nodes invited but not joined at backup time.
+    pub tokens_withdrawn: Vec<String>,
     /// Staging dirs of killed restores into the same target, removed first.
     pub stale_removed: Vec<PathBuf>,
+}
+
+impl Restored {
+    /// `join tokens withdrawn: 2 (edge-1/n4, edge-2/n9): ...` for the
+    /// summary; the first [`NAMED_TOKENS`] are named.
+    pub fn tokens_line(&self) -> String {
+        let n = self.tokens_withdrawn.len();
+        if n == 0 {
+            return "join tokens withdrawn: none (no token was unused at backup time)".into();
+        }
+        let mut named = self
+            .tokens_withdrawn
+            .iter()
+            .take(NAMED_TOKENS)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if n > NAMED_TOKENS {
+            named.push_str(&format!(" and {} more", n - NAMED_TOKENS));
+        }
+        format!("join tokens withdrawn: {n} ({named}): issue new ones with `kmsctl node add`")
+    }
 }
 
 /// Builds the data dir for `dump` beside `data_dir` under a new root key
@@ -393,6 +426,15 @@ fn build(
         )))
     })?;
 
+    // A token unused at backup time may have been used since: withdrawn.
+    let mut clusters = dump.clusters.clone();
+    let mut tokens_withdrawn = Vec::new();
+    for c in &mut clusters {
+        for node in c.invalidate_unused_tokens() {
+            tokens_withdrawn.push(format!("{}/{node}", c.name()));
+        }
+    }
+
     let sealer = make_sealer(dir)?;
     let root = Key256::generate();
     let sealed = sealer.seal(&root)?;
@@ -404,8 +446,17 @@ fn build(
         seq += 1;
         store.put_audit(seq, rec)?;
     }
+    let withdrawn = if tokens_withdrawn.is_empty() {
+        "none".to_owned()
+    } else {
+        format!(
+            "{} ({})",
+            tokens_withdrawn.len(),
+            tokens_withdrawn.join(", ")
+        )
+    };
     let note = AuditRecord::new("restore", "edgekms-server restore").detail(format!(
-        "from a backup made at {} (unix): {} clusters, {} key versions; new root key sealed by {}",
+        "from a backup made at {} (unix): {} clusters, {} key versions; new root key sealed by {}; join tokens unused at backup time withdrawn: {withdrawn}",
         dump.created_unix,
         summary.clusters,
         summary.key_versions,
@@ -413,8 +464,8 @@ fn build(
     ));
     store.put_audit(seq + 1, &note.to_json())?;
     let mut batch = Batch::default();
-    for c in &dump.clusters {
-        batch.ops.push(Op::PutCluster(c.clone()));
+    for c in clusters {
+        batch.ops.push(Op::PutCluster(c));
     }
     for k in &dump.keks {
         batch.ops.push(Op::PutKek {
@@ -469,6 +520,7 @@ fn build(
         ca_hash: ca.pin()?,
         reissued: names.map(<[String]>::to_vec),
         sealer: sealer.name(),
+        tokens_withdrawn,
         stale_removed: Vec::new(),
     })
 }
@@ -480,8 +532,10 @@ mod tests {
     use crate::backup::open;
     use crate::backup::tests::{make, server, soft};
     use crate::Central;
+    use edgekms_core::rotation::cluster::FleetError;
     use edgekms_hsm::{SealError, SealedBlob, SealerInfo};
     use std::collections::BTreeMap;
+    use std::time::Duration;
 
     /// The soft sealer opened on the dir restore gives it, as main does.
     fn soft_on(dir: &Path) -> Result<Box<dyn Sealer>, ServerError> {
@@ -824,5 +878,69 @@ mod tests {
                 "old"
             ]
         );
+    }
+
+    #[test]
+    fn join_tokens_unused_at_backup_time_are_withdrawn() {
+        let tmp = tempfile::tempdir().unwrap();
+        let core = server(&tmp.path().join("old"));
+        let day = Duration::from_secs(86_400);
+        let invite = core.add_node("op", "edge-1", "cp-2", day).unwrap();
+        let key = Key256::generate();
+        let (blob, _) = make(&core, &key, false);
+        let dump = open(&blob, &key).unwrap();
+        let new_dir = tmp.path().join("new");
+        let restored = restore(&dump, &new_dir, soft_on, None).unwrap();
+        assert_eq!(
+            restored.tokens_withdrawn,
+            ["edge-1/cp-1", "edge-1/cp-2", "edge-2/cp-1"]
+        );
+        assert_eq!(
+            restored.tokens_line(),
+            "join tokens withdrawn: 3 (edge-1/cp-1, edge-1/cp-2, edge-2/cp-1): issue new ones with `kmsctl node add`"
+        );
+
+        let back = init::open(&new_dir, &soft(&new_dir)).unwrap();
+        // A token is `id.secret`; the record keeps the secret's hash.
+        let check = |c: &Central, token: &str| {
+            let (_, secret) = token.split_once('.').unwrap();
+            c.commit
+                .read("edge-1", |c| c.check_token("cp-2", secret, 1))
+                .unwrap()
+        };
+        assert_eq!(check(&core, &invite.token), Ok(()), "valid on the old one");
+        assert_eq!(check(&back, &invite.token), Err(FleetError::BadToken));
+        // The node stays invited, and a new token works.
+        let again = back.add_node("op", "edge-1", "cp-2", day).unwrap();
+        assert_eq!(check(&back, &again.token), Ok(()));
+        let detail = back
+            .audit_log()
+            .audit_since(0)
+            .unwrap()
+            .into_iter()
+            .rev()
+            .find(|r| r.event == "restore")
+            .unwrap()
+            .detail;
+        assert!(
+            detail.contains("withdrawn: 3 (edge-1/cp-1, edge-1/cp-2, edge-2/cp-1)"),
+            "{detail}"
+        );
+    }
+
+    #[test]
+    fn the_tokens_line_names_the_first_twenty() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut r = restore(&dump(tmp.path()), &tmp.path().join("n"), soft_on, None).unwrap();
+        r.tokens_withdrawn.clear();
+        assert!(r.tokens_line().contains("none"), "{}", r.tokens_line());
+        r.tokens_withdrawn = (0..25).map(|i| format!("c/n{i}")).collect();
+        let line = r.tokens_line();
+        assert!(
+            line.starts_with("join tokens withdrawn: 25 (c/n0, "),
+            "{line}"
+        );
+        assert!(line.contains("c/n19 and 5 more)"), "{line}");
+        assert!(!line.contains("c/n20"), "{line}");
     }
 }
