@@ -196,7 +196,7 @@ async fn backup_and_restore_keep_clusters_versions_key_ids_and_keys() {
         |cluster: &str, node: &str| old.kmsctl_json_as(&operator, &["node", "add", cluster, node]);
     let cp1 = add("edge-1", "cp-1");
     assert_eq!(cp1["cluster_created"], true);
-    let cp2 = add("edge-1", "cp-2");
+    add("edge-1", "cp-2");
     add("edge-2", "cp-1");
     // No node joined yet: the rotation promotes at once.
     let rotated = old.kmsctl_json_as(&operator, &["rotate", "edge-1"]);
@@ -352,6 +352,10 @@ async fn backup_and_restore_keep_clusters_versions_key_ids_and_keys() {
     assert!(out.status.success(), "restore: {}", text(&out.stderr));
     let said = text(&out.stdout);
     assert!(said.contains("2 clusters, 3 key versions"), "{said}");
+    assert!(
+        said.contains("join tokens withdrawn: 2 (edge-1/cp-2, edge-2/cp-1)"),
+        "{said}"
+    );
     assert!(said.contains(ca_hash), "{said}");
     assert_eq!(
         std::fs::read(new_dir.join("ca.pem")).unwrap(),
@@ -370,7 +374,16 @@ async fn backup_and_restore_keep_clusters_versions_key_ids_and_keys() {
     // the same clusters, versions, states and key_ids.
     let new = Server::serve(&new_dir).await;
     let after = new.kmsctl_json_as(&operator, &["status"]);
-    assert_eq!(durable(&after), durable(&before));
+    // The same, but for the join tokens unused at backup time: withdrawn.
+    let mut expected = durable(&before);
+    for c in expected.as_array_mut().unwrap() {
+        for n in c["nodes"].as_array_mut().unwrap() {
+            if n["state"] == "invited" {
+                n["token_expires_unix"] = 0.into();
+            }
+        }
+    }
+    assert_eq!(durable(&after), expected);
     let v2 = &after["clusters"][0]["versions"][1];
     assert_eq!(
         (
@@ -384,8 +397,9 @@ async fn backup_and_restore_keep_clusters_versions_key_ids_and_keys() {
     // cp-1 keeps its certificate: the restored server accepts its stream.
     let state = node1.sync(&new.url(), &[1, 2]).await.unwrap();
     assert!(node1.open(&state).is_empty(), "it holds everything already");
-    // cp-2 joins with the token issued before the backup, and receives the
-    // very keys cp-1 got from the old server.
+    // cp-2's token from before the backup was withdrawn; with a new one
+    // it joins, and receives the very keys cp-1 got from the old server.
+    let cp2 = new.kmsctl_json_as(&operator, &["node", "add", "edge-1", "cp-2"]);
     let node2 = TestNode::join(
         &new.url(),
         cp2["token"].as_str().unwrap(),

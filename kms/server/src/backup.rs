@@ -48,8 +48,28 @@ pub enum BackupError {
     File(#[from] FileError),
     #[error("{0} already holds an initialized edgekms-server state; refusing to overwrite it (restore into a new, empty --data-dir)")]
     Initialized(PathBuf),
-    #[error("{0} holds a partial state (an interrupted restore?); remove it and restore again")]
+    #[error("{0} holds a partial edgekms-server state (an interrupted `init`?); refusing to overwrite it (restore into a new, empty --data-dir)")]
     Partial(PathBuf),
+    #[error("{dir} is not empty (it holds {holds}); refusing to restore into it: nothing was written (restore into a new or empty --data-dir)")]
+    NotEmpty { dir: PathBuf, holds: String },
+    #[error("{dir} {problem}; refusing to restore into it: nothing was written")]
+    BadTarget { dir: PathBuf, problem: String },
+    #[error("{op} {path}: {source}; nothing was put in place")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot move the restored data dir into {dir}: {reason}; nothing was put in place")]
+    Rename { dir: PathBuf, reason: String },
+    #[error("{dir} is restored and in place, but syncing {parent} failed ({source}): it may not survive a power cut; run `sync` before relying on it")]
+    SyncParent {
+        dir: PathBuf,
+        parent: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Server(#[from] ServerError),
 }

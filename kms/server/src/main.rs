@@ -43,7 +43,8 @@ struct Cli {
 enum Command {
     /// Create the root key, the CA and the first operator certificate
     Init(InitArgs),
-    /// Create a data dir from a `kmsctl backup` file, with a new root key sealed on this host
+    /// Create a data dir from a `kmsctl backup` file, with a new root key sealed on this host;
+    /// all or nothing, and join tokens unused at backup time are withdrawn
     Restore(RestoreArgs),
 }
 
@@ -104,7 +105,9 @@ struct RestoreArgs {
     /// The backup's key: 64 hex digits (32 bytes), as given to `kmsctl backup`
     #[arg(long, value_name = "KEYFILE")]
     key_file: PathBuf,
-    /// Data directory to create; one that holds a state is refused
+    /// Data directory to create: missing or empty, anything else is
+    /// refused. Built beside it and renamed into place when complete: a
+    /// failed restore leaves it as it was
     #[arg(long, value_name = "DIR")]
     data_dir: PathBuf,
     #[command(flatten)]
@@ -274,26 +277,41 @@ fn run_init(args: InitArgs) -> anyhow::Result<()> {
 fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
     cli::quiet_tss();
     cli::init_logging(false);
+    // First, before the backup or the sealer is opened: a target that is
+    // not missing or empty is refused with nothing written.
+    restore::check_target(&args.data_dir)?;
     let file = args.file.display().to_string();
     let key = backup::read_key_file(&args.key_file)?;
     let blob = std::fs::read(&args.file).with_context(|| format!("cannot read {file}"))?;
-    // Everything is checked before anything is created.
+    // The whole backup is checked before anything is created.
     let dump = backup::open(&blob, &key).with_context(|| format!("cannot restore {file}"))?;
     let sealer_cfg = args.sealer.config()?;
-    restore::check_target(&args.data_dir)?;
-    let sealer = init::sealer(&args.data_dir, &sealer_cfg)?;
     let names = (!args.sans.is_empty()).then(|| init::server_names(&args.sans));
-    let done = restore::restore(&dump, &args.data_dir, sealer.as_ref(), names.as_deref())
-        .with_context(|| format!("cannot restore {file}"))?;
-    let s = done.summary;
+    // The sealer is opened on the staging dir: the soft sealer's key file
+    // belongs with the data dir it seals, and moves with it.
+    let done = restore::restore(
+        &dump,
+        &args.data_dir,
+        |dir| init::sealer(dir, &sealer_cfg),
+        names.as_deref(),
+    )
+    .with_context(|| format!("cannot restore {file}"))?;
+    let s = &done.summary;
+    for stale in &done.stale_removed {
+        println!(
+            "removed {}, left by an interrupted restore",
+            stale.display()
+        );
+    }
     println!(
-        "restored {dir} from {file} (backup made at unix time {created})\n  {clusters} clusters, {keks} key versions, {audit} audit records\n  new root key sealed by: {sealer}\n  CA hash (unchanged; nodes and operators keep their certificates): {hash}\n  server certificate: {cert}\n  CA certificate: {dir}/ca.pem\nstart it: edgekms-server --data-dir {dir} --listen 0.0.0.0:8443 --sealer {sealer}",
+        "restored {dir} from {file} (backup made at unix time {created})\n  {clusters} clusters, {keks} key versions, {audit} audit records\n  {tokens}\n  new root key sealed by: {sealer}\n  CA hash (unchanged; nodes and operators keep their certificates): {hash}\n  server certificate: {cert}\n  CA certificate: {dir}/ca.pem\nstart it: edgekms-server --data-dir {dir} --listen 0.0.0.0:8443 --sealer {sealer}",
         dir = args.data_dir.display(),
         created = s.created_unix,
         clusters = s.clusters,
         keks = s.key_versions,
         audit = s.audit_records,
-        sealer = sealer.name(),
+        tokens = done.tokens_line(),
+        sealer = done.sealer,
         hash = done.ca_hash,
         cert = match &done.reissued {
             Some(names) => format!("issued anew for {}", names.join(", ")),
