@@ -269,6 +269,15 @@ async fn tokens_unused_at_backup_time_are_refused_after_restore_and_new_ones_wor
         "{restore_rec}"
     );
 
+    // The restored cluster reconciles and waits for n0, which is gone:
+    // the operator names it to go on without it.
+    let c = new.kmsctl_json_as(&operator, &["status", "edge-1"]);
+    assert_eq!(
+        c["clusters"][0]["reconciling"]["waiting_for"],
+        serde_json::json!(["n0"]),
+        "{c:#}"
+    );
+    new.kmsctl_json_as(&operator, &["reconcile", "edge-1", "--without", "n0"]);
     // A new token for n1 works: it joins, and its plugin gets the keys.
     let v = new.kmsctl_json_as(&operator, &["node", "add", "edge-1", "n1"]);
     let dir = tmp.path().join("n1-again");

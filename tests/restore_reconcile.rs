@@ -62,7 +62,15 @@ async fn restore_in_place(server: &mut Server, (file, key): &(PathBuf, PathBuf),
 /// `kmsctl rotate CLUSTER --wait --settle 0s`: the new version is primary
 /// on every node when it returns.
 fn rotate_settled(server: &Server, cluster: &str) -> u64 {
-    let r = server.kmsctl_json(&["rotate", cluster, "--wait", "--settle", "0s", "--timeout", "30s"]);
+    let r = server.kmsctl_json(&[
+        "rotate",
+        cluster,
+        "--wait",
+        "--settle",
+        "0s",
+        "--timeout",
+        "30s",
+    ]);
     r["version"].as_u64().unwrap()
 }
 
@@ -184,7 +192,9 @@ async fn a_restore_from_before_two_rotations_splits_nothing_and_rolls_nothing_ba
     // the cluster reconciles.
     restore_in_place(&mut server, &saved, &["--auto-rotate-every", "2s"]).await;
     let c = server
-        .wait_cluster("c2", "reconciled", |c| c["reconciling"].is_null() && c["primary"] == 3)
+        .wait_cluster("c2", "reconciled", |c| {
+            c["reconciling"].is_null() && c["primary"] == 3
+        })
         .await;
     watch_primaries(&all, 3, |_| true).await;
     // v1, v2 and v3 under the key_ids they had: nothing minted twice.
@@ -310,7 +320,10 @@ async fn nodes_coming_back_one_by_one_heal_the_restored_service() {
     let plain = text(&server.kmsctl(&["status", "c"]));
     assert!(plain.contains("RECONCILING since"), "{plain}");
     assert!(plain.contains("waiting for: n2, n3"), "{plain}");
-    assert!(plain.contains("kmsctl reconcile c --without n2,n3"), "{plain}");
+    assert!(
+        plain.contains("kmsctl reconcile c --without n2,n3"),
+        "{plain}"
+    );
     // n1 keeps serving its own keys, writing under v3.
     write(&nodes[0], "written while reconciling", &mut written).await;
     assert!(written.last().unwrap().1.starts_with("c/v3/"));
@@ -390,10 +403,15 @@ async fn a_clash_is_shown_and_never_counted_as_held() {
     );
     let v2 = &c["versions"].as_array().unwrap()[1];
     assert_eq!(v2["held_by"], 1, "n2 counted as holding v2: {c:#}");
-    assert!(!c["nodes"][1]["held"].as_array().unwrap().contains(&2.into()));
+    assert!(!c["nodes"][1]["held"]
+        .as_array()
+        .unwrap()
+        .contains(&2.into()));
     let plain = text(&server.kmsctl(&["status", "c"]));
     assert!(
-        plain.contains(&format!("node n2 holds v2 as {old_v2}; the service knows {new_v2}")),
+        plain.contains(&format!(
+            "node n2 holds v2 as {old_v2}; the service knows {new_v2}"
+        )),
         "{plain}"
     );
     let scrape = server.scrape().await;

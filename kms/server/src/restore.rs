@@ -15,6 +15,8 @@
 //! dir while it works, so only the dirs nobody holds (their process died)
 //! are removed, never a restore that still runs.
 //!
+//! Every cluster starts reconciling (see [`restore`]).
+//!
 //! Every join token not yet used at backup time is withdrawn: the backup
 //! cannot tell whether it was used after it was taken, and a used token
 //! must never enrol a node again. The nodes stay invited; `kmsctl node add`
@@ -155,12 +157,12 @@ impl Restored {
 /// With `names`, the server certificate is issued anew by the same CA for
 /// these names (a new host name); otherwise the backed-up one is kept.
 ///
-/// Version numbers continue from each cluster's restored `next_version`.
-/// The old server may have minted versions after this backup was taken;
-/// the restored one mints the same numbers again, with new keys, and so
-/// with other key_ids (a key_id hashes its key, see `keyid.rs`): one
-/// key_id never stands for two keys (DESIGN §4), even when an old KEK
-/// comes back from a backup.
+/// Every cluster is restored reconciling: the old server may have minted,
+/// promoted or destroyed versions after this backup was taken, so nothing
+/// is rotated, promoted or retired until the cluster's nodes have
+/// reported what they hold (by key_id), and the versions they hold that
+/// the backup lacks come back from them (`rotation::cluster`'s
+/// reconciliation).
 pub fn restore(
     dump: &Dump,
     data_dir: &Path,
@@ -429,10 +431,18 @@ fn build(
     // A token unused at backup time may have been used since: withdrawn.
     let mut clusters = dump.clusters.clone();
     let mut tokens_withdrawn = Vec::new();
+    // Nodes may hold versions newer than the backup, or have destroyed
+    // some it holds: each cluster trusts its own record only once they
+    // have reported (rotation::cluster's reconciliation).
+    let reason = format!(
+        "restored from a backup made at {} (unix)",
+        dump.created_unix
+    );
     for c in &mut clusters {
         for node in c.invalidate_unused_tokens() {
             tokens_withdrawn.push(format!("{}/{node}", c.name()));
         }
+        c.start_reconciling(&reason, edgekms_daemon::config::now_unix());
     }
 
     let sealer = make_sealer(dir)?;
@@ -456,7 +466,7 @@ fn build(
         )
     };
     let note = AuditRecord::new("restore", "edgekms-server restore").detail(format!(
-        "from a backup made at {} (unix): {} clusters, {} key versions; new root key sealed by {}; join tokens unused at backup time withdrawn: {withdrawn}",
+        "from a backup made at {} (unix): {} clusters, {} key versions; new root key sealed by {}; join tokens unused at backup time withdrawn: {withdrawn}; every cluster reconciling until its nodes have reported",
         dump.created_unix,
         summary.clusters,
         summary.key_versions,
