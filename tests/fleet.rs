@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use edgekms_e2e::fleet::{enrol, join, node_args, text, version_states, Server};
+use edgekms_e2e::fleet::{enrol, join, local_status, node_args, text, version_states, Server};
 use edgekms_e2e::{decrypt, encrypt, key_id, Plugin};
 use serde_json::Value;
 
@@ -50,15 +50,7 @@ async fn wait_key_id(plugins: &[&Plugin], want: &str) {
 
 /// The versions a plugin holds with key material, from `kmsctl local status`.
 fn local_versions(p: &Plugin) -> Vec<(u64, String)> {
-    let out = std::process::Command::new(edgekms_e2e::bin("kmsctl"))
-        .args(["-o", "json", "local", "--admin-socket"])
-        .arg(&p.admin_socket)
-        .arg("status")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    version_states(&v)
+    version_states(&local_status(p))
 }
 
 /// The invariant: no node has a primary that another node of its cluster

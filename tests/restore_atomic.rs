@@ -6,13 +6,13 @@
 //! service, even one a node used after the backup.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use edgekms_e2e::fleet::{enrol, join, node_args, text, Server};
 use edgekms_e2e::{bin, free_port, Plugin};
+use edgekms_testkit::files::tree;
 
 /// `edgekms-server restore FILE --key-file KEY --data-dir DIR ARGS`, run
 /// to completion with `env` added.
@@ -62,25 +62,6 @@ async fn a_backup(dir: &Path) -> (Backup, PathBuf) {
     let b = back_up(&server, dir);
     assert_eq!(server.stop().await, Some(0));
     (b, server.operator_dir())
-}
-
-/// Every entry under `dir`: relative path -> contents (`None`: a dir).
-fn tree(dir: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
-    let mut out = BTreeMap::new();
-    let mut todo = vec![dir.to_owned()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let path = e.unwrap().path();
-            let rel = path.strip_prefix(dir).unwrap().to_owned();
-            if path.is_dir() {
-                out.insert(rel, None);
-                todo.push(path);
-            } else {
-                out.insert(rel, Some(std::fs::read(&path).unwrap()));
-            }
-        }
-    }
-    out
 }
 
 /// The restore staging dirs in `parent` (`.NAME.restore-PID`).

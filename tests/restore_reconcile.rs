@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use edgekms_e2e::fleet::{enrol, join, text, version_states, Server};
+use edgekms_e2e::fleet::{
+    enrol, join, local_status, text, version_key_ids, version_states, Server,
+};
 use edgekms_e2e::{bin, decrypt, encrypt, key_id, Plugin};
-use serde_json::Value;
 
 /// `kmsctl backup` of `server` into `dir/name.bak`; returns (file, key file).
 fn backup(server: &Server, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
@@ -72,33 +73,6 @@ fn rotate_settled(server: &Server, cluster: &str) -> u64 {
         "30s",
     ]);
     r["version"].as_u64().unwrap()
-}
-
-fn version_key_ids(c: &Value) -> Vec<(u64, String, String)> {
-    c["versions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| {
-            (
-                v["version"].as_u64().unwrap(),
-                v["state"].as_str().unwrap().to_owned(),
-                v["key_id"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
-}
-
-/// `kmsctl local status -o json` of a plugin.
-fn local_status(p: &Plugin) -> Value {
-    let out = Command::new(bin("kmsctl"))
-        .args(["-o", "json", "local", "--admin-socket"])
-        .arg(&p.admin_socket)
-        .arg("status")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// The version of a key_id ("c/v3/..." -> 3).

@@ -152,7 +152,7 @@ fn run_join(args: JoinArgs) -> anyhow::Result<()> {
     match joined.first_sync {
         Ok(()) => println!(
             "holds versions {:?}, primary v{}; start the plugin with --data-dir {} and it syncs by itself",
-            joined.holding.held(),
+            joined.holding.numbers(),
             joined.holding.primary,
             cfg.data_dir.display()
         ),

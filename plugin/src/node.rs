@@ -19,8 +19,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use edgekms_core::delivery::{self, Binding, DeliveryKey};
+use edgekms_core::rotation::cluster::Report;
 use edgekms_core::rotation::node::{converge, Received};
-use edgekms_core::{KeyVersion, Keyring, VersionState};
+use edgekms_core::{KeyVersion, Keyring};
 use edgekms_daemon::config::now_unix;
 use edgekms_hsm::{Key256, SealError, SealedBlob, Sealer, SealerInfo, SoftKeyFile};
 use edgekms_proto::fleet::{ClusterState, KeyRef, ReturnedKey};
@@ -72,56 +73,6 @@ pub struct Node {
     fleet_seq: AtomicU64,
     /// What the central service last said of itself: reconciling or not.
     central_reconciling: AtomicBool,
-}
-
-/// What a node reports to the central service. Versions are named by
-/// number and key_id together: a service restored from a backup compares
-/// key_ids, never numbers alone.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Holding {
-    /// Versions whose key is durable in the cache, oldest first.
-    pub versions: Vec<HeldKey>,
-    /// Tombstones: `(version, key_id)` of every version destroyed here.
-    pub destroyed: Vec<(u32, String)>,
-    pub applied_seq: u64,
-    pub primary: u32,
-}
-
-/// One version whose key the node holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeldKey {
-    pub version: u32,
-    pub key_id: String,
-    pub state: VersionState,
-}
-
-impl Holding {
-    /// What `keyring` holds, as reported after applying state `applied_seq`.
-    pub fn of(keyring: &Keyring, applied_seq: u64) -> Self {
-        let (held, destroyed): (Vec<&KeyVersion>, Vec<&KeyVersion>) =
-            keyring.versions().partition(|kv| kv.key().is_some());
-        Self {
-            versions: held
-                .into_iter()
-                .map(|kv| HeldKey {
-                    version: kv.version,
-                    key_id: kv.key_id.clone(),
-                    state: kv.state(),
-                })
-                .collect(),
-            destroyed: destroyed
-                .into_iter()
-                .map(|kv| (kv.version, kv.key_id.clone()))
-                .collect(),
-            applied_seq,
-            primary: keyring.primary().map_or(0, |p| p.version),
-        }
-    }
-
-    /// The held version numbers (what services older than key_ids read).
-    pub fn held(&self) -> Vec<u32> {
-        self.versions.iter().map(|h| h.version).collect()
-    }
 }
 
 /// Why a version the central service asked for is not returned.
@@ -567,8 +518,8 @@ impl Node {
     }
 
     /// What this node holds, for its report to the central service.
-    pub fn holding(&self) -> Holding {
-        Holding::of(
+    pub fn holding(&self) -> Report {
+        Report::of(
             &self.snapshot().keyring,
             self.fleet_seq.load(Ordering::SeqCst),
         )
@@ -644,7 +595,7 @@ impl Node {
         &self,
         state: &ClusterState,
         delivery: &DeliveryKey,
-    ) -> Result<Holding, NodeError> {
+    ) -> Result<Report, NodeError> {
         let _guard = self.admin.lock().unwrap_or_else(|e| e.into_inner());
         let nsk = self.current_nsk()?;
         let current = self.snapshot().keyring.clone();
@@ -748,6 +699,8 @@ mod tests {
     use super::*;
     use crate::config::Settings;
     use edgekms_core::delivery;
+    use edgekms_core::rotation::cluster::Held;
+    use edgekms_core::VersionState;
     use edgekms_hsm::SealerKind;
     use edgekms_proto::fleet::{VersionEntry, VersionState as Wire};
 
@@ -859,20 +812,19 @@ mod tests {
             ..Default::default()
         };
         let holding = node.apply_cluster_state(&state, &dk).unwrap();
+        let held = Held {
+            key_id: key_ref(1, &k1).key_id,
+            state: VersionState::Primary,
+        };
         assert_eq!(
             holding,
-            Holding {
-                versions: vec![HeldKey {
-                    version: 1,
-                    key_id: key_ref(1, &k1).key_id,
-                    state: VersionState::Primary
-                }],
-                destroyed: Vec::new(),
+            Report {
+                held: [(1, held)].into(),
+                destroyed: Default::default(),
                 applied_seq: 7,
                 primary: 1
             }
         );
-        assert_eq!(holding.held(), [1]);
         assert_eq!(node.status().0, "ok");
         // Durable before published: a fresh open of the cache has it.
         let nsk = node.sealing_key().unwrap();
@@ -885,24 +837,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (node, _, [k1, k2, k3]) = settled(dir.path());
         let holding = node.holding();
-        let held = |version, key: &Key256, state| HeldKey {
-            version,
-            key_id: key_ref(version, key).key_id,
-            state,
+        let held = |version, key: &Key256, state| {
+            let key_id = key_ref(version, key).key_id;
+            (version, Held { key_id, state })
         };
         assert_eq!(
             holding,
-            Holding {
-                versions: vec![
+            Report {
+                held: [
                     held(1, &k1, VersionState::DecryptOnly),
                     held(2, &k2, VersionState::Primary)
-                ],
-                destroyed: vec![(3, key_ref(3, &k3).key_id)],
+                ]
+                .into(),
+                destroyed: [(3, key_ref(3, &k3).key_id)].into(),
                 applied_seq: 3,
                 primary: 2
             }
         );
-        assert_eq!(holding.held(), [1, 2]);
+        assert_eq!(holding.numbers(), [1, 2]);
     }
 
     #[test]
@@ -913,7 +865,7 @@ mod tests {
         let nsk = node.sealing_key().unwrap();
         let on_disk = |node: &Node| {
             let ring = node.cache().load_keyring(&nsk).unwrap();
-            Holding::of(&ring, node.cache().fleet_seq().unwrap())
+            Report::of(&ring, node.cache().fleet_seq().unwrap())
         };
         let stored = on_disk(&node);
         let mut unspecified = entry(&dk, 4, Wire::Primary, &Key256::generate());

@@ -11,13 +11,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edgekms_core::delivery::DeliveryKey;
+use edgekms_core::rotation::cluster::Report;
 use edgekms_daemon::pki::{self, PrivateKey};
 use edgekms_daemon::tls;
-use edgekms_proto::convert::wire_state;
+use edgekms_proto::convert::node_report;
 use edgekms_proto::fleet::fleet_client::FleetClient;
-use edgekms_proto::fleet::{
-    ClusterState, HeldVersion, JoinRequest, KeyRef, NodeReport, ReturnedKey, VersionState as Wire,
-};
+use edgekms_proto::fleet::{ClusterState, JoinRequest, KeyRef, NodeReport, ReturnedKey};
 use rand::Rng;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -25,7 +24,7 @@ use crate::cache::{FleetKeys, FleetRecord};
 use crate::config::Config;
 use crate::error::NodeError;
 use crate::metrics;
-use crate::node::{sealer_from_config, Holding, Node};
+use crate::node::{sealer_from_config, Node};
 
 /// How often a connected node reports even when nothing changed, so the
 /// service sees it alive.
@@ -83,37 +82,6 @@ fn backoff_step(backoff: Duration, lasted: Duration, max: Duration) -> (Duration
         backoff
     };
     (backoff.min(max), (backoff * 2).min(max))
-}
-
-/// What the node reports: every version by number (for services older
-/// than key_ids) and by key_id with its state, its tombstones, and the
-/// keys it returns to a reconciling service.
-fn report(h: &Holding, returned: Vec<ReturnedKey>) -> NodeReport {
-    NodeReport {
-        held: h.held(),
-        applied_seq: h.applied_seq,
-        primary: h.primary,
-        versions: h
-            .versions
-            .iter()
-            .map(|v| HeldVersion {
-                version: v.version,
-                key_id: v.key_id.clone(),
-                // A held version is pending, primary or decrypt-only, all
-                // of which exist on the wire.
-                state: wire_state(v.state).unwrap_or(Wire::Unspecified) as i32,
-            })
-            .collect(),
-        destroyed: h
-            .destroyed
-            .iter()
-            .map(|(version, key_id)| KeyRef {
-                version: *version,
-                key_id: key_id.clone(),
-            })
-            .collect(),
-        returned,
-    }
 }
 
 /// The keys a heartbeat asks this node to return, wrapped to the service
@@ -221,7 +189,7 @@ impl SyncClient {
                     .map_err(|_| SyncError::Stream("report channel closed".into()))
             }
         };
-        send(&tx, report(&self.node.holding(), Vec::new())).await?;
+        send(&tx, node_report(&self.node.holding(), Vec::new())).await?;
         let mut inbound = client
             .sync(ReceiverStream::new(rx))
             .await
@@ -248,7 +216,7 @@ impl SyncClient {
                             let returned = answer_wanted(&self.node, &state);
                             answered = Some((state.wanted, now));
                             if !returned.is_empty() {
-                                send(&tx, report(&self.node.holding(), returned)).await?;
+                                send(&tx, node_report(&self.node.holding(), returned)).await?;
                             }
                         }
                         continue;
@@ -262,7 +230,7 @@ impl SyncClient {
                     .map_err(|e| SyncError::Stream(format!("apply task failed: {e}")))??;
                     edgekms_daemon::failpoint::hit("plugin-before-ack");
                     let has_primary = holding.primary != 0;
-                    send(&tx, report(&holding, Vec::new())).await?;
+                    send(&tx, node_report(&holding, Vec::new())).await?;
                     if until_primary && has_primary {
                         // Let the report reach the service before closing.
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -270,7 +238,7 @@ impl SyncClient {
                     }
                 }
                 _ = tick.tick() => {
-                    send(&tx, report(&self.node.holding(), Vec::new())).await?;
+                    send(&tx, node_report(&self.node.holding(), Vec::new())).await?;
                 }
             }
         }
@@ -305,7 +273,7 @@ pub async fn run(node: Arc<Node>, backoff_max: Duration) {
 pub struct Joined {
     pub cluster: String,
     pub node: String,
-    pub holding: Holding,
+    pub holding: Report,
     /// The first sync failed after enrolment (the plugin retries when
     /// started).
     pub first_sync: Result<(), SyncError>,
@@ -428,56 +396,5 @@ mod tests {
         assert!(answer_due(Some(&last), &[ask(2), ask(3)], now));
         assert!(answer_due(Some(&last), &[ask(2)], now + REPORT_EVERY));
         assert!(!answer_due(Some(&last), &[], now + REPORT_EVERY));
-    }
-
-    #[test]
-    fn a_report_carries_what_the_node_holds_by_key_id_and_its_tombstones() {
-        use crate::node::HeldKey;
-        use edgekms_core::VersionState;
-        let held = |version, state| HeldKey {
-            version,
-            key_id: format!("c/v{version}/aa"),
-            state,
-        };
-        let returned = ReturnedKey {
-            version: 2,
-            key_id: "c/v2/aa".into(),
-            wrapped_key: vec![1; 4].into(),
-        };
-        let r = report(
-            &Holding {
-                versions: vec![
-                    held(2, VersionState::DecryptOnly),
-                    held(3, VersionState::Primary),
-                    held(4, VersionState::Pending),
-                ],
-                destroyed: vec![(1, "c/v1/bb".into())],
-                applied_seq: 9,
-                primary: 3,
-            },
-            vec![returned.clone()],
-        );
-        assert_eq!((r.held, r.applied_seq, r.primary), (vec![2, 3, 4], 9, 3));
-        let versions: Vec<_> = r
-            .versions
-            .iter()
-            .map(|v| (v.version, v.key_id.as_str(), v.state()))
-            .collect();
-        assert_eq!(
-            versions,
-            [
-                (2, "c/v2/aa", Wire::DecryptOnly),
-                (3, "c/v3/aa", Wire::Primary),
-                (4, "c/v4/aa", Wire::Pending)
-            ]
-        );
-        assert_eq!(
-            r.destroyed,
-            [KeyRef {
-                version: 1,
-                key_id: "c/v1/bb".into()
-            }]
-        );
-        assert_eq!(r.returned, [returned]);
     }
 }

@@ -1,9 +1,16 @@
-//! The one mapping between edgekms' version states and the wire's.
+//! The one mapping between the protocol's types and the wire's: version
+//! states, retire orders, and a node's report in both directions.
 
+use std::collections::BTreeMap;
+
+use edgekms_core::keyid;
+use edgekms_core::rotation::cluster::{Held, Report};
 use edgekms_core::rotation::node::Retire;
 use edgekms_core::VersionState;
 
-use crate::fleet::{ClusterState, VersionState as Wire};
+use crate::fleet::{
+    ClusterState, HeldVersion, KeyRef, NodeReport, ReturnedKey, VersionState as Wire,
+};
 
 /// The state a node is told to hold a version in. Only the states a node
 /// holds exist on the wire; the central service never sends the others
@@ -52,6 +59,97 @@ pub fn retire_orders(state: &ClusterState) -> Vec<Retire<'_>> {
     }
 }
 
+/// A node's report on the wire: every version by number (for services
+/// older than key_ids) and by key_id with its state, its tombstones, and
+/// the keys it returns to a reconciling service.
+pub fn node_report(r: &Report, returned: Vec<ReturnedKey>) -> NodeReport {
+    NodeReport {
+        held: r.held.keys().copied().collect(),
+        applied_seq: r.applied_seq,
+        primary: r.primary,
+        versions: r
+            .held
+            .iter()
+            .map(|(&version, h)| HeldVersion {
+                version,
+                key_id: h.key_id.clone(),
+                // A held version is pending, primary or decrypt-only, all
+                // of which exist on the wire.
+                state: wire_state(h.state).unwrap_or(Wire::Unspecified) as i32,
+            })
+            .collect(),
+        destroyed: r
+            .destroyed
+            .iter()
+            .map(|(&version, key_id)| KeyRef {
+                version,
+                key_id: key_id.clone(),
+            })
+            .collect(),
+        returned,
+    }
+}
+
+/// A report refused as the central service reads it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReportError {
+    #[error("version {0} reported without a state")]
+    NoState(u32),
+    #[error(
+        "version {version} reported with a key_id {preview} that is not one of cluster {cluster}'s"
+    )]
+    ForeignKeyId {
+        version: u32,
+        /// Escaped and cut short: it comes from the node.
+        preview: String,
+        cluster: String,
+    },
+    #[error("version {0} reported twice")]
+    Twice(u32),
+}
+
+/// A node of `cluster`'s report as the protocol reads it. A report without
+/// key_ids comes from a plugin older than them: its numbers are taken as
+/// they are ([`Report::legacy`]). Every key_id must be one of `cluster`'s
+/// for its version.
+pub fn report(cluster: &str, r: &NodeReport) -> Result<Report, ReportError> {
+    if r.versions.is_empty() && r.destroyed.is_empty() {
+        let held = r.held.iter().copied().collect();
+        return Ok(Report::legacy(held, r.applied_seq, r.primary));
+    }
+    let check = |version: u32, key_id: &str| {
+        if keyid::is_for(key_id, cluster, version) {
+            Ok(())
+        } else {
+            Err(ReportError::ForeignKeyId {
+                version,
+                preview: keyid::preview(key_id, 80),
+                cluster: cluster.to_owned(),
+            })
+        }
+    };
+    let mut held = BTreeMap::new();
+    for v in &r.versions {
+        let state = version_state(v.state()).ok_or(ReportError::NoState(v.version))?;
+        check(v.version, &v.key_id)?;
+        let key_id = v.key_id.clone();
+        if held.insert(v.version, Held { key_id, state }).is_some() {
+            return Err(ReportError::Twice(v.version));
+        }
+    }
+    let mut destroyed = BTreeMap::new();
+    for d in &r.destroyed {
+        check(d.version, &d.key_id)?;
+        destroyed.insert(d.version, d.key_id.clone());
+    }
+    Ok(Report {
+        held,
+        destroyed,
+        applied_seq: r.applied_seq,
+        primary: r.primary,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,5 +194,68 @@ mod tests {
                 key_id: Some("c/v1/ab")
             }]
         );
+    }
+
+    fn held(version: u32, key_id: &str, state: Wire) -> HeldVersion {
+        HeldVersion {
+            version,
+            key_id: key_id.into(),
+            state: state as i32,
+        }
+    }
+
+    const V1: &str = "c/v1/0123456789abcdef";
+    const V2: &str = "c/v2/fedcba9876543210";
+
+    #[test]
+    fn a_report_round_trips_and_garbage_is_refused_naming_it() {
+        let wire = NodeReport {
+            held: vec![2],
+            applied_seq: 5,
+            primary: 2,
+            versions: vec![held(2, V2, Wire::Primary)],
+            destroyed: vec![KeyRef {
+                version: 1,
+                key_id: V1.into(),
+            }],
+            returned: vec![],
+        };
+        let r = report("c", &wire).unwrap();
+        assert_eq!(r.held[&2].key_id, V2);
+        assert_eq!(r.held[&2].state, VersionState::Primary);
+        assert_eq!(r.destroyed[&1], V1);
+        assert_eq!((r.applied_seq, r.primary), (5, 2));
+        assert_eq!(node_report(&r, vec![]), wire);
+
+        // Another cluster's key_id, another version's, a huge one, no
+        // state, the same version twice: refused, naming what is wrong.
+        let bad = [
+            held(2, &V2.replacen("c/", "d/", 1), Wire::Primary),
+            held(3, V2, Wire::Primary),
+            held(2, &"x".repeat(1 << 20), Wire::Primary),
+            held(2, V2, Wire::Unspecified),
+        ];
+        for v in bad {
+            let mut w = wire.clone();
+            w.versions = vec![v];
+            let e = report("c", &w).unwrap_err();
+            assert!(e.to_string().len() < 300, "{e}");
+        }
+        let mut twice = wire.clone();
+        twice.versions.push(held(2, V2, Wire::Primary));
+        assert_eq!(report("c", &twice), Err(ReportError::Twice(2)));
+    }
+
+    #[test]
+    fn a_report_without_key_ids_is_taken_by_number() {
+        let wire = NodeReport {
+            held: vec![1, 2],
+            applied_seq: 3,
+            primary: 2,
+            ..Default::default()
+        };
+        let r = report("c", &wire).unwrap();
+        assert_eq!(r, Report::legacy([1, 2].into(), 3, 2));
+        assert!(r.held.values().all(|h| h.key_id.is_empty()));
     }
 }

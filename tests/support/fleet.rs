@@ -325,6 +325,34 @@ pub async fn enrol(server: &Server, root: &Path, cluster: &str, node: &str) -> P
     p
 }
 
+/// `kmsctl -o json local status` of a plugin.
+pub fn local_status(p: &Plugin) -> serde_json::Value {
+    let out = Command::new(bin("kmsctl"))
+        .args(["-o", "json", "local", "--admin-socket"])
+        .arg(&p.admin_socket)
+        .arg("status")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `(version, state, key_id)` of every version in a JSON status object.
+pub fn version_key_ids(status: &serde_json::Value) -> Vec<(u64, String, String)> {
+    status["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["version"].as_u64().unwrap(),
+                v["state"].as_str().unwrap().to_owned(),
+                v["key_id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
 /// `(version, state)` of every version in a JSON status object (a cluster
 /// of `kmsctl status`, or `kmsctl local status`).
 pub fn version_states(status: &serde_json::Value) -> Vec<(u64, String)> {

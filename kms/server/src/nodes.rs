@@ -3,14 +3,14 @@
 //! version they lack wrapped to their delivery key. The open streams are
 //! registered here ([`Streams`]).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use edgekms_core::delivery;
 use edgekms_core::keyid;
-use edgekms_core::rotation::cluster::{FleetError, Held, Report};
+use edgekms_core::rotation::cluster::{FleetError, Report};
 use edgekms_daemon::config::now_unix;
 use edgekms_daemon::pki;
 use edgekms_proto::fleet as pb;
@@ -49,50 +49,6 @@ impl Streams {
 /// held then and what was asked of it. Nothing is sent again until one of
 /// them moves.
 pub type LastSent = Option<(u64, BTreeSet<u32>, Vec<(u32, String)>)>;
-
-/// A node's report in the protocol's terms. A report without key_ids comes
-/// from a plugin older than them: its numbers are taken as they are.
-fn core_report(cluster: &str, report: &pb::NodeReport) -> Result<Report, ServerError> {
-    let check = |version: u32, key_id: &str| {
-        if keyid::is_for(key_id, cluster, version) {
-            Ok(())
-        } else {
-            Err(ServerError::InvalidArgument(format!(
-                "version {version} reported with a key_id {} that is not one of cluster {cluster}'s",
-                keyid::preview(key_id, 80)
-            )))
-        }
-    };
-    if report.versions.is_empty() && report.destroyed.is_empty() {
-        let held = report.held.iter().copied().collect();
-        return Ok(Report::legacy(held, report.applied_seq, report.primary));
-    }
-    let mut held = BTreeMap::new();
-    for v in &report.versions {
-        let state = edgekms_proto::convert::version_state(v.state()).ok_or_else(|| {
-            ServerError::InvalidArgument(format!("version {} reported without a state", v.version))
-        })?;
-        check(v.version, &v.key_id)?;
-        let key_id = v.key_id.clone();
-        if held.insert(v.version, Held { key_id, state }).is_some() {
-            return Err(ServerError::InvalidArgument(format!(
-                "version {} reported twice",
-                v.version
-            )));
-        }
-    }
-    let mut destroyed = BTreeMap::new();
-    for d in &report.destroyed {
-        check(d.version, &d.key_id)?;
-        destroyed.insert(d.version, d.key_id.clone());
-    }
-    Ok(Report {
-        held,
-        destroyed,
-        applied_seq: report.applied_seq,
-        primary: report.primary,
-    })
-}
 
 impl Central {
     /// Enrols a node. Returns `(certificate DER, CA DER)`.
@@ -204,7 +160,8 @@ impl Central {
         node: &str,
         report: &pb::NodeReport,
     ) -> Result<(), ServerError> {
-        let parsed = core_report(cluster, report)?;
+        let parsed = edgekms_proto::convert::report(cluster, report)
+            .map_err(|e| ServerError::InvalidArgument(e.to_string()))?;
         let absorbed = report.returned.is_empty()
             && self
                 .commit
@@ -355,73 +312,5 @@ impl Central {
                 .collect(),
             ..Default::default()
         }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-    use super::*;
-    use edgekms_core::VersionState;
-
-    fn held(version: u32, key_id: &str, state: pb::VersionState) -> pb::HeldVersion {
-        pb::HeldVersion {
-            version,
-            key_id: key_id.into(),
-            state: state as i32,
-        }
-    }
-
-    #[test]
-    fn a_report_is_read_by_key_id_and_garbage_is_refused() {
-        let id = edgekms_core::keyid::derive("c", 2, &Key256::generate());
-        let report = pb::NodeReport {
-            held: vec![2],
-            applied_seq: 5,
-            primary: 2,
-            versions: vec![held(2, &id, pb::VersionState::Primary)],
-            destroyed: vec![pb::KeyRef {
-                version: 1,
-                key_id: edgekms_core::keyid::derive("c", 1, &Key256::generate()),
-            }],
-            returned: vec![],
-        };
-        let r = core_report("c", &report).unwrap();
-        assert_eq!(r.held[&2].key_id, id);
-        assert_eq!(r.held[&2].state, VersionState::Primary);
-        assert_eq!(r.destroyed.len(), 1);
-        assert_eq!((r.applied_seq, r.primary), (5, 2));
-
-        // Another cluster's key_id, another version's, a huge one, no
-        // state, the same version twice: refused, naming what is wrong.
-        let bad = [
-            held(2, &id.replacen("c/", "d/", 1), pb::VersionState::Primary),
-            held(3, &id, pb::VersionState::Primary),
-            held(2, &"x".repeat(1 << 20), pb::VersionState::Primary),
-            held(2, &id, pb::VersionState::Unspecified),
-        ];
-        for v in bad {
-            let mut r = report.clone();
-            r.versions = vec![v];
-            let e = core_report("c", &r).unwrap_err();
-            assert!(matches!(e, ServerError::InvalidArgument(_)), "{e}");
-            assert!(e.to_string().len() < 300, "{e}");
-        }
-        let mut twice = report.clone();
-        twice.versions.push(held(2, &id, pb::VersionState::Primary));
-        assert!(core_report("c", &twice).is_err());
-    }
-
-    #[test]
-    fn a_report_without_key_ids_is_taken_by_number() {
-        let report = pb::NodeReport {
-            held: vec![1, 2],
-            applied_seq: 3,
-            primary: 2,
-            ..Default::default()
-        };
-        let r = core_report("c", &report).unwrap();
-        assert_eq!(r, Report::legacy([1, 2].into(), 3, 2));
-        assert!(r.held.values().all(|h| h.key_id.is_empty()));
     }
 }

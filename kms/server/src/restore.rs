@@ -544,32 +544,12 @@ mod tests {
     use crate::Central;
     use edgekms_core::rotation::cluster::FleetError;
     use edgekms_hsm::{SealError, SealedBlob, SealerInfo};
-    use std::collections::BTreeMap;
+    use edgekms_testkit::files::tree;
     use std::time::Duration;
 
     /// The soft sealer opened on the dir restore gives it, as main does.
     fn soft_on(dir: &Path) -> Result<Box<dyn Sealer>, ServerError> {
         Ok(Box::new(soft(dir)))
-    }
-
-    /// Every entry under `dir`: relative path -> file contents (`None` for
-    /// a directory), to compare a tree before and after.
-    fn tree(dir: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
-        let mut out = BTreeMap::new();
-        let mut todo = vec![dir.to_owned()];
-        while let Some(d) = todo.pop() {
-            for e in std::fs::read_dir(&d).unwrap() {
-                let path = e.unwrap().path();
-                let rel = path.strip_prefix(dir).unwrap().to_owned();
-                if path.is_dir() {
-                    out.insert(rel, None);
-                    todo.push(path);
-                } else {
-                    out.insert(rel, Some(std::fs::read(&path).unwrap()));
-                }
-            }
-        }
-        out
     }
 
     /// The names in `dir`, sorted.

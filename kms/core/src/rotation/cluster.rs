@@ -91,6 +91,12 @@ impl Report {
         }
     }
 
+    /// The versions held, by number alone (what services older than
+    /// key_ids read).
+    pub fn numbers(&self) -> Vec<u32> {
+        self.held.keys().copied().collect()
+    }
+
     /// A report of numbers alone (a node older than key_ids in reports).
     pub fn legacy(held: BTreeSet<u32>, applied_seq: u64, primary: u32) -> Self {
         let state = |v: u32| {
