@@ -610,7 +610,7 @@ fn print_status(s: &pb::StatusResponse) {
             println!("  CLASHES: two keys under one version number (never counted as held; see the operator guide, \"Clashes\")");
             for x in &c.clashes {
                 let service = if x.service_key_id.is_empty() {
-                    "no key its nodes agree on".to_owned()
+                    "no key for it (its nodes disagree, or the number is beyond any it could have made)".to_owned()
                 } else {
                     x.service_key_id.clone()
                 };

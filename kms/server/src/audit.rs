@@ -326,7 +326,7 @@ pub fn protocol_events(cluster: &str, events: &[Event]) -> Vec<AuditRecord> {
                 .detail(format!(
                     "the node holds {node_key_id}, the service knows {}",
                     if service_key_id.is_empty() {
-                        "no key its nodes agree on"
+                        "no key for it (its nodes disagree, or the number is beyond any it could have made)"
                     } else {
                         service_key_id
                     }

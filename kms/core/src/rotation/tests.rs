@@ -677,3 +677,37 @@ fn a_forced_end_names_the_nodes_left_out_and_a_clash_is_never_an_ack() {
         Err(ConvergeError::KeyIdMismatch { version: 2, .. })
     ));
 }
+
+#[test]
+fn a_restore_from_before_a_rotation_and_a_retirement_retires_the_backups_primary() {
+    let mut center = Center::new();
+    let (mut n1, mut n2) = (center.enrol("n1"), center.enrol("n2"));
+    center.sync(&mut n1);
+    center.sync(&mut n2);
+    let backup = center.backup();
+    center.rotate();
+    for _ in 0..2 {
+        center.sync(&mut n1);
+        center.sync(&mut n2);
+    }
+    center.cluster.retire(1, NOW).unwrap();
+    center.sync(&mut n1);
+    center.sync(&mut n2);
+
+    // The backup's primary is v1, which every node destroyed since.
+    let mut restored = Center::restored(backup);
+    restored.round(&mut n1);
+    let events = restored.round(&mut n2);
+    assert!(
+        events.contains(&Event::Destroyed { version: 1 }),
+        "{events:?}"
+    );
+    assert_eq!(
+        center_states(&restored.cluster),
+        [(1, Retired), (2, Primary)]
+    );
+    restored.sync(&mut n1);
+    restored.sync(&mut n2);
+    assert_eq!(states(&n1.ring), [(1, Retired), (2, Primary)]);
+    all_read_each_other(&[&n1, &n2]);
+}

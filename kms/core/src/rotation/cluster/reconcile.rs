@@ -95,8 +95,10 @@ impl Cluster {
     }
 
     /// What `node` holds or destroyed under another key_id than this
-    /// service's, and versions the service lacks on which it disagrees
-    /// with another active node.
+    /// service's, versions the service lacks on which it disagrees with
+    /// another active node or that lie beyond the numbers a report may
+    /// move it to (`MAX_VERSION_SKIP`). None of these can be settled by
+    /// taking a key back: each needs an operator.
     pub fn clashes_of(&self, node: &str) -> Vec<Clash> {
         let Some(rec) = self.nodes.get(node) else {
             return Vec::new();
@@ -122,7 +124,9 @@ impl Cluster {
                                 .get(&v)
                                 .is_some_and(|h| !h.key_id.is_empty() && h.key_id != held.key_id)
                     });
-                    if disagree {
+                    // Numbers a report could not move `next_version` past:
+                    // taking such a key would let one node use up the rest.
+                    if disagree || v >= self.next_version {
                         out.push(clash(v, "", &held.key_id));
                     }
                 }
@@ -145,6 +149,9 @@ impl Cluster {
         for (_, rec) in self.counted() {
             for (&v, held) in &rec.unmatched {
                 if held.key_id.is_empty() || self.versions.contains_key(&v) {
+                    continue;
+                }
+                if v >= self.next_version {
                     continue;
                 }
                 let entry = seen.entry(v).or_insert_with(|| Some(held.key_id.clone()));
@@ -206,10 +213,16 @@ impl Cluster {
             .any(|(v, h)| !h.key_id.is_empty() && !self.versions.contains_key(v))
             || !self.clashes_of(node).is_empty()
             || rec.primary > service_primary
+            // Not the primary: after a restore a node may have destroyed
+            // the backup's primary, which the reconciliation demotes and
+            // then retires; once it has ended, a node that destroyed the
+            // primary is broken and refuses it (its own metrics say so).
             || rec.destroyed.iter().any(|(v, key_id)| {
-                self.versions
-                    .get(v)
-                    .is_some_and(|m| &m.key_id == key_id && m.state.held_by_nodes())
+                self.versions.get(v).is_some_and(|m| {
+                    &m.key_id == key_id
+                        && m.state.held_by_nodes()
+                        && m.state != VersionState::Primary
+                })
             })
     }
 
@@ -485,7 +498,7 @@ mod tests {
                 report(
                     &[
                         (1, KEY_1, VersionState::Primary),
-                        (2, "a/v2/0000000000000002", VersionState::Pending),
+                        (3, "a/v3/0000000000000003", VersionState::Pending),
                     ],
                     1,
                 ),
@@ -499,14 +512,17 @@ mod tests {
                 report(&[(1, KEY_1, VersionState::DecryptOnly)], 3),
             ),
             (
-                "a tombstone of a live version",
+                "a tombstone of a decrypt-only version",
                 Report {
                     destroyed: [(1, KEY_1.to_owned())].into(),
                     ..report(&[], 0)
                 },
             ),
         ] {
+            // v1 decrypt-only, v2 primary (forced: no node holds it).
             let mut c = cluster();
+            c.rotate("a/v2/0000000000000002".into(), 110).unwrap();
+            c.force_promote(2, 110).unwrap();
             let events = c.report("n1", r, 120).unwrap();
             assert!(
                 events
@@ -584,5 +600,24 @@ mod tests {
         assert!(matches!(events.last(), Some(Event::Reconciled { .. })));
         assert!(c.node("n2").unwrap().excused);
         assert_eq!(c.upcoming_version(), 3, "past every version a node holds");
+    }
+
+    #[test]
+    fn a_node_cannot_use_up_the_version_numbers() {
+        let mut c = cluster();
+        let far = format!("a/v{}/0000000000000009", u32::MAX - 1);
+        c.report(
+            "n1",
+            report(&[(u32::MAX - 1, &far, VersionState::Primary)], u32::MAX - 1),
+            120,
+        )
+        .unwrap();
+        assert!(c.wanted().is_empty(), "never asked back");
+        assert_eq!(c.clashes_of("n1").len(), 1);
+        assert_eq!(c.upcoming_version(), 2);
+        c.report("n2", Report::legacy([1].into(), 1, 1), 130)
+            .unwrap();
+        // It holds the reconciliation up until the operator acts.
+        assert_eq!(c.reconcile_waiting(), ["n1"]);
     }
 }
