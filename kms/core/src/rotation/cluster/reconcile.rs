@@ -53,7 +53,8 @@ impl Cluster {
     }
 
     /// Starts reconciling (a restore does this for every cluster); `seq`
-    /// moves so that every node stream hears of it at once.
+    /// moves so that every node stream hears of it at once. A cluster with
+    /// no active node has nobody to wait for and ends it at once.
     pub fn start_reconciling(&mut self, reason: &str, now: u64) -> Vec<Event> {
         if self.reconciling.is_some() {
             return Vec::new();
@@ -64,9 +65,11 @@ impl Cluster {
             reported: BTreeSet::new(),
         });
         self.seq += 1;
-        vec![Event::ReconcileStarted {
+        let mut events = vec![Event::ReconcileStarted {
             reason: reason.to_owned(),
-        }]
+        }];
+        events.extend(self.settle(now));
+        events
     }
 
     pub(super) fn refuse_while_reconciling(&self) -> Result<(), FleetError> {
@@ -600,6 +603,18 @@ mod tests {
         assert!(matches!(events.last(), Some(Event::Reconciled { .. })));
         assert!(c.node("n2").unwrap().excused);
         assert_eq!(c.upcoming_version(), 3, "past every version a node holds");
+    }
+
+    #[test]
+    fn a_cluster_without_active_nodes_has_nothing_to_reconcile() {
+        let mut c = Cluster::new("a", KEY_1.into(), 100);
+        let events = c.start_reconciling("restored", 100);
+        assert!(
+            matches!(events.last(), Some(Event::Reconciled { .. })),
+            "{events:?}"
+        );
+        assert!(c.reconciling().is_none());
+        assert!(c.rotate("a/v2/0000000000000002".into(), 110).is_ok());
     }
 
     #[test]
