@@ -301,6 +301,18 @@ async fn nodes_coming_back_one_by_one_heal_the_restored_service() {
     // n1 keeps serving its own keys, writing under v3.
     write(&nodes[0], "written while reconciling", &mut written).await;
     assert!(written.last().unwrap().1.starts_with("c/v3/"));
+    // kill -9 of the service mid-reconciliation: it comes back reconciling,
+    // with what it healed (v2, v3 from n1) and still waiting for n2, n3.
+    server.kill();
+    server.respawn();
+    server.wait_up().await;
+    let c = server
+        .wait_cluster("c", "n1 reported again after the restart", |c| {
+            c["reconciling"]["waiting_for"] == serde_json::json!(["n2", "n3"])
+        })
+        .await;
+    let known: Vec<u64> = version_key_ids(&c).iter().map(|v| v.0).collect();
+    assert_eq!(known, [1, 2, 3], "{c:#}");
 
     start_again(&mut nodes[1]).await;
     server

@@ -96,25 +96,38 @@ impl TestNode {
         }
     }
 
-    /// Opens a sync stream, reports `held`, and returns the first
-    /// non-heartbeat message (or the stream's error).
-    async fn sync(&self, url: &str, held: &[u32]) -> Result<pb::ClusterState, tonic::Status> {
+    /// Opens a sync stream and sends `first` on it.
+    async fn open_stream(
+        &self,
+        url: &str,
+        first: pb::NodeReport,
+    ) -> Result<
+        (
+            tokio::sync::mpsc::Sender<pb::NodeReport>,
+            tonic::Streaming<pb::ClusterState>,
+        ),
+        tonic::Status,
+    > {
         let cfg =
             tls::client_config(tls::Trust::Ca(&self.ca), Some((&self.cert, &self.key))).unwrap();
         let mut client = FleetClient::new(tls::connect(url, cfg).await.unwrap());
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tx.send(pb::NodeReport {
-            held: held.to_vec(),
-            applied_seq: 0,
-            primary: 0,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        let mut stream = client
+        tx.send(first).await.unwrap();
+        let stream = client
             .sync(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await?
             .into_inner();
+        Ok((tx, stream))
+    }
+
+    /// Opens a sync stream, reports `held`, and returns the first
+    /// non-heartbeat message (or the stream's error).
+    async fn sync(&self, url: &str, held: &[u32]) -> Result<pb::ClusterState, tonic::Status> {
+        let first = pb::NodeReport {
+            held: held.to_vec(),
+            ..Default::default()
+        };
+        let (tx, mut stream) = self.open_stream(url, first).await?;
         loop {
             let msg = tokio::time::timeout(Duration::from_secs(10), stream.message())
                 .await
@@ -375,7 +388,8 @@ async fn backup_and_restore_keep_clusters_versions_key_ids_and_keys() {
     let new = Server::serve(&new_dir).await;
     let after = new.kmsctl_json_as(&operator, &["status"]);
     // The same, but for the join tokens unused at backup time (withdrawn)
-    // and each cluster reconciling (one more seq), until its nodes report.
+    // and each cluster reconciling (one more seq) until its nodes report;
+    // one without an active node has nobody to wait for (two more).
     let mut expected = durable(&before);
     for (c, now) in expected
         .as_array_mut()
@@ -383,14 +397,24 @@ async fn backup_and_restore_keep_clusters_versions_key_ids_and_keys() {
         .iter_mut()
         .zip(after["clusters"].as_array().unwrap())
     {
-        assert!(
-            now["reconciling"]["reason"]
-                .as_str()
-                .unwrap()
-                .starts_with("restored from a backup"),
-            "{now:#}"
-        );
-        c["seq"] = (c["seq"].as_u64().unwrap() + 1).into();
+        let active = c["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["state"] == "active");
+        if active {
+            assert!(
+                now["reconciling"]["reason"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("restored from a backup"),
+                "{now:#}"
+            );
+        } else {
+            assert!(now["reconciling"].is_null(), "{now:#}");
+        }
+        let moved = if active { 1 } else { 2 };
+        c["seq"] = (c["seq"].as_u64().unwrap() + moved).into();
         for n in c["nodes"].as_array_mut().unwrap() {
             if n["state"] == "invited" {
                 n["token_expires_unix"] = 0.into();
@@ -580,4 +604,118 @@ async fn metrics_count_nodes_and_calls_and_readyz_follows_the_server() {
     );
     let log = busy.log_text();
     assert!(log.contains(&addr) && log.contains("--no-metrics"), "{log}");
+}
+
+/// A node that lies while its cluster reconciles: it reports a version the
+/// service never made, then returns a key for it that does not match its
+/// key_id, a key for a version nobody asked for, and a blob that opens to
+/// nothing. Each is refused with InvalidArgument and audited; the cluster
+/// keeps waiting, and no version appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_returning_forged_keys_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(tmp.path()).await;
+    let add = server.kmsctl_json(&["node", "add", "c", "n1"]);
+    let node = TestNode::join(
+        &server.url(),
+        add["token"].as_str().unwrap(),
+        add["ca_hash"].as_str().unwrap(),
+        "c",
+        "n1",
+    )
+    .await;
+    let state = node.sync(&server.url(), &[]).await.unwrap();
+    let (v1_id, _) = node.open(&state).remove(&1).unwrap();
+
+    // v5 under a key only this node knows: the service starts reconciling
+    // and asks for it.
+    let k5 = Key256::generate();
+    let v5_id = edgekms_core::keyid::derive("c", 5, &k5);
+    let held = |version: u32, key_id: &str, state: pb::VersionState| pb::HeldVersion {
+        version,
+        key_id: key_id.into(),
+        state: state as i32,
+    };
+    let report = pb::NodeReport {
+        held: vec![1, 5],
+        primary: 5,
+        versions: vec![
+            held(1, &v1_id, pb::VersionState::DecryptOnly),
+            held(5, &v5_id, pb::VersionState::Primary),
+        ],
+        ..Default::default()
+    };
+    let service_key = {
+        let (_tx, mut stream) = node
+            .open_stream(&server.url(), report.clone())
+            .await
+            .unwrap();
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(10), stream.message())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            if msg.reconciling && !msg.wanted.is_empty() {
+                assert_eq!(msg.wanted[0].key_id, v5_id);
+                break msg.service_delivery_key.to_vec();
+            }
+        }
+    };
+    let wrap = |version, key_id: &str, key: &Key256| {
+        let binding = Binding {
+            cluster: "c",
+            node: "n1",
+            version,
+            key_id,
+        };
+        edgekms_core::delivery::return_key(&service_key, binding, key).unwrap()
+    };
+    let v6_key = Key256::generate();
+    let v6_id = edgekms_core::keyid::derive("c", 6, &v6_key);
+    let forged = [
+        (
+            "another key",
+            5,
+            v5_id.clone(),
+            wrap(5, &v5_id, &Key256::generate()),
+        ),
+        ("not asked for", 6, v6_id.clone(), wrap(6, &v6_id, &v6_key)),
+        ("garbage", 5, v5_id.clone(), vec![1; 114]),
+    ];
+    for (what, version, key_id, wrapped_key) in forged {
+        let mut lie = report.clone();
+        lie.returned = vec![pb::ReturnedKey {
+            version,
+            key_id,
+            wrapped_key: wrapped_key.into(),
+        }];
+        let (_tx, mut stream) = node.open_stream(&server.url(), lie).await.unwrap();
+        let err = loop {
+            match tokio::time::timeout(Duration::from_secs(10), stream.message())
+                .await
+                .unwrap()
+            {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("{what}: the stream ended without an error"),
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what}: {err:?}");
+        let c = server.cluster("c");
+        assert!(!c["reconciling"].is_null(), "{what}: {c:#}");
+        let versions: Vec<u64> = c["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["version"].as_u64().unwrap())
+            .collect();
+        assert_eq!(versions, [1], "{what}");
+    }
+    let refused = server
+        .audit()
+        .iter()
+        .filter(|r| r["event"] == "heal" && r["result"] != "ok")
+        .count();
+    assert_eq!(refused, 3);
 }
