@@ -304,7 +304,7 @@ fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
         );
     }
     println!(
-        "restored {dir} from {file} (backup made at unix time {created})\n  {clusters} clusters, {keks} key versions, {audit} audit records\n  {tokens}\n  new root key sealed by: {sealer}\n  CA hash (unchanged; nodes and operators keep their certificates): {hash}\n  server certificate: {cert}\n  CA certificate: {dir}/ca.pem\nstart it: edgekms-server --data-dir {dir} --listen 0.0.0.0:8443 --sealer {sealer}",
+        "restored {dir} from {file} (backup made at unix time {created})\n  {clusters} clusters, {keks} key versions, {audit} audit records\n  {tokens}\n  new root key sealed by: {sealer}\n  CA hash (unchanged; nodes and operators keep their certificates): {hash}\n  server certificate: {cert}\n  CA certificate: {dir}/ca.pem\n  every cluster reconciles until its nodes have reported: nothing is rotated or retired meanwhile (`kmsctl status` shows it)\nstart it: edgekms-server --data-dir {dir} --listen 0.0.0.0:8443 --sealer {sealer}",
         dir = args.data_dir.display(),
         created = s.created_unix,
         clusters = s.clusters,
