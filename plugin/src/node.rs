@@ -599,25 +599,8 @@ impl Node {
         let _guard = self.admin.lock().unwrap_or_else(|e| e.into_inner());
         let nsk = self.current_nsk()?;
         let current = self.snapshot().keyring.clone();
-        let received = state
-            .versions
-            .iter()
-            .map(|entry| {
-                let state =
-                    edgekms_proto::convert::version_state(entry.state()).ok_or_else(|| {
-                        NodeError::InvalidArgument(format!(
-                            "central service sent version {} without a state",
-                            entry.version
-                        ))
-                    })?;
-                Ok(Received {
-                    version: entry.version,
-                    state,
-                    key_id: &entry.key_id,
-                    wrapped_key: &entry.wrapped_key,
-                })
-            })
-            .collect::<Result<Vec<_>, NodeError>>()
+        let received = edgekms_proto::convert::received(state)
+            .map_err(|e| NodeError::InvalidArgument(e.to_string()))
             .inspect_err(|_| metrics::record_refused_state(metrics::RefusalReason::Other))?;
         let unwrap = |r: &Received<'_>| {
             let binding = Binding {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use edgekms_core::keyid;
 use edgekms_core::rotation::cluster::{Held, Report};
-use edgekms_core::rotation::node::Retire;
+use edgekms_core::rotation::node::{Received, Retire};
 use edgekms_core::VersionState;
 
 use crate::fleet::{
@@ -32,6 +32,28 @@ pub fn version_state(wire: Wire) -> Option<VersionState> {
         Wire::DecryptOnly => Some(VersionState::DecryptOnly),
         Wire::Unspecified => None,
     }
+}
+
+/// A version sent without a state a node can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("central service sent version {0} without a state")]
+pub struct NoState(pub u32);
+
+/// The versions a state tells a node to hold, as its converge rules take
+/// them ([`edgekms_core::rotation::node::converge`]).
+pub fn received(state: &ClusterState) -> Result<Vec<Received<'_>>, NoState> {
+    state
+        .versions
+        .iter()
+        .map(|entry| {
+            Ok(Received {
+                version: entry.version,
+                state: version_state(entry.state()).ok_or(NoState(entry.version))?,
+                key_id: &entry.key_id,
+                wrapped_key: &entry.wrapped_key,
+            })
+        })
+        .collect()
 }
 
 /// The versions a state retires, named by key_id (`retired_keys`); by

@@ -356,15 +356,8 @@ pub fn version_key_ids(status: &serde_json::Value) -> Vec<(u64, String, String)>
 /// `(version, state)` of every version in a JSON status object (a cluster
 /// of `kmsctl status`, or `kmsctl local status`).
 pub fn version_states(status: &serde_json::Value) -> Vec<(u64, String)> {
-    status["versions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| {
-            (
-                v["version"].as_u64().unwrap(),
-                v["state"].as_str().unwrap().to_owned(),
-            )
-        })
+    version_key_ids(status)
+        .into_iter()
+        .map(|(version, state, _)| (version, state))
         .collect()
 }

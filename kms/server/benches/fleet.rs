@@ -337,20 +337,7 @@ fn apply(
     spec: &NodeSpec,
     delivery: &DeliveryKey,
 ) -> Result<Keyring, String> {
-    let received = state
-        .versions
-        .iter()
-        .map(|entry| {
-            let version_state = edgekms_proto::convert::version_state(entry.state())
-                .ok_or_else(|| format!("version {} sent without a state", entry.version))?;
-            Ok(Received {
-                version: entry.version,
-                state: version_state,
-                key_id: &entry.key_id,
-                wrapped_key: &entry.wrapped_key,
-            })
-        })
-        .collect::<Result<Vec<_>, String>>()?;
+    let received = edgekms_proto::convert::received(state).map_err(|e| e.to_string())?;
     let unwrap = |r: &Received<'_>| {
         let binding = Binding {
             cluster: &spec.cluster,
