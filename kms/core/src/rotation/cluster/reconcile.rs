@@ -170,7 +170,13 @@ impl Cluster {
 
     /// What [`Cluster::wanted`] asks of `node`: versions it reported.
     pub fn wanted_from(&self, node: &str) -> Vec<(u32, String)> {
-        let Some(rec) = self.nodes.get(node).filter(|n| !n.excused) else {
+        // Every sync stream asks this on every change: a node that holds
+        // nothing the service lacks (the normal case) costs no scan.
+        let Some(rec) = self
+            .nodes
+            .get(node)
+            .filter(|n| !n.excused && !n.unmatched.is_empty())
+        else {
             return Vec::new();
         };
         self.wanted()
