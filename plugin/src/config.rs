@@ -72,6 +72,24 @@ pub struct Settings {
     /// The shortest grace period `kmsctl local retire --grace` may ask for [default: 1h]. Lower it only for tests
     #[arg(long, value_name = "DURATION", hide = true)]
     pub min_retire_grace: Option<String>,
+    /// Take a census of the cluster's storage this often (e.g. 6h), kept and reported to the central service; needs census_etcd_endpoints [default: off]
+    #[arg(long, value_name = "DURATION")]
+    pub census_every: Option<String>,
+    /// The etcd v3 endpoints the census reads, as kube-apiserver's --etcd-servers (https://..., unix://...)
+    #[arg(long, value_name = "URL,...", value_delimiter = ',')]
+    pub census_etcd_endpoints: Option<Vec<String>>,
+    /// CA certificate of the census's etcd endpoints (kube-apiserver's --etcd-cafile)
+    #[arg(long, value_name = "FILE")]
+    pub census_etcd_cacert: Option<PathBuf>,
+    /// Client certificate for the census's etcd endpoints (kube-apiserver's --etcd-certfile)
+    #[arg(long, value_name = "FILE")]
+    pub census_etcd_cert: Option<PathBuf>,
+    /// Client key for the census's etcd endpoints (kube-apiserver's --etcd-keyfile)
+    #[arg(long, value_name = "FILE")]
+    pub census_etcd_key: Option<PathBuf>,
+    /// The EncryptionConfiguration the apiserver reads: the census counts unencrypted objects of the resources it names, and takes the provider name from it
+    #[arg(long, value_name = "FILE")]
+    pub census_encryption_config: Option<PathBuf>,
 }
 
 /// Validated configuration.
@@ -99,6 +117,19 @@ pub struct Config {
     pub max_connections: Option<usize>,
     /// The shortest grace period a standalone retire may ask for.
     pub min_grace_secs: u64,
+    /// A census on a schedule (`census_every`); `None`: off.
+    pub census: Option<CensusSchedule>,
+}
+
+/// A census taken every `every` ([`crate::census`]).
+#[derive(Debug, Clone)]
+pub struct CensusSchedule {
+    pub every: std::time::Duration,
+    pub endpoints: Vec<String>,
+    pub cacert: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub encryption_config: Option<PathBuf>,
 }
 
 impl Settings {
@@ -133,6 +164,14 @@ impl Settings {
                 .or(file.recovery_passphrase_file),
             max_connections: self.max_connections.or(file.max_connections),
             min_retire_grace: self.min_retire_grace.or(file.min_retire_grace),
+            census_every: self.census_every.or(file.census_every),
+            census_etcd_endpoints: self.census_etcd_endpoints.or(file.census_etcd_endpoints),
+            census_etcd_cacert: self.census_etcd_cacert.or(file.census_etcd_cacert),
+            census_etcd_cert: self.census_etcd_cert.or(file.census_etcd_cert),
+            census_etcd_key: self.census_etcd_key.or(file.census_etcd_key),
+            census_encryption_config: self
+                .census_encryption_config
+                .or(file.census_encryption_config),
         }
     }
 
@@ -187,11 +226,33 @@ impl Settings {
                 }
             },
         };
+        let census = match (self.census_every.as_deref(), self.census_etcd_endpoints) {
+            (None, _) => None,
+            (Some(_), None) => {
+                problems.push("census_every needs census_etcd_endpoints".to_owned());
+                None
+            }
+            (Some(every), Some(endpoints)) => match edgekms_daemon::duration::parse_nonzero(every) {
+                Ok(every) => Some(CensusSchedule {
+                    every,
+                    endpoints,
+                    cacert: self.census_etcd_cacert,
+                    cert: self.census_etcd_cert,
+                    key: self.census_etcd_key,
+                    encryption_config: self.census_encryption_config,
+                }),
+                Err(e) => {
+                    problems.push(format!("--census-every: {e}"));
+                    None
+                }
+            },
+        };
         if self.max_connections == Some(0) {
             problems.push("--max-connections must be at least 1".to_owned());
         }
         if problems.is_empty() {
             Ok(Config {
+                census,
                 min_grace_secs,
                 max_connections: self.max_connections,
                 sync_backoff_max,
