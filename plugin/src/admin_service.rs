@@ -58,6 +58,8 @@ impl NodeAdmin for AdminService {
             hardware_backed: r.hardware_backed,
             unsealed: r.unsealed,
             central_reconciling: r.central_reconciling,
+            // Unknown until the plugin records it (main): migrate refuses on it.
+            writes_key_id: String::new(),
         }))
     }
 
