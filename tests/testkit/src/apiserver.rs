@@ -133,8 +133,9 @@ impl KubeApiServer {
         };
         let encryption = write("encryption.yaml", encryption_config);
         let tokens = write("tokens.csv", &format!("{token},admin,1,\"system:masters\"\n"));
-        let sa_key = rcgen::KeyPair::generate().unwrap().serialize_pem();
-        let sa_key = write("sa.key", &sa_key);
+        let sa = rcgen::KeyPair::generate().unwrap();
+        let sa_key = write("sa.key", &sa.serialize_pem());
+        let sa_pub = write("sa.pub", &sa.public_key_pem());
         let cert_dir = dir.join("certs");
         let port = free_port();
         let args: Vec<String> = vec![
@@ -143,7 +144,7 @@ impl KubeApiServer {
             format!("--token-auth-file={tokens}"),
             "--authorization-mode=AlwaysAllow".into(),
             "--service-account-issuer=https://kubernetes.default.svc".into(),
-            format!("--service-account-key-file={sa_key}"),
+            format!("--service-account-key-file={sa_pub}"),
             format!("--service-account-signing-key-file={sa_key}"),
             "--endpoint-reconciler-type=none".into(),
             "--service-cluster-ip-range=10.96.0.0/16".into(),
