@@ -395,7 +395,11 @@ async fn rotate_wait_force_and_retire_from_kmsctl() {
     let out = server.kmsctl(&["retire", "a", "2"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).contains("is the primary"), "{}", text(&out));
-    server.kmsctl_json(&["retire", "a", "1"]);
+    // Without a census a retire is refused, naming what to do.
+    let out = server.kmsctl(&["retire", "a", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("no census"), "{}", text(&out));
+    server.kmsctl_json(&["retire", "a", "1", "--skip-census", "--grace", "1s"]);
     let c = server
         .wait_cluster("a", "v1 destroyed", |c| {
             c["versions"][0]["state"] == "retired"

@@ -135,7 +135,24 @@ async fn kms_calls_move_the_counters_by_method_and_code() {
     let rotated = p.scrape().await;
     assert_eq!(gauge(&rotated, "edgekms_primary_key_version"), Some(2.0));
     assert_eq!(gauge(&rotated, "edgekms_cached_key_versions"), Some(2.0));
-    kmsctl_json(&["local", "--admin-socket", &admin, "retire", "1"]);
+    kmsctl_json(&[
+        "local",
+        "--admin-socket",
+        &admin,
+        "retire",
+        "1",
+        "--skip-census",
+        "--grace",
+        "1s",
+    ]);
+    // Disabled, it keeps its key until the grace period is over.
+    poll_until(
+        "v1 destroyed",
+        20,
+        || p.log_text(),
+        || async { gauge(&p.scrape().await, "edgekms_cached_key_versions") == Some(1.0) },
+    )
+    .await;
     let retired = p.scrape().await;
     assert_eq!(gauge(&retired, "edgekms_primary_key_version"), Some(2.0));
     assert_eq!(

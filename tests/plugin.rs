@@ -114,19 +114,59 @@ async fn rotate_then_decrypt_old_and_new_and_retire() {
         decrypt(&mut kms, &old_ct, &old_id).await.unwrap(),
         b"old seed"
     );
+    // No census was taken: refused, naming what to do.
     let out = kmsctl(&["local", "--admin-socket", &admin, "retire", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no census"));
+    let retire = [
+        "local",
+        "--admin-socket",
+        &admin,
+        "retire",
+        "1",
+        "--skip-census",
+    ];
+    let out = kmsctl(&[&retire[..], &["--grace", "1m"]].concat());
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("WARNING: --skip-census"));
+    // Disabled: refused, naming the way back; restore brings it back.
     let err = decrypt(&mut kms, &old_ct, &old_id).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(
-        err.message().contains("version 1") && err.message().contains("retired"),
+        err.message().contains("version 1")
+            && err.message().contains("disabled")
+            && err.message().contains("kmsctl local restore-version 1"),
         "{}",
         err.message()
     );
+    kmsctl_json(&["local", "--admin-socket", &admin, "restore-version", "1"]);
+    assert_eq!(
+        decrypt(&mut kms, &old_ct, &old_id).await.unwrap(),
+        b"old seed"
+    );
+    kmsctl_json(&[&retire[..], &["--grace", "1s"]].concat());
+    // Destroyed by the plugin once the grace period is over.
+    poll_until(
+        "v1 destroyed",
+        20,
+        || p.log_text(),
+        || {
+            let mut kms = kms.clone();
+            let (ct, id) = (old_ct.clone(), old_id.clone());
+            async move {
+                decrypt(&mut kms, &ct, &id)
+                    .await
+                    .is_err_and(|e| e.message().contains("retired"))
+            }
+        },
+    )
+    .await;
+    let err = decrypt(&mut kms, &old_ct, &old_id).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
     assert_eq!(
         decrypt(&mut kms, &new_ct, &new_id).await.unwrap(),
         b"new seed"

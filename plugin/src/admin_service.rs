@@ -4,9 +4,11 @@ use std::sync::Arc;
 
 use edgekms_proto::admin::node_admin_server::NodeAdmin;
 use edgekms_proto::admin::{
-    BackupRequest, BackupResponse, KeyVersion, NodeStatus, ResealRequest, ResealResponse,
-    RetireRequest, RetireResponse, RotateRequest, RotateResponse, StatusRequest,
+    BackupRequest, BackupResponse, KeyVersion, NodeStatus, RecordCensusResponse, ResealRequest,
+    ResealResponse, RestoreVersionRequest, RestoreVersionResponse, RetireRequest, RetireResponse,
+    RotateRequest, RotateResponse, StatusRequest,
 };
+use edgekms_proto::fleet::Census;
 use tonic::{Request, Response, Status};
 
 use crate::node::Node;
@@ -46,20 +48,24 @@ impl NodeAdmin for AdminService {
             versions: r
                 .versions
                 .into_iter()
-                .map(|(version, state, key_id, created_unix)| KeyVersion {
-                    version,
-                    state: state.into(),
-                    key_id,
-                    created_unix,
-                })
+                .map(
+                    |(version, state, key_id, created_unix, destroy_after_unix)| KeyVersion {
+                        version,
+                        state: state.into(),
+                        key_id,
+                        created_unix,
+                        destroy_after_unix,
+                    },
+                )
                 .collect(),
             sealer: r.sealer.into_iter().collect(),
             sealed_key: r.sealed_key.into_iter().collect(),
             hardware_backed: r.hardware_backed,
             unsealed: r.unsealed,
             central_reconciling: r.central_reconciling,
-            // Unknown until the plugin records it (main): migrate refuses on it.
-            writes_key_id: String::new(),
+            writes_key_id: r.writes.0,
+            writes_since_unix: r.writes.1,
+            census: r.census,
         }))
     }
 
@@ -77,9 +83,30 @@ impl NodeAdmin for AdminService {
         request: Request<RetireRequest>,
     ) -> Result<Response<RetireResponse>, Status> {
         let node = self.node.clone();
+        let r = request.into_inner();
+        let destroy_after_unix =
+            blocking(move || node.retire(r.version, r.grace_seconds, r.skip_census)).await?;
+        Ok(Response::new(RetireResponse { destroy_after_unix }))
+    }
+
+    async fn restore_version(
+        &self,
+        request: Request<RestoreVersionRequest>,
+    ) -> Result<Response<RestoreVersionResponse>, Status> {
+        let node = self.node.clone();
         let version = request.into_inner().version;
-        blocking(move || node.retire(version)).await?;
-        Ok(Response::new(RetireResponse {}))
+        blocking(move || node.restore_version(version)).await?;
+        Ok(Response::new(RestoreVersionResponse {}))
+    }
+
+    async fn record_census(
+        &self,
+        request: Request<Census>,
+    ) -> Result<Response<RecordCensusResponse>, Status> {
+        let node = self.node.clone();
+        let census = request.into_inner();
+        blocking(move || node.record_census(census)).await?;
+        Ok(Response::new(RecordCensusResponse {}))
     }
 
     async fn reseal(

@@ -47,7 +47,14 @@ const KEK_PREFIX: &[u8] = b"kek/";
 const FLEET_KEY: &[u8] = b"meta/fleet";
 const FLEET_KEYS_KEY: &[u8] = b"meta/fleet-keys";
 const FLEET_SEQ_KEY: &[u8] = b"meta/fleet-seq";
+/// What the apiserver writes under: since (8 bytes), then the key_id.
+const WRITES_KEY: &[u8] = b"meta/writes";
+/// The newest census (a `fleet.v1.Census` protobuf): no key material.
+const CENSUS_KEY: &[u8] = b"meta/census";
 const RECORD_V1: u8 = 1;
+/// A disabled version's record: V1 with its destruction time after the
+/// creation time. Other states keep writing V1, readable by older plugins.
+const RECORD_V2: u8 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -255,6 +262,7 @@ pub(crate) fn state_byte(state: VersionState) -> u8 {
         VersionState::Pending => 0,
         VersionState::Primary => 1,
         VersionState::DecryptOnly => 2,
+        VersionState::Disabled => 4,
         // A keyring never holds a retiring version (`Keyring::insert`
         // refuses it); were one written, it would read back as retired.
         VersionState::Retired | VersionState::Retiring => 3,
@@ -285,8 +293,17 @@ fn wrap_aad(cluster: &str, version: u32, key_id: &str) -> Vec<u8> {
 
 /// Encodes one KEK version record, wrapping its key under `nsk`.
 pub fn encode_record(cluster: &str, nsk: &Key256, kv: &KeyVersion) -> Vec<u8> {
-    let mut out = vec![RECORD_V1, state_byte(kv.state())];
+    let destroy_after = kv.destroy_after_unix();
+    let format = if destroy_after.is_some() {
+        RECORD_V2
+    } else {
+        RECORD_V1
+    };
+    let mut out = vec![format, state_byte(kv.state())];
     out.extend_from_slice(&kv.created_unix.to_be_bytes());
+    if let Some(t) = destroy_after {
+        out.extend_from_slice(&t.to_be_bytes());
+    }
     // key ids are under 1 KiB (keyid::MAX_KEY_ID), so they fit a u16.
     out.extend_from_slice(&(kv.key_id.len() as u16).to_be_bytes());
     out.extend_from_slice(kv.key_id.as_bytes());
@@ -312,10 +329,24 @@ pub fn decode_record(
         key: format!("kek/{version}"),
         detail: detail.to_owned(),
     };
-    if raw.len() < 12 || raw[0] != RECORD_V1 {
-        return Err(corrupt("bad header"));
-    }
+    let (destroy_after, raw) = match raw {
+        [RECORD_V1, ..] if raw.len() >= 12 => (None, raw.to_vec()),
+        // V2: the destruction time after the creation time; the rest as V1.
+        [RECORD_V2, ..] if raw.len() >= 20 => {
+            let mut t = [0u8; 8];
+            t.copy_from_slice(&raw[10..18]);
+            let mut v1 = raw[..10].to_vec();
+            v1.extend_from_slice(&raw[18..]);
+            (Some(u64::from_be_bytes(t)), v1)
+        }
+        _ => return Err(corrupt("bad header")),
+    };
     let state = byte_state(raw[1]).ok_or_else(|| corrupt("unknown state"))?;
+    if (state == VersionState::Disabled) != destroy_after.is_some() {
+        return Err(corrupt(
+            "a disabled version's record needs its destruction time",
+        ));
+    }
     let mut created = [0u8; 8];
     created.copy_from_slice(&raw[2..10]);
     let created_unix = u64::from_be_bytes(created);
@@ -340,7 +371,8 @@ pub fn decode_record(
     let plain = aead::open(nsk, &wrap_aad(cluster, version, &key_id), wrapped)
         .map_err(|_| CacheError::Unwrap { version })?;
     let key = Key256::from_slice(&plain).ok_or_else(|| corrupt("wrapped key is not 32 bytes"))?;
-    let kv = KeyVersion::new(cluster, version, state, key, created_unix);
+    let kv = KeyVersion::new(cluster, version, state, key, created_unix)
+        .with_destroy_after(destroy_after);
     if kv.key_id != key_id {
         return Err(corrupt("key_id does not match the key"));
     }
@@ -676,6 +708,38 @@ impl Cache {
                 })?,
             None => 0,
         })
+    }
+
+    /// The key_id the apiserver last had a DEK seed encrypted under, and
+    /// since when (`None`: never).
+    pub fn writes(&self) -> Result<Option<(String, u64)>, CacheError> {
+        let Some(raw) = self.db.get(WRITES_KEY)? else {
+            return Ok(None);
+        };
+        let corrupt = |detail: &str| CacheError::Corrupt {
+            key: "meta/writes".into(),
+            detail: detail.into(),
+        };
+        let (since, id) = raw
+            .split_first_chunk::<8>()
+            .ok_or_else(|| corrupt("shorter than 8 bytes"))?;
+        let key_id = std::str::from_utf8(id).map_err(|_| corrupt("key_id is not UTF-8"))?;
+        Ok(Some((key_id.to_owned(), u64::from_be_bytes(*since))))
+    }
+
+    pub fn put_writes(&self, key_id: &str, since_unix: u64) -> Result<(), CacheError> {
+        let mut raw = since_unix.to_be_bytes().to_vec();
+        raw.extend_from_slice(key_id.as_bytes());
+        self.put(&[(WRITES_KEY.to_vec(), raw)])
+    }
+
+    /// The newest census, encoded (`None`: none taken).
+    pub fn census(&self) -> Result<Option<Vec<u8>>, CacheError> {
+        Ok(self.db.get(CENSUS_KEY)?)
+    }
+
+    pub fn put_census(&self, encoded: &[u8]) -> Result<(), CacheError> {
+        self.put(&[(CENSUS_KEY.to_vec(), encoded.to_vec())])
     }
 
     /// Whether the cache holds any KEK version.

@@ -69,6 +69,9 @@ pub struct Settings {
     /// [default: the open-file limit minus 128]
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
+    /// The shortest grace period `kmsctl local retire --grace` may ask for [default: 1h]. Lower it only for tests
+    #[arg(long, value_name = "DURATION", hide = true)]
+    pub min_retire_grace: Option<String>,
 }
 
 /// Validated configuration.
@@ -94,6 +97,8 @@ pub struct Config {
     pub recovery_passphrase_file: Option<PathBuf>,
     /// Connection cap of both sockets; `None`: from the open-file limit.
     pub max_connections: Option<usize>,
+    /// The shortest grace period a standalone retire may ask for.
+    pub min_grace_secs: u64,
 }
 
 impl Settings {
@@ -127,6 +132,7 @@ impl Settings {
                 .recovery_passphrase_file
                 .or(file.recovery_passphrase_file),
             max_connections: self.max_connections.or(file.max_connections),
+            min_retire_grace: self.min_retire_grace.or(file.min_retire_grace),
         }
     }
 
@@ -171,11 +177,22 @@ impl Settings {
                 }
             },
         };
+        let min_grace_secs = match self.min_retire_grace.as_deref() {
+            None => edgekms_core::rotation::MIN_GRACE_SECS,
+            Some(text) => match edgekms_daemon::duration::parse(text) {
+                Ok(d) => d.as_secs(),
+                Err(e) => {
+                    problems.push(format!("--min-retire-grace: {e}"));
+                    edgekms_core::rotation::MIN_GRACE_SECS
+                }
+            },
+        };
         if self.max_connections == Some(0) {
             problems.push("--max-connections must be at least 1".to_owned());
         }
         if problems.is_empty() {
             Ok(Config {
+                min_grace_secs,
                 max_connections: self.max_connections,
                 sync_backoff_max,
                 socket,

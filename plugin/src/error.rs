@@ -24,6 +24,9 @@ pub enum NodeError {
     Unavailable(String),
     #[error("{0}")]
     InvalidArgument(String),
+    /// Refused in the present state (a retire the census does not allow).
+    #[error("{0}")]
+    FailedPrecondition(String),
     #[error("recovery refused: {0}")]
     Recovery(String),
 }
@@ -71,6 +74,8 @@ fn keyring_code(e: &KeyringError) -> Code {
         KeyringError::KeyIdMismatch { .. } => Code::InvalidArgument,
         KeyringError::UnknownVersion { .. } => Code::NotFound,
         KeyringError::Retired { .. }
+        | KeyringError::Disabled { .. }
+        | KeyringError::NotDisabled { .. }
         | KeyringError::IllegalTransition { .. }
         | KeyringError::RetirePrimary { .. } => Code::FailedPrecondition,
         KeyringError::DuplicateVersion { .. } => Code::AlreadyExists,
@@ -123,6 +128,7 @@ impl NodeError {
             NodeError::Seal(e) => seal_code(e),
             NodeError::Unavailable(_) => Code::Unavailable,
             NodeError::InvalidArgument(_) => Code::InvalidArgument,
+            NodeError::FailedPrecondition(_) => Code::FailedPrecondition,
             NodeError::Recovery(_) => Code::PermissionDenied,
         }
     }

@@ -12,8 +12,10 @@ use edgekms_proto::kms_v2::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::error::NodeError;
 use crate::metrics::{self, KmsMethod};
 use crate::node::Node;
+use edgekms_core::KeyringError;
 
 pub struct KmsService {
     node: Arc<Node>,
@@ -92,6 +94,9 @@ impl KeyManagementService for KmsService {
                     }))
                 }
                 Err(e) => {
+                    if let NodeError::Keyring(KeyringError::Disabled { version, .. }) = &e {
+                        metrics::record_disabled_read(*version);
+                    }
                     tracing::warn!(target: "audit", op = "decrypt", uid = %req.uid, key_id = %req.key_id, result = %e);
                     Err(e.into())
                 }

@@ -245,10 +245,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let kms = socket::bind(&cfg.socket)?;
         let admin = socket::bind(&cfg.admin_socket)?;
         tokio::spawn(sync::run(node.clone(), cfg.sync_backoff_max));
+        tokio::spawn(destroy_when_due(node.clone()));
         socket::serve(node, kms, admin, limits, cli::shutdown_signal()).await?;
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// A standalone node destroys each disabled version once its grace period
+/// is over (a joined node waits for the central service to say so). Checked
+/// every few seconds: cheap, and a short test grace ends on time.
+async fn destroy_when_due(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        let n = node.clone();
+        let now = edgekms_daemon::config::now_unix();
+        match tokio::task::spawn_blocking(move || n.destroy_due(now)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "destroying a disabled version failed; retrying")
+            }
+            Err(e) => tracing::warn!(error = %e, "the destruction task failed"),
+        }
+    }
 }
 
 /// `/readyz` answers exactly what KMS Status reports as healthz ("ok", or

@@ -134,6 +134,7 @@ pub struct Metrics {
     refused_states: IntCounterVec,
     central_reconciling: IntGauge,
     store_repairs: IntCounterVec,
+    disabled_reads: IntCounterVec,
     last_contact: Mutex<Option<Instant>>,
     /// The code="OK" series of each method (in [`KmsMethod::ALL`] order),
     /// resolved once: the hot path then skips the label lookup.
@@ -207,6 +208,13 @@ impl Metrics {
             ),
             &["record"],
         )?;
+        let disabled_reads = IntCounterVec::new(
+            Opts::new(
+                "edgekms_decrypt_disabled_total",
+                "Decrypt calls refused because the version they name is disabled (retired, in its grace period): data still under a version about to be destroyed. By version.",
+            ),
+            &["version"],
+        )?;
         let registry = Registry::new();
         registry.register(Box::new(kms_requests.clone()))?;
         registry.register(Box::new(kms_duration.clone()))?;
@@ -219,6 +227,7 @@ impl Metrics {
         registry.register(Box::new(refused_states.clone()))?;
         registry.register(Box::new(central_reconciling.clone()))?;
         registry.register(Box::new(store_repairs.clone()))?;
+        registry.register(Box::new(disabled_reads.clone()))?;
         // Every reason shows as 0 from the start, so increase() sees the
         // first refusal.
         for reason in RefusalReason::ALL {
@@ -246,6 +255,7 @@ impl Metrics {
             refused_states,
             central_reconciling,
             store_repairs,
+            disabled_reads,
             last_contact: Mutex::new(None),
         })
     }
@@ -296,6 +306,12 @@ impl Metrics {
 
     pub fn set_central_reconciling(&self, reconciling: bool) {
         self.central_reconciling.set(i64::from(reconciling));
+    }
+
+    pub fn record_disabled_read(&self, version: u32) {
+        self.disabled_reads
+            .with_label_values(&[&version.to_string()])
+            .inc();
     }
 
     /// The text exposition, with the values computed at scrape time
@@ -378,6 +394,13 @@ pub fn record_sync_error(kind: &'static str) {
 pub fn record_refused_state(reason: RefusalReason) {
     if let Some(m) = global() {
         m.record_refused_state(reason);
+    }
+}
+
+/// Call once per Decrypt refused because its version is disabled.
+pub fn record_disabled_read(version: u32) {
+    if let Some(m) = global() {
+        m.record_disabled_read(version);
     }
 }
 

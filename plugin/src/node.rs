@@ -21,10 +21,12 @@ use std::time::Instant;
 use edgekms_core::delivery::{self, Binding, DeliveryKey};
 use edgekms_core::rotation::cluster::Report;
 use edgekms_core::rotation::node::{converge, Received};
-use edgekms_core::{KeyVersion, Keyring};
+use edgekms_core::rotation::retire::{self, Writer};
+use edgekms_core::{KeyVersion, Keyring, KeyringError};
 use edgekms_daemon::config::now_unix;
 use edgekms_hsm::{Key256, SealError, SealedBlob, Sealer, SealerInfo, SoftKeyFile};
-use edgekms_proto::fleet::{ClusterState, KeyRef, ReturnedKey};
+use edgekms_proto::fleet::{Census, ClusterState, KeyRef, NodeReport, ReturnedKey};
+use prost::Message;
 use zeroize::Zeroizing;
 
 use crate::cache::{Cache, CacheError};
@@ -48,7 +50,8 @@ pub struct LocalStatus {
     pub node: String,
     pub healthz: String,
     pub primary: Option<(u32, String)>,
-    pub versions: Vec<(u32, &'static str, String, u64)>,
+    /// (version, state, key_id, created, destroy_after (0: none)).
+    pub versions: Vec<(u32, &'static str, String, u64, u64)>,
     pub sealer: SealerInfo,
     /// What the sealer reads from this node's sealed key (TPM: noDA).
     pub sealed_key: SealerInfo,
@@ -56,6 +59,10 @@ pub struct LocalStatus {
     pub unsealed: bool,
     /// The central key service last said it is reconciling.
     pub central_reconciling: bool,
+    /// What the apiserver writes under, and since when (empty: unknown).
+    pub writes: (String, u64),
+    /// The newest census this node keeps.
+    pub census: Option<Census>,
 }
 
 pub struct Node {
@@ -73,6 +80,13 @@ pub struct Node {
     fleet_seq: AtomicU64,
     /// What the central service last said of itself: reconciling or not.
     central_reconciling: AtomicBool,
+    /// The key_id the apiserver last had a DEK seed encrypted under, and
+    /// since when (persisted, so a restart does not forget it).
+    writes: Mutex<(String, u64)>,
+    /// Wakes the sync task to report at once (a new census, a switch).
+    report_now: tokio::sync::Notify,
+    /// The shortest grace period a standalone retire may ask for.
+    min_grace_secs: u64,
 }
 
 /// Why a version the central service asked for is not returned.
@@ -213,6 +227,11 @@ impl Node {
             None => cfg.node.clone(),
         };
         let fleet_seq = store.fleet_seq()?;
+        // Only a hint for retire checks: a damaged record is forgotten.
+        let writes = store.writes().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "forgetting what the apiserver writes under");
+            None
+        });
         let cluster = store.cluster().to_owned();
         let node = Self {
             snapshot: RwLock::new(Arc::new(Snapshot {
@@ -228,6 +247,9 @@ impl Node {
             fleet: joining || fleet.is_some(),
             fleet_seq: AtomicU64::new(fleet_seq),
             central_reconciling: AtomicBool::new(false),
+            writes: Mutex::new(writes.unwrap_or_default()),
+            report_now: tokio::sync::Notify::new(),
+            min_grace_secs: cfg.min_grace_secs,
         };
         let nsk = match node.cache.sealed_nsk()? {
             Some(blob) => {
@@ -405,10 +427,75 @@ impl Node {
     }
 
     /// Encrypts under the primary; returns `(ciphertext, key_id, version)`.
+    /// Each call is kube-apiserver wrapping a new DEK seed, so the key_id
+    /// is what it writes under from now on ([`Node::note_writes`]).
     pub fn encrypt(&self, plaintext: &[u8]) -> Result<(Vec<u8>, String, u32), NodeError> {
         let snap = self.serving()?;
         let (ct, kv) = snap.keyring.encrypt(plaintext)?;
+        self.note_writes(&kv.key_id);
         Ok((ct, kv.key_id.clone(), kv.version))
+    }
+
+    /// Remembers (durably) that the apiserver writes under `key_id` from
+    /// now on; the retire rule and `kmsctl migrate` read it. Only a change
+    /// costs a write, and a failed write costs only the hint.
+    fn note_writes(&self, key_id: &str) {
+        let mut writes = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        if writes.0 == key_id {
+            return;
+        }
+        let since = now_unix();
+        if let Err(e) = self.cache.put_writes(key_id, since) {
+            tracing::warn!(error = %e, "cannot record what the apiserver writes under");
+        }
+        *writes = (key_id.to_owned(), since);
+        drop(writes);
+        tracing::info!(key_id, "kube-apiserver now writes under this key_id");
+        self.report_now.notify_one();
+    }
+
+    /// What the apiserver writes under, and since when.
+    pub fn writes(&self) -> (String, u64) {
+        self.writes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Resolves when something worth reporting at once changed.
+    pub async fn report_wanted(&self) {
+        self.report_now.notified().await
+    }
+
+    /// The newest census this node keeps (a damaged record: none).
+    pub fn census(&self) -> Option<Census> {
+        let raw = self.cache.census().ok().flatten()?;
+        Census::decode(raw.as_slice()).ok()
+    }
+
+    /// Keeps `census` if it is newer than the one kept (what `kmsctl local
+    /// census` and `census_every` give); a joined node reports it.
+    pub fn record_census(&self, census: Census) -> Result<(), NodeError> {
+        edgekms_proto::convert::census_counts(&census)
+            .map_err(|e| NodeError::InvalidArgument(e.to_string()))?;
+        let _guard = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        if self
+            .census()
+            .is_some_and(|kept| kept.taken_unix > census.taken_unix)
+        {
+            return Err(NodeError::InvalidArgument(
+                "a newer census is already kept".into(),
+            ));
+        }
+        self.cache.put_census(&census.encode_to_vec())?;
+        tracing::info!(target: "audit", op = "census", taken_unix = census.taken_unix, revision = census.revision, scanned = census.scanned, result = "ok");
+        self.report_now.notify_one();
+        Ok(())
+    }
+
+    /// This node's report on the wire, with `returned` keys.
+    pub fn wire_report(&self, report: &Report, returned: Vec<ReturnedKey>) -> NodeReport {
+        edgekms_proto::convert::node_report(report, returned, self.census())
     }
 
     /// Decrypts under the version the envelope names.
@@ -461,20 +548,102 @@ impl Node {
         Ok(kv)
     }
 
-    /// Retires `version`, destroying its key here.
-    pub fn retire(&self, version: u32) -> Result<(), NodeError> {
+    /// Standalone retire: disables `version` for `grace_secs` (0: the
+    /// default), after which [`Node::destroy_due`] destroys it. Refused
+    /// while the newest census does not show it unused, unless
+    /// `skip_census` ([`retire::check_unused`]). Returns when it is
+    /// destroyed.
+    pub fn retire(
+        &self,
+        version: u32,
+        grace_secs: u64,
+        skip_census: bool,
+    ) -> Result<u64, NodeError> {
         self.refuse_if_fleet("retire")?;
         let _guard = self.admin.lock().unwrap_or_else(|e| e.into_inner());
         let nsk = self.current_nsk()?;
         let mut next = self.serving()?.keyring.clone();
-        if let Err(e) = next.retire(version) {
+        let refused = |e: NodeError| {
             tracing::info!(target: "audit", op = "retire", version, result = %e);
+            e
+        };
+        let grace = retire::grace(grace_secs, self.min_grace_secs)
+            .map_err(|e| refused(NodeError::InvalidArgument(e.to_string())))?;
+        let kv = next.get(version).cloned().ok_or_else(|| {
+            refused(
+                KeyringError::UnknownVersion {
+                    version,
+                    key_id: String::new(),
+                }
+                .into(),
+            )
+        })?;
+        if skip_census {
+            tracing::warn!(target: "audit", op = "retire", version, census = "skipped", "retiring without a census showing the version unused (--skip-census)");
+        } else if kv.state() == edgekms_core::VersionState::DecryptOnly {
+            let census = self
+                .census()
+                .and_then(|c| edgekms_proto::convert::census_counts(&c).ok());
+            let (key_id, since) = self.writes();
+            let writer = Writer {
+                node: self.node.clone(),
+                key_id,
+                since_unix: since,
+            };
+            let superseded = next.superseded_unix(version).unwrap_or_default();
+            retire::check_unused(version, &kv.key_id, superseded, census.as_ref(), &[writer])
+                .map_err(|e| refused(NodeError::FailedPrecondition(e.to_string())))?;
+        }
+        let destroy_after = now_unix().saturating_add(grace);
+        next.disable(version, destroy_after)
+            .map_err(|e| refused(e.into()))?;
+        self.cache.save_versions(&nsk, &next, &[version])?;
+        self.publish(next, None);
+        tracing::info!(target: "audit", op = "retire", version, destroy_after_unix = destroy_after, census_skipped = skip_census, result = "disabled");
+        Ok(destroy_after)
+    }
+
+    /// Standalone: brings disabled `version` back to decrypt-only.
+    pub fn restore_version(&self, version: u32) -> Result<(), NodeError> {
+        self.refuse_if_fleet("restore-version")?;
+        let _guard = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        let nsk = self.current_nsk()?;
+        let mut next = self.serving()?.keyring.clone();
+        if let Err(e) = next.restore(version) {
+            tracing::info!(target: "audit", op = "restore-version", version, result = %e);
             return Err(e.into());
         }
         self.cache.save_versions(&nsk, &next, &[version])?;
         self.publish(next, None);
-        tracing::info!(target: "audit", op = "retire", version, result = "ok");
+        tracing::info!(target: "audit", op = "restore-version", version, result = "ok");
         Ok(())
+    }
+
+    /// Standalone: destroys every disabled version whose grace period is
+    /// over at `now`. Returns the versions destroyed.
+    pub fn destroy_due(&self, now: u64) -> Result<Vec<u32>, NodeError> {
+        if self.fleet {
+            return Ok(Vec::new());
+        }
+        let _guard = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        let Ok(snap) = self.serving() else {
+            return Ok(Vec::new());
+        };
+        let due = snap.keyring.due_for_destruction(now);
+        if due.is_empty() {
+            return Ok(due);
+        }
+        let nsk = self.current_nsk()?;
+        let mut next = snap.keyring.clone();
+        for &v in &due {
+            next.retire(v)?;
+        }
+        self.cache.save_versions(&nsk, &next, &due)?;
+        self.publish(next, None);
+        for &version in &due {
+            tracing::info!(target: "audit", op = "destroy", version, reason = "grace period over", result = "ok");
+        }
+        Ok(due)
     }
 
     /// Recovery after a policy failure: opens the NSK with the recovery
@@ -517,12 +686,21 @@ impl Node {
         self.current_nsk()
     }
 
-    /// What this node holds, for its report to the central service.
+    /// What this node holds, for its report to the central service, with
+    /// what its apiserver writes under and the counts of its census.
     pub fn holding(&self) -> Report {
-        Report::of(
-            &self.snapshot().keyring,
-            self.fleet_seq.load(Ordering::SeqCst),
-        )
+        let (writes_key_id, writes_since_unix) = self.writes();
+        Report {
+            writes_key_id,
+            writes_since_unix,
+            census: self
+                .census()
+                .and_then(|c| edgekms_proto::convert::census_counts(&c).ok()),
+            ..Report::of(
+                &self.snapshot().keyring,
+                self.fleet_seq.load(Ordering::SeqCst),
+            )
+        }
     }
 
     /// Remembers what the central service last said of itself.
@@ -661,6 +839,7 @@ impl Node {
                         kv.state().as_str(),
                         kv.key_id.clone(),
                         kv.created_unix,
+                        kv.destroy_after_unix().unwrap_or_default(),
                     )
                 })
                 .collect(),
@@ -672,6 +851,8 @@ impl Node {
             hardware_backed: self.sealer.is_hardware_backed(),
             unsealed: snap.unavailable.is_none(),
             central_reconciling: self.central_reconciling.load(Ordering::SeqCst),
+            writes: self.writes(),
+            census: self.census(),
         }
     }
 }
@@ -720,6 +901,7 @@ mod tests {
                 .unwrap()
                 .into(),
             key_id,
+            destroy_after_unix: 0,
         }
     }
 
@@ -805,7 +987,8 @@ mod tests {
                 held: [(1, held)].into(),
                 destroyed: Default::default(),
                 applied_seq: 7,
-                primary: 1
+                primary: 1,
+                ..Report::default()
             }
         );
         assert_eq!(node.status().0, "ok");
@@ -834,7 +1017,8 @@ mod tests {
                 .into(),
                 destroyed: [(3, key_ref(3, &k3).key_id)].into(),
                 applied_seq: 3,
-                primary: 2
+                primary: 2,
+                ..Report::default()
             }
         );
         assert_eq!(holding.numbers(), [1, 2]);

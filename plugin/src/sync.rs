@@ -14,7 +14,6 @@ use edgekms_core::delivery::DeliveryKey;
 use edgekms_core::rotation::cluster::Report;
 use edgekms_daemon::pki::{self, PrivateKey};
 use edgekms_daemon::tls;
-use edgekms_proto::convert::node_report;
 use edgekms_proto::fleet::fleet_client::FleetClient;
 use edgekms_proto::fleet::{ClusterState, JoinRequest, KeyRef, NodeReport, ReturnedKey};
 use rand::Rng;
@@ -189,7 +188,7 @@ impl SyncClient {
                     .map_err(|_| SyncError::Stream("report channel closed".into()))
             }
         };
-        send(&tx, node_report(&self.node.holding(), Vec::new())).await?;
+        send(&tx, self.node.wire_report(&self.node.holding(), Vec::new())).await?;
         let mut inbound = client
             .sync(ReceiverStream::new(rx))
             .await
@@ -216,7 +215,7 @@ impl SyncClient {
                             let returned = answer_wanted(&self.node, &state);
                             answered = Some((state.wanted, now));
                             if !returned.is_empty() {
-                                send(&tx, node_report(&self.node.holding(), returned)).await?;
+                                send(&tx, self.node.wire_report(&self.node.holding(), returned)).await?;
                             }
                         }
                         continue;
@@ -230,7 +229,7 @@ impl SyncClient {
                     .map_err(|e| SyncError::Stream(format!("apply task failed: {e}")))??;
                     edgekms_daemon::failpoint::hit("plugin-before-ack");
                     let has_primary = holding.primary != 0;
-                    send(&tx, node_report(&holding, Vec::new())).await?;
+                    send(&tx, self.node.wire_report(&holding, Vec::new())).await?;
                     if until_primary && has_primary {
                         // Let the report reach the service before closing.
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -238,7 +237,12 @@ impl SyncClient {
                     }
                 }
                 _ = tick.tick() => {
-                    send(&tx, node_report(&self.node.holding(), Vec::new())).await?;
+                    send(&tx, self.node.wire_report(&self.node.holding(), Vec::new())).await?;
+                }
+                // A new census or a switch of the apiserver's key_id: the
+                // service's retire rule wants it now, not at the next tick.
+                _ = self.node.report_wanted() => {
+                    send(&tx, self.node.wire_report(&self.node.holding(), Vec::new())).await?;
                 }
             }
         }

@@ -51,7 +51,8 @@ fn no_key_or_plaintext_in_the_data_dir() {
             node.encrypt(known).unwrap();
             node.rotate().unwrap();
         }
-        node.retire(1).unwrap();
+        node.retire(1, 0, true).unwrap();
+        assert_eq!(node.destroy_due(u64::MAX).unwrap(), [1]);
         for kv in node.snapshot().keyring.versions() {
             if let Some(key) = kv.key() {
                 keys.push(key.expose().to_vec());

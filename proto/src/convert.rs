@@ -6,10 +6,12 @@ use std::collections::BTreeMap;
 use edgekms_core::keyid;
 use edgekms_core::rotation::cluster::{Held, Report};
 use edgekms_core::rotation::node::{Received, Retire};
+use edgekms_core::rotation::retire::CensusCounts;
 use edgekms_core::VersionState;
 
 use crate::fleet::{
-    ClusterState, HeldVersion, KeyRef, NodeReport, ReturnedKey, VersionState as Wire,
+    Census, CensusCount, ClusterState, HeldVersion, KeyRef, NodeReport, ReturnedKey,
+    VersionState as Wire,
 };
 
 /// The state a node is told to hold a version in. Only the states a node
@@ -20,6 +22,7 @@ pub fn wire_state(state: VersionState) -> Option<Wire> {
         VersionState::Pending => Some(Wire::Pending),
         VersionState::Primary => Some(Wire::Primary),
         VersionState::DecryptOnly => Some(Wire::DecryptOnly),
+        VersionState::Disabled => Some(Wire::Disabled),
         VersionState::Retiring | VersionState::Retired => None,
     }
 }
@@ -30,6 +33,7 @@ pub fn version_state(wire: Wire) -> Option<VersionState> {
         Wire::Pending => Some(VersionState::Pending),
         Wire::Primary => Some(VersionState::Primary),
         Wire::DecryptOnly => Some(VersionState::DecryptOnly),
+        Wire::Disabled => Some(VersionState::Disabled),
         Wire::Unspecified => None,
     }
 }
@@ -51,6 +55,8 @@ pub fn received(state: &ClusterState) -> Result<Vec<Received<'_>>, NoState> {
                 state: version_state(entry.state()).ok_or(NoState(entry.version))?,
                 key_id: &entry.key_id,
                 wrapped_key: &entry.wrapped_key,
+                destroy_after_unix: (entry.destroy_after_unix != 0)
+                    .then_some(entry.destroy_after_unix),
             })
         })
         .collect()
@@ -82,10 +88,14 @@ pub fn retire_orders(state: &ClusterState) -> Vec<Retire<'_>> {
 }
 
 /// A node's report on the wire: every version by number (for services
-/// older than key_ids) and by key_id with its state, its tombstones, and
-/// the keys it returns to a reconciling service.
-pub fn node_report(r: &Report, returned: Vec<ReturnedKey>) -> NodeReport {
+/// older than key_ids) and by key_id with its state, its tombstones, the
+/// keys it returns to a reconciling service, what its apiserver writes
+/// under and its newest census (sent whole: `census` is the wire's).
+pub fn node_report(r: &Report, returned: Vec<ReturnedKey>, census: Option<Census>) -> NodeReport {
     NodeReport {
+        writes_key_id: r.writes_key_id.clone(),
+        writes_since_unix: r.writes_since_unix,
+        census,
         held: r.held.keys().copied().collect(),
         applied_seq: r.applied_seq,
         primary: r.primary,
@@ -95,8 +105,8 @@ pub fn node_report(r: &Report, returned: Vec<ReturnedKey>) -> NodeReport {
             .map(|(&version, h)| HeldVersion {
                 version,
                 key_id: h.key_id.clone(),
-                // A held version is pending, primary or decrypt-only, all
-                // of which exist on the wire.
+                // A held version is pending, primary, decrypt-only or
+                // disabled, all of which exist on the wire.
                 state: wire_state(h.state).unwrap_or(Wire::Unspecified) as i32,
             })
             .collect(),
@@ -128,6 +138,63 @@ pub enum ReportError {
     },
     #[error("version {0} reported twice")]
     Twice(u32),
+    #[error("the report's {what} is too large ({len} > {max})")]
+    TooLarge {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
+}
+
+/// The most (key_id, resource) counts a census on the wire may carry: a
+/// cluster has few key_ids and resources, so more is not a census.
+pub const MAX_CENSUS_COUNTS: usize = 4096;
+
+/// What the retire rule reads of a census: when it was taken and the
+/// objects per key_id and resource. Bounded: it comes from a node.
+pub fn census_counts(c: &Census) -> Result<CensusCounts, ReportError> {
+    if c.under.len() > MAX_CENSUS_COUNTS {
+        return Err(ReportError::TooLarge {
+            what: "census",
+            len: c.under.len(),
+            max: MAX_CENSUS_COUNTS,
+        });
+    }
+    let mut counts = CensusCounts {
+        taken_unix: c.taken_unix,
+        ..CensusCounts::default()
+    };
+    for n in &c.under {
+        for (what, text) in [
+            ("census key_id", &n.key_id),
+            ("census resource", &n.resource),
+        ] {
+            if text.len() > keyid::MAX_KEY_ID {
+                return Err(ReportError::TooLarge {
+                    what,
+                    len: text.len(),
+                    max: keyid::MAX_KEY_ID,
+                });
+            }
+        }
+        let slot = counts
+            .under
+            .entry(n.key_id.clone())
+            .or_default()
+            .entry(n.resource.clone())
+            .or_default();
+        *slot = slot.saturating_add(n.objects);
+    }
+    Ok(counts)
+}
+
+/// One count of a census, for building one on the wire.
+pub fn census_count(key_id: &str, resource: &str, objects: u64) -> CensusCount {
+    CensusCount {
+        key_id: key_id.to_owned(),
+        resource: resource.to_owned(),
+        objects,
+    }
 }
 
 /// A node of `cluster`'s report as the protocol reads it. A report without
@@ -164,11 +231,21 @@ pub fn report(cluster: &str, r: &NodeReport) -> Result<Report, ReportError> {
         check(d.version, &d.key_id)?;
         destroyed.insert(d.version, d.key_id.clone());
     }
+    if r.writes_key_id.len() > keyid::MAX_KEY_ID {
+        return Err(ReportError::TooLarge {
+            what: "writes_key_id",
+            len: r.writes_key_id.len(),
+            max: keyid::MAX_KEY_ID,
+        });
+    }
     Ok(Report {
         held,
         destroyed,
         applied_seq: r.applied_seq,
         primary: r.primary,
+        writes_key_id: r.writes_key_id.clone(),
+        writes_since_unix: r.writes_since_unix,
+        census: r.census.as_ref().map(census_counts).transpose()?,
     })
 }
 
@@ -241,13 +318,42 @@ mod tests {
                 key_id: V1.into(),
             }],
             returned: vec![],
+            writes_key_id: V2.into(),
+            writes_since_unix: 40,
+            census: Some(Census {
+                taken_unix: 50,
+                under: vec![
+                    census_count(V1, "secrets", 3),
+                    census_count(V2, "secrets", 4),
+                ],
+                ..Census::default()
+            }),
         };
         let r = report("c", &wire).unwrap();
         assert_eq!(r.held[&2].key_id, V2);
         assert_eq!(r.held[&2].state, VersionState::Primary);
         assert_eq!(r.destroyed[&1], V1);
         assert_eq!((r.applied_seq, r.primary), (5, 2));
-        assert_eq!(node_report(&r, vec![]), wire);
+        assert_eq!((r.writes_key_id.as_str(), r.writes_since_unix), (V2, 40));
+        let census = r.census.clone().unwrap();
+        assert_eq!(census.taken_unix, 50);
+        assert_eq!(census.resources_under(V1), [("secrets".to_owned(), 3)]);
+        assert_eq!(node_report(&r, vec![], wire.census.clone()), wire);
+
+        // A census too large for any cluster, a huge writes_key_id: refused.
+        let mut huge = wire.clone();
+        huge.census.as_mut().unwrap().under =
+            vec![census_count(V1, "secrets", 1); MAX_CENSUS_COUNTS + 1];
+        assert!(matches!(
+            report("c", &huge),
+            Err(ReportError::TooLarge { .. })
+        ));
+        let mut huge = wire.clone();
+        huge.writes_key_id = "x".repeat(keyid::MAX_KEY_ID + 1);
+        assert!(matches!(
+            report("c", &huge),
+            Err(ReportError::TooLarge { .. })
+        ));
 
         // Another cluster's key_id, another version's, a huge one, no
         // state, the same version twice: refused, naming what is wrong.

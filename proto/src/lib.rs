@@ -12,15 +12,24 @@ pub mod kms_v2 {
     tonic::include_proto!("v2");
 }
 
+/// Nested as the packages are, so that the admin API's references to
+/// fleet messages (`edgekms.fleet.v1.Census`) resolve.
 #[allow(clippy::all, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-pub mod admin {
-    tonic::include_proto!("edgekms.admin.v1");
+mod edgekms {
+    pub mod admin {
+        pub mod v1 {
+            tonic::include_proto!("edgekms.admin.v1");
+        }
+    }
+    pub mod fleet {
+        pub mod v1 {
+            tonic::include_proto!("edgekms.fleet.v1");
+        }
+    }
 }
 
-#[allow(clippy::all, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-pub mod fleet {
-    tonic::include_proto!("edgekms.fleet.v1");
-}
+pub use edgekms::admin::v1 as admin;
+pub use edgekms::fleet::v1 as fleet;
 
 pub mod convert;
 pub mod uds;

@@ -106,12 +106,21 @@ impl Server {
     /// Starts the process (again) on the same address and data dir.
     pub fn respawn(&mut self) {
         let mut cmd = command_with_nofile(&bin("edgekms-server"), self.nofile);
-        cmd.args(["--sealer", "soft", "--heartbeat", "1s", "--data-dir"])
-            .arg(&self.data_dir)
-            .args(["--listen", &self.listen.to_string()])
-            .args(&self.extra_args)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("RUST_LOG", "info");
+        // A short minimum grace: tests retire with `--grace 1s`.
+        cmd.args([
+            "--sealer",
+            "soft",
+            "--heartbeat",
+            "1s",
+            "--min-retire-grace",
+            "1s",
+        ])
+        .arg("--data-dir")
+        .arg(&self.data_dir)
+        .args(["--listen", &self.listen.to_string()])
+        .args(&self.extra_args)
+        .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("RUST_LOG", "info");
         match &mut self.daemon {
             Some(d) => d.respawn(cmd),
             None => {

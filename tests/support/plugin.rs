@@ -44,6 +44,9 @@ impl Plugin {
             "node-1".into(),
             "--sealer".into(),
             "soft".into(),
+            // Tests retire with `--grace 1s`.
+            "--min-retire-grace".into(),
+            "1s".into(),
         ]
     }
 

@@ -1,7 +1,8 @@
 //! The keyring: a node's KEK versions with their keys, moved through the
 //! states of [`VersionState`] (its module draws them) by checked
 //! transitions. A keyring never holds a `retiring` version: that state
-//! exists only centrally.
+//! exists only centrally. A `disabled` version keeps its key (it can be
+//! restored) but Decrypt under it is refused, naming the way back.
 //!
 //! Exactly one version is primary once any is; promoting a version demotes
 //! the old primary in the same step, so readers of one [`Keyring`] value
@@ -34,6 +35,8 @@ pub struct KeyVersion {
     pub created_unix: u64,
     /// `None` once retired.
     key: Option<Arc<Key256>>,
+    /// Disabled only: when it is destroyed (unix time).
+    destroy_after_unix: Option<u64>,
 }
 
 impl fmt::Debug for KeyVersion {
@@ -42,6 +45,7 @@ impl fmt::Debug for KeyVersion {
             .field("version", &self.version)
             .field("state", &self.state)
             .field("key_id", &self.key_id)
+            .field("destroy_after_unix", &self.destroy_after_unix)
             .field("key", &self.key.as_ref().map(|_| "[redacted]"))
             .finish()
     }
@@ -61,8 +65,23 @@ impl KeyVersion {
             state,
             key_id: keyid::derive(cluster, version, &key),
             created_unix,
-            key: state.can_decrypt().then(|| Arc::new(key)),
+            key: state.held_by_nodes().then(|| Arc::new(key)),
+            destroy_after_unix: None,
         }
+    }
+
+    /// The same version disabled until `destroy_after_unix` (a record read
+    /// back from a cache). Only a disabled version has that time.
+    pub fn with_destroy_after(self, destroy_after_unix: Option<u64>) -> Self {
+        Self {
+            destroy_after_unix: destroy_after_unix.filter(|_| self.state == VersionState::Disabled),
+            ..self
+        }
+    }
+
+    /// Disabled only: when it is destroyed.
+    pub fn destroy_after_unix(&self) -> Option<u64> {
+        self.destroy_after_unix
     }
 
     /// A retired version: number and id only.
@@ -73,6 +92,7 @@ impl KeyVersion {
             key_id,
             created_unix,
             key: None,
+            destroy_after_unix: None,
         }
     }
 
@@ -104,6 +124,9 @@ impl KeyVersion {
     pub(crate) fn in_state(&self, state: VersionState) -> Self {
         Self {
             state,
+            destroy_after_unix: self
+                .destroy_after_unix
+                .filter(|_| state == VersionState::Disabled),
             ..self.clone()
         }
     }
@@ -119,6 +142,16 @@ pub enum KeyringError {
     UnknownVersion { version: u32, key_id: String },
     #[error("KEK version {version} ({key_id}) was retired and its key destroyed: data under it cannot be decrypted (re-encrypt data before retiring a version)")]
     Retired { version: u32, key_id: String },
+    #[error("KEK version {version} ({key_id}) is disabled: it was retired and will be destroyed at {} unless restored, so decrypting under it is refused; data is still under it: bring the version back with `kmsctl restore-version CLUSTER {version}` (a standalone node: `kmsctl local restore-version {version}`), then run `kmsctl migrate`", crate::utc::format(*destroy_after_unix))]
+    Disabled {
+        version: u32,
+        key_id: String,
+        destroy_after_unix: u64,
+    },
+    #[error(
+        "KEK version {version} is {state}, not disabled: only a disabled version can be restored"
+    )]
+    NotDisabled { version: u32, state: VersionState },
     #[error("KEK version {version} cannot go from {from} to {to}")]
     IllegalTransition {
         version: u32,
@@ -222,7 +255,9 @@ impl Keyring {
         Ok(())
     }
 
-    /// Retires `version`, destroying its key. The primary is refused.
+    /// Destroys `version`'s key: a disabled version (its grace period is
+    /// over) or a pending one (abandoned: never written under). The
+    /// primary is refused; a decrypt-only version must be disabled first.
     pub fn retire(&mut self, version: u32) -> Result<(), KeyringError> {
         if self.primary().is_some_and(|p| p.version == version) {
             return Err(KeyringError::RetirePrimary { version });
@@ -231,8 +266,61 @@ impl Keyring {
         if let Some(kv) = self.versions.get_mut(&version) {
             kv.state = VersionState::Retired;
             kv.key = None;
+            kv.destroy_after_unix = None;
         }
         Ok(())
+    }
+
+    /// Disables decrypt-only `version` until `destroy_after_unix`: it is
+    /// kept, but Decrypt under it is refused. The primary is refused.
+    pub fn disable(&mut self, version: u32, destroy_after_unix: u64) -> Result<(), KeyringError> {
+        if self.primary().is_some_and(|p| p.version == version) {
+            return Err(KeyringError::RetirePrimary { version });
+        }
+        self.check(version, VersionState::Disabled)?;
+        if let Some(kv) = self.versions.get_mut(&version) {
+            kv.state = VersionState::Disabled;
+            kv.destroy_after_unix = Some(destroy_after_unix);
+        }
+        Ok(())
+    }
+
+    /// Brings disabled `version` back to decrypt-only.
+    pub fn restore(&mut self, version: u32) -> Result<(), KeyringError> {
+        match self.versions.get_mut(&version) {
+            Some(kv) if kv.state == VersionState::Disabled => {
+                kv.state = VersionState::DecryptOnly;
+                kv.destroy_after_unix = None;
+                Ok(())
+            }
+            Some(kv) => Err(KeyringError::NotDisabled {
+                version,
+                state: kv.state,
+            }),
+            None => Err(KeyringError::UnknownVersion {
+                version,
+                key_id: String::new(),
+            }),
+        }
+    }
+
+    /// Disabled versions whose grace period is over at `now`.
+    pub fn due_for_destruction(&self, now: u64) -> Vec<u32> {
+        self.versions
+            .values()
+            .filter(|kv| kv.state == VersionState::Disabled)
+            .filter(|kv| kv.destroy_after_unix.is_some_and(|t| t <= now))
+            .map(|kv| kv.version)
+            .collect()
+    }
+
+    /// When `version` stopped being primary: on a standalone node, where
+    /// every new version is promoted at once, the creation of the next one.
+    pub fn superseded_unix(&self, version: u32) -> Option<u64> {
+        self.versions
+            .range(version.saturating_add(1)..)
+            .next()
+            .map(|(_, kv)| kv.created_unix)
     }
 
     fn check(&self, version: u32, to: VersionState) -> Result<(), KeyringError> {
@@ -309,6 +397,13 @@ impl Keyring {
             version,
             key_id: kv.key_id.clone(),
         })?;
+        if kv.state == VersionState::Disabled {
+            return Err(KeyringError::Disabled {
+                version,
+                key_id: kv.key_id.clone(),
+                destroy_after_unix: kv.destroy_after_unix.unwrap_or_default(),
+            });
+        }
         if kv.key_id != key_id {
             return Err(KeyringError::KeyIdMismatch {
                 version,
@@ -356,8 +451,10 @@ mod tests {
             (Pending, Primary),
             (Pending, Retired),
             (Primary, DecryptOnly),
-            (DecryptOnly, Retiring),
-            (DecryptOnly, Retired),
+            (DecryptOnly, Disabled),
+            (Disabled, DecryptOnly),
+            (Disabled, Retiring),
+            (Disabled, Retired),
             (Retiring, Retired),
         ];
         for from in VersionState::ALL {
@@ -425,9 +522,72 @@ mod tests {
         assert_eq!(ring.get(1).unwrap().state, DecryptOnly);
         assert_eq!(ring.get(2).unwrap().state, Primary);
         assert_eq!(ring.get(v3).unwrap().state, Pending);
+        // A decrypt-only version is disabled before it is destroyed.
+        assert!(matches!(
+            ring.retire(1),
+            Err(KeyringError::IllegalTransition {
+                from: DecryptOnly,
+                to: Retired,
+                ..
+            })
+        ));
+        assert_eq!(
+            ring.disable(2, 10),
+            Err(KeyringError::RetirePrimary { version: 2 })
+        );
+        ring.disable(1, 10).unwrap();
         ring.retire(1).unwrap();
         assert_eq!(ring.get(1).unwrap().state, Retired);
         assert!(ring.get(1).unwrap().key().is_none());
+    }
+
+    #[test]
+    fn a_disabled_version_refuses_decrypt_until_restored_and_is_due_after_its_grace() {
+        let mut ring = ring_with(1);
+        let (ct, kv) = ring.encrypt(b"old seed").unwrap();
+        let key_id = kv.key_id.clone();
+        let v2 = ring.add_pending(Key256::generate(), 50).unwrap();
+        ring.promote(v2).unwrap();
+        assert_eq!(ring.superseded_unix(1), Some(50));
+        assert_eq!(ring.superseded_unix(2), None);
+        ring.disable(1, 1_000).unwrap();
+        let err = ring.decrypt(&ct, &key_id).unwrap_err();
+        assert!(matches!(
+            err,
+            KeyringError::Disabled {
+                version: 1,
+                destroy_after_unix: 1_000,
+                ..
+            }
+        ));
+        let msg = err.to_string();
+        assert!(msg.contains("kmsctl restore-version CLUSTER 1"), "{msg}");
+        assert!(msg.contains("1970-01-01 00:16:40 UTC"), "{msg}");
+        // The key is still held: a report names it, restore brings it back.
+        assert!(ring.get(1).unwrap().key().is_some());
+        assert!(ring.due_for_destruction(999).is_empty());
+        assert_eq!(ring.due_for_destruction(1_000), vec![1]);
+        ring.restore(1).unwrap();
+        assert_eq!(ring.get(1).unwrap().destroy_after_unix(), None);
+        assert_eq!(
+            ring.decrypt(&ct, &key_id).unwrap().0.as_slice(),
+            b"old seed"
+        );
+        assert!(ring.due_for_destruction(u64::MAX).is_empty());
+        assert_eq!(
+            ring.restore(1),
+            Err(KeyringError::NotDisabled {
+                version: 1,
+                state: DecryptOnly
+            })
+        );
+        assert_eq!(
+            ring.restore(2),
+            Err(KeyringError::NotDisabled {
+                version: 2,
+                state: Primary
+            })
+        );
     }
 
     #[test]
@@ -484,6 +644,7 @@ mod tests {
         );
         ring.promote(v2).unwrap();
         assert_eq!(ring.decrypt(&old, &v1).unwrap().0.as_slice(), b"old seed");
+        ring.disable(1, 0).unwrap();
         ring.retire(1).unwrap();
         assert!(matches!(
             ring.decrypt(&old, &v1),

@@ -10,6 +10,7 @@
 //!   version may be destroyed) and the node's converge rules.
 //! - [`keyid`]: how a KEK version's `key_id` is derived, and name rules.
 //! - [`delivery`]: how a KEK version travels wrapped to one node.
+//! - [`utc`]: unix times as messages show them.
 //! - [`sealedfile`]: the encrypted file format of both backups, and the
 //!   backup key.
 
@@ -19,6 +20,7 @@ pub mod keyid;
 pub mod keyring;
 pub mod rotation;
 pub mod sealedfile;
+pub mod utc;
 
 pub use keyring::{KeyVersion, Keyring, KeyringError};
 pub use rotation::VersionState;

@@ -51,6 +51,12 @@ pub enum CentralCommand {
     Retire {
         cluster: String,
         version: u32,
+        grace_secs: u64,
+        skip_census: bool,
+    },
+    RestoreVersion {
+        cluster: String,
+        version: u32,
     },
     Status {
         cluster: Option<String>,
@@ -180,11 +186,33 @@ pub async fn run(
             }
         }
         CentralCommand::Rotate(args) => rotate(client, args, json).await?,
-        CentralCommand::Retire { cluster, version } => {
+        CentralCommand::RestoreVersion { cluster, version } => {
+            client
+                .restore_version(pb::RestoreVersionRequest {
+                    cluster: cluster.clone(),
+                    version,
+                })
+                .await?;
+            if json {
+                print_json(json!({"cluster": cluster, "restored": version}));
+            } else {
+                println!(
+                    "restored {cluster} v{version}: decrypt-only again on every node as it syncs"
+                );
+            }
+        }
+        CentralCommand::Retire {
+            cluster,
+            version,
+            grace_secs,
+            skip_census,
+        } => {
             let r = client
                 .retire(pb::RetireRequest {
                     cluster: cluster.clone(),
                     version,
+                    grace_seconds: grace_secs,
+                    skip_census,
                 })
                 .await?
                 .into_inner();
@@ -192,7 +220,14 @@ pub async fn run(
                 print_json(json!({
                     "cluster": cluster, "version": version,
                     "destroyed": r.destroyed, "waiting_for": r.waiting_for,
+                    "destroy_after_unix": r.destroy_after_unix,
+                    "census_skipped": r.census_skipped,
                 }));
+            } else if r.destroy_after_unix != 0 && !r.destroyed {
+                println!(
+                    "disabled {cluster} v{version}: Decrypt under it is refused on every node as it syncs; destroyed at {} unless `kmsctl restore-version {cluster} {version}` brings it back first",
+                    utc(r.destroy_after_unix)
+                );
             } else if r.destroyed {
                 println!(
                     "retired {cluster} v{version}: every node dropped it, central copy destroyed"
@@ -626,14 +661,27 @@ fn print_status(s: &pb::StatusResponse) {
             "VERSION", "STATE", "HELD", "CREATED"
         );
         for v in &c.versions {
+            let scheduled = if v.destroy_after_unix == 0 {
+                String::new()
+            } else {
+                format!("  (destroyed at {})", utc(v.destroy_after_unix))
+            };
             println!(
-                "  {:<8} {:<13} {:<6} {:<20} {}",
+                "  {:<8} {:<13} {:<6} {:<20} {}{scheduled}",
                 format!("v{}", v.version),
                 v.state,
                 format!("{}/{}", v.held_by, active),
                 utc(v.created_unix),
                 v.key_id
             );
+        }
+        match &c.census {
+            Some(x) => print_census(
+                x,
+                &format!(" by {}", c.census_node),
+                c.versions.iter().map(|v| (v.version, v.key_id.as_str())),
+            ),
+            None => println!("  CENSUS: none yet (`kmsctl local census` on a node, or the plugin's census_every)"),
         }
         if c.nodes.is_empty() {
             println!("  (no nodes)");
@@ -698,6 +746,42 @@ fn print_reconciling(c: &pb::ClusterStatus) {
     }
 }
 
+/// A census's objects per version (by key_id) and resource.
+pub(crate) fn print_census<'a>(
+    c: &pb::Census,
+    by: &str,
+    versions: impl Iterator<Item = (u32, &'a str)>,
+) {
+    let names: std::collections::BTreeMap<&str, u32> = versions.map(|(v, k)| (k, v)).collect();
+    println!("  CENSUS counted {}{by}:", utc(c.taken_unix));
+    if c.under.is_empty() {
+        println!("    no object under this provider");
+    }
+    for n in &c.under {
+        let version = names
+            .get(n.key_id.as_str())
+            .map_or("v?".to_owned(), |v| format!("v{v}"));
+        println!(
+            "    {version:<6} {:<24} {:>8}  {}",
+            n.resource, n.objects, n.key_id
+        );
+    }
+}
+
+pub(crate) fn census_json(c: &pb::Census) -> serde_json::Value {
+    let counts = |list: &[pb::CensusCount]| {
+        list.iter()
+            .map(|n| json!({"key_id": n.key_id, "resource": n.resource, "objects": n.objects}))
+            .collect::<Vec<_>>()
+    };
+    json!({
+        "taken_unix": c.taken_unix, "revision": c.revision, "provider": c.provider,
+        "prefix": c.prefix, "scanned": c.scanned, "under": counts(&c.under),
+        "identity": counts(&c.identity), "other": counts(&c.other),
+        "unreadable": counts(&c.unreadable),
+    })
+}
+
 fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
     json!({
         "server_time_unix": s.server_time_unix,
@@ -717,12 +801,19 @@ fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
             "versions": c.versions.iter().map(|v| json!({
                 "version": v.version, "state": v.state, "key_id": v.key_id,
                 "created_unix": v.created_unix, "held_by": v.held_by,
+                "destroy_after_unix": v.destroy_after_unix, "demoted_unix": v.demoted_unix,
             })).collect::<Vec<_>>(),
+            "census": c.census.as_ref().map(|x| {
+                let mut j = census_json(x);
+                j["node"] = json!(c.census_node);
+                j
+            }),
             "nodes": c.nodes.iter().map(|n| json!({
                 "name": n.name, "state": n.state, "connected": n.connected,
                 "last_contact_unix": n.last_contact_unix, "held": n.held,
                 "primary": n.primary, "applied_seq": n.applied_seq, "behind": n.behind,
                 "token_expires_unix": n.token_expires_unix, "excused": n.excused,
+                "writes_key_id": n.writes_key_id, "writes_since_unix": n.writes_since_unix,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })

@@ -36,7 +36,9 @@ use std::process::ExitCode;
 use base64::Engine;
 use clap::{Parser, Subcommand, ValueEnum};
 use edgekms_proto::admin::node_admin_client::NodeAdminClient;
-use edgekms_proto::admin::{ResealRequest, RetireRequest, RotateRequest, StatusRequest};
+use edgekms_proto::admin::{
+    ResealRequest, RestoreVersionRequest, RetireRequest, RotateRequest, StatusRequest,
+};
 use edgekms_proto::kms_v2::key_management_service_client::KeyManagementServiceClient;
 use edgekms_proto::kms_v2::{DecryptRequest, EncryptRequest, StatusRequest as KmsStatusRequest};
 use serde_json::json;
@@ -96,8 +98,15 @@ enum Command {
     },
     /// Start a two-phase rotation of a cluster's KEK (central service)
     Rotate(central::RotateArgs),
-    /// Retire a decrypt-only version: every node destroys it, then the central copy (central service)
-    Retire { cluster: String, version: u32 },
+    /// Retire a decrypt-only version: disabled on every node at once (Decrypt refused, restorable), destroyed after the grace period (central service). Refused unless a census shows nothing stored under it
+    Retire {
+        cluster: String,
+        version: u32,
+        #[command(flatten)]
+        how: RetireFlags,
+    },
+    /// Bring a disabled (retired, not yet destroyed) version back to decrypt-only (central service)
+    RestoreVersion { cluster: String, version: u32 },
     /// Versions and nodes per cluster, and any reconciliation or clash (central service)
     Status { cluster: Option<String> },
     /// End a cluster's reconciliation without the nodes it waits for, named exactly as `kmsctl status` lists them (central service)
@@ -128,8 +137,15 @@ enum LocalCommand {
     Status,
     /// Make a new KEK version primary now; older ones stay decrypt-only
     Rotate,
-    /// Destroy a decrypt-only version's key (data under it becomes unreadable)
+    /// Retire a decrypt-only version: disabled at once (Decrypt refused, restorable), its key destroyed after the grace period. Refused unless a census shows nothing stored under it
     Retire {
+        /// The version number, as `kmsctl local status` shows it
+        version: u32,
+        #[command(flatten)]
+        how: RetireFlags,
+    },
+    /// Bring a disabled (retired, not yet destroyed) version back to decrypt-only
+    RestoreVersion {
         /// The version number, as `kmsctl local status` shows it
         version: u32,
     },
@@ -145,6 +161,32 @@ enum LocalCommand {
     /// Back up this standalone node's keys, encrypted under your backup key
     /// (restore with `edgekms-plugin restore`)
     Backup(backup::LocalBackupArgs),
+}
+
+/// How a version is retired, centrally or locally.
+#[derive(Debug, Clone, clap::Args)]
+struct RetireFlags {
+    /// How long the version stays disabled (Decrypt refused, restorable) before its key is destroyed; at least 1h
+    #[arg(long, value_name = "DURATION", default_value = "7d")]
+    grace: String,
+    /// Retire although no census shows the version unused (DANGEROUS: data still under it is lost once the grace period ends; audited)
+    #[arg(long)]
+    skip_census: bool,
+}
+
+impl RetireFlags {
+    fn grace_secs(&self) -> Result<u64, Failure> {
+        edgekms_daemon::duration::parse_nonzero(&self.grace)
+            .map(|d| d.as_secs())
+            .map_err(|e| Failure::Usage(format!("--grace: {e}")))
+    }
+
+    /// Says loudly what `--skip-census` means, before asking.
+    fn warn(&self, version: u32) {
+        if self.skip_census {
+            eprintln!("WARNING: --skip-census: retiring v{version} without a census showing that nothing is stored under it. Anything still encrypted under it becomes unreadable now and is lost for good when the grace period ends. This is recorded in the audit log.");
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -274,8 +316,23 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             )
             .await
         }
-        Command::Retire { cluster, version } => {
-            let cmd = central::CentralCommand::Retire { cluster, version };
+        Command::Retire {
+            cluster,
+            version,
+            how,
+        } => {
+            let grace_secs = how.grace_secs()?;
+            how.warn(version);
+            let cmd = central::CentralCommand::Retire {
+                cluster,
+                version,
+                grace_secs,
+                skip_census: how.skip_census,
+            };
+            central_cmd(cli.server, cli.operator_dir, cmd, json).await
+        }
+        Command::RestoreVersion { cluster, version } => {
+            let cmd = central::CentralCommand::RestoreVersion { cluster, version };
             central_cmd(cli.server, cli.operator_dir, cmd, json).await
         }
         Command::Status { cluster } => {
@@ -368,7 +425,10 @@ async fn local(
                     "sealer": s.sealer, "central_reconciling": s.central_reconciling,
                     "versions": s.versions.iter().map(|v| json!({
                         "version": v.version, "state": v.state, "key_id": v.key_id, "created_unix": v.created_unix,
+                        "destroy_after_unix": v.destroy_after_unix,
                     })).collect::<Vec<_>>(),
+                    "writes_key_id": s.writes_key_id, "writes_since_unix": s.writes_since_unix,
+                    "census": s.census.as_ref().map(central::census_json),
                 }));
             } else {
                 println!(
@@ -388,9 +448,28 @@ async fn local(
                         " (INSECURE: not hardware-protected)"
                     }
                 );
+                if !s.writes_key_id.is_empty() {
+                    println!(
+                        "apiserver writes under: {} (since {})",
+                        s.writes_key_id,
+                        central::utc(s.writes_since_unix)
+                    );
+                }
                 println!("\n{:>7}  {:<12}  KEY ID", "VERSION", "STATE");
                 for v in &s.versions {
-                    println!("{:>7}  {:<12}  {}", v.version, v.state, v.key_id);
+                    let scheduled = if v.destroy_after_unix == 0 {
+                        String::new()
+                    } else {
+                        format!("  (destroyed at {})", central::utc(v.destroy_after_unix))
+                    };
+                    println!("{:>7}  {:<12}  {}{scheduled}", v.version, v.state, v.key_id);
+                }
+                if let Some(c) = &s.census {
+                    central::print_census(
+                        c,
+                        "",
+                        s.versions.iter().map(|v| (v.version, v.key_id.as_str())),
+                    );
                 }
             }
         }
@@ -402,12 +481,36 @@ async fn local(
                 println!("rotated: v{} is primary ({})", r.version, r.key_id);
             }
         }
-        LocalCommand::Retire { version } => {
-            admin.retire(RetireRequest { version }).await?;
+        LocalCommand::Retire { version, how } => {
+            let grace_seconds = how.grace_secs()?;
+            how.warn(version);
+            let r = admin
+                .retire(RetireRequest {
+                    version,
+                    grace_seconds,
+                    skip_census: how.skip_census,
+                })
+                .await?
+                .into_inner();
             if json {
-                print_json(json!({"retired": version}));
+                print_json(
+                    json!({"disabled": version, "destroy_after_unix": r.destroy_after_unix}),
+                );
             } else {
-                println!("retired: v{version} (its key is destroyed on this node)");
+                println!(
+                    "disabled: v{version}; Decrypt under it is refused, and its key is destroyed at {} unless `kmsctl local restore-version {version}` brings it back first",
+                    central::utc(r.destroy_after_unix)
+                );
+            }
+        }
+        LocalCommand::RestoreVersion { version } => {
+            admin
+                .restore_version(RestoreVersionRequest { version })
+                .await?;
+            if json {
+                print_json(json!({"restored": version}));
+            } else {
+                println!("restored: v{version} is decrypt-only again");
             }
         }
         LocalCommand::Tpm => {

@@ -310,6 +310,34 @@ pub fn protocol_events(cluster: &str, events: &[Event]) -> Vec<AuditRecord> {
                 .cluster(cluster)
                 .version(*version)
                 .detail("every node dropped it; central copy destroyed"),
+            Event::Disabled {
+                version,
+                destroy_after_unix,
+                census_skipped,
+            } => AuditRecord::new("disable", "server")
+                .cluster(cluster)
+                .version(*version)
+                .detail(format!(
+                    "Decrypt under it refused; destroyed at {}{}",
+                    edgekms_core::utc::format(*destroy_after_unix),
+                    if *census_skipped {
+                        " (census skipped)"
+                    } else {
+                        ""
+                    }
+                )),
+            Event::Restored { version } => AuditRecord::new("restore-version", "server")
+                .cluster(cluster)
+                .version(*version)
+                .detail("decrypt-only again"),
+            Event::GraceOver { version } => AuditRecord::new("grace-over", "server")
+                .cluster(cluster)
+                .version(*version)
+                .detail("grace period over: nodes destroy it, then the central copy goes"),
+            Event::Census { node, taken_unix } => AuditRecord::new("census", "node")
+                .cluster(cluster)
+                .node(node)
+                .detail(format!("a census taken at {}", edgekms_core::utc::format(*taken_unix))),
             Event::ReconcileStarted { reason } => AuditRecord::new("reconciling", "server")
                 .cluster(cluster)
                 .detail(reason.clone()),

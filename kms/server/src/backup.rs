@@ -391,15 +391,17 @@ pub(crate) mod tests {
     pub(crate) fn server(dir: &Path) -> Central {
         let sealer = soft(dir);
         init::init(dir, &sealer, &["localhost".to_owned()]).unwrap();
-        let core = init::open(dir, &sealer).unwrap();
+        let mut core = init::open(dir, &sealer).unwrap();
         let day = std::time::Duration::from_secs(86_400);
         core.add_node("op", "edge-1", "cp-1", day).unwrap();
         core.add_node("op", "edge-2", "cp-1", day).unwrap();
         core.rotate("op", "edge-1").unwrap();
         core.rotate("op", "edge-1").unwrap();
         // No node joined: v2 and v3 promoted at once; v1 and v2 decrypt-only.
-        let (destroyed, _) = core.retire("op", "edge-1", 1).unwrap();
-        assert!(destroyed);
+        core.min_grace_secs = 1;
+        let retired = core.retire("op", "edge-1", 1, 1, true).unwrap();
+        assert!(!retired.destroyed, "disabled first");
+        core.destroy_due_at(retired.destroy_after_unix);
         core
     }
 

@@ -50,6 +50,9 @@ impl ServerError {
                 FleetError::RetirePrimary { .. }
                 | FleetError::RetirePending { .. }
                 | FleetError::AlreadyRetired { .. }
+                | FleetError::AlreadyDisabled { .. }
+                | FleetError::NotDisabled { .. }
+                | FleetError::InUse { .. }
                 | FleetError::NotPending { .. }
                 | FleetError::Reconciling { .. }
                 | FleetError::NotReconciling(_)

@@ -78,6 +78,8 @@ pub struct Central {
     shutdown: watch::Sender<bool>,
     pub auto_rotate: AutoRotate,
     pub heartbeat: Duration,
+    /// The shortest grace period a retire may ask for.
+    pub min_grace_secs: u64,
     /// The key nodes return versions to when this service heals
     /// ([`edgekms_core::rotation::cluster`]'s reconciliation). One per
     /// process, never stored: a node wraps to the key of the stream it
@@ -100,6 +102,7 @@ impl Central {
             shutdown: watch::channel(false).0,
             auto_rotate: AutoRotate::default(),
             heartbeat: Duration::from_secs(15),
+            min_grace_secs: edgekms_core::rotation::MIN_GRACE_SECS,
             service_key: edgekms_core::delivery::DeliveryKey::generate(),
         })
     }

@@ -180,6 +180,9 @@ struct ServeArgs {
     /// peer address may hold; more close its oldest [default: 128]
     #[arg(long, value_name = "N")]
     max_unauthenticated_per_peer: Option<usize>,
+    /// The shortest grace period `kmsctl retire --grace` may ask for [default: 1h]. Lower it only for tests
+    #[arg(long, value_name = "DURATION", hide = true)]
+    min_retire_grace: Option<String>,
 }
 
 impl ServeArgs {
@@ -208,6 +211,7 @@ impl ServeArgs {
             max_unauthenticated_per_peer: self
                 .max_unauthenticated_per_peer
                 .or(file.max_unauthenticated_per_peer),
+            min_retire_grace: self.min_retire_grace.or(file.min_retire_grace),
         }
     }
 
@@ -407,6 +411,12 @@ fn run_serve(flags: ServeArgs) -> anyhow::Result<()> {
         .transpose()?
         .unwrap_or(Duration::from_secs(15));
     let retention = retention(&args)?;
+    let min_grace_secs = match args.min_retire_grace.as_deref() {
+        None => edgekms_core::rotation::MIN_GRACE_SECS,
+        Some(v) => edgekms_daemon::duration::parse(v)
+            .map_err(|e| Usage(format!("--min-retire-grace: {e}")))?
+            .as_secs(),
+    };
     cli::init_logging(args.log_format.unwrap_or_default() == LogFormat::Json);
     if let Err(e) = edgekms_hsm::memory::harden_process() {
         tracing::warn!(error = %e, "cannot disable core dumps for this process");
@@ -436,6 +446,7 @@ fn run_serve(flags: ServeArgs) -> anyhow::Result<()> {
         auto_rotate: rotate,
         heartbeat,
         retention,
+        min_grace_secs,
     };
     serve(open, listen, args.metrics(), limits)
 }
@@ -447,6 +458,7 @@ struct Open {
     auto_rotate: AutoRotate,
     heartbeat: Duration,
     retention: Retention,
+    min_grace_secs: u64,
 }
 
 impl Open {
@@ -455,6 +467,7 @@ impl Open {
         let mut core = init::open(&self.data_dir, sealer.as_ref())?;
         core.auto_rotate = self.auto_rotate;
         core.heartbeat = self.heartbeat;
+        core.min_grace_secs = self.min_grace_secs;
         Ok(core)
     }
 }
@@ -559,6 +572,17 @@ fn serve(
             loop {
                 tick.tick().await;
                 ticker.auto_rotate_due();
+            }
+        });
+        // Grace periods end on time to within a few seconds; the check
+        // reads only the in-memory view.
+        let reaper = core.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                let core = reaper.clone();
+                let _ = tokio::task::spawn_blocking(move || core.destroy_due()).await;
             }
         });
         tracing::info!(

@@ -299,6 +299,7 @@ impl Central {
                 state: state as i32,
                 key_id: dv.key_id,
                 wrapped_key: wrapped.into(),
+                destroy_after_unix: dv.destroy_after_unix.unwrap_or_default(),
             });
         }
         Ok(Some(pb::ClusterState {

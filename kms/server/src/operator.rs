@@ -7,7 +7,8 @@
 use std::time::Duration;
 
 use edgekms_core::keyid;
-use edgekms_core::rotation::cluster::{Cluster, Event, Progress, TokenRecord};
+use edgekms_core::rotation::cluster::{Cluster, Event, Progress, Retirement, TokenRecord};
+use edgekms_core::rotation::retire;
 use edgekms_core::VersionState;
 use edgekms_daemon::config::now_unix;
 use edgekms_hsm::Key256;
@@ -27,6 +28,17 @@ pub struct Invitation {
     pub expires_unix: u64,
     pub ca_hash: String,
     pub cluster_created: bool,
+}
+
+/// What [`Central::retire`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retired {
+    /// Destroyed already (never with a grace period).
+    pub destroyed: bool,
+    /// Nodes that still hold it.
+    pub waiting_for: Vec<String>,
+    /// When it is destroyed; disabled until then.
+    pub destroy_after_unix: u64,
 }
 
 /// What [`Central::rotate`] did.
@@ -259,24 +271,90 @@ impl Central {
         result.map(|_| ())
     }
 
-    /// `kmsctl retire`: `(destroyed, nodes still holding it)`.
+    /// `kmsctl retire`: disables `version` for `grace_secs` (0: 7 days),
+    /// after which it is destroyed; refused unless a census shows it
+    /// unused or `skip_census` (audited as such).
     pub fn retire(
         &self,
         actor: &str,
         cluster: &str,
         version: u32,
-    ) -> Result<(bool, Vec<String>), ServerError> {
+        grace_secs: u64,
+        skip_census: bool,
+    ) -> Result<Retired, ServerError> {
         self.check_names("retirement", actor, &[cluster])?;
-        let result = self.mutate(cluster, |c, _| {
-            let events = c.retire(version, now_unix())?;
-            Ok((c.holders(version), events))
-        });
         let rec = AuditRecord::new("retirement", actor)
             .cluster(cluster)
             .version(version);
+        let grace = match retire::grace(grace_secs, self.min_grace_secs) {
+            Ok(g) => g,
+            Err(e) => {
+                let err: Result<(), ServerError> = Err(ServerError::InvalidArgument(e.to_string()));
+                self.audit.outcome(rec, &err, |rec, _| rec);
+                return Err(ServerError::InvalidArgument(e.to_string()));
+            }
+        };
+        let how = Retirement {
+            grace_secs: grace,
+            skip_census,
+        };
+        let result = self.mutate(cluster, |c, _| {
+            let (events, destroy_after) = c.retire(version, now_unix(), how)?;
+            Ok(((c.holders(version), destroy_after), events))
+        });
+        let rec = if skip_census {
+            rec.detail(format!(
+                "CENSUS SKIPPED (--skip-census): no census showed the version unused; grace {grace} s"
+            ))
+        } else {
+            rec.detail(format!("grace {grace} s"))
+        };
         self.audit.outcome(rec, &result, |rec, _| rec);
-        let (waiting, events) = result?;
-        Ok((events.contains(&Event::Destroyed { version }), waiting))
+        let ((waiting_for, destroy_after_unix), events) = result?;
+        Ok(Retired {
+            destroyed: events.contains(&Event::Destroyed { version }),
+            waiting_for,
+            destroy_after_unix,
+        })
+    }
+
+    /// `kmsctl restore-version`: a disabled version back to decrypt-only.
+    pub fn restore_version(
+        &self,
+        actor: &str,
+        cluster: &str,
+        version: u32,
+    ) -> Result<(), ServerError> {
+        self.check_names("restore-version", actor, &[cluster])?;
+        let result = self.mutate(cluster, |c, _| {
+            let events = c.restore_version(version, now_unix())?;
+            Ok(((), events))
+        });
+        let rec = AuditRecord::new("restore-version", actor)
+            .cluster(cluster)
+            .version(version);
+        self.audit.outcome(rec, &result, |rec, _| rec);
+        result.map(|_| ())
+    }
+
+    /// Ends the grace period of every disabled version due at `now`: nodes
+    /// are told to destroy them. Run on a timer.
+    pub fn destroy_due(&self) {
+        self.destroy_due_at(now_unix())
+    }
+
+    pub(crate) fn destroy_due_at(&self, now: u64) {
+        let due: Vec<String> = self.commit.read_all(|all| {
+            all.filter(|c| c.next_destruction().is_some_and(|t| t <= now))
+                .map(|c| c.name().to_owned())
+                .collect()
+        });
+        for cluster in due {
+            let result = self.mutate(&cluster, |c, _| Ok(((), c.advance(now))));
+            if let Err(e) = result {
+                tracing::warn!(cluster, error = %e, "ending a grace period failed; retrying");
+            }
+        }
     }
 
     /// Starts the rotations automatic rotation calls for.

@@ -813,7 +813,9 @@ mod recovery_tests {
                 change.put_cluster(&cluster).unwrap();
                 store.commit(change).unwrap();
             }
-            cluster.retire(1, 3).unwrap();
+            cluster
+                .retire(1, 3, edgekms_core::rotation::cluster::Retirement::AT_ONCE)
+                .unwrap();
             let mut change = Change::default();
             change.delete_kek("a", 1);
             change.put_cluster(&cluster).unwrap();
@@ -1091,15 +1093,7 @@ mod copies_proptests {
                 let versions = versions
                     .into_iter()
                     .map(|(v, (state, t))| {
-                        (
-                            v,
-                            VersionMeta {
-                                state,
-                                key_id: format!("{name}/v{v}/x"),
-                                created_unix: t,
-                                changed_unix: t,
-                            },
-                        )
+                        (v, VersionMeta::new(state, format!("{name}/v{v}/x"), t))
                     })
                     .collect();
                 Cluster::from_parts(name, seq, next, versions, Default::default(), seq)

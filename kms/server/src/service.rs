@@ -141,11 +141,34 @@ impl Operator for OperatorService {
     ) -> Result<Response<pb::RetireResponse>, Status> {
         let actor = self.operator(&req, "retire")?;
         let r = req.into_inner();
-        let (destroyed, waiting_for) = self.core.retire(&actor, &r.cluster, r.version)?;
+        let retired = self.core.retire(
+            &actor,
+            &r.cluster,
+            r.version,
+            r.grace_seconds,
+            r.skip_census,
+        )?;
         Ok(Response::new(pb::RetireResponse {
-            destroyed,
-            waiting_for,
+            destroyed: retired.destroyed,
+            waiting_for: retired.waiting_for,
+            destroy_after_unix: retired.destroy_after_unix,
+            census_skipped: if r.skip_census {
+                "retired without a census showing the version unused (--skip-census); audited"
+                    .into()
+            } else {
+                String::new()
+            },
         }))
+    }
+
+    async fn restore_version(
+        &self,
+        req: Request<pb::RestoreVersionRequest>,
+    ) -> Result<Response<pb::RestoreVersionResponse>, Status> {
+        let actor = self.operator(&req, "restore-version")?;
+        let r = req.into_inner();
+        self.core.restore_version(&actor, &r.cluster, r.version)?;
+        Ok(Response::new(pb::RestoreVersionResponse {}))
     }
 
     async fn status(

@@ -42,6 +42,8 @@ impl Central {
                     key_id: m.key_id.clone(),
                     created_unix: m.created_unix,
                     held_by: c.holders(version).len() as u32,
+                    destroy_after_unix: m.destroy_after_unix.unwrap_or_default(),
+                    demoted_unix: m.demoted_unix.unwrap_or_default(),
                 })
                 .collect(),
             nodes: c
@@ -61,8 +63,24 @@ impl Central {
                         _ => 0,
                     },
                     excused: n.excused,
+                    writes_key_id: n.writes_key_id.clone(),
+                    writes_since_unix: n.writes_since_unix,
                 })
                 .collect(),
+            census: c.census().map(|r| pb::Census {
+                taken_unix: r.counts.taken_unix,
+                under: r
+                    .counts
+                    .under
+                    .iter()
+                    .flat_map(|(key_id, per)| {
+                        per.iter()
+                            .map(|(res, n)| edgekms_proto::convert::census_count(key_id, res, *n))
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            census_node: c.census().map(|r| r.node.clone()).unwrap_or_default(),
             reconciling: c.reconciling().is_some(),
             reconciling_reason: c
                 .reconciling()

@@ -90,24 +90,26 @@ proptest! {
     #![proptest_config(config(256))]
 
     /// A Decrypt request: any ciphertext and key_id against a keyring with
-    /// a primary, a decrypt-only and a retired version, and a valid
+    /// a primary, a decrypt-only, a disabled and a retired version, and a valid
     /// ciphertext with damage. Only the undamaged one under its own key_id
     /// decrypts.
     #[test]
     fn keyring_decrypt_of_any_request_never_panics(
         cluster in name(),
         raw in proptest::collection::vec(any::<u8>(), 0..200),
-        header_version in 0u32..5,
+        header_version in 0u32..6,
         key_id in "\\PC{0,40}",
         at in any::<prop::sample::Index>(),
         bit in 0u8..8,
     ) {
         let mut ring = Keyring::new(&cluster).unwrap();
-        for _ in 0..3 {
+        for _ in 0..4 {
             let v = ring.add_pending(Key256::generate(), 0).unwrap();
             ring.promote(v).unwrap();
         }
+        ring.disable(1, 0).unwrap();
         ring.retire(1).unwrap();
+        ring.disable(2, 0).unwrap();
         let (ct, kv) = ring.encrypt(b"a DEK seed").unwrap();
         let real_id = kv.key_id.clone();
 

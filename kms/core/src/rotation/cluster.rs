@@ -6,6 +6,9 @@
 //! - a version becomes primary only once every joined (active) node reports
 //!   holding it, unless an operator forces it, and then the nodes left out
 //!   are named;
+//! - a retired version is first disabled (held, Decrypt refused,
+//!   restorable) and becomes retiring only once its grace period is over;
+//!   retiring needs a census showing it unused (unless skipped: audited);
 //! - a retiring version is destroyed only once no active node holds it, and
 //!   the primary or a pending version cannot be retired;
 //! - version numbers only grow, so a key_id is never reused;
@@ -17,6 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::retire::{self, CensusCounts, InUse, Writer};
 use super::VersionState;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,7 +30,63 @@ pub struct VersionMeta {
     pub created_unix: u64,
     /// When it last changed state.
     pub changed_unix: u64,
+    /// Disabled: when its grace period ends and it is destroyed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destroy_after_unix: Option<u64>,
+    /// When it stopped being primary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub demoted_unix: Option<u64>,
 }
+
+impl VersionMeta {
+    /// A version created now in `state`.
+    pub fn new(state: VersionState, key_id: String, now: u64) -> Self {
+        Self {
+            state,
+            key_id,
+            created_unix: now,
+            changed_unix: now,
+            destroy_after_unix: None,
+            demoted_unix: None,
+        }
+    }
+
+    /// When it stopped being used for writing (records older than
+    /// `demoted_unix`: its last change, as good a bound as there is).
+    pub fn superseded_unix(&self) -> u64 {
+        self.demoted_unix.unwrap_or(self.changed_unix)
+    }
+}
+
+/// How an operator retires a version ([`Cluster::retire`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retirement {
+    /// How long it stays disabled before it is destroyed (the caller
+    /// checks it against the minimum).
+    pub grace_secs: u64,
+    /// Retire without a census showing it unused (the caller audits it).
+    pub skip_census: bool,
+}
+
+impl Retirement {
+    /// No grace period and no census: what retiring did before disabling
+    /// existed. For tests and records made by hand.
+    pub const AT_ONCE: Retirement = Retirement {
+        grace_secs: 0,
+        skip_census: true,
+    };
+}
+
+/// The newest census a node reported, with who counted it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CensusRecord {
+    pub node: String,
+    pub counts: CensusCounts,
+}
+
+/// How far in the future a reported census time may lie (clock skew): a
+/// later one would shadow every true census after it.
+const CENSUS_SKEW_SECS: u64 = 300;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -66,6 +126,12 @@ pub struct Report {
     pub destroyed: BTreeMap<u32, String>,
     pub applied_seq: u64,
     pub primary: u32,
+    /// The key_id the node's kube-apiserver last had a DEK seed encrypted
+    /// under (empty: none seen), and since when.
+    pub writes_key_id: String,
+    pub writes_since_unix: u64,
+    /// The newest census the node holds.
+    pub census: Option<CensusCounts>,
 }
 
 impl Report {
@@ -88,6 +154,7 @@ impl Report {
             destroyed,
             applied_seq,
             primary: keyring.primary().map_or(0, |p| p.version),
+            ..Self::default()
         }
     }
 
@@ -122,6 +189,7 @@ impl Report {
             destroyed: BTreeMap::new(),
             applied_seq,
             primary,
+            ..Self::default()
         }
     }
 }
@@ -159,6 +227,11 @@ pub struct NodeRecord {
     /// ([`Cluster::end_reconcile`]).
     #[serde(default)]
     pub excused: bool,
+    /// What its kube-apiserver writes under ([`Report::writes_key_id`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub writes_key_id: String,
+    #[serde(default)]
+    pub writes_since_unix: u64,
     pub applied_seq: u64,
     pub primary: u32,
     pub last_contact_unix: u64,
@@ -176,6 +249,8 @@ impl NodeRecord {
             unmatched: BTreeMap::new(),
             destroyed: BTreeMap::new(),
             excused: false,
+            writes_key_id: String::new(),
+            writes_since_unix: 0,
             applied_seq: 0,
             primary: 0,
             last_contact_unix: 0,
@@ -214,6 +289,24 @@ pub enum FleetError {
     RetirePrimary { cluster: String, version: u32 },
     #[error("version {version} of cluster {cluster} is pending: let it be promoted (or force it) before retiring older versions")]
     RetirePending { cluster: String, version: u32 },
+    #[error("version {version} of cluster {cluster} is already disabled, to be destroyed at {}; `kmsctl restore-version {cluster} {version}` brings it back", crate::utc::format(*destroy_after_unix))]
+    AlreadyDisabled {
+        cluster: String,
+        version: u32,
+        destroy_after_unix: u64,
+    },
+    #[error("version {version} of cluster {cluster} is {state}, not disabled: only a disabled version can be restored")]
+    NotDisabled {
+        cluster: String,
+        version: u32,
+        state: &'static str,
+    },
+    #[error("cluster {cluster}: {source} (version {version} is kept)")]
+    InUse {
+        cluster: String,
+        version: u32,
+        source: InUse,
+    },
     #[error("version {version} of cluster {cluster} is already {state}")]
     AlreadyRetired {
         cluster: String,
@@ -270,6 +363,25 @@ pub enum Event {
     Destroyed {
         version: u32,
     },
+    /// Retired by the operator: disabled until `destroy_after_unix`.
+    Disabled {
+        version: u32,
+        destroy_after_unix: u64,
+        census_skipped: bool,
+    },
+    /// A disabled version brought back to decrypt-only.
+    Restored {
+        version: u32,
+    },
+    /// A disabled version's grace period ended: nodes destroy it now.
+    GraceOver {
+        version: u32,
+    },
+    /// A node reported a newer census.
+    Census {
+        node: String,
+        taken_unix: u64,
+    },
     /// The cluster started reconciling.
     ReconcileStarted {
         reason: String,
@@ -308,6 +420,8 @@ pub struct DesiredVersion {
     pub key_id: String,
     /// The node does not hold it yet: ship the key.
     pub needs_key: bool,
+    /// Disabled: when it is destroyed.
+    pub destroy_after_unix: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -358,6 +472,9 @@ pub struct Cluster {
     /// Set while the cluster reconciles ([`reconcile`]).
     #[serde(default)]
     reconciling: Option<Reconciling>,
+    /// The newest census of the cluster's storage any node reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    census: Option<CensusRecord>,
 }
 
 /// How far a node's report may push the next version number.
@@ -373,15 +490,7 @@ impl Cluster {
     /// no node exists yet that could lack it.
     pub fn new(name: &str, v1_key_id: String, now: u64) -> Self {
         let mut versions = BTreeMap::new();
-        versions.insert(
-            1,
-            VersionMeta {
-                state: VersionState::Primary,
-                key_id: v1_key_id,
-                created_unix: now,
-                changed_unix: now,
-            },
-        );
+        versions.insert(1, VersionMeta::new(VersionState::Primary, v1_key_id, now));
         Self {
             name: name.to_owned(),
             seq: 1,
@@ -390,6 +499,7 @@ impl Cluster {
             nodes: BTreeMap::new(),
             created_unix: now,
             reconciling: None,
+            census: None,
         }
     }
 
@@ -416,6 +526,7 @@ impl Cluster {
             nodes,
             created_unix,
             reconciling: None,
+            census: None,
         }
     }
 
@@ -712,6 +823,8 @@ impl Cluster {
         rec.applied_seq = report.applied_seq;
         rec.primary = report.primary;
         rec.last_contact_unix = now;
+        rec.writes_key_id = report.writes_key_id;
+        rec.writes_since_unix = report.writes_since_unix;
         events.extend(
             self.clashes_of(node)
                 .into_iter()
@@ -723,8 +836,37 @@ impl Cluster {
                     node_key_id: c.node_key_id,
                 }),
         );
+        if let Some(counts) = report.census {
+            events.extend(self.note_census(node, counts, now));
+        }
         events.extend(self.after_report(node, now));
         Ok(events)
+    }
+
+    /// Keeps `counts` if it is the newest census of this cluster (and not
+    /// from the future: a clock far ahead would shadow every later one).
+    fn note_census(&mut self, node: &str, counts: CensusCounts, now: u64) -> Option<Event> {
+        let newer = self
+            .census
+            .as_ref()
+            .is_none_or(|c| counts.taken_unix > c.counts.taken_unix);
+        if !newer || counts.taken_unix > now.saturating_add(CENSUS_SKEW_SECS) {
+            return None;
+        }
+        let taken_unix = counts.taken_unix;
+        self.census = Some(CensusRecord {
+            node: node.to_owned(),
+            counts,
+        });
+        Some(Event::Census {
+            node: node.to_owned(),
+            taken_unix,
+        })
+    }
+
+    /// The newest census any node reported.
+    pub fn census(&self) -> Option<&CensusRecord> {
+        self.census.as_ref()
     }
 
     /// Splits a report into the versions this service knows under the
@@ -780,12 +922,7 @@ impl Cluster {
             .ok_or_else(|| FleetError::VersionsExhausted(self.name.clone()))?;
         self.versions.insert(
             version,
-            VersionMeta {
-                state: VersionState::Pending,
-                key_id,
-                created_unix: now,
-                changed_unix: now,
-            },
+            VersionMeta::new(VersionState::Pending, key_id, now),
         );
         self.seq += 1;
         let events = self.advance(now);
@@ -812,6 +949,7 @@ impl Cluster {
             if meta.state == VersionState::Primary {
                 meta.state = VersionState::DecryptOnly;
                 meta.changed_unix = now;
+                meta.demoted_unix = Some(now);
             }
         }
         if let Some(meta) = self.versions.get_mut(&version) {
@@ -839,14 +977,30 @@ impl Cluster {
         Ok(events)
     }
 
-    /// Starts retiring `version`: nodes destroy it, then the central copy.
-    pub fn retire(&mut self, version: u32, now: u64) -> Result<Vec<Event>, FleetError> {
+    /// Retires decrypt-only `version`: it is disabled on every node (held,
+    /// Decrypt refused, restorable) until `how.grace_secs` from now, then
+    /// destroyed on the nodes and then centrally ([`Cluster::advance`]).
+    /// Refused while the newest census does not show it unused, unless
+    /// `how.skip_census` ([`retire::check_unused`]).
+    pub fn retire(
+        &mut self,
+        version: u32,
+        now: u64,
+        how: Retirement,
+    ) -> Result<(Vec<Event>, u64), FleetError> {
         self.refuse_while_reconciling()?;
         let cluster = self.name.clone();
         let meta = self.version_mut(version)?;
         match meta.state {
             VersionState::Primary => return Err(FleetError::RetirePrimary { cluster, version }),
             VersionState::Pending => return Err(FleetError::RetirePending { cluster, version }),
+            VersionState::Disabled => {
+                return Err(FleetError::AlreadyDisabled {
+                    cluster,
+                    version,
+                    destroy_after_unix: meta.destroy_after_unix.unwrap_or_default(),
+                })
+            }
             VersionState::Retiring | VersionState::Retired => {
                 return Err(FleetError::AlreadyRetired {
                     cluster,
@@ -856,10 +1010,68 @@ impl Cluster {
             }
             VersionState::DecryptOnly => {}
         }
-        meta.state = VersionState::Retiring;
+        if !how.skip_census {
+            let (key_id, superseded) = (meta.key_id.clone(), meta.superseded_unix());
+            let writers: Vec<Writer> = self
+                .active()
+                .map(|(name, n)| Writer {
+                    node: name.clone(),
+                    key_id: n.writes_key_id.clone(),
+                    since_unix: n.writes_since_unix,
+                })
+                .collect();
+            let census = self.census.as_ref().map(|c| &c.counts);
+            retire::check_unused(version, &key_id, superseded, census, &writers).map_err(
+                |source| FleetError::InUse {
+                    cluster: cluster.clone(),
+                    version,
+                    source,
+                },
+            )?;
+        }
+        let destroy_after_unix = now.saturating_add(how.grace_secs);
+        let meta = self.version_mut(version)?;
+        meta.state = VersionState::Disabled;
         meta.changed_unix = now;
+        meta.destroy_after_unix = Some(destroy_after_unix);
         self.seq += 1;
-        Ok(self.advance(now))
+        let mut events = vec![Event::Disabled {
+            version,
+            destroy_after_unix,
+            census_skipped: how.skip_census,
+        }];
+        events.extend(self.advance(now));
+        Ok((events, destroy_after_unix))
+    }
+
+    /// Brings disabled `version` back to decrypt-only on every node.
+    pub fn restore_version(&mut self, version: u32, now: u64) -> Result<Vec<Event>, FleetError> {
+        self.refuse_while_reconciling()?;
+        let cluster = self.name.clone();
+        let meta = self.version_mut(version)?;
+        if meta.state != VersionState::Disabled {
+            return Err(FleetError::NotDisabled {
+                cluster,
+                version,
+                state: meta.state.as_str(),
+            });
+        }
+        meta.state = VersionState::DecryptOnly;
+        meta.changed_unix = now;
+        meta.destroy_after_unix = None;
+        self.seq += 1;
+        let mut events = vec![Event::Restored { version }];
+        events.extend(self.advance(now));
+        Ok(events)
+    }
+
+    /// The earliest end of a disabled version's grace period, if any.
+    pub fn next_destruction(&self) -> Option<u64> {
+        self.versions
+            .values()
+            .filter(|m| m.state == VersionState::Disabled)
+            .filter_map(|m| m.destroy_after_unix)
+            .min()
     }
 
     /// Moves the cluster forward as far as the nodes' reports allow (not
@@ -873,6 +1085,20 @@ impl Cluster {
             if self.lacking(v).is_empty() {
                 events.push(self.promote(v, now));
             }
+        }
+        let mut grace_over = false;
+        for (&v, meta) in self.versions.iter_mut() {
+            let due = meta.state == VersionState::Disabled
+                && meta.destroy_after_unix.is_none_or(|t| t <= now);
+            if due {
+                meta.state = VersionState::Retiring;
+                meta.changed_unix = now;
+                grace_over = true;
+                events.push(Event::GraceOver { version: v });
+            }
+        }
+        if grace_over {
+            self.seq += 1;
         }
         let retiring: Vec<u32> = self
             .versions
@@ -918,6 +1144,7 @@ impl Cluster {
                     state: m.state,
                     key_id: m.key_id.clone(),
                     needs_key: !has(version),
+                    destroy_after_unix: m.destroy_after_unix,
                 })
                 .collect(),
             retired: self
@@ -1188,23 +1415,25 @@ mod tests {
     fn retirement_refuses_primary_and_pending_and_waits_for_every_node() {
         let mut c = two_nodes();
         assert!(matches!(
-            c.retire(1, 150),
+            c.retire(1, 150, Retirement::AT_ONCE),
             Err(FleetError::RetirePrimary { .. })
         ));
         assert!(matches!(
-            c.retire(9, 150),
+            c.retire(9, 150, Retirement::AT_ONCE),
             Err(FleetError::UnknownVersion { .. })
         ));
         c.rotate("a/v2/y".into(), 200).unwrap();
         assert!(matches!(
-            c.retire(2, 150),
+            c.retire(2, 150, Retirement::AT_ONCE),
             Err(FleetError::RetirePending { .. })
         ));
         for n in ["n1", "n2"] {
             c.report(n, Report::legacy([1, 2].into(), c.seq, 1), 210)
                 .unwrap();
         }
-        assert!(c.retire(1, 300).unwrap().is_empty());
+        let (events, destroy_after) = c.retire(1, 300, Retirement::AT_ONCE).unwrap();
+        assert_eq!(destroy_after, 300);
+        assert!(events.contains(&Event::GraceOver { version: 1 }));
         assert_eq!(c.desired("n1").retired, [(1, "a/v1/x".to_owned())]);
         assert!(c.desired("n1").versions.iter().all(|dv| dv.version != 1));
         assert!(
@@ -1221,7 +1450,7 @@ mod tests {
         assert!(events.contains(&Event::Destroyed { version: 1 }));
         assert_eq!(states(&c), [(1, "retired"), (2, "primary")]);
         assert!(matches!(
-            c.retire(1, 330),
+            c.retire(1, 330, Retirement::AT_ONCE),
             Err(FleetError::AlreadyRetired { .. })
         ));
     }
@@ -1230,7 +1459,7 @@ mod tests {
     fn version_numbers_are_never_reused() {
         let mut c = Cluster::new("a", "a/v1/x".into(), 100);
         c.rotate("a/v2/y".into(), 200).unwrap();
-        c.retire(1, 210).unwrap();
+        c.retire(1, 210, Retirement::AT_ONCE).unwrap();
         let (v, ..) = c.rotate("a/v3/z".into(), 220).unwrap();
         assert_eq!(v, 3);
         assert_eq!(c.upcoming_version(), 4);

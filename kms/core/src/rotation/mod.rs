@@ -5,9 +5,10 @@
 
 pub mod cluster;
 pub mod node;
+pub mod retire;
 mod version;
 
-pub use version::VersionState;
+pub use version::{VersionState, DEFAULT_GRACE_SECS, MIN_GRACE_SECS};
 
 #[cfg(test)]
 mod tests;

@@ -11,7 +11,8 @@
 //! destroyed. Rules, each refused case its own error naming the version(s)
 //! and, where two disagree, both key_ids:
 //! - every version the service sends is held afterwards, in the state it
-//!   names (`pending`, `primary` or `decrypt-only`; the service decides);
+//!   names (`pending`, `primary`, `decrypt-only` or `disabled`: held but
+//!   refused for Decrypt until restored or destroyed; the service decides);
 //!   a version this node lacks must come with its key, which must match
 //!   the key_id the service names;
 //! - a version the node holds under another key_id than the one sent is
@@ -47,6 +48,9 @@ pub struct Received<'a> {
     /// The key wrapped to this node, or empty when the service knows the
     /// node holds it.
     pub wrapped_key: &'a [u8],
+    /// Disabled: when the service destroys it (shown, never acted on: the
+    /// node destroys only when told).
+    pub destroy_after_unix: Option<u64>,
 }
 
 /// One version the central service tells this node to destroy.
@@ -60,7 +64,7 @@ pub struct Retire<'a> {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConvergeError {
-    #[error("central service sent version {version} as {state}, which a node cannot hold (only pending, primary or decrypt-only)")]
+    #[error("central service sent version {version} as {state}, which a node cannot hold (only pending, primary, decrypt-only or disabled)")]
     NotANodeState { version: u32, state: VersionState },
     #[error("central service names version {version} {sent:?} but this node holds it as {held:?} (was the service restored from a backup?)")]
     KeyIdMismatch {
@@ -142,7 +146,9 @@ pub fn converge(
                     held: kv.key_id.clone(),
                 })
             }
-            Some(kv) if kv.key_id == entry.key_id => kv.in_state(entry.state),
+            Some(kv) if kv.key_id == entry.key_id => kv
+                .in_state(entry.state)
+                .with_destroy_after(entry.destroy_after_unix),
             // Even with a key sent: replacing a held key would lose what
             // was written under it.
             Some(kv) => {
@@ -162,7 +168,8 @@ pub fn converge(
                     version: entry.version,
                     reason,
                 })?;
-                let kv = KeyVersion::new(cluster, entry.version, entry.state, key, now_unix);
+                let kv = KeyVersion::new(cluster, entry.version, entry.state, key, now_unix)
+                    .with_destroy_after(entry.destroy_after_unix);
                 if kv.key_id != entry.key_id {
                     return Err(ConvergeError::KeyIdMismatch {
                         version: entry.version,
@@ -291,6 +298,7 @@ mod tests {
                     state: *state,
                     key_id,
                     wrapped_key: if *with_key { b"wrapped" } else { b"" },
+                    destroy_after_unix: None,
                 })
                 .collect();
             converge(ring, &received, retired, NOW, |r| {

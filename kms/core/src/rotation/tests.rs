@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use edgekms_hsm::Key256;
 
-use super::cluster::{Cluster, Event, FleetError, Progress, Report, TokenRecord};
+use super::cluster::{Cluster, Event, FleetError, Progress, Report, Retirement, TokenRecord};
 use super::node::{converge, ConvergeError, Received, Retire};
 use super::VersionState::{self, *};
 use crate::delivery::{self, Binding, DeliveryKey};
@@ -140,6 +140,7 @@ fn apply(
             state: *state,
             key_id,
             wrapped_key: wrapped,
+            destroy_after_unix: None,
         })
         .collect();
     converge(&node.ring, &received, retired, NOW, |r| {
@@ -215,13 +216,132 @@ fn a_rotation_runs_end_to_end_and_both_sides_agree_at_every_step() {
     }
 
     // Retire v1: nodes destroy it, then the center does.
-    center.cluster.retire(1, NOW).unwrap();
+    center.cluster.retire(1, NOW, Retirement::AT_ONCE).unwrap();
     center.sync(&mut n1);
     assert_eq!(states(&n1.ring), [(1, Retired), (2, Primary)]);
     assert!(n1.ring.get(1).unwrap().key().is_none());
     let events = center.sync(&mut n2);
     assert!(events.contains(&Event::Destroyed { version: 1 }));
     assert_eq!(center_states(&center.cluster), [(1, Retired), (2, Primary)]);
+}
+
+#[test]
+fn a_retired_version_is_disabled_everywhere_restorable_and_destroyed_only_after_its_grace() {
+    use super::retire::{CensusCounts, InUse};
+    let mut center = Center::new();
+    let mut n1 = center.enrol("n1");
+    let mut n2 = center.enrol("n2");
+    center.sync(&mut n1);
+    center.sync(&mut n2);
+    let (old_ct, old_id) = {
+        let (ct, kv) = n1.ring.encrypt(b"seed").unwrap();
+        (ct, kv.key_id.clone())
+    };
+    let v2 = center.rotate();
+    for _ in 0..2 {
+        center.sync(&mut n1);
+        center.sync(&mut n2);
+    }
+    let new_id = center.cluster.versions()[&v2].key_id.clone();
+    let checked = Retirement {
+        grace_secs: 3_600,
+        skip_census: false,
+    };
+    let refused = |c: &mut Cluster, at: u64| match c.retire(1, at, checked) {
+        Err(FleetError::InUse { source, .. }) => source,
+        other => panic!("{other:?}"),
+    };
+    assert!(matches!(
+        refused(&mut center.cluster, NOW),
+        InUse::NoCensus { .. }
+    ));
+    // n1's apiserver still writes under v1: refused whatever the census.
+    // What n1 reports at `at`: its apiserver writes under `writes` since `since`.
+    let with = |c: &mut Cluster, node: &Node, (writes, since): (&str, u64), census, at| {
+        let mut r = node.report(c.seq());
+        r.writes_key_id = writes.to_owned();
+        r.writes_since_unix = since;
+        r.census = census;
+        c.report(node.name, r, at).unwrap();
+    };
+    let count = |taken_unix: u64, n: u64| CensusCounts {
+        taken_unix,
+        under: [(old_id.clone(), [("secrets".to_owned(), n)].into())].into(),
+    };
+    with(
+        &mut center.cluster,
+        &n1,
+        (&old_id, NOW),
+        Some(count(NOW + 1, 0)),
+        NOW + 1,
+    );
+    assert!(matches!(
+        refused(&mut center.cluster, NOW + 1),
+        InUse::StillWritten { .. }
+    ));
+    // It switched, then a census after the switch still counts objects.
+    with(
+        &mut center.cluster,
+        &n1,
+        (&new_id, NOW + 2),
+        Some(count(NOW + 3, 3)),
+        NOW + 3,
+    );
+    assert!(refused(&mut center.cluster, NOW + 3)
+        .to_string()
+        .contains("secrets 3"));
+    assert_eq!(
+        center_states(&center.cluster),
+        [(1, DecryptOnly), (2, Primary)]
+    );
+    // Migrated: a later census counts none. Retire disables it.
+    with(
+        &mut center.cluster,
+        &n1,
+        (&new_id, NOW + 2),
+        Some(count(NOW + 4, 0)),
+        NOW + 4,
+    );
+    let (events, destroy_after) = center.cluster.retire(1, NOW + 5, checked).unwrap();
+    assert_eq!(destroy_after, NOW + 5 + 3_600);
+    assert!(events.contains(&Event::Disabled {
+        version: 1,
+        destroy_after_unix: destroy_after,
+        census_skipped: false
+    }));
+    for n in [&mut n1, &mut n2] {
+        center.sync(n);
+        assert_eq!(states(&n.ring), [(1, Disabled), (2, Primary)]);
+        assert!(matches!(
+            n.ring.decrypt(&old_ct, &old_id),
+            Err(KeyringError::Disabled { version: 1, .. })
+        ));
+    }
+    // Restored: readable again everywhere.
+    center.cluster.restore_version(1, NOW + 6).unwrap();
+    for n in [&mut n1, &mut n2] {
+        center.sync(n);
+        assert_eq!(
+            n.ring.decrypt(&old_ct, &old_id).unwrap().0.as_slice(),
+            b"seed"
+        );
+    }
+    // Retired again; nothing is destroyed before the grace period ends.
+    let (_, destroy_after) = center.cluster.retire(1, NOW + 7, checked).unwrap();
+    assert!(center.cluster.advance(destroy_after - 1).is_empty());
+    assert_eq!(center.cluster.next_destruction(), Some(destroy_after));
+    let events = center.cluster.advance(destroy_after);
+    assert_eq!(events, [Event::GraceOver { version: 1 }]);
+    center.sync(&mut n1);
+    assert_eq!(states(&n1.ring), [(1, Retired), (2, Primary)]);
+    assert_eq!(
+        center_states(&center.cluster),
+        [(1, Retiring), (2, Primary)]
+    );
+    let events = center.sync(&mut n2);
+    assert!(events.contains(&Event::Destroyed { version: 1 }));
+    assert_eq!(center_states(&center.cluster), [(1, Retired), (2, Primary)]);
+    assert!(center.cluster.restore_version(1, destroy_after).is_err());
 }
 
 #[test]
@@ -481,7 +601,10 @@ fn a_restored_service_reconciles_heals_and_never_mints_a_held_number_again() {
             .cluster
             .rotate("c/v2/other".into(), NOW)
             .map(|_| ()),
-        restored.cluster.retire(1, NOW).map(|_| ()),
+        restored
+            .cluster
+            .retire(1, NOW, Retirement::AT_ONCE)
+            .map(|_| ()),
     ] {
         assert!(
             matches!(refused, Err(FleetError::Reconciling { .. })),
@@ -561,7 +684,7 @@ fn a_version_destroyed_after_the_backup_stays_destroyed() {
         center.sync(&mut n2);
     }
     let backup = center.backup();
-    center.cluster.retire(1, NOW).unwrap();
+    center.cluster.retire(1, NOW, Retirement::AT_ONCE).unwrap();
     center.sync(&mut n1);
     center.sync(&mut n2);
     assert_eq!(center.cluster.versions()[&1].state, Retired);
@@ -691,7 +814,7 @@ fn a_restore_from_before_a_rotation_and_a_retirement_retires_the_backups_primary
         center.sync(&mut n1);
         center.sync(&mut n2);
     }
-    center.cluster.retire(1, NOW).unwrap();
+    center.cluster.retire(1, NOW, Retirement::AT_ONCE).unwrap();
     center.sync(&mut n1);
     center.sync(&mut n2);
 
@@ -766,7 +889,7 @@ mod restore_proptests {
                     .find(|(_, m)| m.state == DecryptOnly)
                     .map(|(v, _)| *v);
                 if let Some(v) = oldest {
-                    center.cluster.retire(v, NOW).unwrap();
+                    center.cluster.retire(v, NOW, Retirement::AT_ONCE).unwrap();
                 }
             }
             Step::Write(i) => {

@@ -4,17 +4,32 @@
 //!
 //! ```text
 //!   pending ──promote──▶ primary ──(next promote)──▶ decrypt-only
-//!      │                                               │      │
-//!      │                              (central) retire │      │ retire (node,
-//!      │                                               ▼      │  standalone)
-//!      │                                           retiring   │
-//!      │                                               │      │
-//!      └─────────retire (abandon)──▶ retired ◀─────────┴──────┘
+//!      │                                              │     ▲
+//!      │                                       retire │     │ restore-version
+//!      │                                              ▼     │
+//!      │                                            disabled (grace period:
+//!      │                                              │     │  Decrypt refused)
+//!      │                  (central) grace period over │     │ grace period over
+//!      │                                              ▼     │ (standalone node)
+//!      │                                          retiring  │
+//!      │                                              │     │
+//!      └─────────retire (abandon)──▶ retired ◀────────┴─────┘
 //! ```
+//!
+//! Retiring never destroys at once: a retired version is first disabled
+//! (kept, refused for Decrypt, restorable) and destroyed only once its
+//! grace period is over ([`MIN_GRACE_SECS`], [`DEFAULT_GRACE_SECS`]). A
+//! pending version was never written under, so abandoning it destroys it
+//! at once.
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+
+/// The shortest grace period a retired version is kept disabled for.
+pub const MIN_GRACE_SECS: u64 = 3600;
+/// The grace period when the operator names none: 7 days.
+pub const DEFAULT_GRACE_SECS: u64 = 7 * 86_400;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -26,6 +41,9 @@ pub enum VersionState {
     Primary,
     /// A former primary, kept so that old data stays readable.
     DecryptOnly,
+    /// Retired by the operator, not yet destroyed: held everywhere, but
+    /// Decrypt under it is refused until it is restored or destroyed.
+    Disabled,
     /// Central only: nodes are told to destroy it; the central copy goes
     /// once they all did.
     Retiring,
@@ -34,10 +52,11 @@ pub enum VersionState {
 }
 
 impl VersionState {
-    pub const ALL: [VersionState; 5] = [
+    pub const ALL: [VersionState; 6] = [
         VersionState::Pending,
         VersionState::Primary,
         VersionState::DecryptOnly,
+        VersionState::Disabled,
         VersionState::Retiring,
         VersionState::Retired,
     ];
@@ -47,6 +66,7 @@ impl VersionState {
             VersionState::Pending => "pending",
             VersionState::Primary => "primary",
             VersionState::DecryptOnly => "decrypt-only",
+            VersionState::Disabled => "disabled",
             VersionState::Retiring => "retiring",
             VersionState::Retired => "retired",
         }
@@ -66,8 +86,10 @@ impl VersionState {
             (Pending, Primary)
                 | (Pending, Retired)
                 | (Primary, DecryptOnly)
-                | (DecryptOnly, Retiring)
-                | (DecryptOnly, Retired)
+                | (DecryptOnly, Disabled)
+                | (Disabled, DecryptOnly)
+                | (Disabled, Retiring)
+                | (Disabled, Retired)
                 | (Retiring, Retired)
         )
     }
@@ -76,13 +98,16 @@ impl VersionState {
     pub fn held_by_nodes(self) -> bool {
         matches!(
             self,
-            VersionState::Pending | VersionState::Primary | VersionState::DecryptOnly
+            VersionState::Pending
+                | VersionState::Primary
+                | VersionState::DecryptOnly
+                | VersionState::Disabled
         )
     }
 
     /// Whether data under a version in this state can be decrypted.
     pub fn can_decrypt(self) -> bool {
-        self.held_by_nodes()
+        self.held_by_nodes() && self != VersionState::Disabled
     }
 }
 

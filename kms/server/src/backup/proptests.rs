@@ -121,12 +121,7 @@ fn dump() -> impl Strategy<Value = Dump> {
                 for (v, (state, key, created, keep)) in versions {
                     let key = Key256::from_bytes(&key);
                     let key_id = keyid::derive(c.name(), v, &key);
-                    let meta = VersionMeta {
-                        state,
-                        key_id: key_id.clone(),
-                        created_unix: created,
-                        changed_unix: created,
-                    };
+                    let meta = VersionMeta::new(state, key_id.clone(), created);
                     c.versions_mut().insert(v, meta);
                     if state.held_by_nodes() || (state == VersionState::Retiring && keep) {
                         keks.push(Kek {

@@ -330,7 +330,10 @@ fn check_complete(
         for (&version, meta) in cluster.versions() {
             let kek = Slot::Kek(name.clone(), version);
             let ok = match meta.state {
-                VersionState::Pending | VersionState::Primary | VersionState::DecryptOnly => {
+                VersionState::Pending
+                | VersionState::Primary
+                | VersionState::DecryptOnly
+                | VersionState::Disabled => {
                     matches!(records.get(&kek), Some(Value::Live(_)))
                 }
                 VersionState::Retiring => records.contains_key(&kek),

@@ -19,6 +19,7 @@ pub fn version_state() -> impl Strategy<Value = VersionState> {
         Just(VersionState::Pending),
         Just(VersionState::Primary),
         Just(VersionState::DecryptOnly),
+        Just(VersionState::Disabled),
         Just(VersionState::Retiring),
         Just(VersionState::Retired),
     ]
@@ -67,6 +68,12 @@ fn node_record() -> impl Strategy<Value = NodeRecord> {
                     .collect(),
                 destroyed: held.iter().map(|&v| (v, format!("c/v{v}/dead"))).collect(),
                 excused: a % 2 == 0,
+                writes_key_id: if a % 3 == 0 {
+                    format!("c/v{p}/00")
+                } else {
+                    String::new()
+                },
+                writes_since_unix: l,
                 held,
                 applied_seq: a,
                 primary: p,
@@ -83,10 +90,9 @@ pub fn cluster() -> impl Strategy<Value = Cluster> {
             any::<u32>(),
             (version_state(), "\\PC{0,40}", any::<u64>(), any::<u64>()).prop_map(
                 |(state, key_id, created_unix, changed_unix)| VersionMeta {
-                    state,
-                    key_id,
-                    created_unix,
                     changed_unix,
+                    destroy_after_unix: (state == VersionState::Disabled).then_some(changed_unix),
+                    ..VersionMeta::new(state, key_id, created_unix)
                 },
             ),
             0..5,
@@ -120,6 +126,15 @@ pub fn cluster_with(
                 versions,
                 nodes,
                 created_unix,
+                census: reconciling
+                    .as_ref()
+                    .map(|(reason, since_unix, _)| CensusRecord {
+                        node: reason.clone(),
+                        counts: CensusCounts {
+                            taken_unix: *since_unix,
+                            under: [(reason.clone(), [("secrets".to_owned(), seq)].into())].into(),
+                        },
+                    }),
                 reconciling: reconciling.map(|(reason, since_unix, reported)| Reconciling {
                     reason,
                     since_unix,

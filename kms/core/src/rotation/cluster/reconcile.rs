@@ -302,12 +302,7 @@ impl Cluster {
         // Its state is settled when the reconciliation ends.
         self.versions.insert(
             version,
-            VersionMeta {
-                state: VersionState::DecryptOnly,
-                key_id: key_id.to_owned(),
-                created_unix: now,
-                changed_unix: now,
-            },
+            VersionMeta::new(VersionState::DecryptOnly, key_id.to_owned(), now),
         );
         for rec in self.nodes.values_mut() {
             if rec
@@ -419,15 +414,8 @@ impl Cluster {
                 }
                 Some(_) => {}
                 None => {
-                    self.versions.insert(
-                        v,
-                        VersionMeta {
-                            state: VersionState::Retired,
-                            key_id,
-                            created_unix: now,
-                            changed_unix: now,
-                        },
-                    );
+                    self.versions
+                        .insert(v, VersionMeta::new(VersionState::Retired, key_id, now));
                     events.push(Event::LearnedDestroyed { node, version: v });
                 }
             }
@@ -481,6 +469,7 @@ mod tests {
             destroyed: BTreeMap::new(),
             applied_seq: 1,
             primary,
+            ..Report::default()
         }
     }
 
