@@ -77,9 +77,11 @@ pub(crate) fn line(resource: &str, f: &Figures, elapsed: Duration) -> String {
     )
 }
 
-/// Whether a plain line is due at `now`, the last one written at `last`.
+/// Whether a plain line is due at `now` (since the run started), the last
+/// one written at `last` (none yet: the first is due one interval in, when
+/// the rate means something).
 pub(crate) fn line_due(last: Option<Duration>, now: Duration) -> bool {
-    last.is_none_or(|l| now.saturating_sub(l) >= LINE_EVERY)
+    now.saturating_sub(last.unwrap_or_default()) >= LINE_EVERY
 }
 
 #[cfg(test)]
@@ -133,7 +135,8 @@ mod tests {
 
     #[test]
     fn lines_are_spaced() {
-        assert!(line_due(None, Duration::ZERO));
+        assert!(!line_due(None, Duration::from_secs(1)));
+        assert!(line_due(None, Duration::from_secs(2)));
         assert!(!line_due(Some(Duration::from_secs(1)), Duration::from_secs(2)));
         assert!(line_due(Some(Duration::from_secs(1)), Duration::from_secs(3)));
     }
