@@ -82,7 +82,10 @@ async fn stored_key_ids(etcd: &str, prefix: &str) -> BTreeMap<String, String> {
 async fn census(api: &KubeApiServer) -> BTreeMap<String, usize> {
     let mut by_key = BTreeMap::new();
     for prefix in ["/registry/secrets/", "/registry/configmaps/"] {
-        for key_id in stored_key_ids(&api.etcd_endpoint, prefix).await.into_values() {
+        for key_id in stored_key_ids(&api.etcd_endpoint, prefix)
+            .await
+            .into_values()
+        {
             *by_key.entry(key_id).or_default() += 1;
         }
     }
@@ -99,8 +102,14 @@ async fn client(kubeconfig: &Path) -> kube::Client {
 
 fn secret_data(i: usize) -> BTreeMap<String, ByteString> {
     BTreeMap::from([
-        ("password".to_owned(), ByteString(format!("pw-{i}-{}", "x".repeat(i % 50)).into_bytes())),
-        ("user".to_owned(), ByteString(format!("user-{i}").into_bytes())),
+        (
+            "password".to_owned(),
+            ByteString(format!("pw-{i}-{}", "x".repeat(i % 50)).into_bytes()),
+        ),
+        (
+            "user".to_owned(),
+            ByteString(format!("user-{i}").into_bytes()),
+        ),
     ])
 }
 
@@ -163,7 +172,10 @@ async fn migrate_rewrites_every_object_under_the_new_key_and_resumes_after_kill_
     create_objects(&client).await;
     eprintln!("set up in {:?}", t0.elapsed());
 
-    let old = admin_status(&plugin)["primary_key_id"].as_str().unwrap().to_owned();
+    let old = admin_status(&plugin)["primary_key_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let before = census(&api).await;
     assert!(
         before.get(&old).copied().unwrap_or(0) >= SECRETS + CONFIGMAPS,
@@ -180,10 +192,21 @@ async fn migrate_rewrites_every_object_under_the_new_key_and_resumes_after_kill_
     let state_arg = state.display().to_string();
     let migrate = |extra: &[&str]| -> Command {
         let mut cmd = Command::new(bin("kmsctl"));
-        cmd.args(["migrate", "--kubeconfig", &kubeconfig, "--admin-socket", &admin])
-            .args(["--resources", "secrets,configmaps", "--state-file", &state_arg])
-            .args(extra)
-            .stdin(Stdio::null());
+        cmd.args([
+            "migrate",
+            "--kubeconfig",
+            &kubeconfig,
+            "--admin-socket",
+            &admin,
+        ])
+        .args([
+            "--resources",
+            "secrets,configmaps",
+            "--state-file",
+            &state_arg,
+        ])
+        .args(extra)
+        .stdin(Stdio::null());
         cmd
     };
 
@@ -203,7 +226,11 @@ async fn migrate_rewrites_every_object_under_the_new_key_and_resumes_after_kill_
     // A restart makes the apiserver take up the new key_id at once.
     api.restart().await;
     let status = admin_status(&plugin);
-    assert_eq!(status["writes_key_id"].as_str(), Some(new.as_str()), "{status}");
+    assert_eq!(
+        status["writes_key_id"].as_str(),
+        Some(new.as_str()),
+        "{status}"
+    );
 
     // A slow run, killed -9 part-way; meanwhile an object of its first
     // page changes under it (a conflict it must retry on the new version).
@@ -232,11 +259,16 @@ async fn migrate_rewrites_every_object_under_the_new_key_and_resumes_after_kill_
         .replace("secret-040", &PostParams::default(), &changed)
         .await
         .unwrap();
-    poll_until("120 objects rewritten", 60, || std::fs::read_to_string(&log).unwrap_or_default(), || {
-        let api = &api;
-        let new = new.clone();
-        async move { census(api).await.get(&new).copied().unwrap_or(0) >= 120 }
-    })
+    poll_until(
+        "120 objects rewritten",
+        60,
+        || std::fs::read_to_string(&log).unwrap_or_default(),
+        || {
+            let api = &api;
+            let new = new.clone();
+            async move { census(api).await.get(&new).copied().unwrap_or(0) >= 120 }
+        },
+    )
     .await;
     child.kill().unwrap();
     child.wait().unwrap();
@@ -248,7 +280,8 @@ async fn migrate_rewrites_every_object_under_the_new_key_and_resumes_after_kill_
     assert!(state.exists(), "the state of the killed run is kept");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
-        text.lines().any(|l| l.starts_with("migrate: secrets: ") && l.contains("/s")),
+        text.lines()
+            .any(|l| l.starts_with("migrate: secrets: ") && l.contains("/s")),
         "plain progress lines without a terminal: {text}"
     );
     assert!(!text.contains('\x1b'), "no terminal escapes: {text}");

@@ -127,7 +127,9 @@ pub(crate) async fn run_with(
             std::env::var("HOME").ok().as_deref(),
         )
         .ok_or_else(|| {
-            Failure::Usage("no $XDG_STATE_HOME nor $HOME for the state file: pass --state-file".into())
+            Failure::Usage(
+                "no $XDG_STATE_HOME nor $HOME for the state file: pass --state-file".into(),
+            )
         })?
         .join(state::file_name(&server, &names)),
     };
@@ -140,7 +142,10 @@ pub(crate) async fn run_with(
         path.display()
     ));
     if resumed {
-        progress.say(&format!("migrate: resuming an interrupted run: {}", resume_summary(&st)));
+        progress.say(&format!(
+            "migrate: resuming an interrupted run: {}",
+            resume_summary(&st)
+        ));
     }
     st.runs += 1;
     state::save(&path, &st).map_err(Failure::Usage)?;
@@ -288,8 +293,9 @@ impl Target {
 
 /// Finds `spec` by discovery, in its group's preferred version.
 async fn resolve(client: &Client, spec: &ResourceSpec) -> Result<Target, Failure> {
-    let unreachable =
-        |e: kube::Error| Failure::Usage(format!("cannot discover {}: {}", spec.given, describe(&e)));
+    let unreachable = |e: kube::Error| {
+        Failure::Usage(format!("cannot discover {}: {}", spec.given, describe(&e)))
+    };
     let group = match kube::discovery::group(client, &spec.group).await {
         Ok(g) => g,
         Err(kube::Error::Api(s)) if s.code == 404 => {
@@ -300,9 +306,10 @@ async fn resolve(client: &Client, spec: &ResourceSpec) -> Result<Target, Failure
         }
         Err(e) => return Err(unreachable(e)),
     };
-    let found = group.recommended_resources().into_iter().find(|(ar, _)| {
-        ar.plural == spec.plural || ar.kind.eq_ignore_ascii_case(&spec.plural)
-    });
+    let found = group
+        .recommended_resources()
+        .into_iter()
+        .find(|(ar, _)| ar.plural == spec.plural || ar.kind.eq_ignore_ascii_case(&spec.plural));
     let Some((ar, caps)) = found else {
         return Err(Failure::Usage(format!(
             "--resources: the apiserver has no resource {} (see `kubectl api-resources`)",
@@ -466,14 +473,22 @@ async fn rewrite(target: Arc<Target>, mut obj: DynamicObject) -> (Outcome, u64) 
                     Ok(fresh) => obj = fresh,
                     Err(e) => match classify(&e) {
                         Class::NotFound => return (Outcome::Skipped, conflicts),
-                        _ => return (failed(format!("re-reading it after a conflict: {}", describe(&e))), conflicts),
+                        _ => {
+                            return (
+                                failed(format!("re-reading it after a conflict: {}", describe(&e))),
+                                conflicts,
+                            )
+                        }
                     },
                 }
             }
             Class::Transient if attempt < ATTEMPTS => tokio::time::sleep(backoff(attempt)).await,
             Class::Conflict => {
                 return (
-                    failed(format!("still conflicting after {ATTEMPTS} attempts: {}", describe(&err))),
+                    failed(format!(
+                        "still conflicting after {ATTEMPTS} attempts: {}",
+                        describe(&err)
+                    )),
                     conflicts,
                 )
             }
@@ -528,7 +543,12 @@ impl Run {
 
     /// Lists and rewrites resource `i` page by page from where its state
     /// says, saving the state after each page.
-    async fn resource(&mut self, st: &mut State, i: usize, target: &Arc<Target>) -> Result<(), Failure> {
+    async fn resource(
+        &mut self,
+        st: &mut State,
+        i: usize,
+        target: &Arc<Target>,
+    ) -> Result<(), Failure> {
         let list_api = target.api(None);
         while !st.progress[i].done {
             self.stop_if_interrupted()?;
@@ -591,14 +611,17 @@ impl Run {
                     Outcome::Skipped => counts.skipped += 1,
                     Outcome::Failed(f) => {
                         counts.failed += 1;
-                        self.progress
-                            .say(&format!("migrate: failed: {} {}: {}", target.name, f.object, f.error));
+                        self.progress.say(&format!(
+                            "migrate: failed: {} {}: {}",
+                            target.name, f.object, f.error
+                        ));
                         failures.push(f);
                     }
                 }
                 self.handled += 1;
                 let figures = self.figures(st, &counts);
-                self.progress.update(&target.name, &figures, self.started.elapsed());
+                self.progress
+                    .update(&target.name, &figures, self.started.elapsed());
             }
             st.progress[i].page_done(next, &counts, failures);
             st.elapsed_secs = self.base_elapsed + self.started.elapsed().as_secs_f64();
@@ -704,7 +727,13 @@ mod tests {
     #[test]
     fn resources_are_named_as_kubectl_names_them() {
         assert_eq!(
-            parse(&["secrets", " ConfigMaps", "deployments.apps", "foos.example.com"]).unwrap(),
+            parse(&[
+                "secrets",
+                " ConfigMaps",
+                "deployments.apps",
+                "foos.example.com"
+            ])
+            .unwrap(),
             vec![
                 ("secrets".into(), "".into()),
                 ("configmaps".into(), "".into()),
@@ -725,7 +754,11 @@ mod tests {
 
     #[test]
     fn a_resume_is_summed_up_per_resource() {
-        let names = vec!["secrets".to_string(), "configmaps".to_string(), "x.y".to_string()];
+        let names = vec![
+            "secrets".to_string(),
+            "configmaps".to_string(),
+            "x.y".to_string(),
+        ];
         let mut st = State::new("https://a", &names);
         st.progress[0].page_done(
             Some("t".into()),

@@ -132,7 +132,10 @@ impl KubeApiServer {
             path.display().to_string()
         };
         let encryption = write("encryption.yaml", encryption_config);
-        let tokens = write("tokens.csv", &format!("{token},admin,1,\"system:masters\"\n"));
+        let tokens = write(
+            "tokens.csv",
+            &format!("{token},admin,1,\"system:masters\"\n"),
+        );
         let sa = rcgen::KeyPair::generate().unwrap();
         let sa_key = write("sa.key", &sa.serialize_pem());
         let sa_pub = write("sa.pub", &sa.public_key_pem());
@@ -386,7 +389,10 @@ where
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| format!("not HTTP: {text}"))?;
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
     Ok((status, body))
 }
 

@@ -136,8 +136,12 @@ mod tests {
 
     #[test]
     fn every_problem_is_listed() {
-        let r = check(&[fact("a", "k2", "k1"), fact("b", "k2", ""), fact("c", "k2", "k2")])
-            .unwrap_err();
+        let r = check(&[
+            fact("a", "k2", "k1"),
+            fact("b", "k2", ""),
+            fact("c", "k2", "k2"),
+        ])
+        .unwrap_err();
         assert_eq!(r.0.len(), 2, "{r}");
     }
 }

@@ -137,7 +137,13 @@ mod tests {
     fn lines_are_spaced() {
         assert!(!line_due(None, Duration::from_secs(1)));
         assert!(line_due(None, Duration::from_secs(2)));
-        assert!(!line_due(Some(Duration::from_secs(1)), Duration::from_secs(2)));
-        assert!(line_due(Some(Duration::from_secs(1)), Duration::from_secs(3)));
+        assert!(!line_due(
+            Some(Duration::from_secs(1)),
+            Duration::from_secs(2)
+        ));
+        assert!(line_due(
+            Some(Duration::from_secs(1)),
+            Duration::from_secs(3)
+        ));
     }
 }

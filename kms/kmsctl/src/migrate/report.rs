@@ -186,10 +186,19 @@ mod tests {
     fn people_see_a_table_the_failures_and_the_rate() {
         let text = report().human();
         assert!(text.contains("secrets"), "{text}");
-        assert!(text.contains("total                          330"), "{text}");
-        assert!(text.contains("failed: secrets default/s1: 422 Invalid"), "{text}");
+        assert!(
+            text.contains("total                          330"),
+            "{text}"
+        );
+        assert!(
+            text.contains("failed: secrets default/s1: 422 Invalid"),
+            "{text}"
+        );
         assert!(text.contains("failed: 1 more of secrets"), "{text}");
-        assert!(text.contains("configmaps: started over 1 time(s)"), "{text}");
+        assert!(
+            text.contains("configmaps: started over 1 time(s)"),
+            "{text}"
+        );
         assert!(
             text.ends_with("done in 4s (200 objects, 50.0/s), 10s over every run (resumed)"),
             "{text}"

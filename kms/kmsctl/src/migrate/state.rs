@@ -105,7 +105,10 @@ impl State {
     /// Whether this state is the one of `server` and `resources`.
     pub(crate) fn check_for(&self, server: &str, resources: &[String]) -> Result<(), String> {
         if self.format != FORMAT {
-            return Err(format!("format {} (this kmsctl reads {FORMAT})", self.format));
+            return Err(format!(
+                "format {} (this kmsctl reads {FORMAT})",
+                self.format
+            ));
         }
         if self.server != server || self.resources != resources {
             return Err(format!(
@@ -195,7 +198,10 @@ pub(crate) fn load(path: &Path) -> Result<Option<State>, String> {
             .map(Some)
             .map_err(|e| format!("cannot read the state file {}: {e}", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("cannot read the state file {}: {e}", path.display())),
+        Err(e) => Err(format!(
+            "cannot read the state file {}: {e}",
+            path.display()
+        )),
     }
 }
 
@@ -236,7 +242,10 @@ pub(crate) fn remove(path: &Path) -> Result<(), String> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(format!("cannot remove the state file {}: {e}", path.display())),
+        Err(e) => Err(format!(
+            "cannot remove the state file {}: {e}",
+            path.display()
+        )),
     }
 }
 
@@ -262,7 +271,10 @@ mod tests {
         assert!(a.starts_with("migrate-") && a.ends_with(".json") && a.len() == 29);
         assert_eq!(a, file_name("https://a:6443", &res(&["secrets"])));
         assert_ne!(a, file_name("https://b:6443", &res(&["secrets"])));
-        assert_ne!(a, file_name("https://a:6443", &res(&["secrets", "configmaps"])));
+        assert_ne!(
+            a,
+            file_name("https://a:6443", &res(&["secrets", "configmaps"]))
+        );
     }
 
     #[test]
@@ -329,12 +341,20 @@ mod tests {
     #[test]
     fn a_state_is_for_its_server_and_resources_only() {
         let s = State::new("https://a", &res(&["secrets", "configmaps"]));
-        assert!(s.check_for("https://a", &res(&["secrets", "configmaps"])).is_ok());
-        assert!(s.check_for("https://b", &res(&["secrets", "configmaps"])).is_err());
-        assert!(s.check_for("https://a", &res(&["configmaps", "secrets"])).is_err());
+        assert!(s
+            .check_for("https://a", &res(&["secrets", "configmaps"]))
+            .is_ok());
+        assert!(s
+            .check_for("https://b", &res(&["secrets", "configmaps"]))
+            .is_err());
+        assert!(s
+            .check_for("https://a", &res(&["configmaps", "secrets"]))
+            .is_err());
         let mut bad = s.clone();
         bad.progress.pop();
-        assert!(bad.check_for("https://a", &res(&["secrets", "configmaps"])).is_err());
+        assert!(bad
+            .check_for("https://a", &res(&["secrets", "configmaps"]))
+            .is_err());
     }
 
     #[test]
