@@ -221,6 +221,10 @@ async fn migrate_rewrites_every_object_under_the_new_key_and_resumes_after_kill_
         "says what to do: {stderr}"
     );
     assert!(!state.exists(), "a refused run leaves no state");
+    let out = migrate(&["--resources", "nosuchthings"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no resource nosuchthings"), "{stderr}");
     assert_eq!(census(&api).await, before, "a refused run writes nothing");
 
     // A restart makes the apiserver take up the new key_id at once.
@@ -279,6 +283,7 @@ async fn migrate_rewrites_every_object_under_the_new_key_and_resumes_after_kill_
     );
     assert!(state.exists(), "the state of the killed run is kept");
     let text = std::fs::read_to_string(&log).unwrap();
+    eprintln!("killed run's stderr:\n{text}");
     assert!(
         text.lines()
             .any(|l| l.starts_with("migrate: secrets: ") && l.contains("/s")),
@@ -309,6 +314,37 @@ async fn migrate_rewrites_every_object_under_the_new_key_and_resumes_after_kill_
         "{report}"
     );
     assert!(!state.exists(), "done: the state file is removed");
+
+    // A grouped resource, found by discovery (nothing to rewrite here).
+    let other_state = dir
+        .path()
+        .join("deployments-state.json")
+        .display()
+        .to_string();
+    let out = Command::new(bin("kmsctl"))
+        .args([
+            "migrate",
+            "--kubeconfig",
+            &kubeconfig,
+            "--admin-socket",
+            &admin,
+        ])
+        .args([
+            "--resources",
+            "deployments.apps",
+            "--state-file",
+            &other_state,
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("human report:\n{stdout}");
+    assert!(stdout.contains("deployments.apps"), "{stdout}");
 
     let after = census(&api).await;
     assert_eq!(after.get(&old), None, "nothing left under {old}: {after:?}");

@@ -226,7 +226,16 @@ pub(crate) fn save(path: &Path, state: &State) -> Result<(), String> {
     let mut tmp_name = path.as_os_str().to_owned();
     tmp_name.push(".tmp");
     let tmp = PathBuf::from(tmp_name);
-    let mut f = std::fs::File::create(&tmp).map_err(|e| fail("write", e))?;
+    let mut f = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| fail("write", e))?
+    };
     f.write_all(&state.encode())
         .and_then(|()| f.sync_all())
         .map_err(|e| fail("write", e))?;
