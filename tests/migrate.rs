@@ -159,7 +159,7 @@ fn admin_status(plugin: &Plugin) -> serde_json::Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_rewrites_every_object_under_the_new_key_and_resumes_after_kill_9() {
+async fn migrate_rewrites_every_object_under_the_new_key_and_resumes_after_ctrl_c_and_kill_9() {
     if !apiserver::available() {
         return;
     }
@@ -236,22 +236,36 @@ async fn migrate_rewrites_every_object_under_the_new_key_and_resumes_after_kill_
         "{status}"
     );
 
-    // A slow run, killed -9 part-way; meanwhile an object of its first
-    // page changes under it (a conflict it must retry on the new version).
-    let log = dir.path().join("migrate-1.log");
-    let mut child = migrate(&["--rate", "40", "--page-size", "50"])
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let first = "/registry/secrets/default/secret-000".to_owned();
-    poll_until("the first secret rewritten", 30, || std::fs::read_to_string(&log).unwrap_or_default(), || {
+    // A slow run, stopped by Ctrl-C (SIGINT) part-way; meanwhile an object
+    // of its first page changes under it (a conflict it must retry on the
+    // new version, not overwrite with its stale copy).
+    let slow = |log: &Path| {
+        migrate(&["--rate", "40", "--page-size", "50"])
+            .stdout(std::fs::File::create(log).unwrap())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let rewritten_at_least = |n: usize, log: &Path| {
+        let log = log.to_owned();
         let api = &api;
-        let first = first.clone();
         let new = new.clone();
-        async move { stored_key_ids(&api.etcd_endpoint, &first).await.get(&first) == Some(&new) }
-    })
-    .await;
+        async move {
+            poll_until(
+                &format!("{n} objects rewritten"),
+                60,
+                || std::fs::read_to_string(&log).unwrap_or_default(),
+                || {
+                    let new = new.clone();
+                    async move { census(api).await.get(&new).copied().unwrap_or(0) >= n }
+                },
+            )
+            .await
+        }
+    };
+    let log1 = dir.path().join("migrate-1.log");
+    let mut child = slow(&log1);
+    rewritten_at_least(1, &log1).await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), "default");
     let mut changed = secrets.get("secret-040").await.unwrap();
     changed
@@ -263,17 +277,22 @@ async fn migrate_rewrites_every_object_under_the_new_key_and_resumes_after_kill_
         .replace("secret-040", &PostParams::default(), &changed)
         .await
         .unwrap();
-    poll_until(
-        "120 objects rewritten",
-        60,
-        || std::fs::read_to_string(&log).unwrap_or_default(),
-        || {
-            let api = &api;
-            let new = new.clone();
-            async move { census(api).await.get(&new).copied().unwrap_or(0) >= 120 }
-        },
-    )
-    .await;
+    rewritten_at_least(70, &log1).await;
+    signal(child.id(), "INT");
+    let status = child.wait().unwrap();
+    let text1 = std::fs::read_to_string(&log1).unwrap();
+    eprintln!("interrupted run's stderr:\n{text1}");
+    assert_eq!(status.code(), Some(1), "{text1}");
+    assert!(
+        text1.contains("interrupted: run the same command again to resume"),
+        "{text1}"
+    );
+    assert!(state.exists(), "the state of the interrupted run is kept");
+
+    // Again, killed -9 part-way: it resumes, then leaves its state behind.
+    let log2 = dir.path().join("migrate-2.log");
+    let mut child = slow(&log2);
+    rewritten_at_least(170, &log2).await;
     child.kill().unwrap();
     child.wait().unwrap();
     let interrupted = census(&api).await;
@@ -282,14 +301,16 @@ async fn migrate_rewrites_every_object_under_the_new_key_and_resumes_after_kill_
         "killed before the end: {interrupted:?}"
     );
     assert!(state.exists(), "the state of the killed run is kept");
-    let text = std::fs::read_to_string(&log).unwrap();
-    eprintln!("killed run's stderr:\n{text}");
+    let text2 = std::fs::read_to_string(&log2).unwrap();
+    eprintln!("killed run's stderr:\n{text2}");
+    assert!(text2.contains("resuming"), "{text2}");
     assert!(
-        text.lines()
+        (text1.clone() + &text2)
+            .lines()
             .any(|l| l.starts_with("migrate: secrets: ") && l.contains("/s")),
-        "plain progress lines without a terminal: {text}"
+        "plain progress lines without a terminal: {text1}{text2}"
     );
-    assert!(!text.contains('\x1b'), "no terminal escapes: {text}");
+    assert!(!text2.contains('\x1b'), "no terminal escapes: {text2}");
 
     // Run again: it resumes and finishes.
     let t1 = Instant::now();
