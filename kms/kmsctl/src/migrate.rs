@@ -752,6 +752,37 @@ mod tests {
         assert!(parse(&["secrets."]).is_err());
     }
 
+    fn api_error(code: u16) -> kube::Error {
+        kube::Error::Api(Box::new(kube::core::Status {
+            code,
+            reason: "Reason".into(),
+            message: "what".into(),
+            ..Default::default()
+        }))
+    }
+
+    #[test]
+    fn api_errors_are_handled_by_their_code() {
+        let class = |code| classify(&api_error(code));
+        assert!(matches!(class(404), Class::NotFound));
+        assert!(matches!(class(409), Class::Conflict));
+        assert!(matches!(class(410), Class::Gone));
+        for code in [429, 500, 502, 503, 504] {
+            assert!(matches!(class(code), Class::Transient), "{code}");
+        }
+        for code in [400, 401, 403, 422] {
+            assert!(matches!(class(code), Class::Fatal), "{code}");
+        }
+        assert_eq!(describe(&api_error(422)), "422 Reason: what");
+    }
+
+    #[test]
+    fn backoff_grows_and_is_bounded() {
+        assert_eq!(backoff(1), Duration::from_millis(400));
+        assert_eq!(backoff(2), Duration::from_millis(800));
+        assert_eq!(backoff(9), backoff(5));
+    }
+
     #[test]
     fn a_resume_is_summed_up_per_resource() {
         let names = vec![
