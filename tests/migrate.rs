@@ -214,8 +214,14 @@ async fn migrate_rewrites_every_object_under_the_new_key_and_resumes_after_ctrl_
     // key_id (it polls Status every minute): refused, naming the node.
     let out = migrate(&[]).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("refused run's stderr:\n{stderr}");
     assert_eq!(out.status.code(), Some(1), "refused: {stderr}");
-    assert!(stderr.contains("edge-1/node-1"), "names the node: {stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "edge-1/node-1 ({admin}): its apiserver still writes under key_id {old}"
+        )),
+        "names the node and the key_id it writes under: {stderr}"
+    );
     assert!(
         stderr.contains("restart that kube-apiserver"),
         "says what to do: {stderr}"
