@@ -5,7 +5,9 @@
 //! - `kmsctl kms ...` talks KMS v2 to the plugin's socket exactly as
 //!   kube-apiserver does (status, encrypt, decrypt, roundtrip);
 //! - `kmsctl node|rotate|retire|status|audit|backup` talk to the central
-//!   key service with the operator's certificate ([`central`], [`backup`]).
+//!   key service with the operator's certificate ([`central`], [`backup`]);
+//! - `kmsctl migrate` rewrites objects through the Kubernetes API so they
+//!   are stored under the current key_id ([`migrate`]).
 //!
 //! Human output by default, `-o json` for scripts. Exit codes: 0 success,
 //! 1 the plugin or service refused or failed, 2 bad usage or unreachable
@@ -25,6 +27,7 @@ macro_rules! println {
 
 mod backup;
 mod central;
+mod migrate;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -124,6 +127,8 @@ enum Command {
     },
     /// Write the central service's whole state, encrypted under your key, to a new file (restore: `edgekms-server restore`)
     Backup(backup::BackupArgs),
+    /// After a rotation, rewrite every object of some resources through the Kubernetes API so each is stored under the current key_id (resumable)
+    Migrate(migrate::MigrateArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -347,6 +352,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let client = operator_client(cli.server, cli.operator_dir).await?;
             backup::run(client, args, key, json).await
         }
+        Command::Migrate(args) => migrate::run(args, json).await,
     }
 }
 

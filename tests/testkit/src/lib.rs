@@ -8,6 +8,8 @@
 //!   listening ports), from /proc;
 //! - [`swtpm`]: a real software TPM on free loopback ports, and whether the
 //!   swtpm tests may skip;
+//! - [`apiserver`]: a real kube-apiserver (the testbin's) over an etcd of
+//!   its own, a kubeconfig for it, and whether its tests may skip;
 //! - [`files`]: a directory tree's contents, to compare before and after;
 //! - [`poll`]: waiting for a condition with a deadline and a log to show;
 //! - [`proptest_policy`]: the case count of every property test.
@@ -19,6 +21,7 @@
 //! Helpers fail loudly (they panic with what went wrong): they serve tests.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod apiserver;
 pub mod files;
 pub mod net;
 pub mod poll;
