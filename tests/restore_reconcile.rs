@@ -221,7 +221,7 @@ async fn a_version_retired_after_the_backup_is_never_revived() {
     let all = [&n1, &n2];
     assert_eq!(rotate_settled(&server, "c"), 2);
     let saved = backup(&server, tmp.path(), "old");
-    server.kmsctl_json(&["retire", "c", "1"]);
+    server.kmsctl_json(&["retire", "c", "1", "--skip-census", "--grace", "1s"]);
     server
         .wait_cluster("c", "v1 retired", |c| {
             version_states(c).contains(&(1, "retired".into()))

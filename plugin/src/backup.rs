@@ -325,6 +325,7 @@ mod tests {
             let v = ring.add_pending(Key256::generate(), 5).unwrap();
             ring.promote(v).unwrap();
         }
+        ring.disable(1, 0).unwrap();
         ring.retire(1).unwrap();
         ring
     }

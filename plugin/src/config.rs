@@ -232,20 +232,22 @@ impl Settings {
                 problems.push("census_every needs census_etcd_endpoints".to_owned());
                 None
             }
-            (Some(every), Some(endpoints)) => match edgekms_daemon::duration::parse_nonzero(every) {
-                Ok(every) => Some(CensusSchedule {
-                    every,
-                    endpoints,
-                    cacert: self.census_etcd_cacert,
-                    cert: self.census_etcd_cert,
-                    key: self.census_etcd_key,
-                    encryption_config: self.census_encryption_config,
-                }),
-                Err(e) => {
-                    problems.push(format!("--census-every: {e}"));
-                    None
+            (Some(every), Some(endpoints)) => {
+                match edgekms_daemon::duration::parse_nonzero(every) {
+                    Ok(every) => Some(CensusSchedule {
+                        every,
+                        endpoints,
+                        cacert: self.census_etcd_cacert,
+                        cert: self.census_etcd_cert,
+                        key: self.census_etcd_key,
+                        encryption_config: self.census_encryption_config,
+                    }),
+                    Err(e) => {
+                        problems.push(format!("--census-every: {e}"));
+                        None
+                    }
                 }
-            },
+            }
         };
         if self.max_connections == Some(0) {
             problems.push("--max-connections must be at least 1".to_owned());

@@ -352,7 +352,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let client = operator_client(cli.server, cli.operator_dir).await?;
             backup::run(client, args, key, json).await
         }
-        Command::Migrate(args) => migrate::run(args, json).await,
+        Command::Migrate(mut args) => {
+            args.central = (cli.server, cli.operator_dir);
+            migrate::run(args, json).await
+        }
     }
 }
 
@@ -367,7 +370,7 @@ async fn central_cmd(
     central::run(&mut client, command, json).await
 }
 
-async fn operator_client(
+pub(crate) async fn operator_client(
     server: Option<String>,
     operator_dir: Option<PathBuf>,
 ) -> Result<edgekms_proto::fleet::operator_client::OperatorClient<tonic::transport::Channel>, Failure>

@@ -78,6 +78,14 @@ pub(crate) struct MigrateArgs {
     /// apiserver must write under the primary key_id first (repeatable)
     #[arg(long, value_name = "PATH", default_value = crate::DEFAULT_ADMIN_SOCKET)]
     admin_socket: Vec<PathBuf>,
+    /// A cluster joined to the central key service: take what every active
+    /// node's apiserver writes under from the service (--server,
+    /// --operator-dir) instead of from admin sockets
+    #[arg(long, value_name = "NAME")]
+    cluster: Option<String>,
+    /// The central service and operator dir (kmsctl's global flags).
+    #[arg(skip)]
+    pub(crate) central: (Option<String>, Option<PathBuf>),
 }
 
 /// When a census is taken.
@@ -115,7 +123,10 @@ pub(crate) async fn run_with(
         targets.push(Arc::new(resolve(&client, spec).await?));
     }
 
-    let facts = node_facts(&args.admin_socket).await?;
+    let facts = match &args.cluster {
+        Some(cluster) => central_facts(&args.central, cluster).await?,
+        None => node_facts(&args.admin_socket).await?,
+    };
     let key_id = precheck::check(&facts)
         .map_err(|r| Failure::Refused(tonic::Status::failed_precondition(r.to_string())))?;
 
@@ -345,6 +356,41 @@ async fn node_facts(sockets: &[PathBuf]) -> Result<Vec<NodeFact>, Failure> {
         });
     }
     Ok(facts)
+}
+
+/// What the central service says of every active node of `cluster`: the
+/// cluster's primary key_id, and what each node's apiserver writes under.
+async fn central_facts(
+    central: &(Option<String>, Option<PathBuf>),
+    cluster: &str,
+) -> Result<Vec<NodeFact>, Failure> {
+    let mut client = crate::operator_client(central.0.clone(), central.1.clone()).await?;
+    let status = client
+        .status(edgekms_proto::fleet::StatusRequest {
+            cluster: cluster.to_owned(),
+        })
+        .await?
+        .into_inner();
+    let c = status
+        .clusters
+        .into_iter()
+        .find(|c| c.name == cluster)
+        .ok_or_else(|| Failure::Usage(format!("the central service has no cluster {cluster:?}")))?;
+    let primary_key_id = c
+        .versions
+        .iter()
+        .find(|v| v.version == c.primary)
+        .map(|v| v.key_id.clone())
+        .unwrap_or_default();
+    Ok(c.nodes
+        .into_iter()
+        .filter(|n| n.state == "active")
+        .map(|n| NodeFact {
+            node: format!("{cluster}/{} (central service)", n.name),
+            primary_key_id: primary_key_id.clone(),
+            writes_key_id: n.writes_key_id,
+        })
+        .collect())
 }
 
 /// The state to work on, and whether it resumes an interrupted run.
