@@ -145,16 +145,29 @@ pub(crate) fn classify_status(
             endpoint: endpoint.to_string(),
             revision,
         },
-        tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Internal
+        // The peer dropped the connection rather than answering; depending
+        // on when the close lands, tonic reports a transport error or the
+        // request as cancelled.
+        tonic::Code::Unknown
+        | tonic::Code::Unavailable
+        | tonic::Code::Internal
+        | tonic::Code::Cancelled
             if message.contains("transport error")
+                || message.contains("operation was canceled")
                 || message.contains("h2 protocol error")
                 || message.contains("connection") =>
         {
-            if tls && !client_cert {
+            // With TLS 1.3 a server refuses a client certificate (or its
+            // absence) after the handshake: by closing the connection.
+            if tls {
                 CensusError::Tls {
                     endpoint: endpoint.to_string(),
                     detail,
-                    hint: "etcd closed the connection: it likely requires a client certificate (--etcd-cert, --etcd-key)",
+                    hint: if client_cert {
+                        "etcd closed the connection: it refuses this client certificate; pass the one kube-apiserver uses (--etcd-cert, --etcd-key; kubeadm: /etc/kubernetes/pki/apiserver-etcd-client.crt and .key)"
+                    } else {
+                        "etcd closed the connection: it requires a client certificate (--etcd-cert, --etcd-key)"
+                    },
                 }
             } else {
                 CensusError::NotEtcd {

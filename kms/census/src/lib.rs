@@ -254,6 +254,17 @@ pub async fn take_with(
     spec: &Spec,
     limits: &Limits,
 ) -> Result<Census, CensusError> {
+    take_observed(target, spec, limits, &mut |_| {}).await
+}
+
+/// [`take_with`], calling `on_page` with the census so far after each page
+/// (for progress, and for tests that write between pages).
+pub async fn take_observed(
+    target: &EtcdTarget,
+    spec: &Spec,
+    limits: &Limits,
+    on_page: &mut dyn FnMut(&Census),
+) -> Result<Census, CensusError> {
     spec.check()?;
     if target.endpoints.is_empty() {
         return Err(CensusError::NoEndpoint);
@@ -288,6 +299,7 @@ pub async fn take_with(
             limits,
             is_tls,
             target.cert.is_some(),
+            on_page,
         )
         .await;
     }
@@ -313,6 +325,7 @@ async fn read(
     limits: &Limits,
     tls: bool,
     client_cert: bool,
+    on_page: &mut dyn FnMut(&Census),
 ) -> Result<Census, CensusError> {
     let mut kv = etcdpb::kv_client::KvClient::new(channel).max_decoding_message_size(MAX_ANSWER);
     let taken_unix = std::time::SystemTime::now()
@@ -371,6 +384,7 @@ async fn read(
         for item in &answer.kvs {
             census.add(spec, &item.key, &item.value);
         }
+        on_page(&census);
         if !answer.more {
             break;
         }
