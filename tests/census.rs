@@ -606,3 +606,67 @@ async fn kmsctl_local_census_human_and_json() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--etcd-cacert"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kmsctl_census_shows_each_key_ids_version_on_this_node() {
+    let Some(etcd) = Etcd::fresh_plain() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = edgekms_e2e::Plugin::start(dir.path(), "census-1").await;
+    let admin = plugin.admin_socket.display().to_string();
+    let first = edgekms_e2e::kmsctl_json(&["local", "--admin-socket", &admin, "status"]);
+    let old = first["primary_key_id"].as_str().unwrap().to_string();
+    assert!(
+        edgekms_e2e::kmsctl(&["local", "--admin-socket", &admin, "rotate"])
+            .status
+            .success()
+    );
+    let now = edgekms_e2e::kmsctl_json(&["local", "--admin-socket", &admin, "status"]);
+    let new = now["primary_key_id"].as_str().unwrap().to_string();
+    assert_ne!(old, new);
+    etcd.put_all(&[
+        (
+            b"/registry/secrets/a/old".to_vec(),
+            kms_v2("edgekms", &old, 10),
+        ),
+        (
+            b"/registry/secrets/a/new".to_vec(),
+            kms_v2("edgekms", &new, 10),
+        ),
+        (
+            b"/registry/secrets/a/new2".to_vec(),
+            kms_v2("edgekms", &new, 10),
+        ),
+        (
+            b"/registry/secrets/a/foreign".to_vec(),
+            kms_v2("edgekms", "someone-elses", 10),
+        ),
+    ]);
+    let out = kmsctl(&[
+        "local",
+        "--admin-socket",
+        &admin,
+        "census",
+        "--etcd-endpoints",
+        &etcd.endpoint,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let row = |id: &str| {
+        text.lines()
+            .find(|l| l.starts_with(id))
+            .unwrap_or_else(|| panic!("{id} in\n{text}"))
+            .to_string()
+    };
+    assert!(row(&old).contains("1 (decrypt-only)"), "{text}");
+    assert!(
+        row(&new).contains("2 (primary)") && row(&new).trim_end().ends_with('2'),
+        "{text}"
+    );
+    assert!(row("someone-elses").contains("not held"), "{text}");
+}

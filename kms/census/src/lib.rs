@@ -12,9 +12,12 @@
 //!
 //! # The requests it makes
 //!
-//! Only `etcdserverpb.KV/Range`, only in the subset that kine (K3s's
-//! SQLite store) and MicroK8s's k8s-dqlite (a kine fork) serve, so the same
-//! census runs on etcd, kine and dqlite:
+//! Only `etcdserverpb.KV/Range` (our own copy of its messages in
+//! `proto/etcd/kv.proto`, field numbers identical to etcd's: etcd-client's
+//! build needs a system protoc, this workspace compiles with protox), over a
+//! connection we make (TCP, rustls with ring, or a unix socket), and only
+//! in the subset that kine (K3s's SQLite store) and MicroK8s's k8s-dqlite
+//! (a kine fork) serve, so the same census runs on etcd, kine and dqlite:
 //!
 //! 1. `Range{key: PREFIX, range_end: PREFIX+1 (the prefix's last byte
 //!    incremented), limit: page_size}` (revision 0: the newest);

@@ -145,7 +145,7 @@ impl Etcd {
                     );
                     break;
                 }
-                if put_status(loader).is_some() {
+                if current_revision(loader).is_some() {
                     return Etcd {
                         endpoint,
                         tls: files,
@@ -201,12 +201,12 @@ impl Etcd {
 
     /// The current revision.
     pub fn revision(&self) -> i64 {
-        put_status(self.loader).expect("etcd answers")
+        current_revision(self.loader).expect("etcd answers")
     }
 }
 
 /// etcd's current revision through the JSON gateway, if it answers.
-fn put_status(port: u16) -> Option<i64> {
+fn current_revision(port: u16) -> Option<i64> {
     let answer = post(port, "/v3/kv/range", r#"{"key":"AA=="}"#).ok()?;
     header_revision(&answer)
 }
