@@ -18,6 +18,7 @@
 pub mod admin_service;
 pub mod backup;
 pub mod cache;
+pub mod census;
 pub mod config;
 pub mod error;
 pub mod kms_service;

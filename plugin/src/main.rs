@@ -246,6 +246,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let admin = socket::bind(&cfg.admin_socket)?;
         tokio::spawn(sync::run(node.clone(), cfg.sync_backoff_max));
         tokio::spawn(destroy_when_due(node.clone()));
+        if let Some(schedule) = cfg.census.clone() {
+            tokio::spawn(edgekms_plugin::census::run(node.clone(), schedule));
+        }
         socket::serve(node, kms, admin, limits, cli::shutdown_signal()).await?;
         tracing::info!("stopped");
         Ok(())

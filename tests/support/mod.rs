@@ -5,7 +5,9 @@
 //! - [`http`]: its metrics and health endpoint, and Prometheus samples;
 //! - [`files`]: file modes, copies and searches in data dirs;
 //! - [`fleet`]: a real `edgekms-server`, and plugins that join it;
-//! - [`faults`], [`abuse`], [`conn`]: what the fault and abuse tests do.
+//! - [`faults`], [`abuse`], [`conn`]: what the fault and abuse tests do;
+//! - [`kine`]: an etcd v3 endpoint serving only what kine serves (K3s's
+//!   SQLite store), on a unix socket, for the storage census.
 //!
 //! What no edgekms crate is needed for (swtpm, child processes, free
 //! ports, polling, /proc figures) lives in `edgekms-testkit`, re-exported
@@ -19,6 +21,7 @@ pub mod faults;
 pub mod files;
 pub mod fleet;
 pub mod http;
+pub mod kine;
 pub mod kms;
 pub mod plugin;
 

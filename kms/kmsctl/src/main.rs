@@ -26,6 +26,7 @@ macro_rules! println {
 }
 
 mod backup;
+mod census;
 mod central;
 mod migrate;
 
@@ -161,6 +162,9 @@ enum LocalCommand {
     /// Back up this standalone node's keys, encrypted under your backup key
     /// (restore with `edgekms-plugin restore`)
     Backup(backup::LocalBackupArgs),
+    /// Count the objects in etcd under each key_id (and unencrypted, or under
+    /// another provider), with kube-apiserver's etcd flags
+    Census(census::CensusArgs),
 }
 
 /// How a version is retired, centrally or locally.
@@ -287,6 +291,11 @@ async fn channel(path: &Path) -> Result<tonic::transport::Channel, Failure> {
 async fn run(cli: Cli) -> Result<(), Failure> {
     let json = cli.output == Output::Json;
     match cli.command {
+        // Reads etcd; the plugin's admin socket is optional (versions).
+        Command::Local {
+            admin_socket,
+            command: LocalCommand::Census(args),
+        } => census::run(&admin_socket, args, json).await,
         Command::Local {
             admin_socket,
             command,
@@ -548,6 +557,11 @@ async fn local(
             }
         }
         LocalCommand::Backup(args) => backup::run_local(admin, args, json).await?,
+        LocalCommand::Census(_) => {
+            return Err(Failure::Usage(
+                "census is run without the admin channel (see run)".into(),
+            ))
+        }
     }
     Ok(())
 }

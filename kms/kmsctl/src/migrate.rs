@@ -83,6 +83,22 @@ pub(crate) struct MigrateArgs {
     /// --operator-dir) instead of from admin sockets
     #[arg(long, value_name = "NAME")]
     cluster: Option<String>,
+    /// With etcd access: a census before and after (kept by the plugin on
+    /// the first --admin-socket); etcd as kube-apiserver's --etcd-servers
+    #[arg(long, value_name = "URL,...", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// The CA of etcd's certificate (kube-apiserver's --etcd-cafile)
+    #[arg(long, value_name = "FILE")]
+    etcd_cacert: Option<PathBuf>,
+    /// Client certificate etcd accepts (kube-apiserver's --etcd-certfile)
+    #[arg(long, value_name = "FILE")]
+    etcd_cert: Option<PathBuf>,
+    /// Its key (kube-apiserver's --etcd-keyfile)
+    #[arg(long, value_name = "FILE")]
+    etcd_key: Option<PathBuf>,
+    /// kube-apiserver's --encryption-provider-config, for the census
+    #[arg(long, value_name = "FILE")]
+    encryption_config: Option<PathBuf>,
     /// The central service and operator dir (kmsctl's global flags).
     #[arg(skip)]
     pub(crate) central: (Option<String>, Option<PathBuf>),
@@ -105,9 +121,35 @@ pub(crate) type CensusFn<'a> = Box<
         + 'a,
 >;
 
-/// `kmsctl migrate` without a census.
+/// `kmsctl migrate`, with a census before and after when etcd is given.
 pub(crate) async fn run(args: MigrateArgs, json: bool) -> Result<(), Failure> {
-    run_with(args, json, None).await
+    if args.etcd_endpoints.is_empty() {
+        return run_with(args, json, None).await;
+    }
+    let census_args = crate::census::CensusArgs {
+        etcd_endpoints: args.etcd_endpoints.clone(),
+        etcd_cacert: args.etcd_cacert.clone(),
+        etcd_cert: args.etcd_cert.clone(),
+        etcd_key: args.etcd_key.clone(),
+        provider: None,
+        prefix: "/registry/".into(),
+        encryption_config: args.encryption_config.clone(),
+        page_size: 500,
+    };
+    let admin = args.admin_socket.first().cloned().unwrap_or_default();
+    let take: CensusFn<'_> = Box::new(move |_point| {
+        let (admin, census_args) = (admin.clone(), census_args.clone());
+        Box::pin(async move {
+            let c = crate::census::take_and_keep(&admin, &census_args)
+                .await
+                .map_err(|f| match f {
+                    Failure::Usage(m) | Failure::Timeout(m) => m,
+                    Failure::Refused(s) => s.message().to_owned(),
+                })?;
+            serde_json::to_value(&c).map_err(|e| e.to_string())
+        })
+    });
+    run_with(args, json, Some(take)).await
 }
 
 /// `kmsctl migrate`, with a census before and after when one is given.

@@ -111,7 +111,8 @@ pub struct KubeApiServer {
     pub etcd_endpoint: String,
     args: Vec<String>,
     apiserver: Daemon,
-    etcd: Daemon,
+    /// Kept for its lifetime: dropped (killed) after the apiserver.
+    _etcd: crate::etcd::Etcd,
 }
 
 impl KubeApiServer {
@@ -123,7 +124,9 @@ impl KubeApiServer {
     pub async fn start(dir: &Path, encryption_config: &str) -> KubeApiServer {
         std::fs::create_dir_all(dir).unwrap();
         let bin = binary().expect("no kube-apiserver: check apiserver::available() first");
-        let (etcd, etcd_endpoint) = start_etcd(dir).await;
+        // The census tests' etcd: plain http on free loopback ports.
+        let etcd = crate::etcd::Etcd::start(false);
+        let etcd_endpoint = etcd.endpoint.clone();
 
         let token = format!("edgekms-test-{}", std::process::id());
         let write = |name: &str, text: &str| {
@@ -167,7 +170,7 @@ impl KubeApiServer {
             etcd_endpoint,
             args,
             apiserver,
-            etcd,
+            _etcd: etcd,
         };
         server.wait_ready().await;
         let ca = std::fs::read(cert_dir.join("apiserver.crt")).unwrap();
@@ -262,61 +265,17 @@ current-context: test
         self.wait_ready().await;
     }
 
-    /// Stops the apiserver, then etcd.
+    /// Stops the apiserver (etcd stops when this is dropped).
     pub fn stop(&mut self) {
         self.apiserver.terminate(STOP_WITHIN);
-        self.etcd.terminate(STOP_WITHIN);
     }
 }
 
 impl Drop for KubeApiServer {
     fn drop(&mut self) {
+        // Before etcd (a field, dropped after this).
         self.apiserver.kill();
-        self.etcd.kill();
     }
-}
-
-/// A plain-http single-member etcd on free loopback ports, its data in
-/// `dir/etcd`, logging to `dir/etcd.log`; waits until `/health` says so.
-/// Returns the process and its client endpoint.
-async fn start_etcd(dir: &Path) -> (Daemon, String) {
-    let (client, peer) = (free_port(), free_port());
-    let client_url = format!("http://127.0.0.1:{client}");
-    let peer_url = format!("http://127.0.0.1:{peer}");
-    let mut cmd = without_terminal(Command::new("etcd"));
-    cmd.arg("--name=default")
-        .arg(format!("--data-dir={}", dir.join("etcd").display()))
-        .arg(format!("--listen-client-urls={client_url}"))
-        .arg(format!("--advertise-client-urls={client_url}"))
-        .arg(format!("--listen-peer-urls={peer_url}"))
-        .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-        .arg(format!("--initial-cluster=default={peer_url}"));
-    let mut etcd = Daemon::spawn("etcd", cmd, &dir.join("etcd.log"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = etcd.try_exit() {
-            panic!("etcd exited ({status}); log:\n{}", etcd.log_text());
-        }
-        if let Ok((200, body)) = http_get(client, "/health").await {
-            if body.contains("true") {
-                return (etcd, client_url);
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "etcd not healthy in 30 s; log:\n{}",
-            etcd.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// One HTTP/1.1 GET to 127.0.0.1:`port` (Connection: close).
-async fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .map_err(|e| e.to_string())?;
-    exchange(stream, &request(path, "127.0.0.1", None)).await
 }
 
 /// One HTTPS GET of `path` on `url` (`https://HOST:PORT`) with a bearer

@@ -1,6 +1,8 @@
 //! Test helpers shared by every edgekms crate's tests and benches. Depends
 //! on no edgekms crate, so any of them can use it as a dev-dependency.
 //!
+//! - [`etcd`]: a real etcd (plain or TLS with client certificates) on free
+//!   loopback ports, and whether the etcd tests may skip;
 //! - [`net`]: free loopback ports, never handed out twice in one process;
 //! - [`process`]: a daemon child process for a test (log file, signals,
 //!   waits with a deadline, killed on drop), and where the built binaries are;
@@ -22,6 +24,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod apiserver;
+pub mod etcd;
 pub mod files;
 pub mod net;
 pub mod poll;
