@@ -211,8 +211,12 @@ async fn a_disabled_version_fails_the_apiservers_read_with_the_plugins_message_u
     // Disabled with data still under it (the census skipped, loudly).
     local(&["retire", "1", "--skip-census", "--grace", "1h"]);
     // A restart empties the apiserver's cache of decrypted DEKs, so the
-    // read reaches the plugin.
-    api.restart().await;
+    // read reaches the plugin. It stays unready meanwhile: its Secret
+    // informer cannot list what the disabled key encrypted (what an
+    // operator would see: the alert, and this in /readyz).
+    api.restart_until("kms-providers").await;
+    let (code, body) = api.get("/readyz?verbose").await.unwrap();
+    assert_ne!(code, 200, "{body}");
     let secrets: Api<Secret> = Api::namespaced(client(&api.kubeconfig).await, "default");
     let err = secrets.get("old-0").await.unwrap_err().to_string();
     assert!(
@@ -232,8 +236,10 @@ async fn a_disabled_version_fails_the_apiservers_read_with_the_plugins_message_u
         });
     assert!(count.unwrap_or(0.0) >= 1.0, "counted: {count:?}");
 
-    // Restored: the same read succeeds.
+    // Restored: the same read succeeds, and the apiserver becomes ready
+    // by itself.
     local(&["restore-version", "1"]);
     let got = secrets.get("old-0").await.unwrap();
     assert_eq!(got.data.unwrap(), data("old-0"));
+    api.wait_ready().await;
 }

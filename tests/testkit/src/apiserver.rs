@@ -227,6 +227,19 @@ current-context: test
     /// Waits until `/readyz` answers 200, failing with the log after
     /// [`READY_WITHIN`] (or as soon as the process exits).
     pub async fn wait_ready(&mut self) {
+        self.wait_readyz("ready", |code, _| code == 200).await
+    }
+
+    /// Waits until `/readyz?verbose` passes `check` (e.g. `kms-providers`),
+    /// whatever the others say: an apiserver whose informers cannot list
+    /// what a disabled key encrypted stays unready, and still serves.
+    pub async fn wait_check(&mut self, check: &str) {
+        let passed = format!("[+]{check} ok");
+        self.wait_readyz(check, |_, body| body.contains(&passed))
+            .await
+    }
+
+    async fn wait_readyz(&mut self, what: &str, done: impl Fn(u16, &str) -> bool) {
         let deadline = Instant::now() + READY_WITHIN;
         let ca_file = self.dir.join("certs/apiserver.crt");
         let mut last = String::new();
@@ -238,15 +251,15 @@ current-context: test
                 );
             }
             if let Ok(ca) = std::fs::read(&ca_file) {
-                match https_get(&self.url, &ca, &self.token, "/readyz").await {
-                    Ok((200, _)) => return,
+                match https_get(&self.url, &ca, &self.token, "/readyz?verbose").await {
+                    Ok((code, body)) if done(code, &body) => return,
                     Ok((code, body)) => last = format!("{code}: {body}"),
                     Err(e) => last = e,
                 }
             }
             assert!(
                 Instant::now() < deadline,
-                "kube-apiserver not ready in {READY_WITHIN:?} (last /readyz: {last}); log tail:\n{}",
+                "kube-apiserver not {what} in {READY_WITHIN:?} (last /readyz: {last}); log tail:\n{}",
                 tail(&self.log_text(), 40)
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -263,6 +276,16 @@ current-context: test
         cmd.args(&self.args);
         self.apiserver.respawn(cmd);
         self.wait_ready().await;
+    }
+
+    /// [`restart`](Self::restart), waiting only until `check` passes
+    /// ([`wait_check`](Self::wait_check)).
+    pub async fn restart_until(&mut self, check: &str) {
+        self.apiserver.stop_async(STOP_WITHIN).await;
+        let mut cmd = without_terminal(Command::new(binary().unwrap()));
+        cmd.args(&self.args);
+        self.apiserver.respawn(cmd);
+        self.wait_check(check).await;
     }
 
     /// Stops the apiserver (etcd stops when this is dropped).
