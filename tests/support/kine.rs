@@ -36,11 +36,14 @@ pub mod pb {
 use pb::kv_server::{Kv, KvServer};
 use pb::{KeyValue, RangeRequest, RangeResponse, ResponseHeader};
 
+/// One write: its revision, and the value (`None`: a deletion).
+type Write = (i64, Option<Vec<u8>>);
+
 #[derive(Default)]
 struct Store {
     revision: i64,
-    /// name → (revision, value or deleted), oldest first.
-    history: BTreeMap<Vec<u8>, Vec<(i64, Option<Vec<u8>>)>>,
+    /// name → its writes, oldest first.
+    history: BTreeMap<Vec<u8>, Vec<Write>>,
 }
 
 impl Store {
