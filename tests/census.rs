@@ -670,3 +670,91 @@ async fn kmsctl_census_shows_each_key_ids_version_on_this_node() {
     );
     assert!(row("someone-elses").contains("not held"), "{text}");
 }
+
+/// Objects under `key_id` per resource in a central `kmsctl status`
+/// cluster's census (absent: none).
+fn central_objects(cluster: &serde_json::Value, key_id: &str) -> BTreeMap<String, u64> {
+    cluster["census"]["under"]
+        .as_array()
+        .map(|rows| {
+            rows.iter()
+                .filter(|r| r["key_id"] == key_id)
+                .map(|r| {
+                    (
+                        r["resource"].as_str().unwrap().to_owned(),
+                        r["objects"].as_u64().unwrap(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A joined plugin with `census_every` counts the cluster's storage and
+/// reports it; the central service shows it and refuses to retire a
+/// version while it counts objects under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_census_reaches_the_central_service_and_gates_its_retire() {
+    use edgekms_e2e::fleet::{join, node_args, text, Server};
+    use edgekms_e2e::Plugin;
+    let Some(etcd) = Etcd::fresh_plain() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server")).await;
+    let node_dir = dir.path().join("n1");
+    let (token, hash) = server.add_node("a", "n1");
+    let out = join(&server, &node_dir, "a", "n1", &token, &hash);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut args = node_args(&node_dir, "a", "n1");
+    args.extend([
+        "--census-every".into(),
+        "1s".into(),
+        "--census-etcd-endpoints".into(),
+        etcd.endpoint.clone(),
+    ]);
+    let plugin = Plugin::spawn(&node_dir, args);
+    plugin.wait_healthy().await;
+
+    server.kmsctl_json(&["rotate", "a"]);
+    let c = server
+        .wait_cluster("a", "v2 primary", |c| c["primary"] == 2)
+        .await;
+    let key = |v: usize| c["versions"][v - 1]["key_id"].as_str().unwrap().to_owned();
+    let (v1, v2) = (key(1), key(2));
+    let secrets = |key_id: &str| -> Items {
+        (0..3)
+            .map(|i| {
+                let name = format!("/registry/secrets/default/s{i}").into_bytes();
+                (name, kms_v2("edgekms", key_id, 64))
+            })
+            .collect()
+    };
+    etcd.put_all(&secrets(&v1));
+    let c = server
+        .wait_cluster("a", "a census counting 3 under v1", |c| {
+            central_objects(c, &v1).get("secrets") == Some(&3)
+        })
+        .await;
+    assert_eq!(c["census"]["node"], "n1", "{c:#}");
+    let out = server.kmsctl(&["status", "a"]);
+    assert!(text(&out).contains("CENSUS counted"), "{}", text(&out));
+    let out = server.kmsctl(&["retire", "a", "1", "--grace", "1s"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("secrets 3"), "{}", text(&out));
+
+    // Rewritten under v2 (what a migration does): the next census counts
+    // none under v1, and the retire goes through.
+    etcd.put_all(&secrets(&v2));
+    server
+        .wait_cluster("a", "a census counting none under v1", |c| {
+            central_objects(c, &v1).is_empty() && central_objects(c, &v2).get("secrets") == Some(&3)
+        })
+        .await;
+    server.kmsctl_json(&["retire", "a", "1", "--grace", "1s"]);
+    server
+        .wait_cluster("a", "v1 destroyed", |c| {
+            c["versions"][0]["state"] == "retired"
+        })
+        .await;
+}

@@ -1,7 +1,10 @@
 //! `kmsctl`: the operator CLI.
 //!
 //! - `kmsctl local ...` talks to this node's plugin over its admin socket
-//!   (status, rotate, retire, tpm, reseal);
+//!   (status, rotate, retire, restore-version, tpm, reseal, backup), and
+//!   `kmsctl local census` reads the cluster's storage ([`census`]);
+//! - `kmsctl migrate` rewrites stored objects through the Kubernetes API
+//!   under the current key ([`migrate`]);
 //! - `kmsctl kms ...` talks KMS v2 to the plugin's socket exactly as
 //!   kube-apiserver does (status, encrypt, decrypt, roundtrip);
 //! - `kmsctl node|rotate|retire|status|audit|backup` talk to the central

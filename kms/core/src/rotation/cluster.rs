@@ -574,18 +574,26 @@ impl Cluster {
     }
 
     /// A report that changes nothing the protocol acts on (an active node,
-    /// holding what it held): its progress is noted and `true` returned.
+    /// holding what it held, its apiserver writing under the same key_id,
+    /// no newer census): its progress is noted and `true` returned.
     /// Anything else returns `false` untouched, for [`Cluster::report`].
     pub fn note_progress(&mut self, node: &str, report: &Report, now: u64) -> bool {
         let awaited = self
             .reconciling
             .as_ref()
             .is_some_and(|r| !r.reported.contains(node));
+        let newer_census = report.census.as_ref().is_some_and(|c| {
+            self.census
+                .as_ref()
+                .is_none_or(|kept| c.taken_unix > kept.counts.taken_unix)
+        });
         let (held, unmatched, destroyed) = self.sort_report(&report.held, &report.destroyed);
         match self.nodes.get_mut(node) {
             Some(n)
                 if n.state == NodeState::Active
                     && !awaited
+                    && !newer_census
+                    && n.writes_key_id == report.writes_key_id
                     && n.held == held
                     && n.unmatched == unmatched
                     && n.destroyed == destroyed =>
@@ -1453,6 +1461,32 @@ mod tests {
             c.retire(1, 330, Retirement::AT_ONCE),
             Err(FleetError::AlreadyRetired { .. })
         ));
+    }
+
+    #[test]
+    fn a_new_census_or_a_switch_of_the_apiserver_is_not_mere_progress() {
+        let mut c = two_nodes();
+        let mut r = Report::legacy([1].into(), c.seq, 1);
+        c.report("n1", r.clone(), 200).unwrap();
+        assert!(c.note_progress("n1", &r, 201));
+        r.writes_key_id = "a/v1/x".into();
+        assert!(!c.note_progress("n1", &r, 202), "a switch is committed");
+        c.report("n1", r.clone(), 202).unwrap();
+        assert!(c.note_progress("n1", &r, 203));
+        r.census = Some(CensusCounts {
+            taken_unix: 203,
+            ..CensusCounts::default()
+        });
+        assert!(
+            !c.note_progress("n1", &r, 203),
+            "a newer census is committed"
+        );
+        c.report("n1", r.clone(), 203).unwrap();
+        assert_eq!(c.census().unwrap().counts.taken_unix, 203);
+        assert!(
+            c.note_progress("n1", &r, 204),
+            "the same census again is progress"
+        );
     }
 
     #[test]
