@@ -15,6 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use base64::Engine;
+use edgekms_e2e::k8s::client;
 use edgekms_e2e::*;
 use edgekms_testkit::apiserver::{self, kms_encryption_config, KubeApiServer};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
@@ -90,14 +91,6 @@ async fn census(api: &KubeApiServer) -> BTreeMap<String, usize> {
         }
     }
     by_key
-}
-
-async fn client(kubeconfig: &Path) -> kube::Client {
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-        .await
-        .unwrap();
-    kube::Client::try_from(config).unwrap()
 }
 
 fn secret_data(i: usize) -> BTreeMap<String, ByteString> {

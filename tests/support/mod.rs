@@ -6,6 +6,7 @@
 //! - [`files`]: file modes, copies and searches in data dirs;
 //! - [`fleet`]: a real `edgekms-server`, and plugins that join it;
 //! - [`faults`], [`abuse`], [`conn`]: what the fault and abuse tests do;
+//! - [`k8s`]: a Kubernetes client for the real-apiserver tests;
 //! - [`kine`]: an etcd v3 endpoint serving only what kine serves (K3s's
 //!   SQLite store), on a unix socket, for the storage census.
 //!
@@ -23,6 +24,7 @@ pub mod fleet;
 pub mod http;
 pub mod kine;
 pub mod kms;
+pub mod k8s;
 pub mod plugin;
 
 pub use edgekms_testkit::net::free_port;

@@ -3,14 +3,18 @@
 
 /// `unix` (seconds) as `YYYY-MM-DD HH:MM:SS UTC`.
 pub fn format(unix: u64) -> String {
-    let days = (unix / 86_400) as i64;
+    let (date, (h, m, s)) = parts(unix);
+    format!("{date} {h:02}:{m:02}:{s:02} UTC")
+}
+
+/// `unix` (seconds) as the date `YYYY-MM-DD` and (hours, minutes,
+/// seconds), UTC: for callers that print times their own way.
+pub fn parts(unix: u64) -> (String, (u64, u64, u64)) {
     let secs = unix % 86_400;
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
+    let (y, m, d) = civil_from_days((unix / 86_400) as i64);
+    (
+        format!("{y:04}-{m:02}-{d:02}"),
+        (secs / 3600, secs / 60 % 60, secs % 60),
     )
 }
 

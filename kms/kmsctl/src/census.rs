@@ -228,40 +228,8 @@ fn render(census: &Census, versions: Option<&BTreeMap<String, String>>) {
         census.scanned,
         census.prefix,
         census.revision,
-        utc(census.taken_unix),
+        crate::central::utc(census.taken_unix),
         census.provider
     );
     println!("identity: stored unencrypted; unreadable: the provider's prefix but no key_id; other rows: another provider or format.");
-}
-
-/// `YYYY-MM-DDTHH:MM:SSZ` of Unix seconds.
-fn utc(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn utc_dates() {
-        assert_eq!(super::utc(0), "1970-01-01T00:00:00Z");
-        assert_eq!(super::utc(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(super::utc(1_764_650_096), "2025-12-02T04:34:56Z");
-    }
 }
