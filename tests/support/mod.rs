@@ -22,9 +22,9 @@ pub mod faults;
 pub mod files;
 pub mod fleet;
 pub mod http;
+pub mod k8s;
 pub mod kine;
 pub mod kms;
-pub mod k8s;
 pub mod plugin;
 
 pub use edgekms_testkit::net::free_port;
