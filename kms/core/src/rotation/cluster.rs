@@ -1096,8 +1096,10 @@ impl Cluster {
         }
         let mut grace_over = false;
         for (&v, meta) in self.versions.iter_mut() {
+            // A disabled version without a time (a record made by hand)
+            // waits for the operator rather than going at once.
             let due = meta.state == VersionState::Disabled
-                && meta.destroy_after_unix.is_none_or(|t| t <= now);
+                && meta.destroy_after_unix.is_some_and(|t| t <= now);
             if due {
                 meta.state = VersionState::Retiring;
                 meta.changed_unix = now;
