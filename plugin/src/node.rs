@@ -551,7 +551,7 @@ impl Node {
     /// Standalone retire: disables `version` for `grace_secs` (0: the
     /// default), after which [`Node::destroy_due`] destroys it. Refused
     /// while the newest census does not show it unused, unless
-    /// `skip_census` ([`retire::check_unused`]). Returns when it is
+    /// `skip_census` ([`retire::check_unused`]). Returns when it will be
     /// destroyed.
     pub fn retire(
         &self,
