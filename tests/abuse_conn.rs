@@ -399,7 +399,12 @@ async fn python_grpcio_default_channel_reaches_kms_and_admin_sockets() {
         .arg(&proto)
         .arg(format!("--python_out={}", stubs.display()))
         .arg(format!("--grpc_python_out={}", stubs.display()))
-        .args(["kms/v2/api.proto", "edgekms/admin/v1/admin.proto"])
+        // The admin API imports the fleet API's Census.
+        .args([
+            "kms/v2/api.proto",
+            "edgekms/admin/v1/admin.proto",
+            "edgekms/fleet/v1/fleet.proto",
+        ])
         .current_dir(&proto)
         .output()
         .unwrap();

@@ -494,6 +494,7 @@ const METRICS: &[&str] = &[
     "edgekms_store_repairs_total",
     "edgekms_server_clusters_reconciling",
     "edgekms_server_key_clashes",
+    "edgekms_decrypt_disabled_total",
 ];
 
 #[test]

@@ -160,7 +160,7 @@ async fn rotate_then_decrypt_old_and_new_and_retire() {
             async move {
                 decrypt(&mut kms, &ct, &id)
                     .await
-                    .is_err_and(|e| e.message().contains("retired"))
+                    .is_err_and(|e| e.message().contains("its key destroyed"))
             }
         },
     )
