@@ -12,7 +12,7 @@
 //! [`KubeApiServer::restart`] makes it pick the new one up at once.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::net::free_port;
 use crate::process::{without_terminal, Daemon};
+use crate::skip;
 
 /// The binary's path: `EDGEKMS_KUBE_APISERVER` (as `.ci/test` sets it from
 /// the testbin's `unpack`), else where `unpack` puts it by default.
@@ -32,41 +33,31 @@ pub fn binary() -> Option<PathBuf> {
     default.exists().then_some(default)
 }
 
+const REQUIRE: &str = "EDGEKMS_REQUIRE_APISERVER";
+
 /// Whether `EDGEKMS_REQUIRE_APISERVER=1`: a missing kube-apiserver or etcd
 /// fails the tests.
 pub fn required() -> bool {
-    std::env::var("EDGEKMS_REQUIRE_APISERVER").as_deref() == Ok("1")
+    skip::required(REQUIRE)
 }
 
-fn runs(program: &Path) -> bool {
-    Command::new(program)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Whether the kube-apiserver tests can run. When the binary or etcd is
-/// missing, says so (the test then skips) or, under
-/// `EDGEKMS_REQUIRE_APISERVER=1`, fails the test.
+/// Whether the kube-apiserver tests can run. When the binary or etcd (the
+/// one [`crate::etcd::Etcd`] runs) is missing, says so (the test then
+/// skips) or, under `EDGEKMS_REQUIRE_APISERVER=1`, fails the test.
 pub fn available() -> bool {
     let missing = match binary() {
         None => Some("no kube-apiserver: set EDGEKMS_KUBE_APISERVER to the path `../shared/testbin/unpack` prints".to_owned()),
-        Some(bin) if !runs(&bin) => Some(format!(
+        Some(bin) if !skip::runs(&bin) => Some(format!(
             "EDGEKMS_KUBE_APISERVER={} does not run (`--version` failed)",
             bin.display()
         )),
-        Some(_) if !runs(Path::new("etcd")) => {
-            Some("the etcd binary is not on PATH (apt-get install etcd-server)".to_owned())
-        }
-        Some(_) => None,
+        Some(_) => crate::etcd::missing(),
     };
-    if let Some(why) = &missing {
-        assert!(!required(), "EDGEKMS_REQUIRE_APISERVER=1 but {why}");
-        eprintln!("SKIPPED: {why} (or set EDGEKMS_REQUIRE_APISERVER=1 to make this a failure)");
-    }
-    missing.is_none()
+    skip::may_run(
+        REQUIRE,
+        missing,
+        "see ../shared/testbin/README.md; apt-get install etcd-server",
+    )
 }
 
 /// An EncryptionConfiguration that encrypts `resources` (e.g. "secrets",

@@ -12,7 +12,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::net::free_port;
@@ -21,37 +21,31 @@ use crate::process::Daemon;
 /// Where Debian installs etcd.
 const ETCD: &str = "/usr/bin/etcd";
 
+const REQUIRE: &str = "EDGEKMS_REQUIRE_ETCD";
+
 /// Whether `EDGEKMS_REQUIRE_ETCD=1`: a missing etcd fails the tests.
 pub fn required() -> bool {
-    std::env::var("EDGEKMS_REQUIRE_ETCD").as_deref() == Ok("1")
+    crate::skip::required(REQUIRE)
 }
 
 fn binary() -> PathBuf {
     std::env::var_os("EDGEKMS_ETCD").map_or_else(|| PathBuf::from(ETCD), PathBuf::from)
 }
 
+/// Why the etcd that [`Etcd::start`] runs cannot run, if it cannot.
+pub(crate) fn missing() -> Option<String> {
+    let bin = binary();
+    (!crate::skip::runs(&bin)).then(|| format!("{} is not installed", bin.display()))
+}
+
 fn installed() -> bool {
-    Command::new(binary())
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    missing().is_none()
 }
 
 /// Whether the etcd tests can run. When etcd is missing, says so (the test
 /// then skips) or, under `EDGEKMS_REQUIRE_ETCD=1`, fails the test.
 pub fn available() -> bool {
-    let present = installed();
-    if !present {
-        assert!(
-            !required(),
-            "EDGEKMS_REQUIRE_ETCD=1 but {} is not installed (apt-get install etcd-server)",
-            binary().display()
-        );
-        eprintln!("SKIPPED: {} is not installed (apt-get install etcd-server, or set EDGEKMS_REQUIRE_ETCD=1 to make this a failure)", binary().display());
-    }
-    present
+    crate::skip::may_run(REQUIRE, missing(), "apt-get install etcd-server")
 }
 
 /// Fails unless etcd is installed: for benches, which cannot skip.

@@ -14,6 +14,7 @@
 //!   its own, a kubeconfig for it, and whether its tests may skip;
 //! - [`files`]: a directory tree's contents, to compare before and after;
 //! - [`poll`]: waiting for a condition with a deadline and a log to show;
+//! - [`skip`]: whether a test needing an outside program may run;
 //! - [`proptest_policy`]: the case count of every property test.
 //!
 //! The KMS v2 and admin clients over a unix socket are edgekms-proto's
@@ -31,4 +32,5 @@ pub mod poll;
 pub mod process;
 pub mod procfs;
 pub mod proptest_policy;
+pub mod skip;
 pub mod swtpm;

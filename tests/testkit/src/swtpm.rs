@@ -7,38 +7,29 @@
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::net::free_port_pair;
 use crate::process::{try_signal, Daemon};
+use crate::skip;
+
+const REQUIRE: &str = "EDGEKMS_REQUIRE_SWTPM";
 
 /// Whether `EDGEKMS_REQUIRE_SWTPM=1`: a missing swtpm fails the tests.
 pub fn required() -> bool {
-    std::env::var("EDGEKMS_REQUIRE_SWTPM").as_deref() == Ok("1")
+    skip::required(REQUIRE)
 }
 
 fn installed() -> bool {
-    Command::new("swtpm")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    skip::runs(Path::new("swtpm"))
 }
 
 /// Whether the swtpm tests can run. When swtpm is missing, says so (the
 /// test then skips) or, under `EDGEKMS_REQUIRE_SWTPM=1`, fails the test.
 pub fn available() -> bool {
-    let present = installed();
-    if !present {
-        assert!(
-            !required(),
-            "EDGEKMS_REQUIRE_SWTPM=1 but the swtpm binary is not on PATH (apt-get install swtpm swtpm-tools)"
-        );
-        eprintln!("SKIPPED: the swtpm binary is not on PATH (apt-get install swtpm swtpm-tools, or set EDGEKMS_REQUIRE_SWTPM=1 to make this a failure)");
-    }
-    present
+    let missing = (!installed()).then(|| "the swtpm binary is not on PATH".to_owned());
+    skip::may_run(REQUIRE, missing, "apt-get install swtpm swtpm-tools")
 }
 
 /// Fails unless swtpm is installed: for benches, which cannot skip.
