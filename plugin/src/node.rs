@@ -83,6 +83,8 @@ pub struct Node {
     /// The key_id the apiserver last had a DEK seed encrypted under, and
     /// since when (persisted, so a restart does not forget it).
     writes: Mutex<(String, u64)>,
+    /// The newest census (persisted; read once at start).
+    census: Mutex<Option<Census>>,
     /// Wakes the sync task to report at once (a new census, a switch).
     report_now: tokio::sync::Notify,
     /// The shortest grace period a standalone retire may ask for.
@@ -232,6 +234,15 @@ impl Node {
             tracing::warn!(error = %e, "forgetting what the apiserver writes under");
             None
         });
+        // Only evidence for retire checks: a damaged record is as good as
+        // none (a retire then waits for a new census).
+        let census = match store.census() {
+            Ok(raw) => raw.and_then(|raw| Census::decode(raw.as_slice()).ok()),
+            Err(e) => {
+                tracing::warn!(error = %e, "forgetting the kept census");
+                None
+            }
+        };
         let cluster = store.cluster().to_owned();
         let node = Self {
             snapshot: RwLock::new(Arc::new(Snapshot {
@@ -248,6 +259,7 @@ impl Node {
             fleet_seq: AtomicU64::new(fleet_seq),
             central_reconciling: AtomicBool::new(false),
             writes: Mutex::new(writes.unwrap_or_default()),
+            census: Mutex::new(census),
             report_now: tokio::sync::Notify::new(),
             min_grace_secs: cfg.min_grace_secs,
         };
@@ -467,10 +479,12 @@ impl Node {
         self.report_now.notified().await
     }
 
-    /// The newest census this node keeps (a damaged record: none).
+    /// The newest census this node keeps.
     pub fn census(&self) -> Option<Census> {
-        let raw = self.cache.census().ok().flatten()?;
-        Census::decode(raw.as_slice()).ok()
+        self.census
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Keeps `census` if it is newer than the one kept (what `kmsctl local
@@ -488,6 +502,7 @@ impl Node {
             ));
         }
         self.cache.put_census(&census.encode_to_vec())?;
+        *self.census.lock().unwrap_or_else(|e| e.into_inner()) = Some(census.clone());
         tracing::info!(target: "audit", op = "census", taken_unix = census.taken_unix, revision = census.revision, scanned = census.scanned, result = "ok");
         self.report_now.notify_one();
         Ok(())
@@ -687,15 +702,13 @@ impl Node {
     }
 
     /// What this node holds, for its report to the central service, with
-    /// what its apiserver writes under and the counts of its census.
+    /// and what its apiserver writes under. The census travels on the wire
+    /// whole ([`Node::wire_report`]), not in this.
     pub fn holding(&self) -> Report {
         let (writes_key_id, writes_since_unix) = self.writes();
         Report {
             writes_key_id,
             writes_since_unix,
-            census: self
-                .census()
-                .and_then(|c| edgekms_proto::convert::census_counts(&c).ok()),
             ..Report::of(
                 &self.snapshot().keyring,
                 self.fleet_seq.load(Ordering::SeqCst),
@@ -883,6 +896,27 @@ mod tests {
         .unwrap();
         let sealer = sealer_from_config(&cfg).unwrap();
         Node::open_for_join(&cfg, sealer).unwrap()
+    }
+
+    #[test]
+    fn the_newest_census_is_kept_across_a_restart_and_an_older_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let census = Census {
+            taken_unix: 10,
+            under: vec![edgekms_proto::convert::census_count(
+                "c/v1/00", "secrets", 3,
+            )],
+            ..Census::default()
+        };
+        joined(dir.path()).record_census(census.clone()).unwrap();
+        let node = joined(dir.path());
+        assert_eq!(node.census(), Some(census.clone()));
+        let older = Census {
+            taken_unix: 9,
+            ..Census::default()
+        };
+        assert!(node.record_census(older).is_err());
+        assert_eq!(node.census(), Some(census));
     }
 
     /// Version `v` of "c" as the service sends it to `node`, key wrapped.
