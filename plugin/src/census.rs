@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use edgekms_census::{EtcdTarget, Spec};
+use edgekms_census::Spec;
 
 use crate::config::CensusSchedule;
 use crate::node::Node;
@@ -26,12 +26,6 @@ fn spec(schedule: &CensusSchedule) -> Result<Spec, String> {
 
 /// Takes a census every `schedule.every`, the first one at once.
 pub async fn run(node: Arc<Node>, schedule: CensusSchedule) {
-    let target = EtcdTarget {
-        endpoints: schedule.endpoints.clone(),
-        cacert: schedule.cacert.clone(),
-        cert: schedule.cert.clone(),
-        key: schedule.key.clone(),
-    };
     let mut tick = tokio::time::interval(schedule.every);
     loop {
         tick.tick().await;
@@ -43,7 +37,7 @@ pub async fn run(node: Arc<Node>, schedule: CensusSchedule) {
                 continue;
             }
         };
-        let census = match edgekms_census::take(&target, &spec).await {
+        let census = match edgekms_census::take(&schedule.target, &spec).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "the scheduled census failed; trying again at the next one");

@@ -125,10 +125,7 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct CensusSchedule {
     pub every: std::time::Duration,
-    pub endpoints: Vec<String>,
-    pub cacert: Option<PathBuf>,
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
+    pub target: edgekms_census::EtcdTarget,
     pub encryption_config: Option<PathBuf>,
 }
 
@@ -236,10 +233,12 @@ impl Settings {
                 match edgekms_daemon::duration::parse_nonzero(every) {
                     Ok(every) => Some(CensusSchedule {
                         every,
-                        endpoints,
-                        cacert: self.census_etcd_cacert,
-                        cert: self.census_etcd_cert,
-                        key: self.census_etcd_key,
+                        target: edgekms_census::EtcdTarget {
+                            endpoints,
+                            cacert: self.census_etcd_cacert,
+                            cert: self.census_etcd_cert,
+                            key: self.census_etcd_key,
+                        },
                         encryption_config: self.census_encryption_config,
                     }),
                     Err(e) => {
