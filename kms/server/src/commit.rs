@@ -47,8 +47,17 @@ struct View {
 }
 
 impl View {
+    /// Keeps `cluster` at `revision` unless the view already holds a newer
+    /// revision (a reload and a change of this process may race).
     fn put(&mut self, cluster: Cluster, revision: Revision) {
         let name = cluster.name().to_owned();
+        if self
+            .clusters
+            .get(&name)
+            .is_some_and(|(_, seen)| *seen > revision)
+        {
+            return;
+        }
         self.tokens.retain(|_, (c, _)| *c != name);
         for (node, rec) in cluster.nodes() {
             if let Some(t) = &rec.token {
@@ -65,6 +74,11 @@ pub struct Commit {
     store: Arc<dyn StateStore>,
     root: Key256,
     view: Mutex<View>,
+    /// Per cluster, held across a change's write: this process's changes
+    /// to one cluster apply one at a time and in order (only another
+    /// writer can conflict), while changes to different clusters overlap
+    /// (a replicated store's round trips would otherwise add up).
+    writing: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// Per cluster, bumped after every change applied.
     watches: Mutex<HashMap<String, watch::Sender<u64>>>,
 }
@@ -83,6 +97,7 @@ impl Commit {
             store,
             root,
             view: Mutex::new(view),
+            writing: Mutex::new(HashMap::new()),
             watches: Mutex::new(HashMap::new()),
         })
     }
@@ -122,13 +137,13 @@ impl Commit {
         mut create: Option<impl FnMut(&mut Ops) -> Cluster>,
         mut f: impl FnMut(&mut Cluster, &mut Ops) -> Result<(T, Vec<Event>), ServerError>,
     ) -> Result<(T, Vec<Event>), ServerError> {
+        let writing = self.writing(cluster);
+        let _writing = lock(&writing);
         for _ in 0..MAX_ATTEMPTS {
-            // Held across the write: this process's changes apply one at a
-            // time and in order; only another writer can conflict.
-            let mut view = lock(&self.view);
             let mut ops = Ops::new();
-            let (mut next, rev) = match (view.clusters.get(cluster), create.as_mut()) {
-                (Some((c, rev)), _) => (c.clone(), *rev),
+            let current = lock(&self.view).clusters.get(cluster).cloned();
+            let (mut next, rev) = match (current, create.as_mut()) {
+                (Some((c, rev)), _) => (c, rev),
                 (None, Some(create)) => (create(&mut ops), 0),
                 (None, None) => return Err(FleetError::UnknownCluster(cluster.to_owned()).into()),
             };
@@ -155,13 +170,13 @@ impl Commit {
                         .iter()
                         .find(|c| c.cluster == cluster)
                         .map_or(rev, |c| c.revision);
+                    let mut view = lock(&self.view);
                     view.put(next, rev);
                     drop(view);
                     self.notify(cluster);
                     return Ok((out, events));
                 }
                 Err(StoreError::Conflict { .. }) => {
-                    drop(view);
                     self.reload(cluster)?;
                 }
                 Err(e) => return Err(e.into()),
@@ -173,10 +188,21 @@ impl Commit {
         .into())
     }
 
+    fn writing(&self, cluster: &str) -> Arc<Mutex<()>> {
+        lock(&self.writing)
+            .entry(cluster.to_owned())
+            .or_default()
+            .clone()
+    }
+
     /// Applies `f` to the view's copy of `cluster` only: for node progress
     /// that moves no protocol step (see the module documentation). `None`
     /// when the cluster is unknown.
     pub fn absorb<R>(&self, cluster: &str, f: impl FnOnce(&mut Cluster) -> R) -> Option<R> {
+        // Not while a change of the cluster is in flight: its copy, taken
+        // before, would overwrite what is absorbed now.
+        let writing = self.writing(cluster);
+        let _writing = lock(&writing);
         lock(&self.view)
             .clusters
             .get_mut(cluster)

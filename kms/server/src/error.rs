@@ -28,6 +28,8 @@ pub enum ServerError {
     Unauthenticated(String),
     #[error("{0}")]
     PermissionDenied(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
     #[error("the server is shutting down")]
     ShuttingDown,
 }
@@ -60,6 +62,10 @@ impl ServerError {
                 FleetError::NotWanted { .. } => Code::InvalidArgument,
                 FleetError::VersionsExhausted(_) => Code::ResourceExhausted,
             },
+            ServerError::Store(StoreError::Unavailable(_) | StoreError::Removed(_)) => {
+                Code::Unavailable
+            }
+            ServerError::Store(StoreError::Conflict { .. }) => Code::Aborted,
             ServerError::Store(_) | ServerError::Seal(_) => Code::Internal,
             ServerError::Pki(PkiError::BadCsr(_)) | ServerError::Pki(PkiError::BadPin(_)) => {
                 Code::InvalidArgument
@@ -76,6 +82,7 @@ impl ServerError {
             ServerError::Name(_) | ServerError::InvalidArgument(_) => Code::InvalidArgument,
             ServerError::Unauthenticated(_) => Code::Unauthenticated,
             ServerError::PermissionDenied(_) => Code::PermissionDenied,
+            ServerError::FailedPrecondition(_) => Code::FailedPrecondition,
             ServerError::ShuttingDown => Code::Unavailable,
         }
     }
@@ -103,9 +110,11 @@ impl ServerError {
             ServerError::Name(_) => "invalid-name",
             ServerError::Unauthenticated(_) => "unauthenticated",
             ServerError::PermissionDenied(_) => "permission-denied",
+            ServerError::FailedPrecondition(_) => "failed-precondition",
             ServerError::InvalidArgument(_) => "invalid-argument",
             ServerError::Pki(_) => "bad-csr",
             ServerError::Delivery(_) => "bad-delivery-key",
+            ServerError::Store(StoreError::Unavailable(_)) => "store-unavailable",
             ServerError::Store(_) | ServerError::Seal(_) => "internal",
             ServerError::ShuttingDown => "shutting-down",
         }

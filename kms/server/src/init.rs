@@ -36,8 +36,9 @@ pub fn sealer(data_dir: &Path, cfg: &SealerConfig) -> Result<Box<dyn Sealer>, Se
 /// missing soft-sealer key file is refused rather than made anew (a new one
 /// cannot unseal the root key).
 pub fn serve_sealer(data_dir: &Path, cfg: &SealerConfig) -> Result<Box<dyn Sealer>, ServerError> {
-    let initialized =
-        edgekms_daemon::durable::has_marker(data_dir) || data_dir.join(rocks::STATE_DIR).exists();
+    let initialized = edgekms_daemon::durable::has_marker(data_dir)
+        || data_dir.join(rocks::STATE_DIR).exists()
+        || is_replica_dir(data_dir);
     let key_file = if initialized {
         SoftKeyFile::MustExist
     } else {
@@ -170,4 +171,333 @@ pub fn open(data_dir: &Path, sealer: &dyn Sealer) -> Result<Central, ServerError
     edgekms_hsm::check_backend(sealer, &blob)?;
     let root = sealer.unseal(&blob)?;
     Central::load(std::sync::Arc::new(store), root)
+}
+
+/// An etcd replica's data dir keeps only this: its record files under
+/// `replica/` (checksummed, replaced atomically): `root`, the root key
+/// sealed by this host's sealer, and `identity`, the replica's name and
+/// the store prefix it serves. Everything else is in etcd.
+pub const REPLICA_DIR: &str = "replica";
+const ROOT_RECORD: &str = "root";
+const IDENTITY_RECORD: &str = "identity";
+
+/// Who this replica is.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplicaIdentity {
+    pub name: String,
+    pub etcd_prefix: String,
+}
+
+/// Whether `data_dir` is (or was being made) an etcd replica's.
+pub fn is_replica_dir(data_dir: &Path) -> bool {
+    data_dir.join(REPLICA_DIR).exists()
+}
+
+/// Refuses a data dir that holds anything of a service (either kind).
+fn refuse_unless_empty(data_dir: &Path) -> Result<(), ServerError> {
+    let why = if is_replica_dir(data_dir) {
+        Some("it holds an etcd replica's keys".to_owned())
+    } else {
+        match rocks::probe(data_dir)? {
+            Probe::Empty => None,
+            Probe::Initialized(why) | Probe::Partial(why) => Some(why),
+        }
+    };
+    match why {
+        None => Ok(()),
+        Some(why) => Err(StoreError::NotEmpty {
+            dir: data_dir.display().to_string(),
+            why,
+        }
+        .into()),
+    }
+}
+
+/// Writes a replica's data dir: the sealed root key, then (last, so that
+/// an interrupted write leaves no identity) who it is.
+fn write_replica_dir(
+    data_dir: &Path,
+    sealer: &dyn Sealer,
+    root: &Key256,
+    identity: &ReplicaIdentity,
+) -> Result<(), ServerError> {
+    let files = edgekms_daemon::durable::RecordFiles::open(&data_dir.join(REPLICA_DIR))
+        .map_err(StoreError::from)?;
+    let sealed = sealer.seal(root)?;
+    files
+        .put(ROOT_RECORD, &sealed.encode())
+        .map_err(StoreError::from)?;
+    let json = serde_json::to_vec(identity)
+        .map_err(|e| ServerError::InvalidArgument(format!("replica identity: {e}")))?;
+    files
+        .put(IDENTITY_RECORD, &json)
+        .map_err(StoreError::from)?;
+    Ok(())
+}
+
+/// Reads a replica's data dir: its identity and its root key, unsealed.
+pub fn read_replica_dir(
+    data_dir: &Path,
+    sealer: &dyn Sealer,
+) -> Result<(ReplicaIdentity, Key256), ServerError> {
+    let files = edgekms_daemon::durable::RecordFiles::open(&data_dir.join(REPLICA_DIR))
+        .map_err(StoreError::from)?;
+    let missing = |what: &str| {
+        ServerError::from(StoreError::NotInitialized(format!(
+            "{} ({what} missing: was it made by `edgekms-server init --store etcd`, `join` or `migrate-store`, or was this replica removed?)",
+            data_dir.display()
+        )))
+    };
+    let identity = files
+        .get(IDENTITY_RECORD)
+        .map_err(StoreError::from)?
+        .ok_or_else(|| missing("identity"))?;
+    let identity: ReplicaIdentity = serde_json::from_slice(&identity).map_err(|e| {
+        StoreError::Corrupt {
+            key: format!("{}/{REPLICA_DIR}/{IDENTITY_RECORD}", data_dir.display()),
+            detail: e.to_string(),
+        }
+    })?;
+    let blob = files
+        .get(ROOT_RECORD)
+        .map_err(StoreError::from)?
+        .ok_or_else(|| missing("sealed root key"))?;
+    let blob = edgekms_hsm::SealedBlob::decode(&blob)?;
+    edgekms_hsm::check_backend(sealer, &blob)?;
+    Ok((identity, sealer.unseal(&blob)?))
+}
+
+/// A removed replica erases its sealed root key (its identity stays, so
+/// that a restart says why it cannot serve).
+pub fn erase_replica_root(data_dir: &Path) -> Result<(), ServerError> {
+    let files = edgekms_daemon::durable::RecordFiles::open(&data_dir.join(REPLICA_DIR))
+        .map_err(StoreError::from)?;
+    // Overwritten before removal: the sealed blob is useless without this
+    // host's TPM, but nothing of it need stay on the disk.
+    let path = files.path(ROOT_RECORD);
+    if let Ok(len) = std::fs::metadata(&path).map(|m| m.len()) {
+        let _ = std::fs::write(&path, vec![0u8; len as usize]);
+    }
+    files.remove(ROOT_RECORD).map_err(StoreError::from)?;
+    Ok(())
+}
+
+/// `init --store etcd`: the first replica. Makes the root key, the CA,
+/// this replica's server certificate and the first operator's, writes the
+/// CA and the server identity to etcd (keys wrapped by the root key), and
+/// the sealed root key to `data_dir`.
+pub fn init_etcd(
+    data_dir: &Path,
+    sealer: &dyn Sealer,
+    names: &[String],
+    store: &crate::etcd::EtcdStore,
+    replica: &str,
+) -> Result<Initialized, ServerError> {
+    edgekms_core::keyid::validate_name(replica)?;
+    private_dir(data_dir)?;
+    refuse_unless_empty(data_dir)?;
+    let operator_dir = data_dir.join("operator");
+    if operator_dir.exists() {
+        return Err(ServerError::InvalidArgument(format!(
+            "{} exists; move it away first",
+            operator_dir.display()
+        )));
+    }
+    if !store.is_empty()? {
+        return Err(StoreError::NotEmpty {
+            dir: format!("etcd prefix {}", store.prefix()),
+            why: "it already holds a service (join it with `kmsctl replica add` and `edgekms-server join` instead)".into(),
+        }
+        .into());
+    }
+    let root = Key256::generate();
+    let ca_issued = pki::new_ca()?;
+    let ca = pki::Ca::load(&ca_issued.cert_der, &ca_issued.key)?;
+    let server = ca.issue_server(names)?;
+    let operator = ca.issue_operator("admin")?;
+    // The sealed key first: an init that fails after this leaves a data
+    // dir that is refused (not empty), never a store no one can open.
+    write_replica_dir(
+        data_dir,
+        sealer,
+        &root,
+        &ReplicaIdentity {
+            name: replica.to_owned(),
+            etcd_prefix: store.prefix().to_owned(),
+        },
+    )?;
+    store.put_init(
+        &root,
+        &ca_issued.cert_der,
+        &ca_issued.key,
+        replica,
+        &server.cert_der,
+        &server.key,
+        crate::now_unix(),
+    )?;
+    write_operator(data_dir, &operator_dir, &ca_issued.cert_der, &operator)?;
+    Ok(Initialized {
+        operator_dir,
+        ca_hash: ca.pin()?,
+        server_names: names.to_vec(),
+    })
+}
+
+fn write_operator(
+    data_dir: &Path,
+    operator_dir: &Path,
+    ca_der: &[u8],
+    operator: &pki::Issued,
+) -> Result<(), ServerError> {
+    private_dir(operator_dir)?;
+    let ca_pem = pki::cert_pem(ca_der);
+    write_file(&operator_dir.join("ca.pem"), ca_pem.as_bytes(), 0o644)?;
+    write_file(
+        &operator_dir.join("cert.pem"),
+        pki::cert_pem(&operator.cert_der).as_bytes(),
+        0o644,
+    )?;
+    write_file(
+        &operator_dir.join("key.pem"),
+        operator.key.pem()?.as_bytes(),
+        0o600,
+    )?;
+    write_file(&data_dir.join("ca.pem"), ca_pem.as_bytes(), 0o644)
+}
+
+/// Opens an etcd replica: unseals its root key, binds it in the store
+/// (refused once removed) and loads the state.
+pub fn open_etcd(
+    data_dir: &Path,
+    sealer: &dyn Sealer,
+    store: std::sync::Arc<crate::etcd::EtcdStore>,
+    address: String,
+) -> Result<Central, ServerError> {
+    private_dir(data_dir)?;
+    let (identity, root) = read_replica_dir(data_dir, sealer)?;
+    if identity.etcd_prefix != store.prefix() {
+        return Err(ServerError::InvalidArgument(format!(
+            "replica {} belongs to etcd prefix {}, not {} (--etcd-prefix)",
+            identity.name,
+            identity.etcd_prefix,
+            store.prefix()
+        )));
+    }
+    Central::load_replica(store, root, &identity.name, address)
+}
+
+/// What `edgekms-server join` made.
+#[derive(Debug)]
+pub struct JoinedReplica {
+    pub name: String,
+    pub etcd_prefix: String,
+}
+
+/// `edgekms-server join`: becomes a replica with a `kmsctl replica add`
+/// token, trusting the service only through the CA pin; the root key it
+/// receives is sealed by `sealer` into `data_dir`.
+pub async fn join(
+    server: &str,
+    token: &str,
+    ca_hash: &str,
+    data_dir: &Path,
+    sealer: &dyn Sealer,
+    names: &[String],
+) -> Result<JoinedReplica, ServerError> {
+    use edgekms_proto::fleet::fleet_client::FleetClient;
+    private_dir(data_dir)?;
+    refuse_unless_empty(data_dir)?;
+    let pin = pki::parse_pin(ca_hash)?;
+    let delivery = edgekms_core::delivery::DeliveryKey::generate();
+    let tls = edgekms_daemon::tls::client_config(edgekms_daemon::tls::Trust::Pin(pin), None)
+        .map_err(|e| ServerError::InvalidArgument(e.to_string()))?;
+    let channel = edgekms_daemon::tls::connect(server, tls)
+        .await
+        .map_err(|e| ServerError::InvalidArgument(format!("cannot reach {server}: {e}")))?;
+    let resp = FleetClient::new(channel)
+        .join_replica(edgekms_proto::fleet::JoinReplicaRequest {
+            token: token.trim().to_owned(),
+            delivery_public_key: delivery.public_key().into(),
+            server_names: names.to_vec(),
+        })
+        .await
+        .map_err(|s| ServerError::PermissionDenied(format!("{server} refused: {}", s.message())))?
+        .into_inner();
+    let root = delivery.unwrap(
+        crate::replication::root_binding(&resp.name, &resp.root_key_id),
+        &resp.wrapped_root,
+    )?;
+    write_replica_dir(
+        data_dir,
+        sealer,
+        &root,
+        &ReplicaIdentity {
+            name: resp.name.clone(),
+            etcd_prefix: resp.etcd_prefix.clone(),
+        },
+    )?;
+    write_file(
+        &data_dir.join("ca.pem"),
+        pki::cert_pem(&resp.ca_der).as_bytes(),
+        0o644,
+    )?;
+    Ok(JoinedReplica {
+        name: resp.name,
+        etcd_prefix: resp.etcd_prefix,
+    })
+}
+
+/// What `migrate-store` moved.
+#[derive(Debug)]
+pub struct Migrated {
+    pub clusters: usize,
+    pub key_versions: usize,
+    pub audit_records: usize,
+    pub ca_hash: String,
+}
+
+/// `migrate-store`: copies a RocksDB service's whole state (clusters, key
+/// versions, CA and server identity, audit log) into an empty etcd prefix,
+/// and makes `to_dir` its first replica, `replica`, with the same root key
+/// sealed by `to_sealer`. Nodes keep their certificates: same CA, same
+/// server certificate. The source is only read; stop its server first.
+pub fn migrate_store(
+    from_dir: &Path,
+    from_sealer: &dyn Sealer,
+    store: &crate::etcd::EtcdStore,
+    to_dir: &Path,
+    to_sealer: &dyn Sealer,
+    replica: &str,
+) -> Result<Migrated, ServerError> {
+    edgekms_core::keyid::validate_name(replica)?;
+    private_dir(to_dir)?;
+    refuse_unless_empty(to_dir)?;
+    let source = Store::open(from_dir)?;
+    let blob = source.sealed_root()?;
+    edgekms_hsm::check_backend(from_sealer, &blob)?;
+    let root = from_sealer.unseal(&blob)?;
+    let snap = crate::state_store::StateStore::snapshot(&source, &root, true)?;
+    drop(source);
+    let ca = pki::Ca::load(&snap.identity.ca_cert, &snap.identity.ca_key)?;
+    write_replica_dir(
+        to_dir,
+        to_sealer,
+        &root,
+        &ReplicaIdentity {
+            name: replica.to_owned(),
+            etcd_prefix: store.prefix().to_owned(),
+        },
+    )?;
+    store.import(&root, &snap, replica, crate::now_unix())?;
+    write_file(
+        &to_dir.join("ca.pem"),
+        pki::cert_pem(&snap.identity.ca_cert).as_bytes(),
+        0o644,
+    )?;
+    Ok(Migrated {
+        clusters: snap.clusters.len(),
+        key_versions: snap.keks.len(),
+        audit_records: snap.audit.len(),
+        ca_hash: ca.pin()?,
+    })
 }

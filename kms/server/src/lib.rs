@@ -4,7 +4,9 @@
 //!
 //! - [`state_store`]: the seam to where the state lives (the
 //!   [`StateStore`] trait); [`rocks`] is its embedded RocksDB
-//!   implementation, the default.
+//!   implementation, the default, and [`etcd`] the replicated one.
+//! - [`replication`]: replicas of a service on etcd (add, join, remove,
+//!   status) and which of them runs the once-only jobs.
 //! - [`commit`]: the one path by which the state changes, and the view
 //!   this process serves from.
 //! - [`operator`]: what operators do (enrol, revoke, rotate, retire,
@@ -22,10 +24,12 @@ pub mod audit;
 pub mod backup;
 pub mod commit;
 pub mod error;
+pub mod etcd;
 pub mod init;
 pub mod metrics;
 pub mod nodes;
 pub mod operator;
+pub mod replication;
 pub mod restore;
 pub mod rocks;
 pub mod service;
@@ -80,6 +84,10 @@ pub struct Central {
     pub heartbeat: Duration,
     /// The shortest grace period a retire may ask for.
     pub min_grace_secs: u64,
+    /// Replicated mode: the etcd store, for what only it does (replicas).
+    replication: Option<Arc<etcd::EtcdStore>>,
+    /// Whether this process runs the once-only jobs (always, on RocksDB).
+    leadership: etcd::liveness::Leadership,
     /// The key nodes return versions to when this service heals
     /// ([`edgekms_core::rotation::cluster`]'s reconciliation). One per
     /// process, never stored: a node wraps to the key of the stream it
@@ -103,6 +111,8 @@ impl Central {
             auto_rotate: AutoRotate::default(),
             heartbeat: Duration::from_secs(15),
             min_grace_secs: edgekms_core::rotation::MIN_GRACE_SECS,
+            replication: None,
+            leadership: etcd::liveness::Leadership::sole(),
             service_key: edgekms_core::delivery::DeliveryKey::generate(),
         })
     }

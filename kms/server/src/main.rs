@@ -17,6 +17,7 @@ use edgekms_daemon::cli;
 use edgekms_daemon::config::{read_toml, sealer_kind_parser, LogFormat};
 use edgekms_daemon::ops::{Handlers, OpsServer};
 use edgekms_hsm::{SealerConfig, SealerKind};
+use edgekms_server::etcd::{self, EtcdConfig, EtcdStore};
 use edgekms_server::init;
 use edgekms_server::{backup, metrics, restore, service, AutoRotate, Central, Retention};
 use serde::Deserialize;
@@ -46,6 +47,112 @@ enum Command {
     /// Create a data dir from a `kmsctl backup` file, with a new root key sealed on this host;
     /// all or nothing, and join tokens unused at backup time are withdrawn
     Restore(RestoreArgs),
+    /// Become a new replica of a service on etcd, with a token from `kmsctl replica add`
+    Join(JoinArgs),
+    /// Move a single-node RocksDB service into etcd, as its first replica; nodes keep their certificates
+    MigrateStore(MigrateStoreArgs),
+}
+
+/// Where the state lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum StoreKind {
+    /// Embedded RocksDB in the data dir: one server
+    #[default]
+    Rocksdb,
+    /// etcd, shared by any number of replicas
+    Etcd,
+}
+
+/// How to reach etcd (`init --store etcd`, `migrate-store`; `serve` takes
+/// the same options and config keys in [`ServeArgs`]).
+#[derive(Debug, Clone, Default, Args)]
+struct EtcdArgs {
+    /// etcd endpoints, comma-separated: https://HOST:2379,...
+    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// CA certificate of etcd's serving certificates
+    #[arg(long, value_name = "FILE")]
+    etcd_cacert: Option<PathBuf>,
+    /// Client certificate etcd accepts
+    #[arg(long, value_name = "FILE")]
+    etcd_cert: Option<PathBuf>,
+    /// Client key
+    #[arg(long, value_name = "FILE")]
+    etcd_key: Option<PathBuf>,
+    /// Key prefix of this service in etcd [default: /edgekms/]
+    #[arg(long, value_name = "PREFIX")]
+    etcd_prefix: Option<String>,
+    /// Allow http:// endpoints (INSECURE: tests only)
+    #[arg(long)]
+    etcd_insecure: bool,
+}
+
+impl EtcdArgs {
+    fn config(&self) -> anyhow::Result<EtcdConfig> {
+        etcd_config(EtcdConfig {
+            endpoints: self.etcd_endpoints.clone(),
+            cacert: self.etcd_cacert.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+            prefix: self
+                .etcd_prefix
+                .clone()
+                .unwrap_or_else(|| etcd::DEFAULT_PREFIX.to_owned()),
+            insecure: self.etcd_insecure,
+        })
+    }
+}
+
+/// `cfg` if valid; every problem in one usage error otherwise.
+fn etcd_config(cfg: EtcdConfig) -> anyhow::Result<EtcdConfig> {
+    let problems = cfg.problems();
+    if !problems.is_empty() {
+        return Err(Usage(problems.join("; ")).into());
+    }
+    Ok(cfg)
+}
+
+#[derive(Debug, Args)]
+struct JoinArgs {
+    /// URL of a serving replica, e.g. https://central-0:8443
+    #[arg(long, value_name = "URL")]
+    server: String,
+    /// The token `kmsctl replica add` printed
+    #[arg(long, value_name = "TOKEN")]
+    token: String,
+    /// The service CA's hash, as `kmsctl replica add` printed it (sha256:HEX)
+    #[arg(long, value_name = "sha256:HEX")]
+    ca_hash: String,
+    /// This replica's data dir (missing or empty): it will hold the root key, sealed here
+    #[arg(long, value_name = "DIR")]
+    data_dir: PathBuf,
+    #[command(flatten)]
+    sealer: SealerArgs,
+    /// Extra DNS name or IP address nodes dial this replica by (repeatable);
+    /// localhost, 127.0.0.1, ::1 and the host name are always included
+    #[arg(long = "san", value_name = "NAME")]
+    sans: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct MigrateStoreArgs {
+    /// The RocksDB service to copy: rocksdb:DIR (its server stopped)
+    #[arg(long, value_name = "rocksdb:DIR")]
+    from: String,
+    /// The etcd to copy it to: etcd:URL[,URL...] (an empty prefix)
+    #[arg(long, value_name = "etcd:URL[,URL...]")]
+    to: String,
+    /// The first replica's data dir (missing or empty)
+    #[arg(long, value_name = "DIR")]
+    data_dir: PathBuf,
+    /// The first replica's name [default: the host name]
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    #[command(flatten)]
+    sealer: SealerArgs,
 }
 
 /// Where a new root key is sealed (`init`, `restore`); `serve` takes the
@@ -95,6 +202,14 @@ struct InitArgs {
     /// localhost, 127.0.0.1, ::1 and the host name are always included
     #[arg(long = "san", value_name = "NAME")]
     sans: Vec<String>,
+    /// Where the state lives: rocksdb (in the data dir) or etcd (shared by replicas)
+    #[arg(long, value_enum, default_value = "rocksdb")]
+    store: StoreKind,
+    /// With --store etcd: this replica's name [default: the host name]
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    #[command(flatten)]
+    etcd: EtcdArgs,
 }
 
 #[derive(Debug, Args)]
@@ -183,6 +298,28 @@ struct ServeArgs {
     /// The shortest grace period `kmsctl retire --grace` may ask for [default: 1h]. Lower it only for tests
     #[arg(long, value_name = "DURATION", hide = true)]
     min_retire_grace: Option<String>,
+    /// Where the state lives: rocksdb (in the data dir) [default] or etcd (shared by replicas)
+    #[arg(long, value_enum)]
+    store: Option<StoreKind>,
+    /// With --store etcd: etcd endpoints, comma-separated (https://HOST:2379,...)
+    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',')]
+    etcd_endpoints: Option<Vec<String>>,
+    /// CA certificate of etcd's serving certificates
+    #[arg(long, value_name = "FILE")]
+    etcd_cacert: Option<PathBuf>,
+    /// Client certificate etcd accepts
+    #[arg(long, value_name = "FILE")]
+    etcd_cert: Option<PathBuf>,
+    /// Client key
+    #[arg(long, value_name = "FILE")]
+    etcd_key: Option<PathBuf>,
+    /// Key prefix of this service in etcd [default: /edgekms/]
+    #[arg(long, value_name = "PREFIX")]
+    etcd_prefix: Option<String>,
+    /// Allow http:// etcd endpoints (INSECURE: tests only)
+    #[arg(long)]
+    #[serde(default)]
+    etcd_insecure: bool,
 }
 
 impl ServeArgs {
@@ -212,7 +349,29 @@ impl ServeArgs {
                 .max_unauthenticated_per_peer
                 .or(file.max_unauthenticated_per_peer),
             min_retire_grace: self.min_retire_grace.or(file.min_retire_grace),
+            store: self.store.or(file.store),
+            etcd_endpoints: self.etcd_endpoints.or(file.etcd_endpoints),
+            etcd_cacert: self.etcd_cacert.or(file.etcd_cacert),
+            etcd_cert: self.etcd_cert.or(file.etcd_cert),
+            etcd_key: self.etcd_key.or(file.etcd_key),
+            etcd_prefix: self.etcd_prefix.or(file.etcd_prefix),
+            etcd_insecure: self.etcd_insecure || file.etcd_insecure,
         }
+    }
+
+    /// With `--store etcd`, where etcd is; `None` on RocksDB.
+    fn etcd(&self) -> Option<EtcdConfig> {
+        (self.store == Some(StoreKind::Etcd)).then(|| EtcdConfig {
+            endpoints: self.etcd_endpoints.clone().unwrap_or_default(),
+            cacert: self.etcd_cacert.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+            prefix: self
+                .etcd_prefix
+                .clone()
+                .unwrap_or_else(|| etcd::DEFAULT_PREFIX.to_owned()),
+            insecure: self.etcd_insecure,
+        })
     }
 
     /// The sealer choice, unvalidated.
@@ -246,6 +405,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Init(args)) => run_init(args),
         Some(Command::Restore(args)) => run_restore(args),
+        Some(Command::Join(args)) => run_join(args),
+        Some(Command::MigrateStore(args)) => run_migrate_store(args),
         None => run_serve(cli.serve),
     };
     match result {
@@ -261,19 +422,120 @@ fn main() -> ExitCode {
     }
 }
 
+/// This host's name, the default replica name.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
 fn run_init(args: InitArgs) -> anyhow::Result<()> {
     cli::quiet_tss();
     cli::init_logging(false);
+    let etcd = match args.store {
+        StoreKind::Rocksdb => {
+            if !args.etcd.etcd_endpoints.is_empty() || args.name.is_some() {
+                return Err(Usage("--etcd-* and --name need --store etcd".into()).into());
+            }
+            None
+        }
+        StoreKind::Etcd => Some(args.etcd.config()?),
+    };
     let sealer = init::sealer(&args.data_dir, &args.sealer.config()?)?;
     let names = init::server_names(&args.sans);
-    let done = init::init(&args.data_dir, sealer.as_ref(), &names)?;
+    let (done, replica) = match etcd {
+        None => (init::init(&args.data_dir, sealer.as_ref(), &names)?, String::new()),
+        Some(cfg) => {
+            let name = args.name.clone().unwrap_or_else(host_name);
+            let store = EtcdStore::connect(&cfg)?;
+            let done = init::init_etcd(&args.data_dir, sealer.as_ref(), &names, &store, &name)?;
+            (
+                done,
+                format!(
+                    "\n  replica: {name}, state in etcd under {prefix} (this data dir holds only the sealed root key and the replica's identity)\n  more replicas: `kmsctl replica add NAME`, then `edgekms-server join` on their hosts",
+                    prefix = cfg.prefix
+                ),
+            )
+        }
+    };
     println!(
-        "initialized {dir}\n  root key sealed by: {sealer}\n  server certificate names: {names}\n  CA hash (for `edgekms-plugin join --ca-hash`): {hash}\n  operator credentials: {op}/{{ca.pem,cert.pem,key.pem}}\n    (move them to the operator's machine; key.pem is the operator's key)",
+        "initialized {dir}\n  root key sealed by: {sealer}\n  server certificate names: {names}\n  CA hash (for `edgekms-plugin join --ca-hash`): {hash}\n  operator credentials: {op}/{{ca.pem,cert.pem,key.pem}}\n    (move them to the operator's machine; key.pem is the operator's key){replica}",
         dir = args.data_dir.display(),
         sealer = sealer.name(),
         names = done.server_names.join(", "),
         hash = done.ca_hash,
         op = done.operator_dir.display(),
+    );
+    Ok(())
+}
+
+fn run_join(args: JoinArgs) -> anyhow::Result<()> {
+    cli::quiet_tss();
+    cli::init_logging(false);
+    let sealer = init::sealer(&args.data_dir, &args.sealer.config()?)?;
+    let names = init::server_names(&args.sans);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let joined = runtime.block_on(init::join(
+        &args.server,
+        &args.token,
+        &args.ca_hash,
+        &args.data_dir,
+        sealer.as_ref(),
+        &names,
+    ))?;
+    println!(
+        "joined as replica {name}\n  root key sealed by: {sealer} in {dir}\n  server certificate names: {names}\nserve it: edgekms-server --data-dir {dir} --listen 0.0.0.0:8443 --sealer {sealer} --store etcd --etcd-prefix {prefix} --etcd-endpoints ... (with the etcd client certificate options)",
+        name = joined.name,
+        sealer = sealer.name(),
+        dir = args.data_dir.display(),
+        names = names.join(", "),
+        prefix = joined.etcd_prefix,
+    );
+    Ok(())
+}
+
+fn run_migrate_store(args: MigrateStoreArgs) -> anyhow::Result<()> {
+    cli::quiet_tss();
+    cli::init_logging(false);
+    let from = args
+        .from
+        .strip_prefix("rocksdb:")
+        .map(PathBuf::from)
+        .ok_or_else(|| Usage(format!("--from {}: must be rocksdb:DIR", args.from)))?;
+    let endpoints = args
+        .to
+        .strip_prefix("etcd:")
+        .ok_or_else(|| Usage(format!("--to {}: must be etcd:URL[,URL...]", args.to)))?;
+    let mut etcd_args = args.etcd.clone();
+    etcd_args.etcd_endpoints = endpoints.split(',').map(str::to_owned).collect();
+    let cfg = etcd_args.config()?;
+    let sealer_cfg = args.sealer.config()?;
+    let from_sealer = init::serve_sealer(&from, &sealer_cfg)?;
+    let to_sealer = init::sealer(&args.data_dir, &sealer_cfg)?;
+    let name = args.name.clone().unwrap_or_else(host_name);
+    let store = EtcdStore::connect(&cfg)?;
+    let done = init::migrate_store(
+        &from,
+        from_sealer.as_ref(),
+        &store,
+        &args.data_dir,
+        to_sealer.as_ref(),
+        &name,
+    )
+    .with_context(|| format!("cannot migrate {}", from.display()))?;
+    println!(
+        "migrated {from} into etcd under {prefix}\n  {clusters} clusters, {keks} key versions, {audit} audit records\n  first replica: {name}, root key sealed by {sealer} in {dir}\n  CA hash (unchanged; nodes keep their certificates): {hash}\nserve it: edgekms-server --data-dir {dir} --listen ... --sealer {sealer} --store etcd --etcd-prefix {prefix} --etcd-endpoints {endpoints}\n{from} is no longer served: keep it until the replicas run, then remove it",
+        from = from.display(),
+        prefix = cfg.prefix,
+        clusters = done.clusters,
+        keks = done.key_versions,
+        audit = done.audit_records,
+        sealer = to_sealer.name(),
+        dir = args.data_dir.display(),
+        hash = done.ca_hash,
     );
     Ok(())
 }
@@ -397,6 +659,12 @@ fn run_serve(flags: ServeArgs) -> anyhow::Result<()> {
     if let Err(e) = sealer.validate() {
         problems.extend(e.0);
     }
+    let etcd = args.etcd();
+    if let Some(cfg) = &etcd {
+        problems.extend(cfg.problems());
+    } else if args.etcd_endpoints.is_some() {
+        problems.push("--etcd-endpoints needs --store etcd".to_owned());
+    }
     if !problems.is_empty() {
         return Err(Usage(problems.join("; ")).into());
     }
@@ -442,6 +710,8 @@ fn run_serve(flags: ServeArgs) -> anyhow::Result<()> {
     );
     let open = Open {
         data_dir,
+        etcd,
+        listen,
         sealer,
         auto_rotate: rotate,
         heartbeat,
@@ -454,6 +724,9 @@ fn run_serve(flags: ServeArgs) -> anyhow::Result<()> {
 /// How to open the data dir (unsealing the root key).
 struct Open {
     data_dir: PathBuf,
+    /// Replicated mode.
+    etcd: Option<EtcdConfig>,
+    listen: SocketAddr,
     sealer: SealerConfig,
     auto_rotate: AutoRotate,
     heartbeat: Duration,
@@ -464,7 +737,27 @@ struct Open {
 impl Open {
     fn open(self) -> anyhow::Result<Central> {
         let sealer = init::serve_sealer(&self.data_dir, &self.sealer)?;
-        let mut core = init::open(&self.data_dir, sealer.as_ref())?;
+        let mut core = match &self.etcd {
+            None => {
+                if init::is_replica_dir(&self.data_dir) {
+                    return Err(Usage(format!(
+                        "{} is an etcd replica's data dir: serve it with --store etcd",
+                        self.data_dir.display()
+                    ))
+                    .into());
+                }
+                init::open(&self.data_dir, sealer.as_ref())?
+            }
+            Some(cfg) => {
+                let store = std::sync::Arc::new(EtcdStore::connect(cfg)?);
+                init::open_etcd(
+                    &self.data_dir,
+                    sealer.as_ref(),
+                    store,
+                    self.listen.to_string(),
+                )?
+            }
+        };
         core.auto_rotate = self.auto_rotate;
         core.heartbeat = self.heartbeat;
         core.min_grace_secs = self.min_grace_secs;
@@ -473,7 +766,8 @@ impl Open {
 }
 
 /// `/readyz`: 503 "starting" until the root key is unsealed, the state
-/// loaded and the gRPC listener bound; 503 "stopping" once shutting down.
+/// loaded and the gRPC listener bound; 503 "stopping" once shutting down;
+/// on etcd, 503 with the reason while etcd cannot answer a read.
 /// `/metrics`: the server's metrics, gauges from the loaded state.
 fn handlers(core: Arc<OnceLock<Arc<Central>>>, stopping: Arc<AtomicBool>) -> Handlers {
     let for_metrics = core.clone();
@@ -481,7 +775,8 @@ fn handlers(core: Arc<OnceLock<Arc<Central>>>, stopping: Arc<AtomicBool>) -> Han
         move || match core.get() {
             None => Err("starting".to_owned()),
             Some(_) if stopping.load(Ordering::SeqCst) => Err("stopping".to_owned()),
-            Some(_) => Ok(()),
+            // Replicated: 503 while etcd has no quorum (writes would fail).
+            Some(core) => core.store_health(),
         },
         move || {
             let mut text = metrics::render(for_metrics.get().map(|c| c.as_ref()));
@@ -519,8 +814,10 @@ fn serve(
         let core = tokio::task::spawn_blocking(move || {
             let core = open.open()?;
             // Before serving: a store that grew past its limits while the
-            // server was down is trimmed first.
-            core.audit_log().apply_retention(retention)?;
+            // server was down is trimmed first (on etcd, by the leader).
+            if core.replication().is_none() {
+                core.audit_log().apply_retention(retention)?;
+            }
             anyhow::Ok(core)
         })
         .await
@@ -533,6 +830,9 @@ fn serve(
             tick.tick().await;
             loop {
                 tick.tick().await;
+                if !keeper.leads() {
+                    continue;
+                }
                 let core = keeper.clone();
                 let done = tokio::task::spawn_blocking(move || core.audit_log().apply_retention(retention)).await;
                 if let Ok(Err(e)) = done {
@@ -571,7 +871,10 @@ fn serve(
             let mut tick = tokio::time::interval_at(first, period);
             loop {
                 tick.tick().await;
-                ticker.auto_rotate_due();
+                if ticker.leads() {
+                    let core = ticker.clone();
+                    let _ = tokio::task::spawn_blocking(move || core.auto_rotate_due()).await;
+                }
             }
         });
         // Grace periods end on time to within a few seconds; the check
@@ -581,6 +884,9 @@ fn serve(
             let mut tick = tokio::time::interval(Duration::from_secs(5));
             loop {
                 tick.tick().await;
+                if !reaper.leads() {
+                    continue;
+                }
                 let core = reaper.clone();
                 let _ = tokio::task::spawn_blocking(move || core.destroy_due()).await;
             }
@@ -591,13 +897,34 @@ fn serve(
             "serving"
         );
         let _ = ready.set(core.clone());
+        let removed = Arc::new(AtomicBool::new(false));
+        let mut removal = core.replication().map(|s| s.removed());
+        let (gone, stop) = (removed.clone(), stopping.clone());
         let shutdown = async move {
-            cli::shutdown_signal().await;
-            stopping.store(true, Ordering::SeqCst);
+            let removal = async {
+                match removal.as_mut() {
+                    Some(rx) => {
+                        let _ = rx.wait_for(|r| *r).await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = cli::shutdown_signal() => {}
+                _ = removal => gone.store(true, Ordering::SeqCst),
+            }
+            stop.store(true, Ordering::SeqCst);
         };
         let result = service::serve_with(core.clone(), listener, limits, shutdown).await;
         // Refusals counted but not yet kept are kept now.
         core.audit_log().flush_refusals();
+        if removed.load(Ordering::SeqCst) {
+            init::erase_replica_root(&data_dir)?;
+            anyhow::bail!(
+                "this replica was removed from the service (`kmsctl replica remove`): stopped, and its sealed root key was erased from {}",
+                data_dir.display()
+            );
+        }
         result.map_err(|e| anyhow::anyhow!("server failed: {e}"))?;
         tracing::info!("stopped");
         Ok(())

@@ -116,7 +116,7 @@ fn cluster_key(cluster: &str) -> Vec<u8> {
     key
 }
 
-fn aad(record: &[u8], key_id: &str) -> Vec<u8> {
+pub(crate) fn aad(record: &[u8], key_id: &str) -> Vec<u8> {
     let mut aad = b"edgekms central v1\0".to_vec();
     aad.extend_from_slice(&(record.len() as u32).to_be_bytes());
     aad.extend_from_slice(record);

@@ -161,6 +161,34 @@ impl Operator for OperatorService {
         }))
     }
 
+    async fn add_replica(
+        &self,
+        req: Request<pb::AddReplicaRequest>,
+    ) -> Result<Response<pb::AddReplicaResponse>, Status> {
+        let actor = self.operator(&req, "replica add")?;
+        let r = req.into_inner();
+        let ttl = match r.ttl_seconds {
+            0 => DEFAULT_TOKEN_TTL,
+            s => std::time::Duration::from_secs(s),
+        };
+        let inv = self.core.add_replica(&actor, &r.name, ttl)?;
+        Ok(Response::new(pb::AddReplicaResponse {
+            token: inv.token,
+            expires_unix: inv.expires_unix,
+            ca_hash: inv.ca_hash,
+            etcd_prefix: inv.prefix,
+        }))
+    }
+
+    async fn remove_replica(
+        &self,
+        req: Request<pb::RemoveReplicaRequest>,
+    ) -> Result<Response<pb::RemoveReplicaResponse>, Status> {
+        let actor = self.operator(&req, "replica remove")?;
+        self.core.remove_replica(&actor, &req.get_ref().name)?;
+        Ok(Response::new(pb::RemoveReplicaResponse {}))
+    }
+
     async fn restore_version(
         &self,
         req: Request<pb::RestoreVersionRequest>,
@@ -285,6 +313,20 @@ impl Fleet for FleetService {
         }))
     }
 
+    async fn join_replica(
+        &self,
+        req: Request<pb::JoinReplicaRequest>,
+    ) -> Result<Response<pb::JoinReplicaResponse>, Status> {
+        let addr = peer(&req)
+            .map(|p| p.addr)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let core = self.core.clone();
+        let resp = tokio::task::spawn_blocking(move || core.join_replica(addr, req.get_ref()))
+            .await
+            .map_err(|e| Status::internal(format!("join task failed: {e}")))??;
+        Ok(Response::new(resp))
+    }
+
     type SyncStream = StateStream;
 
     async fn sync(
@@ -337,6 +379,15 @@ impl Fleet for FleetService {
 
 type Tx = tokio::sync::mpsc::Sender<Result<pb::ClusterState, Status>>;
 
+/// Runs `f`, which may wait on the store (a replicated store's round
+/// trip), without holding up the other streams on this worker thread.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// One node's stream: reports in, cluster state out whenever the node is
 /// behind, heartbeats in between. Ends on disconnect, revocation or
 /// shutdown.
@@ -362,7 +413,7 @@ async fn run_stream(
             msg = inbound.message() => match msg {
                 Ok(Some(report)) => {
                     reported = true;
-                    if let Err(e) = core.report(cluster, node, &report) {
+                    if let Err(e) = blocking(|| core.report(cluster, node, &report)) {
                         let _ = tx.send(Err(e.into())).await;
                         return;
                     }
@@ -401,7 +452,7 @@ async fn run_stream(
         if !reported {
             continue;
         }
-        match core.next_message(cluster, node, &mut last) {
+        match blocking(|| core.next_message(cluster, node, &mut last)) {
             Ok(Some(state)) => {
                 if tx.send(Ok(state)).await.is_err() {
                     return;

@@ -159,6 +159,14 @@ pub enum StoreError {
     Unrecoverable { what: String, file: String },
     #[error("cluster {cluster} changed while this change was being made; try again")]
     Conflict { cluster: String },
+    /// The replicated store cannot be reached or has no quorum: nothing
+    /// was changed, and nodes keep serving their cached keys.
+    #[error("the state store is unavailable ({0}); nothing was changed, and nodes keep serving their cached keys; try again once it is back")]
+    Unavailable(String),
+    /// This replica was removed (`kmsctl replica remove`): the store
+    /// refuses its writes.
+    #[error("this replica ({0}) was removed from the service; the store refuses its writes")]
+    Removed(String),
 }
 
 /// The behaviour every [`StateStore`] must show, run against each

@@ -24,6 +24,12 @@ impl Central {
         Ok(pb::StatusResponse {
             clusters,
             server_time_unix: now_unix(),
+            replicas: self.replica_status()?,
+            answered_by: self
+                .replication()
+                .and_then(|s| s.replica_name())
+                .unwrap_or_default(),
+            store: if self.replication().is_some() { "etcd" } else { "rocksdb" }.into(),
         })
     }
 
