@@ -28,6 +28,21 @@ pub enum NodeCommand {
     Remove { cluster: String, node: String },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum ReplicaCommand {
+    /// Invite a new replica (service on etcd): prints a one-time token and the `edgekms-server join` command to run on its host
+    Add {
+        name: String,
+        /// How long the token stays valid
+        #[arg(long, default_value = "24h", value_name = "DURATION")]
+        ttl: String,
+    },
+    /// Remove a replica: it stops serving and erases its sealed root key, and the store refuses its writes
+    Remove { name: String },
+    /// Every replica: state, last heartbeat, etcd member, address, and which one runs the once-only jobs
+    List,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct RotateArgs {
     pub cluster: String,
@@ -47,6 +62,7 @@ pub struct RotateArgs {
 
 pub enum CentralCommand {
     Node(NodeCommand),
+    Replica(ReplicaCommand),
     Rotate(RotateArgs),
     Retire {
         cluster: String,
@@ -120,7 +136,10 @@ fn duration(flag: &str, value: &str) -> Result<Duration, Failure> {
 /// one is a usage error (exit 2) whether or not the service is reachable.
 pub fn check(command: &CentralCommand) -> Result<(), Failure> {
     match command {
-        CentralCommand::Node(NodeCommand::Add { ttl, .. }) => duration("ttl", ttl).map(drop),
+        CentralCommand::Node(NodeCommand::Add { ttl, .. })
+        | CentralCommand::Replica(ReplicaCommand::Add { ttl, .. }) => {
+            duration("ttl", ttl).map(drop)
+        }
         CentralCommand::Audit {
             since: Some(since), ..
         } => duration("since", since).map(drop),
@@ -269,6 +288,7 @@ pub async fn run(
             }
         }
         CentralCommand::Audit { since, limit } => audit(client, since, limit, json).await?,
+        CentralCommand::Replica(cmd) => replica(client, cmd, json).await?,
     }
     Ok(())
 }
@@ -604,7 +624,108 @@ fn versions_list(v: &[u32]) -> String {
         .join(",")
 }
 
+async fn replica(
+    client: &mut OperatorClient<Channel>,
+    cmd: ReplicaCommand,
+    json: bool,
+) -> Result<(), Failure> {
+    match cmd {
+        ReplicaCommand::Add { name, ttl } => {
+            let ttl = duration("ttl", &ttl)?;
+            let r = client
+                .add_replica(pb::AddReplicaRequest {
+                    name: name.clone(),
+                    ttl_seconds: ttl.as_secs(),
+                })
+                .await?
+                .into_inner();
+            if json {
+                print_json(json!({
+                    "replica": name, "token": r.token, "expires_unix": r.expires_unix,
+                    "ca_hash": r.ca_hash, "etcd_prefix": r.etcd_prefix,
+                }));
+            } else {
+                println!("replica {name} may join until {}", utc(r.expires_unix));
+                println!("token:   {}", r.token);
+                println!("ca-hash: {}", r.ca_hash);
+                println!(
+                    "\non its host:\n  edgekms-server join --server <URL of a serving replica> --token {} --ca-hash {} --data-dir /var/lib/edgekms-server [--san <its DNS name>]\nthen serve it with --store etcd --etcd-prefix {} and the etcd endpoints and client certificate",
+                    r.token, r.ca_hash, r.etcd_prefix
+                );
+            }
+        }
+        ReplicaCommand::Remove { name } => {
+            client
+                .remove_replica(pb::RemoveReplicaRequest { name: name.clone() })
+                .await?;
+            if json {
+                print_json(json!({"replica": name, "removed": true}));
+            } else {
+                println!("removed replica {name}: it stops serving and erases its sealed root key; the store refuses its writes. Revoke its etcd client certificate too");
+            }
+        }
+        ReplicaCommand::List => {
+            let s = client
+                .status(pb::StatusRequest {
+                    cluster: String::new(),
+                })
+                .await?
+                .into_inner();
+            if json {
+                print_json(json!({"replicas": replicas_json(&s)}));
+            } else {
+                print_replicas(&s);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn replicas_json(s: &pb::StatusResponse) -> serde_json::Value {
+    s.replicas
+        .iter()
+        .map(|r| {
+            json!({
+                "name": r.name, "state": r.state, "heartbeat_unix": r.heartbeat_unix,
+                "etcd_member": r.etcd_member, "address": r.address, "leader": r.leader,
+                "added_unix": r.added_unix,
+            })
+        })
+        .collect()
+}
+
+fn print_replicas(s: &pb::StatusResponse) {
+    if s.store != "etcd" {
+        println!("store: {} (one server; replicas need --store etcd)", s.store);
+        return;
+    }
+    println!("store: etcd, answered by replica {}", s.answered_by);
+    println!(
+        "  {:<16} {:<8} {:<7} {:<14} {:<12} ADDRESS",
+        "REPLICA", "STATE", "LEADER", "HEARTBEAT", "ETCD MEMBER"
+    );
+    for r in &s.replicas {
+        println!(
+            "  {:<16} {:<8} {:<7} {:<14} {:<12} {}",
+            r.name,
+            r.state,
+            if r.leader { "yes" } else { "" },
+            if r.heartbeat_unix == 0 {
+                "none".to_owned()
+            } else {
+                ago(s.server_time_unix, r.heartbeat_unix)
+            },
+            if r.etcd_member.is_empty() { "-" } else { &r.etcd_member },
+            if r.address.is_empty() { "-" } else { &r.address },
+        );
+    }
+}
+
 fn print_status(s: &pb::StatusResponse) {
+    if s.store == "etcd" {
+        print_replicas(s);
+        println!();
+    }
     if s.clusters.is_empty() {
         println!("no clusters yet: `kmsctl node add CLUSTER NODE` creates one");
     }
@@ -769,6 +890,9 @@ pub(crate) fn census_json(c: &pb::Census) -> serde_json::Value {
 fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
     json!({
         "server_time_unix": s.server_time_unix,
+        "store": s.store,
+        "answered_by": s.answered_by,
+        "replicas": replicas_json(s),
         "clusters": s.clusters.iter().map(|c| json!({
             "name": c.name, "seq": c.seq, "primary": c.primary, "pending": c.pending,
             "reconciling": c.reconciling.then(|| json!({

@@ -100,6 +100,11 @@ enum Command {
         #[command(subcommand)]
         command: central::NodeCommand,
     },
+    /// Add, remove or list the central service's replicas (service on etcd)
+    Replica {
+        #[command(subcommand)]
+        command: central::ReplicaCommand,
+    },
     /// Start a two-phase rotation of a cluster's KEK (central service)
     Rotate(central::RotateArgs),
     /// Retire a decrypt-only version: disabled on every node at once (Decrypt refused, restorable), destroyed after the grace period (central service). Refused unless a census shows nothing stored under it
@@ -315,6 +320,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 cli.server,
                 cli.operator_dir,
                 central::CentralCommand::Node(command),
+                json,
+            )
+            .await
+        }
+        Command::Replica { command } => {
+            central_cmd(
+                cli.server,
+                cli.operator_dir,
+                central::CentralCommand::Replica(command),
                 json,
             )
             .await
