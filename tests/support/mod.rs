@@ -5,6 +5,7 @@
 //! - [`http`]: its metrics and health endpoint, and Prometheus samples;
 //! - [`files`]: file modes, copies and searches in data dirs;
 //! - [`fleet`]: a real `edgekms-server`, and plugins that join it;
+//! - [`replicas`]: the service replicated on a three-member etcd;
 //! - [`faults`], [`abuse`], [`conn`]: what the fault and abuse tests do;
 //! - [`k8s`]: a Kubernetes client for the real-apiserver tests;
 //! - [`kine`]: an etcd v3 endpoint serving only what kine serves (K3s's
@@ -26,6 +27,7 @@ pub mod k8s;
 pub mod kine;
 pub mod kms;
 pub mod plugin;
+pub mod replicas;
 
 pub use edgekms_testkit::net::free_port;
 pub use edgekms_testkit::poll::poll_until;

@@ -1,0 +1,396 @@
+//! The central service replicated on etcd, end to end: a real three-member
+//! etcd cluster, two or three real `edgekms-server` replicas on loopback,
+//! real plugins, `kmsctl` as the operator; each failure done for real
+//! (kill -9 of a replica, of the etcd leader, two etcd members stopped).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use edgekms_e2e::fleet::{text, version_states};
+use edgekms_e2e::replicas::{refs, store_args, Replicated};
+use edgekms_e2e::{decrypt, encrypt, http_get, key_id, Plugin};
+use serde_json::Value;
+
+/// Polls `f` until it returns `Some` (30 s at most), then returns it.
+async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `kmsctl -o json ARGS` through replica `i`, `None` while it fails (a
+/// replica down, etcd electing).
+fn try_json(r: &Replicated, i: usize, args: &[&str]) -> Option<Value> {
+    let mut all = vec!["-o", "json"];
+    all.extend_from_slice(args);
+    let out = r.kmsctl(i, &all);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).unwrap())
+}
+
+fn cluster_of(status: &Value) -> Value {
+    status["clusters"][0].clone()
+}
+
+/// Waits until replica `i` shows `cluster` with `version` primary and no
+/// pending version; returns the cluster status.
+async fn promoted(r: &Replicated, i: usize, cluster: &str, version: u64) -> Value {
+    eventually(&format!("v{version} promoted, seen by replica {i}"), || {
+        let c = cluster_of(&try_json(r, i, &["status", cluster])?);
+        (c["primary"] == version && c["pending"] == 0).then_some(c)
+    })
+    .await
+}
+
+async fn serving(p: &Plugin, want_prefix: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = key_id(&mut p.kms().await).await;
+        if got.starts_with(want_prefix) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "plugin still serves {got}, not {want_prefix}…\n{}",
+            p.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A round trip through the plugin's KMS socket.
+async fn round_trip(p: &Plugin) {
+    let mut kms = p.kms().await;
+    let (ct, id) = encrypt(&mut kms, b"still serving").await;
+    assert_eq!(
+        decrypt(&mut kms, &ct, &id).await.unwrap(),
+        b"still serving"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_started_on_one_replica_reaches_a_node_on_another() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(r) = Replicated::start(tmp.path(), 2).await else {
+        return;
+    };
+    // The node knows only replica 2.
+    let node = r.enrol("a", "n1", &r.replicas[1].url()).await;
+    let rot = r.kmsctl_json(0, &["rotate", "a"]);
+    assert_eq!(rot["version"], 2);
+    let c0 = promoted(&r, 0, "a", 2).await;
+    serving(&node, "a/v2/").await;
+    let c1 = promoted(&r, 1, "a", 2).await;
+    assert_eq!(version_states(&c0), version_states(&c1));
+    assert_eq!(
+        version_states(&c0),
+        [(1, "decrypt-only".into()), (2, "primary".into())]
+    );
+    // Every replica lists both, alive, one of them elected.
+    for i in 0..2 {
+        let s = r.kmsctl_json(i, &["status"]);
+        assert_eq!(s["store"], "etcd");
+        assert_eq!(s["answered_by"], format!("r{}", i + 1));
+        let reps = s["replicas"].as_array().unwrap().clone();
+        let names: Vec<&str> = reps.iter().map(|x| x["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["r1", "r2"]);
+        assert!(reps.iter().all(|x| x["state"] == "active"));
+        let alive = eventually("heartbeats", || {
+            let s = try_json(&r, i, &["replica", "list"])?;
+            let reps = s["replicas"].as_array()?.clone();
+            let ok = reps.iter().all(|x| x["heartbeat_unix"].as_u64() > Some(0))
+                && reps.iter().filter(|x| x["leader"] == true).count() == 1
+                && reps.iter().all(|x| !x["etcd_member"].as_str().unwrap().is_empty());
+            ok.then_some(reps)
+        })
+        .await;
+        assert_eq!(alive.len(), 2);
+    }
+    round_trip(&node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_replica_a_node_uses_mid_rotation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(mut r) = Replicated::start(tmp.path(), 3).await else {
+        return;
+    };
+    // The node tries replica 2 first, then 3, then 1.
+    let node = r.enrol("a", "n1", &r.urls_from(1)).await;
+    let mut stopped = r.enrol("a", "n2", &r.urls_from(1)).await;
+    stopped.stop();
+    // v2 waits for n2; n1 holds it through replica 2.
+    let rot = r.kmsctl_json(0, &["rotate", "a"]);
+    assert_eq!(rot["version"], 2);
+    eventually("n1 holds v2", || {
+        let c = cluster_of(&try_json(&r, 0, &["status", "a"])?);
+        let n1 = c["nodes"].as_array()?.iter().find(|n| n["name"] == "n1")?.clone();
+        (n1["held"] == serde_json::json!([1, 2])).then_some(())
+    })
+    .await;
+    r.replicas[1].kill();
+    // n2 comes back on replica 3 (replica 2 is dead): v2 is promoted.
+    stopped = Plugin::spawn(&stopped.dir.clone(), stopped.args.clone());
+    stopped.wait_healthy().await;
+    let c = promoted(&r, 2, "a", 2).await;
+    assert_eq!(
+        version_states(&c),
+        [(1, "decrypt-only".into()), (2, "primary".into())],
+        "no version lost, skipped or duplicated"
+    );
+    serving(&node, "a/v2/").await;
+    serving(&stopped, "a/v2/").await;
+    assert!(
+        node.log_text().contains(&r.replicas[2].url())
+            || node.log_text().contains(&r.replicas[0].url()),
+        "n1 moved to another replica:\n{}",
+        node.log_text()
+    );
+    // One rotation record for v2 in the shared audit log.
+    let audit = r.kmsctl_json(2, &["audit"]);
+    let rotations = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["event"] == "rotation" && x["version"] == 2)
+        .count();
+    assert_eq!(rotations, 1);
+    round_trip(&node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_etcd_leader_during_a_rotation_loses_nothing_acknowledged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(mut r) = Replicated::start(tmp.path(), 2).await else {
+        return;
+    };
+    let node = r.enrol("a", "n1", &r.urls_from(0)).await;
+    let rot = r.kmsctl_json(0, &["rotate", "a"]);
+    assert_eq!(rot["version"], 2);
+    let leader = r.etcd.leader().unwrap();
+    r.etcd.kill(leader);
+    // The rotation completes after the new election.
+    let c = promoted(&r, 1, "a", 2).await;
+    assert_eq!(
+        version_states(&c),
+        [(1, "decrypt-only".into()), (2, "primary".into())]
+    );
+    serving(&node, "a/v2/").await;
+    // And the service takes changes again: an acknowledged one is kept.
+    let rot = eventually("a rotation accepted", || try_json(&r, 0, &["rotate", "a"])).await;
+    assert_eq!(rot["version"], 3);
+    let c = promoted(&r, 1, "a", 3).await;
+    assert_eq!(c["versions"].as_array().unwrap().len(), 3);
+    r.etcd.start_again(leader);
+    round_trip(&node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_etcd_quorum_writes_are_refused_readiness_fails_and_plugins_serve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(mut r) = Replicated::start(tmp.path(), 2).await else {
+        return;
+    };
+    let node = r.enrol("a", "n1", &r.urls_from(0)).await;
+    r.etcd.stop(1);
+    r.etcd.stop(2);
+    // Writes: refused, with a clear reason.
+    let out = r.kmsctl(0, &["rotate", "a"]);
+    assert!(!out.status.success());
+    let err = text(&out);
+    assert!(
+        err.contains("state store is unavailable") && err.contains("nodes keep serving"),
+        "{err}"
+    );
+    // Readiness: 503, saying why.
+    for s in &r.replicas {
+        let (code, body) = eventually("readyz 503", || {
+            let (code, body) = blocking_get(s.ops, "/readyz");
+            (code == 503).then_some((code, body))
+        })
+        .await;
+        assert_eq!(code, 503);
+        assert!(body.contains("etcd"), "{body}");
+    }
+    // The plugin serves from its cache.
+    round_trip(&node).await;
+    // Members back: the service resumes by itself.
+    r.etcd.start_again(1);
+    r.etcd.start_again(2);
+    for s in &r.replicas {
+        s.wait_ready().await;
+    }
+    let rot = eventually("a rotation accepted", || try_json(&r, 0, &["rotate", "a"])).await;
+    assert_eq!(rot["version"], 2);
+    promoted(&r, 1, "a", 2).await;
+    serving(&node, "a/v2/").await;
+}
+
+fn blocking_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::block_in_place(|| handle.block_on(http_get(addr, path)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_concurrent_rotations_through_two_replicas_make_one_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(r) = Replicated::start(tmp.path(), 2).await else {
+        return;
+    };
+    // A node that stays away keeps the new version pending.
+    let mut away = r.enrol("a", "n1", &r.urls_from(0)).await;
+    away.stop();
+    for round in 0..3 {
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| r.kmsctl(0, &["-o", "json", "rotate", "a"]));
+            let b = s.spawn(|| r.kmsctl(1, &["-o", "json", "rotate", "a"]));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        for out in [&a, &b] {
+            assert!(out.status.success(), "round {round}: {}", text(out));
+        }
+        let va: Value = serde_json::from_slice(&a.stdout).unwrap();
+        let vb: Value = serde_json::from_slice(&b.stdout).unwrap();
+        assert_eq!(va["version"], 2, "{va}");
+        assert_eq!(va["version"], vb["version"]);
+        assert_eq!(va["key_id"], vb["key_id"]);
+    }
+    let c = r.cluster(0, "a");
+    assert_eq!(
+        version_states(&c),
+        [(1, "primary".into()), (2, "pending".into())]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_joins_with_a_token_and_a_removed_one_can_no_longer_serve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(mut r) = Replicated::start(tmp.path(), 2).await else {
+        return;
+    };
+    let node = r.enrol("a", "n1", &r.urls_from(0)).await;
+    // A bad token, then a good one used twice.
+    let inv = r.kmsctl_json(0, &["replica", "add", "r3"]);
+    let bad = std::process::Command::new(edgekms_e2e::bin("edgekms-server"))
+        .args(["join", "--sealer", "soft", "--server"])
+        .arg(r.replicas[0].url())
+        .args(["--token", "r3.0000", "--ca-hash"])
+        .arg(inv["ca_hash"].as_str().unwrap())
+        .arg("--data-dir")
+        .arg(tmp.path().join("bad"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(text(&bad).contains("token is not valid"), "{}", text(&bad));
+    let i = r.add("r3").await;
+    let rot = r.kmsctl_json(i, &["rotate", "a"]);
+    assert_eq!(rot["version"], 2);
+    promoted(&r, 0, "a", 2).await;
+    serving(&node, "a/v2/").await;
+
+    // Removed: it stops at once, erases its sealed root key, and cannot
+    // start again; the others carry on.
+    let out = r.kmsctl(0, &["replica", "remove", "r3"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let status = r.replicas[i].exited_within(Duration::from_secs(15));
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "a removed replica must stop:\n{}",
+        r.replicas[i].log_text()
+    );
+    assert!(r.replicas[i].log_text().contains("removed"));
+    let root = r.replicas[i].data_dir.join("replica");
+    assert!(
+        !std::fs::read_dir(&root)
+            .unwrap()
+            .any(|e| e.unwrap().file_name().to_string_lossy().starts_with("root")),
+        "its sealed root key is erased"
+    );
+    r.replicas[i].respawn();
+    let status = r.replicas[i].exited_within(Duration::from_secs(15));
+    assert!(status.is_some_and(|s| !s.success()));
+    let s = r.kmsctl_json(0, &["replica", "list"]);
+    let r3 = s["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == "r3")
+        .unwrap()
+        .clone();
+    assert_eq!(r3["state"], "removed");
+    // The last active replicas cannot all go.
+    assert!(r.kmsctl(0, &["replica", "remove", "r2"]).status.success());
+    let out = r.kmsctl(0, &["replica", "remove", "r1"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("last active replica"), "{}", text(&out));
+    let rot = r.kmsctl_json(0, &["rotate", "a"]);
+    assert_eq!(rot["version"], 3);
+    serving(&node, "a/v3/").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_store_moves_a_rocksdb_service_and_nodes_carry_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(etcd) = edgekms_testkit::etcd_cluster::EtcdCluster::start(3) else {
+        return;
+    };
+    let mut server = edgekms_e2e::fleet::Server::start(tmp.path()).await;
+    let node = edgekms_e2e::fleet::enrol(&server, tmp.path(), "a", "n1").await;
+    server.kmsctl_json(&["rotate", "a"]);
+    server
+        .wait_cluster("a", "v2 promoted", |c| c["primary"] == 2)
+        .await;
+    let (ct, id) = encrypt(&mut node.kms().await, b"kept").await;
+    let _ = server.stop().await;
+
+    let replica = tmp.path().join("replica");
+    let out = std::process::Command::new(edgekms_e2e::bin("edgekms-server"))
+        .args(["migrate-store", "--sealer", "soft", "--name", "r1", "--etcd-insecure"])
+        .arg(format!("--from=rocksdb:{}", server.data_dir.display()))
+        .arg(format!("--to=etcd:{}", etcd.endpoints().join(",")))
+        .arg("--data-dir")
+        .arg(&replica)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("1 clusters, 2 key versions"), "{}", text(&out));
+    // A second migration into the same prefix is refused.
+    let again = std::process::Command::new(edgekms_e2e::bin("edgekms-server"))
+        .args(["migrate-store", "--sealer", "soft", "--etcd-insecure"])
+        .arg(format!("--from=rocksdb:{}", server.data_dir.display()))
+        .arg(format!("--to=etcd:{}", etcd.endpoints().join(",")))
+        .arg("--data-dir")
+        .arg(tmp.path().join("again"))
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(text(&again).contains("already initialized"), "{}", text(&again));
+
+    // The replica serves on the old address: the node, never re-enrolled,
+    // carries on (a new rotation reaches it).
+    let mut served = edgekms_e2e::fleet::Server::spawn(&replica, &refs(&store_args(&etcd)));
+    served.kill();
+    served.listen = server.listen;
+    served.respawn();
+    served.wait_ready().await;
+    let ops = server.operator_dir();
+    let status = served.kmsctl_json_as(&ops, &["status", "a"]);
+    assert_eq!(status["clusters"][0]["primary"], 2);
+    let rot = served.kmsctl_json_as(&ops, &["rotate", "a"]);
+    assert_eq!(rot["version"], 3);
+    serving(&node, "a/v3/").await;
+    let mut kms = node.kms().await;
+    assert_eq!(decrypt(&mut kms, &ct, &id).await.unwrap(), b"kept");
+    let audit = served.kmsctl_json_as(&ops, &["audit"]);
+    assert!(audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|x| x["event"] == "enrol" && x["node"] == "n1"));
+}
