@@ -28,7 +28,7 @@ pub fn required() -> bool {
     crate::skip::required(REQUIRE)
 }
 
-fn binary() -> PathBuf {
+pub(crate) fn binary() -> PathBuf {
     std::env::var_os("EDGEKMS_ETCD").map_or_else(|| PathBuf::from(ETCD), PathBuf::from)
 }
 
@@ -205,7 +205,7 @@ fn current_revision(port: u16) -> Option<i64> {
     header_revision(&answer)
 }
 
-fn header_revision(answer: &str) -> Option<i64> {
+pub(crate) fn header_revision(answer: &str) -> Option<i64> {
     // {"header":{..., "revision":"12", ...}, ...}
     let at = answer.find("\"revision\":\"")? + "\"revision\":\"".len();
     let rest = &answer[at..];
@@ -215,8 +215,21 @@ fn header_revision(answer: &str) -> Option<i64> {
 /// POSTs a JSON body over HTTP/1.1 (connection closed after), returning
 /// the body of a 200 answer.
 fn post(port: u16, path: &str, body: &str) -> Result<String, String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    post_within(port, path, body, Duration::from_secs(30))
+}
+
+/// [`post`] that gives up after `within` without an answer (an etcd
+/// member that is not ready yet accepts connections but answers nothing).
+pub(crate) fn post_within(
+    port: u16,
+    path: &str,
+    body: &str,
+    within: Duration,
+) -> Result<String, String> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = TcpStream::connect_timeout(&addr, within).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(within)).unwrap();
+    s.set_write_timeout(Some(within)).unwrap();
     let request = format!(
         "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -226,13 +239,49 @@ fn post(port: u16, path: &str, body: &str) -> Result<String, String> {
     s.read_to_end(&mut answer).map_err(|e| e.to_string())?;
     let answer = String::from_utf8_lossy(&answer).into_owned();
     let (head, body) = answer.split_once("\r\n\r\n").ok_or("no HTTP answer")?;
+    // etcd's gateway sends errors chunked (they carry a trailer).
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
     if !head.starts_with("HTTP/1.1 200") {
-        return Err(format!("{head}\n{body}"));
+        let status = head.lines().next().unwrap_or(head);
+        return Err(format!("{status}: {}", body.trim()));
     }
-    Ok(body.to_string())
+    Ok(body)
 }
 
-fn base64(bytes: &[u8]) -> String {
+/// The data of a chunked HTTP/1.1 body (trailers dropped); what cannot be
+/// parsed is kept as it is.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let Some((size, rest)) = body.split_once("\r\n") else {
+            out.push_str(body);
+            break;
+        };
+        let Ok(n) = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16) else {
+            out.push_str(body);
+            break;
+        };
+        let (Some(chunk), Some(after)) = (rest.get(..n), rest.get(n..)) else {
+            out.push_str(rest);
+            break;
+        };
+        out.push_str(chunk);
+        if n == 0 {
+            break;
+        }
+        body = after.strip_prefix("\r\n").unwrap_or(after);
+    }
+    out
+}
+
+pub(crate) fn base64(bytes: &[u8]) -> String {
     const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
@@ -313,6 +362,17 @@ fn make_tls(dir: &Path) -> Tls {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn chunked_bodies_are_joined() {
+        let body = "5d\r\n{\"error\":\"etcdserver: request timed out\",\"message\":\"etcdserver: request timed out\",\"code\":14}\r\n0\r\nGrpc-Trailer-Content-Type: application/grpc\r\n\r\n";
+        assert_eq!(
+            super::dechunk(body),
+            r#"{"error":"etcdserver: request timed out","message":"etcdserver: request timed out","code":14}"#
+        );
+        assert_eq!(super::dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), "abcde");
+        assert_eq!(super::dechunk("not chunked"), "not chunked");
+    }
+
     #[test]
     fn base64_matches_rfc4648() {
         for (raw, enc) in [

@@ -3,6 +3,8 @@
 //!
 //! - [`etcd`]: a real etcd (plain or TLS with client certificates) on free
 //!   loopback ports, and whether the etcd tests may skip;
+//! - [`etcd_cluster`]: a real etcd cluster of several members whose members
+//!   a test kills, stops and starts again, and which one leads;
 //! - [`net`]: free loopback ports, never handed out twice in one process;
 //! - [`process`]: a daemon child process for a test (log file, signals,
 //!   waits with a deadline, killed on drop), and where the built binaries are;
@@ -26,6 +28,7 @@
 
 pub mod apiserver;
 pub mod etcd;
+pub mod etcd_cluster;
 pub mod files;
 pub mod net;
 pub mod poll;
