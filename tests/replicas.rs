@@ -68,10 +68,7 @@ async fn serving(p: &Plugin, want_prefix: &str) {
 async fn round_trip(p: &Plugin) {
     let mut kms = p.kms().await;
     let (ct, id) = encrypt(&mut kms, b"still serving").await;
-    assert_eq!(
-        decrypt(&mut kms, &ct, &id).await.unwrap(),
-        b"still serving"
-    );
+    assert_eq!(decrypt(&mut kms, &ct, &id).await.unwrap(), b"still serving");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,7 +103,9 @@ async fn a_rotation_started_on_one_replica_reaches_a_node_on_another() {
             let reps = s["replicas"].as_array()?.clone();
             let ok = reps.iter().all(|x| x["heartbeat_unix"].as_u64() > Some(0))
                 && reps.iter().filter(|x| x["leader"] == true).count() == 1
-                && reps.iter().all(|x| !x["etcd_member"].as_str().unwrap().is_empty());
+                && reps
+                    .iter()
+                    .all(|x| !x["etcd_member"].as_str().unwrap().is_empty());
             ok.then_some(reps)
         })
         .await;
@@ -130,7 +129,11 @@ async fn kill_9_of_the_replica_a_node_uses_mid_rotation() {
     assert_eq!(rot["version"], 2);
     eventually("n1 holds v2", || {
         let c = cluster_of(&try_json(&r, 0, &["status", "a"])?);
-        let n1 = c["nodes"].as_array()?.iter().find(|n| n["name"] == "n1")?.clone();
+        let n1 = c["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["name"] == "n1")?
+            .clone();
         (n1["held"] == serde_json::json!([1, 2])).then_some(())
     })
     .await;
@@ -234,7 +237,7 @@ async fn without_etcd_quorum_writes_are_refused_readiness_fails_and_plugins_serv
 
 fn blocking_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let handle = tokio::runtime::Handle::current();
-    tokio::task::block_in_place(|| handle.block_on(http_get(addr, path)))
+    tokio::task::block_in_place(|| handle.block_on(http_get(addr, path))).unwrap_or_else(|e| (0, e))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -307,9 +310,11 @@ async fn a_replica_joins_with_a_token_and_a_removed_one_can_no_longer_serve() {
     assert!(r.replicas[i].log_text().contains("removed"));
     let root = r.replicas[i].data_dir.join("replica");
     assert!(
-        !std::fs::read_dir(&root)
+        !std::fs::read_dir(&root).unwrap().any(|e| e
             .unwrap()
-            .any(|e| e.unwrap().file_name().to_string_lossy().starts_with("root")),
+            .file_name()
+            .to_string_lossy()
+            .starts_with("root")),
         "its sealed root key is erased"
     );
     r.replicas[i].respawn();
@@ -337,7 +342,7 @@ async fn a_replica_joins_with_a_token_and_a_removed_one_can_no_longer_serve() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_store_moves_a_rocksdb_service_and_nodes_carry_on() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some(etcd) = edgekms_testkit::etcd_cluster::EtcdCluster::start(3) else {
+    let Some(etcd) = edgekms_testkit::etcd_cluster::EtcdCluster::fresh(3) else {
         return;
     };
     let mut server = edgekms_e2e::fleet::Server::start(tmp.path()).await;
@@ -351,7 +356,14 @@ async fn migrate_store_moves_a_rocksdb_service_and_nodes_carry_on() {
 
     let replica = tmp.path().join("replica");
     let out = std::process::Command::new(edgekms_e2e::bin("edgekms-server"))
-        .args(["migrate-store", "--sealer", "soft", "--name", "r1", "--etcd-insecure"])
+        .args([
+            "migrate-store",
+            "--sealer",
+            "soft",
+            "--name",
+            "r1",
+            "--etcd-insecure",
+        ])
         .arg(format!("--from=rocksdb:{}", server.data_dir.display()))
         .arg(format!("--to=etcd:{}", etcd.endpoints().join(",")))
         .arg("--data-dir")
@@ -359,7 +371,11 @@ async fn migrate_store_moves_a_rocksdb_service_and_nodes_carry_on() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("1 clusters, 2 key versions"), "{}", text(&out));
+    assert!(
+        text(&out).contains("1 clusters, 2 key versions"),
+        "{}",
+        text(&out)
+    );
     // A second migration into the same prefix is refused.
     let again = std::process::Command::new(edgekms_e2e::bin("edgekms-server"))
         .args(["migrate-store", "--sealer", "soft", "--etcd-insecure"])
@@ -370,7 +386,11 @@ async fn migrate_store_moves_a_rocksdb_service_and_nodes_carry_on() {
         .output()
         .unwrap();
     assert!(!again.status.success());
-    assert!(text(&again).contains("already initialized"), "{}", text(&again));
+    assert!(
+        text(&again).contains("already initialized"),
+        "{}",
+        text(&again)
+    );
 
     // The replica serves on the old address: the node, never re-enrolled,
     // carries on (a new rotation reaches it).
@@ -393,4 +413,59 @@ async fn migrate_store_moves_a_rocksdb_service_and_nodes_carry_on() {
         .unwrap()
         .iter()
         .any(|x| x["event"] == "enrol" && x["node"] == "n1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_from_a_replica_restores_into_an_empty_etcd_prefix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(r) = Replicated::start(tmp.path(), 2).await else {
+        return;
+    };
+    let node = r.enrol("a", "n1", &r.urls_from(0)).await;
+    r.kmsctl_json(1, &["rotate", "a"]);
+    promoted(&r, 0, "a", 2).await;
+    serving(&node, "a/v2/").await;
+    // One consistent cut, through the second replica.
+    let key_file = tmp.path().join("backup.key");
+    std::fs::write(&key_file, format!("{}\n", "42".repeat(32))).unwrap();
+    let file = tmp.path().join("edgekms.bak");
+    let b = r.kmsctl_json(
+        1,
+        &[
+            "backup",
+            file.to_str().unwrap(),
+            "--key-file",
+            key_file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(b["clusters"], 1);
+    assert_eq!(b["key_versions"], 2);
+    assert!(b["audit_records"].as_u64().unwrap() > 0);
+
+    let restored = tmp.path().join("restored");
+    let out = std::process::Command::new(edgekms_e2e::bin("edgekms-server"))
+        .args(["restore", file.to_str().unwrap(), "--key-file"])
+        .arg(&key_file)
+        .args(["--sealer", "soft", "--store", "etcd", "--name", "q1"])
+        .args(["--etcd-prefix", "/restored/", "--etcd-insecure"])
+        .arg(format!("--etcd-endpoints={}", r.etcd.endpoints().join(",")))
+        .arg("--data-dir")
+        .arg(&restored)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !tmp.path().join("restored.restore-staging").exists(),
+        "the staging dir is removed"
+    );
+    let mut args = store_args(&r.etcd);
+    args.extend(["--etcd-prefix".into(), "/restored/".into()]);
+    let q1 = edgekms_e2e::fleet::Server::spawn(&restored, &refs(&args));
+    q1.wait_ready().await;
+    let c = q1.kmsctl_json_as(&r.operator_dir(), &["status", "a"])["clusters"][0].clone();
+    assert_eq!(c["primary"], 2);
+    assert_eq!(c["reconciling"], true, "{c}");
+    assert_eq!(version_states(&c).len(), 2);
+    // The original service is untouched.
+    assert_eq!(r.cluster(0, "a")["reconciling"], false);
 }

@@ -41,7 +41,7 @@ impl Replicated {
     /// A three-member etcd and `n` replicas, serving; `None` when etcd is
     /// missing and the test is to skip.
     pub async fn start(dir: &Path, n: usize) -> Option<Self> {
-        let etcd = EtcdCluster::start(3)?;
+        let etcd = EtcdCluster::fresh(3)?;
         let first = dir.join("r1");
         let out = run(Command::new(bin("edgekms-server"))
             .args(["init", "--sealer", "soft", "--name", "r1", "--data-dir"])

@@ -696,7 +696,10 @@ fn replicas_json(s: &pb::StatusResponse) -> serde_json::Value {
 
 fn print_replicas(s: &pb::StatusResponse) {
     if s.store != "etcd" {
-        println!("store: {} (one server; replicas need --store etcd)", s.store);
+        println!(
+            "store: {} (one server; replicas need --store etcd)",
+            s.store
+        );
         return;
     }
     println!("store: etcd, answered by replica {}", s.answered_by);
@@ -715,8 +718,16 @@ fn print_replicas(s: &pb::StatusResponse) {
             } else {
                 ago(s.server_time_unix, r.heartbeat_unix)
             },
-            if r.etcd_member.is_empty() { "-" } else { &r.etcd_member },
-            if r.address.is_empty() { "-" } else { &r.address },
+            if r.etcd_member.is_empty() {
+                "-"
+            } else {
+                &r.etcd_member
+            },
+            if r.address.is_empty() {
+                "-"
+            } else {
+                &r.address
+            },
         );
     }
 }

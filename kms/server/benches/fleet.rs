@@ -61,46 +61,115 @@ const TARGET_NODES: usize = 2000;
 const TARGET_ROTATE: Duration = Duration::from_secs(10);
 const TARGET_RSS_MIB: f64 = 500.0;
 
-// ---- the server process ----
+// ---- the service: one server, or replicas on etcd ----
 
-/// `edgekms-server` on a free loopback port, in a temporary data dir;
-/// stopped (SIGTERM, then SIGKILL) and removed on drop.
+/// Where the service keeps its state (`--store`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Store {
+    /// One server, embedded RocksDB.
+    Rocksdb,
+    /// [`REPLICAS`] replicas on a three-member etcd cluster.
+    Etcd,
+}
+
+const REPLICAS: usize = 3;
+
+/// `edgekms-server` processes on free loopback ports, in a temporary dir:
+/// one on RocksDB, or [`REPLICAS`] on a real three-member etcd; stopped
+/// (SIGTERM, then SIGKILL) and removed on drop.
 struct Server {
-    daemon: Daemon,
-    url: String,
+    daemons: Vec<Daemon>,
+    urls: Vec<String>,
+    etcd: Option<edgekms_testkit::etcd_cluster::EtcdCluster>,
     dir: Option<tempfile::TempDir>,
     /// Keep the data dir and server.log (`--keep`).
     keep: bool,
 }
 
+fn run_ok(cmd: &mut Command, what: &str) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 impl Server {
-    fn start(tmp: &Path, keep: bool) -> Server {
+    async fn start(tmp: &Path, keep: bool, store: Store) -> Server {
         let dir = tempfile::tempdir_in(tmp).unwrap();
-        let data = dir.path().join("data");
-        let out = Command::new(server_bin())
-            .args(["init", "--sealer", "soft", "--data-dir"])
+        let etcd = (store == Store::Etcd).then(|| {
+            edgekms_testkit::etcd::require();
+            edgekms_testkit::etcd_cluster::EtcdCluster::start(3)
+        });
+        let store_args: Vec<String> = match &etcd {
+            None => Vec::new(),
+            Some(e) => vec![
+                "--store".into(),
+                "etcd".into(),
+                "--etcd-endpoints".into(),
+                e.endpoints().join(","),
+                "--etcd-insecure".into(),
+            ],
+        };
+        let data = dir.path().join("r1");
+        let mut init = Command::new(server_bin());
+        init.args(["init", "--sealer", "soft", "--data-dir"])
             .arg(&data)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "edgekms-server init failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let listen = net::free_addr();
-        let mut cmd = Command::new(server_bin());
-        cmd.args(["--sealer", "soft", "--data-dir"])
-            .arg(&data)
-            .arg("--listen")
-            .arg(listen.to_string())
-            .env("RUST_LOG", "info");
-        let daemon = Daemon::spawn("edgekms-server", cmd, &dir.path().join("server.log"));
-        Server {
-            daemon,
-            url: format!("https://{listen}"),
+            .args(&store_args);
+        if etcd.is_some() {
+            init.args(["--name", "r1"]);
+        }
+        run_ok(&mut init, "edgekms-server init");
+        let mut me = Server {
+            daemons: Vec::new(),
+            urls: Vec::new(),
+            etcd,
             dir: Some(dir),
             keep,
+        };
+        me.spawn(&data, &store_args);
+        if me.etcd.is_some() {
+            let mut op = operator(&me, 0).await;
+            for i in 2..=REPLICAS {
+                let name = format!("r{i}");
+                let inv = op
+                    .add_replica(pb::AddReplicaRequest {
+                        name: name.clone(),
+                        ttl_seconds: 600,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let data = me.path().join(&name);
+                run_ok(
+                    Command::new(server_bin())
+                        .args(["join", "--sealer", "soft", "--server", &me.urls[0]])
+                        .args(["--token", &inv.token, "--ca-hash", &inv.ca_hash])
+                        .arg("--data-dir")
+                        .arg(&data),
+                    "edgekms-server join",
+                );
+                me.spawn(&data, &store_args);
+                operator(&me, i - 1).await;
+            }
         }
+        me
+    }
+
+    fn spawn(&mut self, data: &Path, store_args: &[String]) {
+        let listen = net::free_addr();
+        let mut cmd = Command::new(server_bin());
+        cmd.args(["--sealer", "soft", "--no-metrics", "--data-dir"])
+            .arg(data)
+            .arg("--listen")
+            .arg(listen.to_string())
+            .args(store_args)
+            .env("RUST_LOG", "info");
+        let log = data.with_extension("log");
+        self.daemons
+            .push(Daemon::spawn("edgekms-server", cmd, &log));
+        self.urls.push(format!("https://{listen}"));
     }
 
     fn path(&self) -> PathBuf {
@@ -111,36 +180,71 @@ impl Server {
     }
 
     fn operator_dir(&self) -> PathBuf {
-        self.path().join("data/operator")
-    }
-
-    fn pid(&self) -> u32 {
-        self.daemon.pid()
+        self.path().join("r1/operator")
     }
 
     fn log_tail(&self) -> String {
-        self.daemon.log_tail(20)
+        self.daemons
+            .iter()
+            .map(|d| d.log_tail(20))
+            .collect::<Vec<_>>()
+            .join("\n---\n")
     }
 
-    /// Peak resident set size, MiB.
-    fn peak_rss_mib(&self) -> f64 {
-        procfs::status_kib(self.pid(), "VmHWM").unwrap_or(0) as f64 / 1024.0
+    /// Peak resident set size of each replica, MiB.
+    fn peak_rss_mib(&self) -> Vec<f64> {
+        self.daemons
+            .iter()
+            .map(|d| procfs::status_kib(d.pid(), "VmHWM").unwrap_or(0) as f64 / 1024.0)
+            .collect()
     }
 
-    /// Sockets the server holds open (listener, operator, one per node).
+    /// Sockets the replicas hold open (listener, operator, one per node).
     fn sockets(&self) -> usize {
-        procfs::socket_count(self.pid())
+        self.daemons
+            .iter()
+            .map(|d| procfs::socket_count(d.pid()))
+            .sum()
     }
 
-    /// User + system CPU time so far, seconds.
+    /// User + system CPU time of every replica so far, seconds.
     fn cpu_seconds(&self) -> f64 {
-        procfs::cpu_seconds(self.pid())
+        self.daemons
+            .iter()
+            .map(|d| procfs::cpu_seconds(d.pid()))
+            .sum()
     }
+
+    /// Raft proposals etcd committed so far (every write is one): the
+    /// etcd transactions the service made.
+    fn etcd_writes(&self) -> u64 {
+        let Some(etcd) = &self.etcd else { return 0 };
+        (0..etcd.size())
+            .filter(|&i| etcd.is_up(i))
+            .find_map(|i| etcd_metric(&etcd.endpoint(i), "etcd_server_proposals_committed_total"))
+            .unwrap_or(0)
+    }
+}
+
+/// One counter of an etcd member's `/metrics`.
+fn etcd_metric(endpoint: &str, name: &str) -> Option<u64> {
+    use std::io::Read;
+    let addr = endpoint.strip_prefix("http://")?;
+    let mut conn = std::net::TcpStream::connect(addr).ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(conn, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut body = String::new();
+    conn.read_to_string(&mut body).ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.daemon.terminate(Duration::from_secs(5));
+        for d in &mut self.daemons {
+            d.terminate(Duration::from_secs(5));
+        }
         if let (true, Some(dir)) = (self.keep, self.dir.take()) {
             println!("kept {}", dir.keep().display());
         }
@@ -175,7 +279,8 @@ fn own_cpu_seconds() -> f64 {
     secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
-async fn operator(server: &Server) -> OperatorClient<Channel> {
+/// An operator client of replica `i`.
+async fn operator(server: &Server, i: usize) -> OperatorClient<Channel> {
     let dir = server.operator_dir();
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
     let ca = pki::pem_decode("CERTIFICATE", &read("ca.pem")).unwrap();
@@ -184,15 +289,30 @@ async fn operator(server: &Server) -> OperatorClient<Channel> {
     let cfg = tls::client_config(tls::Trust::Ca(&ca), Some((&cert, &key))).unwrap();
     let start = Instant::now();
     loop {
-        match tls::connect(&server.url, cfg.clone()).await {
+        let answered = match tls::connect(&server.urls[i], cfg.clone()).await {
             Ok(channel) => {
-                return OperatorClient::new(channel).max_decoding_message_size(256 << 20);
+                let mut op = OperatorClient::new(channel).max_decoding_message_size(256 << 20);
+                // Serving once Status answers (a replica loads its state
+                // before it listens, but the listener may lag the log).
+                match op
+                    .status(pb::StatusRequest {
+                        cluster: "-".into(),
+                    })
+                    .await
+                {
+                    Err(e) if e.code() == tonic::Code::Unavailable => None,
+                    _ => Some(op),
+                }
             }
-            Err(e) if start.elapsed() > Duration::from_secs(20) => {
-                panic!("the server never answered: {e}\n{}", server.log_tail())
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            Err(_) => None,
+        };
+        if let Some(op) = answered {
+            return op;
         }
+        if start.elapsed() > Duration::from_secs(30) {
+            panic!("replica {i} never answered\n{}", server.log_tail())
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -363,6 +483,10 @@ fn apply(
 struct Figures {
     nodes: usize,
     clusters: usize,
+    /// Peak RSS of each replica, MiB.
+    rss_each: Vec<f64>,
+    /// etcd writes during the rotation, per cluster rotated.
+    etcd_per_rotation: f64,
     invite: Duration,
     enrol: Duration,
     rotate_calls: Duration,
@@ -430,15 +554,19 @@ async fn server_agrees(
         })
 }
 
-async fn run(nodes: usize, clusters: usize, tmp: &Path, keep: bool) -> Figures {
+async fn run(nodes: usize, clusters: usize, tmp: &Path, keep: bool, store: Store) -> Figures {
     assert!(
         clusters >= 1 && nodes >= clusters,
         "need nodes >= clusters >= 1"
     );
     let cpu_bench_start = own_cpu_seconds();
     let sync_ms = sync_latency_ms(tmp);
-    let server = Server::start(tmp, keep);
-    let mut op = operator(&server).await;
+    let server = Server::start(tmp, keep, store).await;
+    let mut op = operator(&server, 0).await;
+    let mut ops = Vec::new();
+    for i in 0..server.urls.len() {
+        ops.push(operator(&server, i).await);
+    }
     let progress = Arc::new(Progress::default());
 
     // Invitations: node i is in cluster i % clusters.
@@ -485,10 +613,11 @@ async fn run(nodes: usize, clusters: usize, tmp: &Path, keep: bool) -> Figures {
     let join_cfg = tls::client_config(tls::Trust::Pin(ca_hash), None).unwrap();
     let sem = Arc::new(Semaphore::new(JOIN_PARALLEL));
     let mut node_tasks = tokio::task::JoinSet::new();
-    for spec in specs {
+    for (i, spec) in specs.into_iter().enumerate() {
         let permit = sem.clone().acquire_owned().await.unwrap();
+        // Nodes spread over the replicas.
         node_tasks.spawn(run_node(
-            server.url.clone(),
+            server.urls[i % server.urls.len()].clone(),
             join_cfg.clone(),
             spec,
             permit,
@@ -509,12 +638,14 @@ async fn run(nodes: usize, clusters: usize, tmp: &Path, keep: bool) -> Figures {
 
     // Rotate every cluster; time until all nodes serve version 2.
     let cpu_before = server.cpu_seconds();
+    let writes_before = server.etcd_writes();
     let start = Instant::now();
     let sem = Arc::new(Semaphore::new(OPERATOR_PARALLEL));
     let mut calls = tokio::task::JoinSet::new();
     for c in 0..clusters {
         let cluster = format!("c{c:05}");
-        let mut op = op.clone();
+        // Operators spread over the replicas too.
+        let mut op = ops[c % ops.len()].clone();
         let permit = sem.clone().acquire_owned().await.unwrap();
         calls.spawn(async move {
             let r = op
@@ -542,12 +673,15 @@ async fn run(nodes: usize, clusters: usize, tmp: &Path, keep: bool) -> Figures {
         assert!(start.elapsed() < PHASE_TIMEOUT, "the server never agreed");
     }
     let server_agrees = start.elapsed();
+    let etcd_per_rotation = (server.etcd_writes() - writes_before) as f64 / clusters as f64;
     let cpu_total = server.cpu_seconds();
-    let rss_mib = server.peak_rss_mib();
+    let rss_each = server.peak_rss_mib();
+    let rss_mib = rss_each.iter().copied().fold(0.0, f64::max);
     let sockets = server.sockets();
     let bench_cpu = own_cpu_seconds() - cpu_bench_start;
 
     drop(op);
+    drop(ops);
     drop(server);
     // The server is gone: every stream ends.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -562,6 +696,8 @@ async fn run(nodes: usize, clusters: usize, tmp: &Path, keep: bool) -> Figures {
     Figures {
         nodes,
         clusters,
+        rss_each,
+        etcd_per_rotation,
         invite,
         enrol,
         rotate_calls,
@@ -596,7 +732,35 @@ fn machine() -> String {
     format!("{cores} cores, {model}, load average {}", load.join(" "))
 }
 
-fn print_table(runs: &[Figures]) {
+fn print_table(runs: &[Figures], store: Store) {
+    if store == Store::Etcd {
+        println!();
+        println!(
+            "{:>6} {:>8} {:>12} {:>26}",
+            "nodes", "clusters", "etcd w/rot", "replica peak RSS MiB"
+        );
+        for f in runs {
+            let each: Vec<String> = f.rss_each.iter().map(|r| format!("{r:.1}")).collect();
+            println!(
+                "{:>6} {:>8} {:>12.2} {:>26}",
+                f.nodes,
+                f.clusters,
+                f.etcd_per_rotation,
+                each.join(" / ")
+            );
+        }
+    }
+    if let (Some(small), Some(big)) = (runs.first(), runs.last()) {
+        if big.nodes > small.nodes {
+            let sum = |f: &Figures| f.rss_each.iter().sum::<f64>();
+            println!(
+                "server memory per connected node (all replicas, {} -> {} nodes): {:.1} KiB",
+                small.nodes,
+                big.nodes,
+                (sum(big) - sum(small)) * 1024.0 / (big.nodes - small.nodes) as f64
+            );
+        }
+    }
     println!();
     println!(
         "{:>6} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}",
@@ -670,7 +834,7 @@ fn print_table(runs: &[Figures]) {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: cargo bench -p edgekms-server --bench fleet [-- --nodes N --clusters M] [--tmpdir DIR] [--keep]");
+    eprintln!("usage: cargo bench -p edgekms-server --bench fleet [-- --nodes N --clusters M] [--store rocksdb|etcd] [--tmpdir DIR] [--keep]");
     std::process::exit(2);
 }
 
@@ -678,6 +842,7 @@ fn main() {
     let mut nodes = None;
     let mut clusters = None;
     let mut keep = false;
+    let mut store = Store::Rocksdb;
     let mut tmp = std::env::temp_dir();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -690,6 +855,13 @@ fn main() {
             "--nodes" => nodes = Some(number()),
             "--clusters" => clusters = Some(number()),
             "--keep" => keep = true,
+            "--store" => {
+                store = match args.next().as_deref() {
+                    Some("rocksdb") => Store::Rocksdb,
+                    Some("etcd") => Store::Etcd,
+                    _ => usage(),
+                }
+            }
             "--tmpdir" => tmp = args.next().map(PathBuf::from).unwrap_or_else(|| usage()),
             // cargo bench passes --bench to every bench binary.
             "--bench" => {}
@@ -704,6 +876,12 @@ fn main() {
     let fds = edgekms_daemon::cli::raise_fd_limit();
     println!("edgekms central service at scale: real edgekms-server (soft sealer) on loopback,");
     println!("simulated nodes in this process, one TCP + mTLS connection and Sync stream each");
+    match store {
+        Store::Rocksdb => println!("store: embedded RocksDB, one server"),
+        Store::Etcd => println!(
+            "store: etcd (three members, Debian's etcd-server, on this machine), {REPLICAS} replicas; nodes and operator calls spread over them; etcd w/rot = etcd writes (raft proposals) per cluster rotated; RSS = the largest replica's"
+        ),
+    }
     println!("machine: {}; open-file limit {fds}", machine());
     println!("server: {}", server_bin().display());
     println!(
@@ -719,7 +897,7 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut runs = Vec::new();
     for (n, c) in series {
-        let f = rt.block_on(run(n, c, &tmp, keep));
+        let f = rt.block_on(run(n, c, &tmp, keep, store));
         println!(
             "{n} nodes / {c} clusters: invite {:.3} s, enrolled {:.3} s, rotated {:.3} s, all primary {:.3} s, RSS {:.1} MiB, CPU {:.2} s, server sockets {}, fdatasync {:.2} ms",
             secs(f.invite),
@@ -734,5 +912,5 @@ fn main() {
         runs.push(f);
     }
     rt.shutdown_timeout(Duration::from_secs(5));
-    print_table(&runs);
+    print_table(&runs, store);
 }

@@ -274,6 +274,22 @@ impl Commit {
     /// replica on a shared store): runs until the store's watch ends.
     pub async fn follow(self: Arc<Self>) {
         let mut changes = self.store.watch();
+        // What changed between loading and subscribing.
+        match self.store.clusters() {
+            Ok(all) => {
+                for (c, rev) in all {
+                    let stale = lock(&self.view)
+                        .clusters
+                        .get(c.name())
+                        .is_none_or(|(_, seen)| *seen < rev);
+                    if stale {
+                        lock(&self.view).put(c.clone(), rev);
+                        self.notify(c.name());
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the state to follow it"),
+        }
         loop {
             match changes.recv().await {
                 Ok(changed) => {

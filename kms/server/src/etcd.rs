@@ -209,7 +209,8 @@ impl EtcdStore {
             if cfg2.endpoints.iter().any(|e| e.starts_with("https://")) {
                 let mut tls = etcd_client::TlsOptions::new();
                 if let Some(ca) = &cfg2.cacert {
-                    tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read_pem(ca).await?));
+                    tls =
+                        tls.ca_certificate(etcd_client::Certificate::from_pem(read_pem(ca).await?));
                 }
                 if let (Some(cert), Some(key)) = (&cfg2.cert, &cfg2.key) {
                     let key_pem = zeroize::Zeroizing::new(read_pem(key).await?);
@@ -685,23 +686,37 @@ impl EtcdStore {
         let removed = self.removed.clone();
         self.spawn(async move {
             loop {
-                let mut c = client.clone();
-                // Start after the revision bound to: any later write of
-                // the record is a removal (nothing else rewrites it).
-                let opts = WatchOptions::new().with_start_revision(revision + 1);
-                match c.watch(key.clone(), Some(opts)).await {
-                    Ok(mut stream) => loop {
-                        match stream.message().await {
-                            Ok(Some(resp)) => {
-                                if !resp.events().is_empty() {
-                                    let _ = removed.send(true);
-                                    return;
-                                }
-                            }
-                            Ok(None) | Err(_) => break,
+                // Read first (a watch cannot start below a compaction):
+                // any write of the record since it was bound is a removal,
+                // as nothing else rewrites it.
+                let mut kv = client.kv_client();
+                let from = match kv.get(key.clone(), None).await {
+                    Ok(resp) => {
+                        let now = resp.kvs().first().map_or(0, |kv| kv.mod_revision());
+                        if now != revision {
+                            let _ = removed.send(true);
+                            return;
                         }
-                    },
-                    Err(e) => tracing::debug!(error = %e, "watch of this replica's record"),
+                        resp.header().map_or(revision, |h| h.revision())
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "reading this replica's record");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                let mut c = client.clone();
+                let opts = WatchOptions::new().with_start_revision(from + 1);
+                if let Ok(mut stream) = c.watch(key.clone(), Some(opts)).await {
+                    while let Ok(Some(resp)) = stream.message().await {
+                        if resp.canceled() {
+                            break;
+                        }
+                        if !resp.events().is_empty() {
+                            let _ = removed.send(true);
+                            return;
+                        }
+                    }
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
@@ -736,7 +751,9 @@ impl EtcdStore {
                                 for ev in resp.events() {
                                     let Some(kv) = ev.kv() else { continue };
                                     let name = String::from_utf8_lossy(
-                                        kv.key().strip_prefix(prefix.as_slice()).unwrap_or(kv.key()),
+                                        kv.key()
+                                            .strip_prefix(prefix.as_slice())
+                                            .unwrap_or(kv.key()),
                                     )
                                     .into_owned();
                                     let revision = match ev.event_type() {
@@ -1022,7 +1039,13 @@ impl StateStore for EtcdStore {
                 .zip(&seen)
                 .find(|((_, want), got)| *want as i64 != **got)
                 .map_or_else(
-                    || batch.expect.first().map(|(c, _)| c.clone()).unwrap_or_default(),
+                    || {
+                        batch
+                            .expect
+                            .first()
+                            .map(|(c, _)| c.clone())
+                            .unwrap_or_default()
+                    },
                     |((c, _), _)| c.clone(),
                 );
             return Err(StoreError::Conflict { cluster });
@@ -1211,7 +1234,10 @@ mod tests {
         cfg.prefix = "edgekms".into();
         assert!(cfg.problems().join(";").contains("--etcd-prefix"));
         cfg.endpoints = vec!["127.0.0.1:2379".into()];
-        assert!(cfg.problems().join(";").contains("must start with https://"));
+        assert!(cfg
+            .problems()
+            .join(";")
+            .contains("must start with https://"));
     }
 
     #[test]
@@ -1244,7 +1270,11 @@ mod tests {
         cfg.cert = Some(tls.other_cert.clone());
         cfg.key = Some(tls.other_key.clone());
         let refused = EtcdStore::connect(&cfg).and_then(|s| s.is_empty());
-        assert!(matches!(refused, Err(StoreError::Unavailable(_))), "{:?}", refused.err());
+        assert!(
+            matches!(refused, Err(StoreError::Unavailable(_))),
+            "{:?}",
+            refused.err()
+        );
     }
 
     #[test]
@@ -1263,10 +1293,20 @@ mod tests {
         store.invite_replica("r2", &h, 1, u64::MAX).unwrap();
         let key = edgekms_daemon::pki::PrivateKey::from_der(vec![1; 40]);
         assert!(store
-            .admit_replica(&root, "r2", &edgekms_core::rotation::cluster::token_hash("x"), 2, b"c", &key)
+            .admit_replica(
+                &root,
+                "r2",
+                &edgekms_core::rotation::cluster::token_hash("x"),
+                2,
+                b"c",
+                &key
+            )
             .is_err());
         store.admit_replica(&root, "r2", &h, 2, b"c", &key).unwrap();
-        assert!(store.admit_replica(&root, "r2", &h, 2, b"c", &key).is_err(), "the token is spent");
+        assert!(
+            store.admit_replica(&root, "r2", &h, 2, b"c", &key).is_err(),
+            "the token is spent"
+        );
         other.bind("r2").unwrap();
         let mut removed = store.removed();
         other.remove_replica("r1").unwrap();
@@ -1323,6 +1363,12 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(seen, Changed { cluster: "a".into(), revision: rev });
+        assert_eq!(
+            seen,
+            Changed {
+                cluster: "a".into(),
+                revision: rev
+            }
+        );
     }
 }

@@ -252,12 +252,11 @@ pub fn read_replica_dir(
         .get(IDENTITY_RECORD)
         .map_err(StoreError::from)?
         .ok_or_else(|| missing("identity"))?;
-    let identity: ReplicaIdentity = serde_json::from_slice(&identity).map_err(|e| {
-        StoreError::Corrupt {
+    let identity: ReplicaIdentity =
+        serde_json::from_slice(&identity).map_err(|e| StoreError::Corrupt {
             key: format!("{}/{REPLICA_DIR}/{IDENTITY_RECORD}", data_dir.display()),
             detail: e.to_string(),
-        }
-    })?;
+        })?;
     let blob = files
         .get(ROOT_RECORD)
         .map_err(StoreError::from)?

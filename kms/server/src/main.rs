@@ -118,9 +118,17 @@ struct JoinArgs {
     /// URL of a serving replica, e.g. https://central-0:8443
     #[arg(long, value_name = "URL")]
     server: String,
-    /// The token `kmsctl replica add` printed
-    #[arg(long, value_name = "TOKEN")]
-    token: String,
+    /// The token `kmsctl replica add` printed (visible in the process list: prefer --token-file)
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        required_unless_present = "token_file",
+        conflicts_with = "token_file"
+    )]
+    token: Option<String>,
+    /// File holding the token
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
     /// The service CA's hash, as `kmsctl replica add` printed it (sha256:HEX)
     #[arg(long, value_name = "sha256:HEX")]
     ca_hash: String,
@@ -232,6 +240,15 @@ struct RestoreArgs {
     /// without it the backed-up server certificate is kept
     #[arg(long = "san", value_name = "NAME")]
     sans: Vec<String>,
+    /// Where to restore to: rocksdb (the data dir) or etcd (an empty prefix; the data dir
+    /// becomes its first replica)
+    #[arg(long, value_enum, default_value = "rocksdb")]
+    store: StoreKind,
+    /// With --store etcd: the first replica's name [default: the host name]
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    #[command(flatten)]
+    etcd: EtcdArgs,
 }
 
 /// Serving settings, from flags or the TOML `--config` (flags win).
@@ -444,7 +461,10 @@ fn run_init(args: InitArgs) -> anyhow::Result<()> {
     let sealer = init::sealer(&args.data_dir, &args.sealer.config()?)?;
     let names = init::server_names(&args.sans);
     let (done, replica) = match etcd {
-        None => (init::init(&args.data_dir, sealer.as_ref(), &names)?, String::new()),
+        None => (
+            init::init(&args.data_dir, sealer.as_ref(), &names)?,
+            String::new(),
+        ),
         Some(cfg) => {
             let name = args.name.clone().unwrap_or_else(host_name);
             let store = EtcdStore::connect(&cfg)?;
@@ -478,9 +498,16 @@ fn run_join(args: JoinArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let token = match (&args.token, &args.token_file) {
+        (Some(t), _) => zeroize::Zeroizing::new(t.clone()),
+        (None, Some(f)) => zeroize::Zeroizing::new(
+            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?,
+        ),
+        (None, None) => return Err(Usage("--token or --token-file is required".into()).into()),
+    };
     let joined = runtime.block_on(init::join(
         &args.server,
-        &args.token,
+        &token,
         &args.ca_hash,
         &args.data_dir,
         sealer.as_ref(),
@@ -553,6 +580,15 @@ fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
     let dump = backup::open(&blob, &key).with_context(|| format!("cannot restore {file}"))?;
     let sealer_cfg = args.sealer.config()?;
     let names = (!args.sans.is_empty()).then(|| init::server_names(&args.sans));
+    if args.store == StoreKind::Etcd {
+        return restore_into_etcd(
+            (&args.data_dir, &args.etcd, args.name.clone()),
+            &dump,
+            &sealer_cfg,
+            names.as_deref(),
+            &file,
+        );
+    }
     // The sealer is opened on the staging dir: the soft sealer's key file
     // belongs with the data dir it seals, and moves with it.
     let done = restore::restore(
@@ -585,6 +621,63 @@ fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
         },
     );
     Ok(())
+}
+
+/// `restore --store etcd`: the backup is restored as for RocksDB into a
+/// staging dir beside the target (a new root key sealed by the configured
+/// sealer, unused join tokens withdrawn, every cluster reconciling), then
+/// moved into the empty etcd prefix as by `migrate-store`; the staging dir
+/// is removed either way.
+fn restore_into_etcd(
+    (data_dir, etcd, name): (&PathBuf, &EtcdArgs, Option<String>),
+    dump: &backup::Dump,
+    sealer_cfg: &edgekms_hsm::SealerConfig,
+    names: Option<&[String]>,
+    file: &str,
+) -> anyhow::Result<()> {
+    let cfg = etcd.config()?;
+    let store = EtcdStore::connect(&cfg)?;
+    let mut staging = data_dir.clone().into_os_string();
+    staging.push(".restore-staging");
+    let staging = PathBuf::from(staging);
+    restore::check_target(&staging).with_context(|| {
+        format!(
+            "{} is left from an interrupted restore: remove it",
+            staging.display()
+        )
+    })?;
+    let result = (|| -> anyhow::Result<()> {
+        let done = restore::restore(dump, &staging, |dir| init::sealer(dir, sealer_cfg), names)
+            .with_context(|| format!("cannot restore {file}"))?;
+        let from_sealer = init::serve_sealer(&staging, sealer_cfg)?;
+        let to_sealer = init::sealer(data_dir, sealer_cfg)?;
+        let name = name.unwrap_or_else(host_name);
+        let moved = init::migrate_store(
+            &staging,
+            from_sealer.as_ref(),
+            &store,
+            data_dir,
+            to_sealer.as_ref(),
+            &name,
+        )?;
+        println!(
+            "restored {file} into etcd under {prefix} (backup made at unix time {created})\n  {clusters} clusters, {keks} key versions, {audit} audit records\n  {tokens}\n  first replica: {name}, new root key sealed by {sealer} in {dir}\n  CA hash (unchanged; nodes and operators keep their certificates): {hash}\n  every cluster reconciles until its nodes have reported\nserve it: edgekms-server --data-dir {dir} --listen 0.0.0.0:8443 --sealer {sealer} --store etcd --etcd-prefix {prefix} --etcd-endpoints ...",
+            prefix = cfg.prefix,
+            created = done.summary.created_unix,
+            clusters = moved.clusters,
+            keks = moved.key_versions,
+            audit = moved.audit_records,
+            tokens = done.tokens_line(),
+            sealer = to_sealer.name(),
+            dir = data_dir.display(),
+            hash = moved.ca_hash,
+        );
+        Ok(())
+    })();
+    if staging.exists() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    result
 }
 
 /// Bad flags or config values: exit code 2, like clap's own usage errors.
@@ -1022,6 +1115,28 @@ mod tests {
         let e = restore.sealer.config().unwrap_err();
         assert!(e.downcast_ref::<Usage>().is_some(), "{e}");
         assert!(e.to_string().contains("--sealer is soft"), "{e}");
+    }
+
+    /// The example config in deploy/ parses with the real settings, and
+    /// names a valid etcd store.
+    #[test]
+    fn the_shipped_etcd_config_is_valid() {
+        let file: ServeArgs =
+            toml::from_str(include_str!("../../../deploy/server/server-etcd.toml")).unwrap();
+        let cfg = ServeArgs::default().or(file).etcd().unwrap();
+        assert_eq!(cfg.endpoints.len(), 3);
+        assert_eq!(cfg.prefix, etcd::DEFAULT_PREFIX);
+        assert!(cfg.problems().is_empty(), "{:?}", cfg.problems());
+        // Plaintext needs the test-only switch.
+        let plain: ServeArgs =
+            toml::from_str("store = \"etcd\"\netcd_endpoints = [\"http://127.0.0.1:2379\"]")
+                .unwrap();
+        let e = plain.etcd().unwrap().problems().join(";");
+        assert!(e.contains("plaintext etcd is refused"), "{e}");
+        // etcd flags without the etcd store are refused at serve.
+        let cli =
+            Cli::try_parse_from(["edgekms-server", "--etcd-endpoints", "https://e:2379"]).unwrap();
+        assert!(cli.serve.etcd().is_none());
     }
 
     #[test]

@@ -92,7 +92,12 @@ fn random_string(len: usize) -> String {
 impl Central {
     /// Refuses (and audits, without the names) a call naming a cluster or
     /// node that is not a valid name: nothing else sees such a name.
-    pub(crate) fn check_names(&self, event: &str, actor: &str, names: &[&str]) -> Result<(), ServerError> {
+    pub(crate) fn check_names(
+        &self,
+        event: &str,
+        actor: &str,
+        names: &[&str],
+    ) -> Result<(), ServerError> {
         for name in names {
             if let Err(e) = keyid::validate_name(name) {
                 self.audit

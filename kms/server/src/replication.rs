@@ -52,9 +52,9 @@ impl From<ServerReplicaError> for ServerError {
     fn from(e: ServerReplicaError) -> Self {
         match e {
             ServerReplicaError::Store(e) => e.into(),
-            ServerReplicaError::Replica(e @ (ReplicaError::BadToken | ReplicaError::Expired(_))) => {
-                ServerError::PermissionDenied(e.to_string())
-            }
+            ServerReplicaError::Replica(
+                e @ (ReplicaError::BadToken | ReplicaError::Expired(_)),
+            ) => ServerError::PermissionDenied(e.to_string()),
             ServerReplicaError::Replica(e @ ReplicaError::Unknown(_)) => {
                 ServerError::InvalidArgument(e.to_string())
             }
@@ -118,9 +118,9 @@ impl Central {
         let result = (|| -> Result<ReplicaInvitation, ServerError> {
             let store = self.replicated()?;
             let now = now_unix();
-            let expires_unix = now.checked_add(ttl.as_secs()).ok_or_else(|| {
-                ServerError::InvalidArgument("token lifetime too long".into())
-            })?;
+            let expires_unix = now
+                .checked_add(ttl.as_secs())
+                .ok_or_else(|| ServerError::InvalidArgument("token lifetime too long".into()))?;
             let secret = hex::encode(rand::random::<[u8; 20]>());
             store.invite_replica(name, &token_hash(&secret), now, expires_unix)?;
             Ok(ReplicaInvitation {
@@ -131,10 +131,9 @@ impl Central {
             })
         })();
         match &result {
-            Ok(inv) => self.audit.record(rec.result(&format!(
-                "ok; token expires at {}",
-                inv.expires_unix
-            ))),
+            Ok(inv) => self
+                .audit
+                .record(rec.result(&format!("ok; token expires at {}", inv.expires_unix))),
             Err(e) => self.audit.record(rec.result(&e.to_string())),
         }
         result
@@ -167,9 +166,11 @@ impl Central {
             Ok(resp) => self.audit.record(
                 AuditRecord::new("replica-join", &actor).detail(format!("replica {}", resp.name)),
             ),
-            Err(e) => self.audit.refused(Some(peer), "replica join", e.class(), || {
-                AuditRecord::new("replica-join", &actor).result(&e.to_string())
-            }),
+            Err(e) => self
+                .audit
+                .refused(Some(peer), "replica join", e.class(), || {
+                    AuditRecord::new("replica-join", &actor).result(&e.to_string())
+                }),
         }
         result
     }
@@ -210,11 +211,7 @@ impl Central {
             &server.key,
         )?;
         let key_id = keyid::derive(ROOT_BINDING_CLUSTER, 0, root);
-        let wrapped = delivery::wrap(
-            &req.delivery_public_key,
-            root_binding(name, &key_id),
-            root,
-        )?;
+        let wrapped = delivery::wrap(&req.delivery_public_key, root_binding(name, &key_id), root)?;
         Ok(pb::JoinReplicaResponse {
             name: name.to_owned(),
             wrapped_root: wrapped.into(),

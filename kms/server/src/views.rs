@@ -29,7 +29,12 @@ impl Central {
                 .replication()
                 .and_then(|s| s.replica_name())
                 .unwrap_or_default(),
-            store: if self.replication().is_some() { "etcd" } else { "rocksdb" }.into(),
+            store: if self.replication().is_some() {
+                "etcd"
+            } else {
+                "rocksdb"
+            }
+            .into(),
         })
     }
 

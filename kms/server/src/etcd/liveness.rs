@@ -152,7 +152,7 @@ async fn session(
                 }
             }
             ticks += 1;
-            if ticks % 5 == 0 {
+            if ticks.is_multiple_of(5) {
                 member_name = member(client).await;
             }
             let alive = Alive {
@@ -169,9 +169,7 @@ async fn session(
             .await?;
             // Leader if the key is ours (under this lease), or free and
             // now taken.
-            let current = kv
-                .get(keys.leader.clone(), None)
-                .await?;
+            let current = kv.get(keys.leader.clone(), None).await?;
             let ours = current.kvs().first().map(|k| k.lease() == lease);
             let leading = match ours {
                 Some(ours) => ours,
