@@ -323,6 +323,7 @@ pub async fn join(
             &nsk,
             &FleetRecord {
                 server: server.to_owned(),
+                more_servers: Vec::new(),
                 node: node.name().to_owned(),
                 ca_der: hex::encode(&resp.ca_der),
                 cert_der: hex::encode(&resp.certificate_der),
