@@ -4,8 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use edgekms_e2e::fleet::{enrol, join, local_status, node_args, text, version_states, Server};
-use edgekms_e2e::{decrypt, encrypt, key_id, Plugin};
+use edgekms_e2e::fleet::{
+    enrol, join, join_at, local_status, node_args, text, version_states, Server,
+};
+use edgekms_e2e::{decrypt, encrypt, free_port, key_id, Plugin};
 use serde_json::Value;
 
 /// The key_id of `version` in a cluster status.
@@ -222,6 +224,42 @@ async fn nodes_serve_through_a_server_outage_and_catch_up() {
         .wait_cluster("a", "promotion after the outage", |c| c["primary"] == 2)
         .await;
     wait_key_id(&[&n1, &n2], &version_key_id(&c, 2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_given_several_urls_joins_and_syncs_past_one_that_is_down() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(tmp.path()).await;
+    // Nothing listens there: refused at once, the next URL is tried.
+    let closed = format!("https://127.0.0.1:{}", free_port());
+    let dir = tmp.path().join("a-n1");
+    let (token, hash) = server.add_node("a", "n1");
+    let servers = format!("{closed},{}", server.url());
+    let out = join_at(&servers, &dir, "a", "n1", &token, &hash);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("enrolled with {}", server.url())),
+        "{}",
+        text(&out)
+    );
+    let mut n1 = Plugin::spawn(&dir, node_args(&dir, "a", "n1"));
+    n1.wait_healthy().await;
+    assert!(key_id(&mut n1.kms().await).await.starts_with("a/v1/"));
+
+    // Restarted, the plugin reads both URLs from its data dir, starts with
+    // the closed one and moves on: a rotation reaches it.
+    n1.restart().await;
+    server.kmsctl_json(&["rotate", "a"]);
+    let c = server
+        .wait_cluster("a", "promotion of v2", |c| c["primary"] == 2)
+        .await;
+    wait_key_id(&[&n1], &version_key_id(&c, 2)).await;
+    let log = n1.log_text();
+    assert!(
+        log.contains(&format!("server={closed}"))
+            && log.contains("connected to the central key service"),
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

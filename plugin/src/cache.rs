@@ -9,7 +9,7 @@
 //! | `meta/nsk` | `copies/nsk` | the node sealing key, sealed by the configured [`Sealer`](edgekms_hsm::Sealer) |
 //! | `meta/recovery` | `copies/recovery` | the NSK wrapped under the recovery passphrase ([`crate::recovery`]) |
 //! | `kek/<version u32 BE>` | `copies/kek-<version>` | a KEK version record (below) |
-//! | `meta/fleet` | `copies/fleet` | after `join`: the central service's URL, this node's name, its CA and certificate (public), JSON |
+//! | `meta/fleet` | `copies/fleet` | after `join`: the central service's URLs, this node's name, its CA and certificate (public), JSON |
 //! | `meta/fleet-keys` | `copies/fleet-keys` | after `join`: the node's TLS and delivery private keys, wrapped by the NSK |
 //! | `meta/fleet-seq` | (none: re-derived from the central service) | the last central cluster state applied (u64 BE) |
 //!
@@ -89,10 +89,23 @@ pub enum CacheError {
 /// What a joined node knows of the central service (public).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FleetRecord {
+    /// The first of the service's URLs given at `join`: a plugin that
+    /// predates `more_servers` reads only this one, and still syncs.
     pub server: String,
+    /// The others, in the order given; absent in records of one URL (all
+    /// records written before there could be several).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more_servers: Vec<String>,
     pub node: String,
     pub ca_der: String,
     pub cert_der: String,
+}
+
+impl FleetRecord {
+    /// Every URL of the central service, in the order to try them.
+    pub fn servers(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.server.as_str()).chain(self.more_servers.iter().map(String::as_str))
+    }
 }
 
 /// A joined node's private keys, unwrapped: PKCS#8 TLS key, delivery key.
@@ -893,6 +906,7 @@ mod tests {
         assert!(store.fleet().unwrap().is_none());
         let rec = FleetRecord {
             server: "https://127.0.0.1:1".into(),
+            more_servers: vec!["https://kms.example:8443".into()],
             node: "n1".into(),
             ca_der: "00".into(),
             cert_der: "11".into(),
@@ -913,6 +927,48 @@ mod tests {
         drop(store);
         let files = files_with(dir.path(), &[7u8; 32]);
         assert!(files.is_empty(), "TLS key in the clear in {files:?}");
+    }
+
+    #[test]
+    fn a_join_record_of_one_url_still_loads_and_a_new_one_loads_in_an_older_plugin() {
+        // As every plugin wrote it before a node could list several URLs.
+        let old =
+            br#"{"server":"https://kms.example:8443","node":"n1","ca_der":"00","cert_der":"11"}"#;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Cache::open(dir.path(), "edge-1").unwrap();
+        store.db.put(FLEET_KEY, old).unwrap();
+        let rec = store.fleet().unwrap().unwrap();
+        assert!(rec.more_servers.is_empty());
+        assert_eq!(
+            rec.servers().collect::<Vec<_>>(),
+            ["https://kms.example:8443"]
+        );
+        // Written back unchanged: one URL adds no field.
+        assert_eq!(serde_json::to_vec(&rec).unwrap(), old);
+
+        // An older plugin's record type (no `more_servers`) reads a record
+        // of several URLs, with the first.
+        #[derive(serde::Deserialize)]
+        struct Older {
+            server: String,
+            node: String,
+            ca_der: String,
+            cert_der: String,
+        }
+        let rec = FleetRecord {
+            server: "https://a:1".into(),
+            more_servers: vec!["https://b:1".into(), "https://c:1".into()],
+            ..rec
+        };
+        assert_eq!(
+            rec.servers().collect::<Vec<_>>(),
+            ["https://a:1", "https://b:1", "https://c:1"]
+        );
+        let older: Older = serde_json::from_slice(&serde_json::to_vec(&rec).unwrap()).unwrap();
+        assert_eq!(
+            [older.server, older.node, older.ca_der, older.cert_der],
+            ["https://a:1", "n1", "00", "11"]
+        );
     }
 
     /// Files under `dir` containing `needle`.

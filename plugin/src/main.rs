@@ -57,9 +57,14 @@ struct RestoreArgs {
 
 #[derive(Debug, clap::Args)]
 struct JoinArgs {
-    /// The central key service, https://HOST:PORT
-    #[arg(long, value_name = "URL")]
-    server: String,
+    /// The central key service, https://HOST:PORT; replicas: several URLs, comma-separated or with the flag repeated, tried in order (a host with several addresses at each), all kept for the sync
+    #[arg(
+        long = "server",
+        value_name = "URL[,URL...]",
+        value_delimiter = ',',
+        required = true
+    )]
+    servers: Vec<String>,
     /// The one-time join token from `kmsctl node add`
     #[arg(
         long,
@@ -143,11 +148,15 @@ fn run_join(args: JoinArgs) -> anyhow::Result<()> {
         ),
         (None, None) => anyhow::bail!("--token or --token-file is required"),
     };
+    // A bad URL is a usage error, found before anything is made.
+    for url in &args.servers {
+        edgekms_daemon::tls::Target::parse(url).map_err(|e| Usage(e.to_string()))?;
+    }
     let cfg = prepare(args.config.as_deref(), args.settings)?;
-    let joined = runtime()?.block_on(sync::join(&cfg, &args.server, &token, &args.ca_hash))?;
+    let joined = runtime()?.block_on(sync::join(&cfg, &args.servers, &token, &args.ca_hash))?;
     println!(
         "joined: node {}/{} is enrolled with {}",
-        joined.cluster, joined.node, args.server
+        joined.cluster, joined.node, joined.server
     );
     match joined.first_sync {
         Ok(()) => println!(

@@ -307,12 +307,24 @@ pub fn join(
     token: &str,
     ca_hash: &str,
 ) -> Output {
+    join_at(&server.url(), dir, cluster, node, token, ca_hash)
+}
+
+/// [`join`] with `--server servers` as given (a comma-separated list).
+pub fn join_at(
+    servers: &str,
+    dir: &Path,
+    cluster: &str,
+    node: &str,
+    token: &str,
+    ca_hash: &str,
+) -> Output {
     std::fs::create_dir_all(dir).unwrap();
     Command::new(bin("edgekms-plugin"))
         .args([
             "join",
             "--server",
-            &server.url(),
+            servers,
             "--token",
             token,
             "--ca-hash",

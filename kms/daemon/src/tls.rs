@@ -3,7 +3,8 @@
 //! The server runs its own accept loop ([`serve_incoming`]) rather than
 //! tonic's, so that a refused handshake reaches the audit log and handlers
 //! see the peer's verified certificate ([`PeerInfo`]). Clients connect
-//! through [`connect`]; a node that has not joined yet trusts the server
+//! through [`connect`], or to one address of a server URL's host through
+//! [`connect_addr`]; a node that has not joined yet trusts the server
 //! only through the CA pin ([`PinnedCa`]), as `kubeadm join` does.
 
 use std::net::SocketAddr;
@@ -30,7 +31,7 @@ use crate::pki::{self, Identity, PrivateKey};
 /// A TLS handshake not finished by then is dropped (and counted refused).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum TlsError {
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
@@ -207,14 +208,104 @@ fn parse_url(url: &str) -> Result<(String, u16, ServerName<'static>), TlsError> 
     Ok((host, port, name))
 }
 
+/// A server URL taken apart: the host to resolve and dial, and the name the
+/// server's certificate must carry, kept when dialling one of the host's
+/// addresses ([`connect_addr`]).
+#[derive(Debug, Clone)]
+pub struct Target {
+    url: String,
+    host: String,
+    port: u16,
+    name: ServerName<'static>,
+}
+
+/// A host name lookup that takes longer is a failed one (the resolver's own
+/// retries can take much longer, and the caller has other servers to try).
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Target {
+    /// `https://host:port` (port 443 when absent).
+    pub fn parse(url: &str) -> Result<Self, TlsError> {
+        let (host, port, name) = parse_url(url)?;
+        Ok(Self {
+            url: url.to_owned(),
+            host,
+            port,
+            name,
+        })
+    }
+
+    /// The URL as given.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The host's addresses in the resolver's order, each once; an IP
+    /// literal is its own one address.
+    pub async fn resolve(&self) -> Result<Vec<SocketAddr>, TlsError> {
+        let failed = |detail: String| TlsError::Connect {
+            url: self.url.clone(),
+            detail,
+        };
+        let found = tokio::time::timeout(
+            RESOLVE_TIMEOUT,
+            tokio::net::lookup_host((self.host.as_str(), self.port)),
+        )
+        .await
+        .map_err(|_| failed(format!("resolving {} timed out", self.host)))?
+        .map_err(|e| failed(format!("cannot resolve {}: {e}", self.host)))?;
+        let mut addrs: Vec<SocketAddr> = Vec::new();
+        for addr in found {
+            if !addrs.contains(&addr) {
+                addrs.push(addr);
+            }
+        }
+        if addrs.is_empty() {
+            return Err(failed(format!("{} resolves to no address", self.host)));
+        }
+        Ok(addrs)
+    }
+
+    /// How logs and errors name the server reached through `addr`: the
+    /// URL, and the address when the host is a name (it may have several).
+    pub fn describe(&self, addr: Option<SocketAddr>) -> String {
+        match addr {
+            Some(addr) if self.host.parse::<std::net::IpAddr>().is_err() => {
+                format!("{} ({addr})", self.url)
+            }
+            _ => self.url.clone(),
+        }
+    }
+}
+
 /// Connects a gRPC channel over TLS to `url` (`https://host:port`).
 pub async fn connect(url: &str, cfg: Arc<ClientConfig>) -> Result<Channel, TlsError> {
-    let (host, port, name) = parse_url(url)?;
+    dial(&Target::parse(url)?, None, cfg).await
+}
+
+/// Connects to `addr`, one of `target`'s addresses, verifying the server's
+/// certificate for `target`'s host name, not for the address: each address
+/// of a name that resolves to several is a server of its own.
+pub async fn connect_addr(
+    target: &Target,
+    addr: SocketAddr,
+    cfg: Arc<ClientConfig>,
+) -> Result<Channel, TlsError> {
+    dial(target, Some(addr), cfg).await
+}
+
+/// Dials `addr`, or else the host as the system resolves it.
+async fn dial(
+    target: &Target,
+    addr: Option<SocketAddr>,
+    cfg: Arc<ClientConfig>,
+) -> Result<Channel, TlsError> {
     let connector = TlsConnector::from(cfg);
+    let (host, port, name) = (target.host.clone(), target.port, target.name.clone());
     // tonic sees plain HTTP/2 over the TLS stream made here.
     let endpoint = Endpoint::from_shared(format!("http://{}", authority(&host, port)))
         .map_err(|e| TlsError::Url {
-            url: url.to_owned(),
+            url: target.url.clone(),
             reason: e.to_string(),
         })?
         .connect_timeout(Duration::from_secs(10))
@@ -226,7 +317,10 @@ pub async fn connect(url: &str, cfg: Arc<ClientConfig>) -> Result<Channel, TlsEr
             let name = name.clone();
             let host = host.clone();
             async move {
-                let tcp = TcpStream::connect((host.as_str(), port)).await?;
+                let tcp = match addr {
+                    Some(addr) => TcpStream::connect(addr).await?,
+                    None => TcpStream::connect((host.as_str(), port)).await?,
+                };
                 tcp.set_nodelay(true)?;
                 let tls = connector.connect(name, tcp).await?;
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
@@ -234,7 +328,7 @@ pub async fn connect(url: &str, cfg: Arc<ClientConfig>) -> Result<Channel, TlsEr
         }))
         .await
         .map_err(|e| TlsError::Connect {
-            url: url.to_owned(),
+            url: target.describe(addr),
             detail: error_chain(&e),
         })
 }
@@ -420,5 +514,64 @@ mod tests {
         for bad in ["http://x:1", "x:1", "https://", "nonsense"] {
             assert!(parse_url(bad).is_err(), "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn an_ip_literal_resolves_to_itself_and_a_name_to_its_addresses() {
+        let t = Target::parse("https://127.0.0.1:8443").unwrap();
+        assert_eq!(t.url(), "https://127.0.0.1:8443");
+        let want: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+        assert_eq!(t.resolve().await.unwrap(), [want]);
+        assert_eq!(t.describe(Some(want)), "https://127.0.0.1:8443");
+        let t = Target::parse("https://localhost:9").unwrap();
+        let addrs = t.resolve().await.unwrap();
+        assert!(!addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback() && a.port() == 9));
+        assert_eq!(
+            t.describe(Some(addrs[0])),
+            format!("https://localhost:9 ({})", addrs[0])
+        );
+        assert!(Target::parse("http://localhost:9").is_err());
+    }
+
+    /// The address is dialled, the certificate checked for the URL's host:
+    /// the handshake completes for the name the certificate carries and
+    /// fails for another one, both dialled at the same address.
+    #[tokio::test]
+    async fn an_address_is_dialled_with_the_url_host_as_tls_name() {
+        let ca = pki::new_ca().unwrap();
+        let leaf = pki::Ca::load(&ca.cert_der, &ca.key)
+            .unwrap()
+            .issue_server(&["kms.test".to_owned()])
+            .unwrap();
+        let acceptor =
+            TlsAcceptor::from(server_config(&ca.cert_der, &leaf.cert_der, &leaf.key).unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // The server's side of each handshake: the name the client sent,
+        // when the client accepted the certificate (TLS 1.3: the server
+        // finishes only after the client verified it).
+        let server = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut open = Vec::new();
+            for _ in 0..2 {
+                let (tcp, _) = listener.accept().await.unwrap();
+                match acceptor.accept(tcp).await {
+                    Ok(tls) => {
+                        seen.push(tls.get_ref().1.server_name().map(str::to_owned));
+                        open.push(tls);
+                    }
+                    Err(_) => seen.push(None),
+                }
+            }
+            seen
+        });
+        let cfg = client_config(Trust::Ca(&ca.cert_der), None).unwrap();
+        let other = Target::parse(&format!("https://kms.other:{}", addr.port())).unwrap();
+        let err = connect_addr(&other, addr, cfg.clone()).await.unwrap_err();
+        assert!(err.to_string().contains(&format!("({addr})")), "{err}");
+        let right = Target::parse(&format!("https://kms.test:{}", addr.port())).unwrap();
+        // Only the handshake is under test: the server speaks no HTTP/2.
+        let _ = tokio::time::timeout(Duration::from_secs(2), connect_addr(&right, addr, cfg)).await;
+        assert_eq!(server.await.unwrap(), [None, Some("kms.test".to_owned())]);
     }
 }

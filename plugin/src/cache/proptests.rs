@@ -138,8 +138,14 @@ proptest! {
             proptest::collection::vec(any::<u8>(), 0..200),
             "\\PC{0,200}".prop_map(String::into_bytes),
         ],
-        rec in ("\\PC{0,40}", "\\PC{0,20}", "[0-9a-f]{0,100}", "[0-9a-f]{0,100}").prop_map(
-            |(server, node, ca_der, cert_der)| FleetRecord { server, node, ca_der, cert_der },
+        rec in (
+            "\\PC{0,40}",
+            proptest::collection::vec("\\PC{0,40}", 0..3),
+            "\\PC{0,20}",
+            "[0-9a-f]{0,100}",
+            "[0-9a-f]{0,100}",
+        ).prop_map(
+            |(server, more_servers, node, ca_der, cert_der)| FleetRecord { server, more_servers, node, ca_der, cert_der },
         ),
         cut in any::<prop::sample::Index>(),
     ) {
@@ -211,7 +217,7 @@ proptest! {
         prop_assert!(s.fleet_keys(&nsk).is_err());
 
         // Round trip through put_fleet, then damage: refused.
-        let rec = FleetRecord { server: "https://h:1".into(), node: "n1".into(), ca_der: "00".into(), cert_der: "11".into() };
+        let rec = FleetRecord { server: "https://h:1".into(), more_servers: Vec::new(), node: "n1".into(), ca_der: "00".into(), cert_der: "11".into() };
         let keys = FleetKeys { tls_key: Zeroizing::new(tls.clone()), delivery_key: Zeroizing::new(delivery.clone()) };
         s.put_fleet(&nsk, &rec, &keys).unwrap();
         let back = s.fleet_keys(&nsk).unwrap();
