@@ -62,6 +62,14 @@ pub struct Settings {
     /// After `join`: longest wait between reconnects to the central key service [default: 30s]
     #[arg(long, value_name = "DURATION")]
     pub sync_backoff_max: Option<String>,
+    /// After `join`: the central key service's URLs, comma-separated, tried in order, instead of those given to `join` (replicas added or moved) [default: join's]
+    #[arg(
+        long = "servers",
+        id = "sync_servers",
+        value_name = "URL[,URL...]",
+        value_delimiter = ','
+    )]
+    pub servers: Option<Vec<String>>,
     /// Write the recovery passphrase, made when the node key is created, to this new file (mode 0600; refused if it exists) instead of the terminal or stderr
     #[arg(long, value_name = "PATH")]
     pub recovery_passphrase_file: Option<PathBuf>,
@@ -109,6 +117,9 @@ pub struct Config {
     pub sealer: SealerConfig,
     pub log_format: LogFormat,
     pub sync_backoff_max: std::time::Duration,
+    /// The service's URLs instead of the join record's (empty: the join
+    /// record's).
+    pub servers: Vec<String>,
     /// The metrics and health endpoint; `None` with `--no-metrics`.
     pub metrics_addr: Option<SocketAddr>,
     /// Where a new recovery passphrase goes, instead of the tty or stderr.
@@ -156,6 +167,7 @@ impl Settings {
             metrics_addr,
             no_metrics,
             sync_backoff_max: self.sync_backoff_max.or(file.sync_backoff_max),
+            servers: self.servers.or(file.servers),
             recovery_passphrase_file: self
                 .recovery_passphrase_file
                 .or(file.recovery_passphrase_file),
@@ -213,6 +225,12 @@ impl Settings {
                 }
             },
         };
+        let servers = self.servers.unwrap_or_default();
+        for url in &servers {
+            if let Err(e) = edgekms_daemon::tls::Target::parse(url) {
+                problems.push(format!("--servers {url}: {e}"));
+            }
+        }
         let min_grace_secs = match self.min_retire_grace.as_deref() {
             None => edgekms_core::rotation::MIN_GRACE_SECS,
             Some(text) => match edgekms_daemon::duration::parse(text) {
@@ -257,6 +275,7 @@ impl Settings {
                 min_grace_secs,
                 max_connections: self.max_connections,
                 sync_backoff_max,
+                servers,
                 socket,
                 admin_socket,
                 data_dir: self.data_dir.unwrap_or_else(|| DEFAULT_DATA_DIR.into()),

@@ -253,7 +253,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         // plugin that can answer.
         let kms = socket::bind(&cfg.socket)?;
         let admin = socket::bind(&cfg.admin_socket)?;
-        tokio::spawn(sync::run(node.clone(), cfg.sync_backoff_max));
+        tokio::spawn(sync::run(
+            node.clone(),
+            cfg.sync_backoff_max,
+            cfg.servers.clone(),
+        ));
         tokio::spawn(destroy_when_due(node.clone()));
         if let Some(schedule) = cfg.census.clone() {
             tokio::spawn(edgekms_plugin::census::run(node.clone(), schedule));

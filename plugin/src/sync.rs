@@ -278,7 +278,12 @@ pub struct SyncClient {
 
 impl SyncClient {
     /// The client for a joined node; `None` for a standalone one.
-    pub fn for_node(node: Arc<Node>, backoff_max: Duration) -> Result<Option<Self>, SyncError> {
+    /// `servers`, when not empty, replaces the URLs given to `join`.
+    pub fn for_node(
+        node: Arc<Node>,
+        backoff_max: Duration,
+        servers: &[String],
+    ) -> Result<Option<Self>, SyncError> {
         let Some(record) = node.cache().fleet().map_err(NodeError::from)? else {
             return Ok(None);
         };
@@ -291,10 +296,17 @@ impl SyncClient {
         let tls = tls::client_config(tls::Trust::Ca(&ca), Some((&cert, &tls_key)))?;
         let delivery = DeliveryKey::from_bytes(&keys.delivery_key)
             .map_err(|e| SyncError::Config(e.to_string()))?;
-        let servers = record
-            .servers()
-            .map(tls::Target::parse)
-            .collect::<Result<Vec<_>, _>>()?;
+        let servers = if servers.is_empty() {
+            record
+                .servers()
+                .map(tls::Target::parse)
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            servers
+                .iter()
+                .map(|s| tls::Target::parse(s))
+                .collect::<Result<Vec<_>, _>>()?
+        };
         Ok(Some(Self {
             node,
             servers,
@@ -448,10 +460,10 @@ impl SyncClient {
 /// The plugin's sync task: nothing for a standalone node; for a joined one,
 /// waits until its keys are unsealed (after a PCR failure, until
 /// `kmsctl local reseal`), then syncs forever.
-pub async fn run(node: Arc<Node>, backoff_max: Duration) {
+pub async fn run(node: Arc<Node>, backoff_max: Duration, servers: Vec<String>) {
     let mut warned = false;
     loop {
-        match SyncClient::for_node(node.clone(), backoff_max) {
+        match SyncClient::for_node(node.clone(), backoff_max, &servers) {
             Ok(Some(client)) => return client.run().await,
             Ok(None) => {
                 tracing::info!("standalone: not joined to a central key service");
@@ -591,7 +603,7 @@ pub async fn join(
     let server = servers
         .get(at)
         .map_or_else(|| first.clone(), |dial| describe(&targets, dial));
-    let first_sync = match SyncClient::for_node(node.clone(), Duration::from_secs(1))? {
+    let first_sync = match SyncClient::for_node(node.clone(), Duration::from_secs(1), &[])? {
         Some(client) => {
             match tokio::time::timeout(Duration::from_secs(60), client.first_sync(&servers, at))
                 .await

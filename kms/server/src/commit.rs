@@ -34,6 +34,9 @@ use crate::state_store::{Batch, Op, Revision, StateStore, StoreError};
 /// How often a transition is run again when other writers keep moving
 /// the cluster on.
 const MAX_ATTEMPTS: usize = 16;
+/// How long a change is tried again while the store is unavailable (a
+/// replicated store electing a new leader takes a second or two).
+const UNAVAILABLE_FOR: std::time::Duration = std::time::Duration::from_secs(15);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -139,7 +142,10 @@ impl Commit {
     ) -> Result<(T, Vec<Event>), ServerError> {
         let writing = self.writing(cluster);
         let _writing = lock(&writing);
-        for _ in 0..MAX_ATTEMPTS {
+        let deadline = std::time::Instant::now() + UNAVAILABLE_FOR;
+        let mut conflicts = 0;
+        let mut unconfirmed = false;
+        while conflicts < MAX_ATTEMPTS {
             let mut ops = Ops::new();
             let current = lock(&self.view).clusters.get(cluster).cloned();
             let (mut next, rev) = match (current, create.as_mut()) {
@@ -177,7 +183,41 @@ impl Commit {
                     return Ok((out, events));
                 }
                 Err(StoreError::Conflict { .. }) => {
+                    conflicts += 1;
                     self.reload(cluster)?;
+                }
+                Err(e @ (StoreError::Unavailable(_) | StoreError::Unconfirmed(_))) => {
+                    if let StoreError::Unconfirmed(_) = e {
+                        unconfirmed = true;
+                    }
+                    if std::time::Instant::now() >= deadline {
+                        // Once a write went unconfirmed, the change may
+                        // still land: say so, whatever came after.
+                        return Err(match e {
+                            StoreError::Unavailable(why) if unconfirmed => {
+                                StoreError::Unconfirmed(why)
+                            }
+                            e => e,
+                        }
+                        .into());
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(250));
+                    // A write that timed out may have been applied all the
+                    // same: then it is this change's, and it is done (its
+                    // events are returned, and audited, once).
+                    match self.store.cluster(cluster) {
+                        Ok(Some((stored, revision))) if stored == next => {
+                            lock(&self.view).put(stored, revision);
+                            self.notify(cluster);
+                            return Ok((out, events));
+                        }
+                        // Not applied (or another writer moved on): again, on
+                        // what the store holds now.
+                        Ok(_) => {
+                            let _ = self.reload(cluster);
+                        }
+                        Err(_) => {}
+                    }
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -402,6 +442,116 @@ mod tests {
             commit.mutate("missing", |_, _| Ok(((), Vec::new()))),
             Err(ServerError::Fleet(FleetError::UnknownCluster(_)))
         ));
+    }
+
+    /// A store whose next `apply` fails as unavailable, after applying
+    /// the batch (`applied`: a write that timed out but landed) or not.
+    use crate::state_store::Changed;
+
+    struct Flaky {
+        inner: Arc<rocks::Store>,
+        fail_next: std::sync::atomic::AtomicBool,
+        applied: bool,
+    }
+
+    impl StateStore for Flaky {
+        fn identity(&self, root: &Key256) -> Result<crate::state_store::Identity, StoreError> {
+            StateStore::identity(self.inner.as_ref(), root)
+        }
+        fn clusters(&self) -> Result<Vec<(Cluster, Revision)>, StoreError> {
+            StateStore::clusters(self.inner.as_ref())
+        }
+        fn cluster(&self, name: &str) -> Result<Option<(Cluster, Revision)>, StoreError> {
+            StateStore::cluster(self.inner.as_ref(), name)
+        }
+        fn kek(
+            &self,
+            root: &Key256,
+            c: &str,
+            v: u32,
+            id: &str,
+        ) -> Result<Option<Key256>, StoreError> {
+            StateStore::kek(self.inner.as_ref(), root, c, v, id)
+        }
+        fn apply(&self, root: &Key256, batch: Batch) -> Result<Vec<Changed>, StoreError> {
+            if self
+                .fail_next
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                if self.applied {
+                    self.inner.apply(root, batch)?;
+                }
+                return Err(StoreError::Unavailable("no quorum".into()));
+            }
+            self.inner.apply(root, batch)
+        }
+        fn watch(&self) -> broadcast::Receiver<Changed> {
+            self.inner.watch()
+        }
+        fn append_audit(&self, json: &[u8]) -> Result<u64, StoreError> {
+            self.inner.append_audit(json)
+        }
+        fn audit_scan(
+            &self,
+            from: u64,
+            v: crate::state_store::AuditVisitor<'_>,
+        ) -> Result<(), StoreError> {
+            StateStore::audit_scan(self.inner.as_ref(), from, v)
+        }
+        fn audit_scan_back(
+            &self,
+            upto: u64,
+            v: crate::state_store::AuditVisitor<'_>,
+        ) -> Result<(), StoreError> {
+            StateStore::audit_scan_back(self.inner.as_ref(), upto, v)
+        }
+        fn audit_bounds(&self) -> Result<Option<(u64, u64)>, StoreError> {
+            self.inner.audit_bounds()
+        }
+        fn delete_audit_below(&self, below: u64) -> Result<(), StoreError> {
+            StateStore::delete_audit_below(self.inner.as_ref(), below)
+        }
+        fn snapshot(
+            &self,
+            root: &Key256,
+            a: bool,
+        ) -> Result<crate::state_store::Snapshot, StoreError> {
+            self.inner.snapshot(root, a)
+        }
+    }
+
+    /// A write that fails as unavailable is tried again; one that landed
+    /// all the same is recognised as this change's: one version minted,
+    /// its events returned once.
+    #[test]
+    fn an_unavailable_store_is_waited_for_and_a_landed_write_is_not_made_twice() {
+        for applied in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (store, commit) = commit(dir.path());
+            let root = Key256::from_bytes(commit.root().expose());
+            let flaky = Arc::new(Flaky {
+                inner: store,
+                fail_next: std::sync::atomic::AtomicBool::new(true),
+                applied,
+            });
+            let commit = Commit::load(flaky.clone(), root).unwrap();
+            let mut attempts = 0;
+            let (version, events) = commit
+                .mutate("a", |c, _| {
+                    attempts += 1;
+                    let (v, _, events) = c.rotate(format!("a/v2/{attempts}"), 2)?;
+                    Ok((v, events))
+                })
+                .unwrap();
+            assert_eq!(version, 2, "applied {applied}");
+            assert!(
+                !events.is_empty(),
+                "applied {applied}: the rotation's events"
+            );
+            assert_eq!(attempts, if applied { 1 } else { 2 });
+            let versions = commit.read("a", |c| c.versions().len()).unwrap();
+            assert_eq!(versions, 2);
+        }
     }
 
     #[tokio::test]

@@ -62,9 +62,9 @@ impl ServerError {
                 FleetError::NotWanted { .. } => Code::InvalidArgument,
                 FleetError::VersionsExhausted(_) => Code::ResourceExhausted,
             },
-            ServerError::Store(StoreError::Unavailable(_) | StoreError::Removed(_)) => {
-                Code::Unavailable
-            }
+            ServerError::Store(
+                StoreError::Unavailable(_) | StoreError::Unconfirmed(_) | StoreError::Removed(_),
+            ) => Code::Unavailable,
             ServerError::Store(StoreError::Conflict { .. }) => Code::Aborted,
             ServerError::Store(_) | ServerError::Seal(_) => Code::Internal,
             ServerError::Pki(PkiError::BadCsr(_)) | ServerError::Pki(PkiError::BadPin(_)) => {
@@ -114,7 +114,9 @@ impl ServerError {
             ServerError::InvalidArgument(_) => "invalid-argument",
             ServerError::Pki(_) => "bad-csr",
             ServerError::Delivery(_) => "bad-delivery-key",
-            ServerError::Store(StoreError::Unavailable(_)) => "store-unavailable",
+            ServerError::Store(StoreError::Unavailable(_) | StoreError::Unconfirmed(_)) => {
+                "store-unavailable"
+            }
             ServerError::Store(_) | ServerError::Seal(_) => "internal",
             ServerError::ShuttingDown => "shutting-down",
         }

@@ -113,6 +113,57 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Whether a failed request may be sent again: a read always (on another
+/// member, once the client picks one), a write only when it never left
+/// (no connection to the member the client picked: with one member down,
+/// its balancer keeps picking it now and then).
+fn retryable(e: &etcd_client::Error, idempotent: bool) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::Unavailable && (idempotent || s.message().contains("connect"))
+        }
+        etcd_client::Error::TransportError(_) => idempotent,
+        _ => false,
+    }
+}
+
+/// Runs the request `f` makes, again (up to 8 times within about two
+/// seconds) while it fails in a way [`retryable`] allows.
+pub(crate) async fn retrying<T, Fut>(
+    idempotent: bool,
+    mut f: impl FnMut() -> Fut,
+) -> Result<T, etcd_client::Error>
+where
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut attempt = 0u64;
+    loop {
+        match f().await {
+            Err(e) if attempt < 8 && retryable(&e, idempotent) => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Whether a failed write certainly was not applied: no connection, or
+/// refused by a member that knows of no leader.
+fn not_sent(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            retryable(e, false)
+                || s.message().contains("no leader")
+                || s.code() == tonic::Code::InvalidArgument
+                || s.code() == tonic::Code::PermissionDenied
+                || s.code() == tonic::Code::Unauthenticated
+        }
+        etcd_client::Error::TransportError(_) => false,
+        _ => true,
+    }
+}
+
 fn unavailable(e: etcd_client::Error) -> StoreError {
     StoreError::Unavailable(format!("etcd: {e}"))
 }
@@ -278,11 +329,17 @@ impl EtcdStore {
     }
 
     fn get_at(&self, slot: &str, revision: i64) -> Result<Option<KeyValue>, StoreError> {
-        let mut kv = self.client.kv_client();
+        let kv = self.client.kv_client();
         let key = self.key(slot);
         self.run(async move {
             let opts = GetOptions::new().with_revision(revision);
-            let mut resp = kv.get(key, Some(opts)).await.map_err(unavailable)?;
+            let mut resp = retrying(true, || {
+                let mut kv = kv.clone();
+                let (key, opts) = (key.clone(), opts.clone());
+                async move { kv.get(key, Some(opts)).await }
+            })
+            .await
+            .map_err(unavailable)?;
             Ok(resp.take_kvs().into_iter().next())
         })
     }
@@ -300,7 +357,7 @@ impl EtcdStore {
         let (mut lo, mut hi) = (start, end);
         let mut at = revision;
         loop {
-            let mut kv = self.client.kv_client();
+            let kv = self.client.kv_client();
             let (l, h) = (lo.clone(), hi.clone());
             let (kvs, more, rev) = self.run(async move {
                 let mut opts = GetOptions::new()
@@ -310,7 +367,13 @@ impl EtcdStore {
                 if back {
                     opts = opts.with_sort(SortTarget::Key, SortOrder::Descend);
                 }
-                let mut resp = kv.get(l, Some(opts)).await.map_err(unavailable)?;
+                let mut resp = retrying(true, || {
+                    let mut kv = kv.clone();
+                    let (l, opts) = (l.clone(), opts.clone());
+                    async move { kv.get(l, Some(opts)).await }
+                })
+                .await
+                .map_err(unavailable)?;
                 let rev = resp.header().map_or(0, |h| h.revision());
                 let more = resp.more();
                 Ok((resp.take_kvs(), more, rev))
@@ -349,9 +412,32 @@ impl EtcdStore {
         self.scan(start, end, revision, false, visit)
     }
 
+    /// A write: failures where it never reached a leader are
+    /// [`StoreError::Unavailable`] (nothing changed); any other is
+    /// [`StoreError::Unconfirmed`] (it may still be applied).
     fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, StoreError> {
-        let mut kv = self.client.kv_client();
-        self.run(async move { kv.txn(txn).await.map_err(unavailable) })
+        let kv = self.client.kv_client();
+        let result = self.run(async move {
+            retrying(false, || {
+                let (mut kv, txn) = (kv.clone(), txn.clone());
+                async move { kv.txn(txn).await }
+            })
+            .await
+            .map_err(|e| {
+                if not_sent(&e) {
+                    unavailable(e)
+                } else {
+                    StoreError::Unconfirmed(format!("etcd: {e}"))
+                }
+            })
+        });
+        match result {
+            // The wait itself gave up: the request may be in flight.
+            Err(StoreError::Unavailable(why)) if why.contains("no answer in time") => {
+                Err(StoreError::Unconfirmed(why))
+            }
+            other => other,
+        }
     }
 
     /// Whether `init` (or `migrate-store`) completed under the prefix.
@@ -1133,11 +1219,19 @@ impl StateStore for EtcdStore {
     fn delete_audit_below(&self, below: u64) -> Result<(), StoreError> {
         let start = self.key("audit/");
         let end = self.key(&audit_slot(below));
-        let mut kv = self.client.kv_client();
+        let kv = self.client.kv_client();
         self.run(async move {
-            kv.delete(start, Some(DeleteOptions::new().with_range(end)))
-                .await
-                .map_err(unavailable)?;
+            // Deleting a range twice is deleting it once.
+            retrying(true, || {
+                let mut kv = kv.clone();
+                let (start, end) = (start.clone(), end.clone());
+                async move {
+                    kv.delete(start, Some(DeleteOptions::new().with_range(end)))
+                        .await
+                }
+            })
+            .await
+            .map_err(unavailable)?;
             Ok(())
         })
     }

@@ -163,6 +163,10 @@ pub enum StoreError {
     /// was changed, and nodes keep serving their cached keys.
     #[error("the state store is unavailable ({0}); nothing was changed, and nodes keep serving their cached keys; try again once it is back")]
     Unavailable(String),
+    /// A write was sent but not confirmed (a replicated store that lost
+    /// quorum meanwhile): it may still be applied once the store is back.
+    #[error("the state store did not confirm this change ({0}): it may still be applied once the store has quorum again, so check `kmsctl status` before repeating it; nodes keep serving their cached keys")]
+    Unconfirmed(String),
     /// This replica was removed (`kmsctl replica remove`): the store
     /// refuses its writes.
     #[error("this replica ({0}) was removed from the service; the store refuses its writes")]

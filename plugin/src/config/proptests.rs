@@ -22,6 +22,7 @@ fn key() -> impl Strategy<Value = &'static str> {
         "metrics_addr",
         "no_metrics",
         "sync_backoff_max",
+        "servers",
         "unknown",
     ])
 }

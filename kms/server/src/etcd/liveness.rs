@@ -17,7 +17,7 @@ use std::time::Duration;
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 
 use super::replicas::Alive;
-use super::EtcdStore;
+use super::{retrying, EtcdStore};
 
 pub const LEASE_TTL: i64 = 10;
 const TICK: Duration = Duration::from_secs(2);
@@ -97,8 +97,12 @@ impl EtcdStore {
 /// A linearizable read: answered only by a member in contact with a
 /// quorum.
 async fn probe(client: &Client, key: &[u8]) -> Result<(), String> {
-    let mut kv = client.kv_client();
-    match tokio::time::timeout(PROBE_TIMEOUT, kv.get(key.to_vec(), None)).await {
+    let kv = client.kv_client();
+    let read = retrying(true, || {
+        let mut kv = kv.clone();
+        async move { kv.get(key.to_vec(), None).await }
+    });
+    match tokio::time::timeout(PROBE_TIMEOUT, read).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(format!("etcd: no quorum or unreachable ({e})")),
         Err(_) => Err(format!(
@@ -134,7 +138,12 @@ async fn session(
     lead: &Leadership,
 ) -> Result<(), etcd_client::Error> {
     let mut leases = client.lease_client();
-    let lease = leases.grant(LEASE_TTL, None).await?.id();
+    let lease = retrying(true, || {
+        let mut leases = leases.clone();
+        async move { leases.grant(LEASE_TTL, None).await }
+    })
+    .await?
+    .id();
     let (mut keeper, mut renewals) = leases.keep_alive(lease).await?;
     let mut kv = client.kv_client();
     let result = async {
@@ -161,11 +170,17 @@ async fn session(
                 etcd_member: member_name.clone(),
             };
             let json = serde_json::to_vec(&alive).unwrap_or_default();
-            kv.put(
-                keys.alive.clone(),
-                json,
-                Some(PutOptions::new().with_lease(lease)),
-            )
+            retrying(true, || {
+                let (mut kv, json) = (kv.clone(), json.clone());
+                async move {
+                    kv.put(
+                        keys.alive.clone(),
+                        json,
+                        Some(PutOptions::new().with_lease(lease)),
+                    )
+                    .await
+                }
+            })
             .await?;
             // Leader if the key is ours (under this lease), or free and
             // now taken.
@@ -185,7 +200,12 @@ async fn session(
                             name.as_bytes().to_vec(),
                             Some(PutOptions::new().with_lease(lease)),
                         )]);
-                    kv.txn(txn).await?.succeeded()
+                    retrying(false, || {
+                        let (mut kv, txn) = (kv.clone(), txn.clone());
+                        async move { kv.txn(txn).await }
+                    })
+                    .await?
+                    .succeeded()
                 }
             };
             lead.set(leading);
