@@ -85,6 +85,15 @@ async fn a_rotation_started_on_one_replica_reaches_a_node_on_another() {
     serving(&node, "a/v2/").await;
     let c1 = promoted(&r, 1, "a", 2).await;
     assert_eq!(version_states(&c0), version_states(&c1));
+    // Both replicas see the node as connected (to replica 2) and on v2.
+    for i in 0..2 {
+        eventually(&format!("replica {i} to see n1 on v2"), || {
+            let c = cluster_of(&try_json(&r, i, &["status", "a"])?);
+            let n = c["nodes"][0].clone();
+            (n["connected"] == true && n["primary"] == 2 && n["behind"] == false).then_some(())
+        })
+        .await;
+    }
     assert_eq!(
         version_states(&c0),
         [(1, "decrypt-only".into()), (2, "primary".into())]

@@ -632,7 +632,7 @@ async fn run(nodes: usize, clusters: usize, tmp: &Path, keep: bool, store: Store
     })
     .await;
     while !server_agrees(&mut op, clusters, nodes, 1).await {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let enrol = start.elapsed();
 
@@ -669,7 +669,7 @@ async fn run(nodes: usize, clusters: usize, tmp: &Path, keep: bool, store: Store
     .await;
     let nodes_primary = start.elapsed();
     while !server_agrees(&mut op, clusters, nodes, 2).await {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(start.elapsed() < PHASE_TIMEOUT, "the server never agreed");
     }
     let server_agrees = start.elapsed();

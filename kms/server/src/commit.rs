@@ -337,7 +337,17 @@ impl Commit {
                         .clusters
                         .get(&changed.cluster)
                         .is_none_or(|(_, rev)| *rev < changed.revision);
-                    if stale {
+                    if !stale {
+                        continue;
+                    }
+                    if let Some(record) = changed.record {
+                        if record.name() == changed.cluster {
+                            lock(&self.view).put((*record).clone(), changed.revision);
+                            self.notify(&changed.cluster);
+                            continue;
+                        }
+                    }
+                    {
                         if let Err(e) = self.reload(&changed.cluster) {
                             tracing::warn!(cluster = %changed.cluster, error = %e, "cannot reload a cluster another writer changed");
                         }

@@ -9,9 +9,11 @@
 //! | `replica/<name>` | a [`ReplicaRecord`] (JSON); an active one's server key wrapped by the root key |
 //! | `alive/<name>` | an [`Alive`] (JSON), under the replica's lease |
 //! | `leader` | the name of the replica that runs the once-only jobs, under its lease |
+//! | `conn/<replica>/<cluster>/<node>` | a node's sync stream is open on that replica (for status on every replica) |
 //! | `cluster/<name>` | a [`Cluster`] record, JSON; its etcd mod revision is its [`Revision`] |
 //! | `kek/<cluster>/<version, 10 digits>` | a KEK version wrapped by the root key |
 //! | `audit/<seq, 20 digits>` | one audit record, JSON |
+//! | `meta/audit-last` | the last audit sequence number taken (every append is conditioned on it) |
 //!
 //! The root key is never in etcd: each replica keeps it sealed by its own
 //! sealer in its data dir ([`crate::init`]). Every value holding key
@@ -213,12 +215,15 @@ pub struct EtcdStore {
     prefix: String,
     bound: Mutex<Option<Bound>>,
     changes: broadcast::Sender<Changed>,
-    /// The last audit sequence number this process knows to be taken.
-    audit_last: Mutex<Option<u64>>,
+    /// Audit records waiting to be written, and the counter as last seen.
+    audit: AuditQueue,
     /// Flips to true when this replica's record stops being active.
     removed: watch::Sender<bool>,
     /// The last readiness probe's outcome.
     health: Arc<Mutex<Result<(), String>>>,
+    /// Streams opened and closed on this replica, written in order to
+    /// `conn/<replica>/<cluster>/<node>` by one task.
+    streams: Mutex<Option<tokio::sync::mpsc::UnboundedSender<(String, bool)>>>,
 }
 
 impl Drop for EtcdStore {
@@ -282,9 +287,10 @@ impl EtcdStore {
             prefix: cfg.prefix.clone(),
             bound: Mutex::new(None),
             changes: broadcast::channel(4096).0,
-            audit_last: Mutex::new(None),
+            audit: AuditQueue::default(),
             removed: watch::channel(false).0,
             health: Arc::new(Mutex::new(Err("not probed yet".into()))),
+            streams: Mutex::new(None),
         })
     }
 
@@ -727,9 +733,13 @@ impl EtcdStore {
     pub fn remove_replica(&self, name: &str) -> Result<(), ServerReplicaError> {
         let all = self.replica_records()?;
         let alive = TxnOp::delete(self.key(&format!("alive/{name}")), None);
+        let streams = TxnOp::delete(
+            self.key(&format!("conn/{name}/")),
+            Some(DeleteOptions::new().with_prefix()),
+        );
         self.change_replica(name, |cur| {
             let rec = cur.ok_or_else(|| ReplicaError::Unknown(name.to_owned()))?;
-            Ok((rec.removed(&all)?, vec![alive.clone()]))
+            Ok((rec.removed(&all)?, vec![alive.clone(), streams.clone()]))
         })?;
         Ok(())
     }
@@ -754,7 +764,76 @@ impl EtcdStore {
             revision,
         });
         self.watch_own_record(name.to_owned(), revision);
+        self.start_stream_registry(name)?;
         Ok(())
+    }
+
+    /// Streams this replica had open when it last stopped are gone; the
+    /// ones it opens from now on are written, in order, as they come.
+    fn start_stream_registry(&self, name: &str) -> Result<(), StoreError> {
+        let prefix = self.key(&format!("conn/{name}/"));
+        let kv = self.client.kv_client();
+        let p = prefix.clone();
+        self.run(async move {
+            let mut kv = kv;
+            kv.delete(p, Some(DeleteOptions::new().with_prefix()))
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        })?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, bool)>();
+        *lock(&self.streams) = Some(tx);
+        let kv = self.client.kv_client();
+        self.spawn(async move {
+            while let Some((who, open)) = rx.recv().await {
+                let mut key = prefix.clone();
+                key.extend_from_slice(who.as_bytes());
+                let done = retrying(true, || {
+                    let (mut kv, key) = (kv.clone(), key.clone());
+                    async move {
+                        if open {
+                            kv.put(key, Vec::new(), None).await.map(drop)
+                        } else {
+                            kv.delete(key, None).await.map(drop)
+                        }
+                    }
+                })
+                .await;
+                if let Err(e) = done {
+                    // Shown wrong in `kmsctl status` on other replicas
+                    // until the node reconnects; nothing else reads it.
+                    tracing::debug!(error = %e, stream = %who, "cannot record a node stream");
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Records that a node's stream opened (or closed) on this replica.
+    pub fn note_stream(&self, cluster: &str, node: &str, open: bool) {
+        if let Some(tx) = lock(&self.streams).as_ref() {
+            let _ = tx.send((format!("{cluster}/{node}"), open));
+        }
+    }
+
+    /// `(cluster, node)` of every stream open on a live replica.
+    pub fn open_streams(&self) -> Result<std::collections::HashSet<(String, String)>, StoreError> {
+        let alive: std::collections::HashSet<String> =
+            self.alive()?.into_iter().map(|(name, _)| name).collect();
+        let mut out = std::collections::HashSet::new();
+        self.scan_prefix("conn/", 0, |kv| {
+            let slot = String::from_utf8_lossy(self.slot_of(kv.key())).into_owned();
+            let mut parts = slot.trim_start_matches("conn/").splitn(3, '/');
+            if let (Some(replica), Some(cluster), Some(node)) =
+                (parts.next(), parts.next(), parts.next())
+            {
+                if alive.contains(replica) {
+                    out.insert((cluster.to_owned(), node.to_owned()));
+                }
+            }
+            Ok(true)
+        })?;
+        Ok(out)
     }
 
     pub fn replica_name(&self) -> Option<String> {
@@ -847,9 +926,18 @@ impl EtcdStore {
                                         EventType::Delete => kv.mod_revision().max(next - 1),
                                     };
                                     next = next.max(kv.mod_revision() + 1);
+                                    // A value that does not decode is read
+                                    // again (and refused) by the follower.
+                                    let record = match ev.event_type() {
+                                        EventType::Put => {
+                                            serde_json::from_slice(kv.value()).ok().map(Arc::new)
+                                        }
+                                        EventType::Delete => None,
+                                    };
                                     let _ = tx.send(Changed {
                                         cluster: name,
                                         revision: revision as Revision,
+                                        record,
                                     });
                                 }
                             }
@@ -873,6 +961,7 @@ impl EtcdStore {
                             let _ = tx.send(Changed {
                                 cluster: name,
                                 revision: kv.mod_revision() as Revision,
+                                record: None,
                             });
                         }
                         if let Some(h) = resp.header() {
@@ -990,6 +1079,78 @@ impl EtcdStore {
         Key256::from_slice(&plain)
             .map(Some)
             .ok_or_else(|| corrupt(&slot, "not a 256-bit key"))
+    }
+}
+
+/// [`StateStore::append_audit`]'s group commit.
+#[derive(Default)]
+struct AuditQueue {
+    state: Mutex<AuditState>,
+    written: std::sync::Condvar,
+    /// `(last sequence number, the counter's mod revision)` as this
+    /// process last wrote or read it.
+    counter: Mutex<Option<(u64, i64)>>,
+}
+
+#[derive(Default)]
+struct AuditState {
+    next_ticket: u64,
+    pending: Vec<(u64, Vec<u8>)>,
+    flushing: bool,
+    done: std::collections::HashMap<u64, Result<u64, String>>,
+}
+
+impl EtcdStore {
+    /// Writes `records` numbered on from the counter `meta/audit-last`, in
+    /// one transaction conditioned on the counter's revision (replicas
+    /// append to one log); returns the first one's sequence number.
+    fn commit_audit(&self, records: &[&[u8]]) -> Result<u64, StoreError> {
+        let counter_key = self.key("meta/audit-last");
+        let mut counter = lock(&self.audit.counter);
+        for _ in 0..32 {
+            let (last, rev) = match *counter {
+                Some(c) => c,
+                None => match self.get("meta/audit-last")? {
+                    Some(kv) => (
+                        std::str::from_utf8(kv.value())
+                            .ok()
+                            .and_then(|v| v.parse().ok())
+                            .ok_or_else(|| corrupt("meta/audit-last", "not a number"))?,
+                        kv.mod_revision(),
+                    ),
+                    // Before the first record (or after an import): the
+                    // newest record's number.
+                    None => (self.audit_last()?, 0),
+                },
+            };
+            let top = last + records.len() as u64;
+            let mut ops = vec![TxnOp::put(counter_key.clone(), top.to_string(), None)];
+            for (i, json) in records.iter().enumerate() {
+                ops.push(TxnOp::put(
+                    self.key(&audit_slot(last + 1 + i as u64)),
+                    json.to_vec(),
+                    None,
+                ));
+            }
+            let txn = Txn::new()
+                .when(vec![Compare::mod_revision(
+                    counter_key.clone(),
+                    CompareOp::Equal,
+                    rev,
+                )])
+                .and_then(ops);
+            let resp = self.txn(txn)?;
+            if resp.succeeded() {
+                let rev = resp.header().map_or(0, |h| h.revision());
+                *counter = Some((top, rev));
+                return Ok(last + 1);
+            }
+            // Another replica appended: read the counter again.
+            *counter = None;
+        }
+        Err(StoreError::Conflict {
+            cluster: "audit log".into(),
+        })
     }
 }
 
@@ -1139,7 +1300,11 @@ impl StateStore for EtcdStore {
         let revision = resp.header().map_or(0, |h| h.revision()) as Revision;
         let changed: Vec<Changed> = written
             .into_iter()
-            .map(|cluster| Changed { cluster, revision })
+            .map(|cluster| Changed {
+                cluster,
+                revision,
+                record: None,
+            })
             .collect();
         for c in &changed {
             let _ = self.changes.send(c.clone());
@@ -1151,32 +1316,40 @@ impl StateStore for EtcdStore {
         self.changes.subscribe()
     }
 
+    /// Group commit: records appended while a batch is being written go
+    /// together in the next one (one transaction, not one each).
     fn append_audit(&self, json: &[u8]) -> Result<u64, StoreError> {
-        let mut last = lock(&self.audit_last);
-        for _ in 0..32 {
-            let prev = match *last {
-                Some(n) => n,
-                None => self.audit_last()?,
-            };
-            let seq = prev + 1;
-            let key = self.key(&audit_slot(seq));
-            let txn = Txn::new()
-                .when(vec![Compare::create_revision(
-                    key.clone(),
-                    CompareOp::Equal,
-                    0,
-                )])
-                .and_then(vec![TxnOp::put(key, json.to_vec(), None)]);
-            if self.txn(txn)?.succeeded() {
-                *last = Some(seq);
-                return Ok(seq);
+        let q = &self.audit;
+        let mut state = lock(&q.state);
+        let ticket = state.next_ticket;
+        state.next_ticket += 1;
+        state.pending.push((ticket, json.to_vec()));
+        if !state.flushing {
+            state.flushing = true;
+            while !state.pending.is_empty() {
+                let take = state.pending.len().min(MAX_TXN_OPS - 1);
+                let batch: Vec<(u64, Vec<u8>)> = state.pending.drain(..take).collect();
+                drop(state);
+                let records: Vec<&[u8]> = batch.iter().map(|(_, j)| j.as_slice()).collect();
+                let result = self.commit_audit(&records);
+                state = lock(&q.state);
+                for (i, (t, _)) in batch.iter().enumerate() {
+                    let outcome = match &result {
+                        Ok(first) => Ok(first + i as u64),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    state.done.insert(*t, outcome);
+                }
+                q.written.notify_all();
             }
-            // Another replica took it: read the newest again.
-            *last = None;
+            state.flushing = false;
         }
-        Err(StoreError::Conflict {
-            cluster: "audit log".into(),
-        })
+        loop {
+            if let Some(outcome) = state.done.remove(&ticket) {
+                return outcome.map_err(StoreError::Backend);
+            }
+            state = q.written.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
     }
 
     fn audit_scan(&self, from: u64, visit: AuditVisitor<'_>) -> Result<(), StoreError> {
@@ -1448,6 +1621,7 @@ mod tests {
         two.start_following().unwrap();
         let mut changes = two.watch();
         let c = Cluster::new("a", "a/v1/x".into(), 1);
+        let c2 = c.clone();
         let batch = Batch {
             expect: vec![("a".into(), 0)],
             ops: vec![Op::PutCluster(c)],
@@ -1457,12 +1631,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(
-            seen,
-            Changed {
-                cluster: "a".into(),
-                revision: rev
-            }
-        );
+        assert_eq!((seen.cluster.as_str(), seen.revision), ("a", rev));
+        assert_eq!(seen.record.as_deref(), Some(&c2));
     }
 }

@@ -134,6 +134,9 @@ impl Central {
         self.streams
             .lock()
             .insert((cluster.to_owned(), node.to_owned()), id);
+        if let Some(store) = &self.replication {
+            store.note_stream(cluster, node, true);
+        }
         id
     }
 
@@ -144,6 +147,9 @@ impl Central {
         let key = (cluster.to_owned(), node.to_owned());
         if open.get(&key) == Some(&id) {
             open.remove(&key);
+            if let Some(store) = &self.replication {
+                store.note_stream(cluster, node, false);
+            }
         }
         drop(open);
         self.commit.absorb(cluster, |c| c.touch(node, now_unix()));
@@ -162,10 +168,19 @@ impl Central {
     ) -> Result<(), ServerError> {
         let parsed = edgekms_proto::convert::report(cluster, report)
             .map_err(|e| ServerError::InvalidArgument(e.to_string()))?;
+        // Replicated, progress that moved is committed: the other
+        // replicas' views (their status, `rotate --wait`) see it only
+        // through the store. A report that moved nothing is absorbed.
+        let shared = self.replication.is_some();
         let absorbed = report.returned.is_empty()
             && self
                 .commit
-                .absorb(cluster, |c| c.note_progress(node, &parsed, now_unix()))
+                .absorb(cluster, |c| {
+                    let moved = c.nodes().get(node).is_some_and(|n| {
+                        (n.applied_seq, n.primary) != (parsed.applied_seq, parsed.primary)
+                    });
+                    !(shared && moved) && c.note_progress(node, &parsed, now_unix())
+                })
                 .ok_or_else(|| FleetError::UnknownCluster(cluster.to_owned()))?;
         if absorbed {
             return Ok(());

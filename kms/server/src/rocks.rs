@@ -566,7 +566,11 @@ impl StateStore for Store {
                 revisions.last += 1;
                 let revision = revisions.last;
                 revisions.of.insert(cluster.clone(), revision);
-                Changed { cluster, revision }
+                Changed {
+                    cluster,
+                    revision,
+                    record: None,
+                }
             })
             .collect();
         drop(revisions);

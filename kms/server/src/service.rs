@@ -91,7 +91,7 @@ impl Operator for OperatorService {
             0 => DEFAULT_TOKEN_TTL,
             s => std::time::Duration::from_secs(s),
         };
-        let inv = self.core.add_node(&actor, &r.cluster, &r.node, ttl)?;
+        let inv = blocking(|| self.core.add_node(&actor, &r.cluster, &r.node, ttl))?;
         Ok(Response::new(pb::AddNodeResponse {
             token: inv.token,
             expires_unix: inv.expires_unix,
@@ -106,7 +106,7 @@ impl Operator for OperatorService {
     ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
         let actor = self.operator(&req, "node remove")?;
         let r = req.into_inner();
-        self.core.remove_node(&actor, &r.cluster, &r.node)?;
+        blocking(|| self.core.remove_node(&actor, &r.cluster, &r.node))?;
         Ok(Response::new(pb::RemoveNodeResponse {}))
     }
 
@@ -116,7 +116,7 @@ impl Operator for OperatorService {
     ) -> Result<Response<pb::RotateResponse>, Status> {
         let actor = self.operator(&req, "rotate")?;
         let r = req.into_inner();
-        let r = self.core.rotate(&actor, &r.cluster)?;
+        let r = blocking(|| self.core.rotate(&actor, &r.cluster))?;
         Ok(Response::new(pb::RotateResponse {
             version: r.version,
             key_id: r.key_id,
@@ -131,7 +131,7 @@ impl Operator for OperatorService {
     ) -> Result<Response<pb::ForcePromoteResponse>, Status> {
         let actor = self.operator(&req, "rotate --force")?;
         let r = req.into_inner();
-        let stale_nodes = self.core.force_promote(&actor, &r.cluster, r.version)?;
+        let stale_nodes = blocking(|| self.core.force_promote(&actor, &r.cluster, r.version))?;
         Ok(Response::new(pb::ForcePromoteResponse { stale_nodes }))
     }
 
@@ -141,13 +141,15 @@ impl Operator for OperatorService {
     ) -> Result<Response<pb::RetireResponse>, Status> {
         let actor = self.operator(&req, "retire")?;
         let r = req.into_inner();
-        let retired = self.core.retire(
-            &actor,
-            &r.cluster,
-            r.version,
-            r.grace_seconds,
-            r.skip_census,
-        )?;
+        let retired = blocking(|| {
+            self.core.retire(
+                &actor,
+                &r.cluster,
+                r.version,
+                r.grace_seconds,
+                r.skip_census,
+            )
+        })?;
         Ok(Response::new(pb::RetireResponse {
             destroyed: retired.destroyed,
             waiting_for: retired.waiting_for,
@@ -171,7 +173,7 @@ impl Operator for OperatorService {
             0 => DEFAULT_TOKEN_TTL,
             s => std::time::Duration::from_secs(s),
         };
-        let inv = self.core.add_replica(&actor, &r.name, ttl)?;
+        let inv = blocking(|| self.core.add_replica(&actor, &r.name, ttl))?;
         Ok(Response::new(pb::AddReplicaResponse {
             token: inv.token,
             expires_unix: inv.expires_unix,
@@ -185,7 +187,7 @@ impl Operator for OperatorService {
         req: Request<pb::RemoveReplicaRequest>,
     ) -> Result<Response<pb::RemoveReplicaResponse>, Status> {
         let actor = self.operator(&req, "replica remove")?;
-        self.core.remove_replica(&actor, &req.get_ref().name)?;
+        blocking(|| self.core.remove_replica(&actor, &req.get_ref().name))?;
         Ok(Response::new(pb::RemoveReplicaResponse {}))
     }
 
@@ -195,7 +197,7 @@ impl Operator for OperatorService {
     ) -> Result<Response<pb::RestoreVersionResponse>, Status> {
         let actor = self.operator(&req, "restore-version")?;
         let r = req.into_inner();
-        self.core.restore_version(&actor, &r.cluster, r.version)?;
+        blocking(|| self.core.restore_version(&actor, &r.cluster, r.version))?;
         Ok(Response::new(pb::RestoreVersionResponse {}))
     }
 
@@ -204,7 +206,9 @@ impl Operator for OperatorService {
         req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         self.operator(&req, "status")?;
-        Ok(Response::new(self.core.status(&req.get_ref().cluster)?))
+        Ok(Response::new(blocking(|| {
+            self.core.status(&req.get_ref().cluster)
+        })?))
     }
 
     type AuditStream = AuditPages;
@@ -241,7 +245,7 @@ impl Operator for OperatorService {
                 "the backup key must be 32 bytes".into(),
             ))
         })?;
-        let (blob, s) = self.core.backup(&actor, &key, !r.skip_audit)?;
+        let (blob, s) = blocking(|| self.core.backup(&actor, &key, !r.skip_audit))?;
         Ok(Response::new(pb::BackupResponse {
             blob: blob.into(),
             clusters: s.clusters,
@@ -283,7 +287,7 @@ impl Operator for OperatorService {
     ) -> Result<Response<pb::EndReconcileResponse>, Status> {
         let actor = self.operator(&req, "reconcile")?;
         let r = req.into_inner();
-        self.core.end_reconcile(&actor, &r.cluster, &r.without)?;
+        blocking(|| self.core.end_reconcile(&actor, &r.cluster, &r.without))?;
         Ok(Response::new(pb::EndReconcileResponse {}))
     }
 }
@@ -306,7 +310,7 @@ impl Fleet for FleetService {
         let addr = peer(&req)
             .map(|p| p.addr)
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let (cert, ca) = self.core.join(addr, req.get_ref())?;
+        let (cert, ca) = blocking(|| self.core.join(addr, req.get_ref()))?;
         Ok(Response::new(pb::JoinResponse {
             certificate_der: cert.into(),
             ca_der: ca.into(),

@@ -58,6 +58,9 @@ pub struct Batch {
 pub struct Changed {
     pub cluster: String,
     pub revision: Revision,
+    /// The record as of `revision`, when the store has it at hand (an
+    /// etcd watch event carries it): a follower need not read it again.
+    pub record: Option<std::sync::Arc<Cluster>>,
 }
 
 /// The service's TLS identity: CA and server certificates and keys.

@@ -14,12 +14,19 @@ use crate::Central;
 impl Central {
     /// `kmsctl status`: every cluster, or the one named.
     pub fn status(&self, only: &str) -> Result<pb::StatusResponse, ServerError> {
+        // Replicated: nodes with a stream open to any live replica.
+        let elsewhere = match &self.replication {
+            Some(store) => store.open_streams()?,
+            None => Default::default(),
+        };
         let clusters = if only.is_empty() {
             self.commit
-                .read_all(|all| all.map(|c| self.cluster_status(c)).collect())
+                .read_all(|all| all.map(|c| self.cluster_status(c, &elsewhere)).collect())
         } else {
             keyid::validate_name(only)?;
-            vec![self.commit.read(only, |c| self.cluster_status(c))?]
+            vec![self
+                .commit
+                .read(only, |c| self.cluster_status(c, &elsewhere))?]
         };
         Ok(pb::StatusResponse {
             clusters,
@@ -38,7 +45,11 @@ impl Central {
         })
     }
 
-    fn cluster_status(&self, c: &Cluster) -> pb::ClusterStatus {
+    fn cluster_status(
+        &self,
+        c: &Cluster,
+        elsewhere: &std::collections::HashSet<(String, String)>,
+    ) -> pb::ClusterStatus {
         pb::ClusterStatus {
             name: c.name().to_owned(),
             seq: c.seq(),
@@ -63,7 +74,8 @@ impl Central {
                 .map(|(name, n)| pb::NodeStatus {
                     name: name.clone(),
                     state: n.state.as_str().into(),
-                    connected: self.streams.is_open(c.name(), name),
+                    connected: self.streams.is_open(c.name(), name)
+                        || elsewhere.contains(&(c.name().to_owned(), name.clone())),
                     last_contact_unix: n.last_contact_unix,
                     held: n.held.iter().copied().collect(),
                     primary: n.primary,
