@@ -776,6 +776,8 @@ const METRICS: &[&str] = &[
     "edgekms_store_repairs_total",
     "edgekms_server_clusters_reconciling",
     "edgekms_server_key_clashes",
+    "edgekms_server_store_up",
+    "edgekms_server_leader",
     "edgekms_decrypt_disabled_total",
 ];
 

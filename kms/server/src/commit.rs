@@ -50,14 +50,16 @@ struct View {
 }
 
 impl View {
-    /// Keeps `cluster` at `revision` unless the view already holds a newer
-    /// revision (a reload and a change of this process may race).
+    /// Keeps `cluster` at `revision` unless the view already holds that
+    /// revision or a newer one: a reload racing a change of this process
+    /// must neither go back nor drop progress absorbed on top of the same
+    /// stored record (the node that reported it would not report again).
     fn put(&mut self, cluster: Cluster, revision: Revision) {
         let name = cluster.name().to_owned();
         if self
             .clusters
             .get(&name)
-            .is_some_and(|(_, seen)| *seen > revision)
+            .is_some_and(|(_, seen)| *seen >= revision)
         {
             return;
         }
@@ -429,6 +431,24 @@ mod tests {
             .read("a", |c| c.versions()[&2].key_id.clone())
             .unwrap();
         assert_eq!(key_id, "a/v2/other");
+    }
+
+    /// A reload of the revision the view already holds (the store's watch
+    /// reporting this process's own write, racing its publication) keeps
+    /// what was absorbed on top of it: dropping it left nodes looking
+    /// behind forever at fleet scale.
+    #[test]
+    fn a_reload_of_the_same_revision_keeps_absorbed_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, commit) = commit(dir.path());
+        let before = seq(&commit);
+        // Stands in for absorbed progress: any change to the view's copy.
+        commit
+            .absorb("a", |c| c.rotate("a/v2/absorbed".into(), 2))
+            .unwrap()
+            .unwrap();
+        commit.reload("a").unwrap();
+        assert!(seq(&commit) > before, "the absorbed change was dropped");
     }
 
     #[test]

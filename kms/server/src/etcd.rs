@@ -708,6 +708,19 @@ impl EtcdStore {
         Ok(())
     }
 
+    /// Checks a replica join token without changing anything (before any
+    /// work is done for an unauthenticated caller).
+    pub fn check_replica_token(
+        &self,
+        name: &str,
+        secret_sha256: &str,
+        now: u64,
+    ) -> Result<(), ServerReplicaError> {
+        let (rec, _) = self.replica(name)?.ok_or(ReplicaError::BadToken)?;
+        rec.check_token(secret_sha256, now)?;
+        Ok(())
+    }
+
     /// Admits replica `name` if `secret_sha256` matches its invitation,
     /// with its server certificate and key.
     pub fn admit_replica(

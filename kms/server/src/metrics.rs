@@ -26,6 +26,8 @@ const REQUESTS: &str = "edgekms_server_requests_total";
 const REPAIRS: &str = "edgekms_store_repairs_total";
 const RECONCILING: &str = "edgekms_server_clusters_reconciling";
 const CLASHES: &str = "edgekms_server_key_clashes";
+const STORE_UP: &str = "edgekms_server_store_up";
+const LEADER: &str = "edgekms_server_leader";
 
 /// The `record` label values of `edgekms_store_repairs_total`: a record
 /// kind, or `store` for a RocksDB rebuilt from the copies.
@@ -33,7 +35,7 @@ pub const REPAIR_KINDS: [&str; 5] = ["root", "identity", "cluster", "kek", "stor
 
 /// The gRPC methods, as the `method` label spells them. Anything else (an
 /// unknown path) counts as `other`, so no caller can mint new series.
-pub const METHODS: [&str; 12] = [
+pub const METHODS: [&str; 15] = [
     "Join",
     "Sync",
     "AddNode",
@@ -46,6 +48,9 @@ pub const METHODS: [&str; 12] = [
     "Backup",
     "WatchRotation",
     "EndReconcile",
+    "JoinReplica",
+    "AddReplica",
+    "RemoveReplica",
 ];
 
 /// The `method` label of a gRPC request path.
@@ -71,6 +76,8 @@ pub struct Metrics {
     oldest_unacked: IntGauge,
     reconciling: IntGauge,
     clashes: IntGauge,
+    store_up: IntGauge,
+    leader: IntGauge,
     requests: IntCounterVec,
     repairs: IntCounterVec,
 }
@@ -101,6 +108,14 @@ impl Metrics {
             CLASHES,
             "Versions a node holds under another key_id than the service's (two keys under one version number; never counted as held). Any non-zero value needs an operator: see kmsctl status.",
         )?;
+        let store_up = IntGauge::new(
+            STORE_UP,
+            "1 while the state store answers (on etcd: a linearizable read, which needs quorum), 0 while writes would fail; /readyz says why. Nodes keep serving either way.",
+        )?;
+        let leader = IntGauge::new(
+            LEADER,
+            "1 on the replica that runs the once-only jobs (automatic rotation, audit retention, scheduled destruction); always 1 on RocksDB. Summed over replicas: 1, or 0 for at most the lease TTL.",
+        )?;
         let requests = IntCounterVec::new(
             Opts::new(
                 REQUESTS,
@@ -121,6 +136,8 @@ impl Metrics {
         registry.register(Box::new(oldest_unacked.clone()))?;
         registry.register(Box::new(reconciling.clone()))?;
         registry.register(Box::new(clashes.clone()))?;
+        registry.register(Box::new(store_up.clone()))?;
+        registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(repairs.clone()))?;
         for kind in REPAIR_KINDS {
@@ -137,6 +154,8 @@ impl Metrics {
             oldest_unacked,
             reconciling,
             clashes,
+            store_up,
+            leader,
             requests,
             repairs,
         })
@@ -160,7 +179,15 @@ impl Metrics {
     /// The text exposition; the gauges are read from `core` now, and left
     /// out while it is `None` (still starting).
     pub fn render(&self, core: Option<&Central>) -> String {
-        let gauges = [NODES, PENDING, OLDEST_UNACKED, RECONCILING, CLASHES];
+        let gauges = [
+            NODES,
+            PENDING,
+            OLDEST_UNACKED,
+            RECONCILING,
+            CLASHES,
+            STORE_UP,
+            LEADER,
+        ];
         if let Some(core) = core {
             let g = core.gauges();
             for (state, n) in g.nodes {
@@ -170,6 +197,8 @@ impl Metrics {
             self.oldest_unacked.set(to_i64(g.oldest_unacked));
             self.reconciling.set(to_i64(g.reconciling));
             self.clashes.set(to_i64(g.clashes));
+            self.store_up.set(i64::from(core.store_health().is_ok()));
+            self.leader.set(i64::from(core.leads()));
         }
         let mut families = self.registry.gather();
         if core.is_none() {

@@ -200,6 +200,8 @@ impl Central {
                 names.push(n.clone());
             }
         }
+        // The token first: a forged one costs a read, not a key pair.
+        store.check_replica_token(name, &token_hash(secret), now_unix())?;
         let server = self.ca.issue_server(&names)?;
         let root = self.commit.root();
         store.admit_replica(
