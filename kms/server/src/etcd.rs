@@ -518,34 +518,32 @@ impl EtcdStore {
     /// Writes what `init` made: the CA and the first replica's server
     /// identity, private keys wrapped by `root`. Refuses a prefix that
     /// holds anything.
-    #[allow(clippy::too_many_arguments)]
     pub fn put_init(
         &self,
         root: &Key256,
-        ca_cert: &[u8],
-        ca_key: &PrivateKey,
+        identity: &Identity,
         replica: &str,
-        server_cert: &[u8],
-        server_key: &PrivateKey,
         now: u64,
     ) -> Result<(), StoreError> {
         self.refuse_unless_empty()?;
-        self.finish_init(root, ca_cert, ca_key, replica, server_cert, server_key, now)
+        self.finish_init(root, identity, replica, now)
     }
 
     /// The last transaction of `init` and `migrate-store`: identity and
     /// `meta/format` together, only if no other init got there first.
-    #[allow(clippy::too_many_arguments)]
     fn finish_init(
         &self,
         root: &Key256,
-        ca_cert: &[u8],
-        ca_key: &PrivateKey,
+        identity: &Identity,
         replica: &str,
-        server_cert: &[u8],
-        server_key: &PrivateKey,
         now: u64,
     ) -> Result<(), StoreError> {
+        let Identity {
+            ca_cert,
+            ca_key,
+            server_cert,
+            server_key,
+        } = identity;
         let ops = vec![
             TxnOp::put(self.key("meta/ca-cert"), ca_cert.to_vec(), None),
             TxnOp::put(
@@ -604,16 +602,7 @@ impl EtcdStore {
         for chunk in ops.chunks(MAX_TXN_OPS) {
             self.txn(Txn::new().and_then(chunk.to_vec()))?;
         }
-        let id = &snap.identity;
-        self.finish_init(
-            root,
-            &id.ca_cert,
-            &id.ca_key,
-            replica,
-            &id.server_cert,
-            &id.server_key,
-            now,
-        )
+        self.finish_init(root, &snap.identity, replica, now)
     }
 
     /// Every replica's record, in name order.
@@ -1476,6 +1465,15 @@ mod tests {
         }
     }
 
+    fn identity(ca: edgekms_daemon::pki::Issued, server: edgekms_daemon::pki::Issued) -> Identity {
+        Identity {
+            ca_cert: ca.cert_der,
+            ca_key: ca.key,
+            server_cert: server.cert_der,
+            server_key: server.key,
+        }
+    }
+
     /// A store under `prefix` initialized for replica "r1".
     fn initialized(etcd: &Etcd, prefix: &str) -> (EtcdStore, Key256) {
         let store = EtcdStore::connect(&config(etcd.endpoint.clone(), prefix)).unwrap();
@@ -1484,15 +1482,7 @@ mod tests {
         let loaded = edgekms_daemon::pki::Ca::load(&ca.cert_der, &ca.key).unwrap();
         let server = loaded.issue_server(&["localhost".into()]).unwrap();
         store
-            .put_init(
-                &root,
-                &ca.cert_der,
-                &ca.key,
-                "r1",
-                &server.cert_der,
-                &server.key,
-                1,
-            )
+            .put_init(&root, &identity(ca, server), "r1", 1)
             .unwrap();
         store.bind("r1").unwrap();
         (store, root)
@@ -1610,15 +1600,7 @@ mod tests {
         let loaded = edgekms_daemon::pki::Ca::load(&ca.cert_der, &ca.key).unwrap();
         let server = loaded.issue_server(&["localhost".into()]).unwrap();
         store
-            .put_init(
-                &Key256::generate(),
-                &ca.cert_der,
-                &ca.key,
-                "r1",
-                &server.cert_der,
-                &server.key,
-                1,
-            )
+            .put_init(&Key256::generate(), &identity(ca, server), "r1", 1)
             .unwrap_err()
             .to_string()
     }

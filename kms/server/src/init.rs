@@ -20,7 +20,7 @@ use edgekms_hsm::{Key256, SealError, Sealer, SealerConfig, SoftKeyFile};
 
 use crate::error::ServerError;
 use crate::rocks::{self, Probe, Store};
-use crate::state_store::StoreError;
+use crate::state_store::{Identity, StoreError};
 use crate::Central;
 use edgekms_daemon::pki;
 
@@ -133,20 +133,7 @@ pub fn init(
 
     // The marker, before any key reaches the disk.
     let store = Store::create(data_dir)?;
-    private_dir(&operator_dir)?;
-    let ca_pem = pki::cert_pem(&ca_issued.cert_der);
-    write_file(&operator_dir.join("ca.pem"), ca_pem.as_bytes(), 0o644)?;
-    write_file(
-        &operator_dir.join("cert.pem"),
-        pki::cert_pem(&operator.cert_der).as_bytes(),
-        0o644,
-    )?;
-    write_file(
-        &operator_dir.join("key.pem"),
-        operator.key.pem()?.as_bytes(),
-        0o600,
-    )?;
-    write_file(&data_dir.join("ca.pem"), ca_pem.as_bytes(), 0o644)?;
+    write_operator(data_dir, &operator_dir, &ca_issued.cert_der, &operator)?;
     // Last: until this lands, the data dir counts as not initialized.
     store.put_init(
         &sealed,
@@ -325,16 +312,14 @@ pub fn init_etcd(
             etcd_prefix: store.prefix().to_owned(),
         },
     )?;
-    store.put_init(
-        &root,
-        &ca_issued.cert_der,
-        &ca_issued.key,
-        replica,
-        &server.cert_der,
-        &server.key,
-        crate::now_unix(),
-    )?;
-    write_operator(data_dir, &operator_dir, &ca_issued.cert_der, &operator)?;
+    let identity = Identity {
+        ca_cert: ca_issued.cert_der.clone(),
+        ca_key: ca_issued.key,
+        server_cert: server.cert_der,
+        server_key: server.key,
+    };
+    store.put_init(&root, &identity, replica, crate::now_unix())?;
+    write_operator(data_dir, &operator_dir, &identity.ca_cert, &operator)?;
     Ok(Initialized {
         operator_dir,
         ca_hash: ca.pin()?,
