@@ -347,6 +347,8 @@ async fn a_replica_joins_with_a_token_and_a_removed_one_can_no_longer_serve() {
 
     // Removed: it stops at once, erases its sealed root key, and cannot
     // start again; the others carry on.
+    let sealed = r.replicas[i].data_dir.join("replica").join("root");
+    assert!(sealed.exists(), "the sealed root key is in {sealed:?}");
     let out = r.kmsctl(0, &["replica", "remove", "r3"]);
     assert!(out.status.success(), "{}", text(&out));
     let status = r.replicas[i].exited_within(Duration::from_secs(15));

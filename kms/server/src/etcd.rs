@@ -1300,18 +1300,16 @@ impl StateStore for EtcdStore {
             return Err(StoreError::Conflict { cluster });
         }
         let revision = resp.header().map_or(0, |h| h.revision()) as Revision;
-        let changed: Vec<Changed> = written
+        // Watchers hear of it from etcd's watch, record included, as they
+        // hear of every other replica's changes.
+        Ok(written
             .into_iter()
             .map(|cluster| Changed {
                 cluster,
                 revision,
                 record: None,
             })
-            .collect();
-        for c in &changed {
-            let _ = self.changes.send(c.clone());
-        }
-        Ok(changed)
+            .collect())
     }
 
     fn watch(&self) -> broadcast::Receiver<Changed> {
@@ -1485,6 +1483,7 @@ mod tests {
             .put_init(&root, &identity(ca, server), "r1", 1)
             .unwrap();
         store.bind("r1").unwrap();
+        store.start_following().unwrap();
         (store, root)
     }
 

@@ -261,8 +261,12 @@ pub fn erase_replica_root(data_dir: &Path) -> Result<(), ServerError> {
     // Overwritten before removal: the sealed blob is useless without this
     // host's TPM, but nothing of it need stay on the disk.
     let path = files.path(ROOT_RECORD);
-    if let Ok(len) = std::fs::metadata(&path).map(|m| m.len()) {
-        let _ = std::fs::write(&path, vec![0u8; len as usize]);
+    if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open(&path) {
+        // In place (no truncation, which would free the blocks unwritten).
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f
+            .write_all(&vec![0u8; len as usize])
+            .and_then(|()| f.sync_all());
     }
     files.remove(ROOT_RECORD).map_err(StoreError::from)?;
     Ok(())
