@@ -330,24 +330,45 @@ impl EtcdStore {
         key.strip_prefix(self.prefix.as_bytes()).unwrap_or(key)
     }
 
+    /// One read (retried off a dead member), waited for.
+    fn kv_get(
+        &self,
+        key: Vec<u8>,
+        opts: GetOptions,
+    ) -> Result<etcd_client::GetResponse, StoreError> {
+        let kv = self.client.kv_client();
+        self.run(async move {
+            retrying(true, || {
+                let (mut kv, key, opts) = (kv.clone(), key.clone(), opts.clone());
+                async move { kv.get(key, Some(opts)).await }
+            })
+            .await
+            .map_err(unavailable)
+        })
+    }
+
+    /// One delete (retried: deleting twice is deleting once), waited for.
+    fn kv_delete(&self, key: Vec<u8>, opts: DeleteOptions) -> Result<(), StoreError> {
+        let kv = self.client.kv_client();
+        self.run(async move {
+            retrying(true, || {
+                let (mut kv, key, opts) = (kv.clone(), key.clone(), opts.clone());
+                async move { kv.delete(key, Some(opts)).await }
+            })
+            .await
+            .map_err(unavailable)?;
+            Ok(())
+        })
+    }
+
     fn get(&self, slot: &str) -> Result<Option<KeyValue>, StoreError> {
         self.get_at(slot, 0)
     }
 
     fn get_at(&self, slot: &str, revision: i64) -> Result<Option<KeyValue>, StoreError> {
-        let kv = self.client.kv_client();
-        let key = self.key(slot);
-        self.run(async move {
-            let opts = GetOptions::new().with_revision(revision);
-            let mut resp = retrying(true, || {
-                let mut kv = kv.clone();
-                let (key, opts) = (key.clone(), opts.clone());
-                async move { kv.get(key, Some(opts)).await }
-            })
-            .await
-            .map_err(unavailable)?;
-            Ok(resp.take_kvs().into_iter().next())
-        })
+        let opts = GetOptions::new().with_revision(revision);
+        let mut resp = self.kv_get(self.key(slot), opts)?;
+        Ok(resp.take_kvs().into_iter().next())
     }
 
     /// Pages through `[start, end)` at `revision` (0: now), oldest key
@@ -363,27 +384,17 @@ impl EtcdStore {
         let (mut lo, mut hi) = (start, end);
         let mut at = revision;
         loop {
-            let kv = self.client.kv_client();
-            let (l, h) = (lo.clone(), hi.clone());
-            let (kvs, more, rev) = self.run(async move {
-                let mut opts = GetOptions::new()
-                    .with_range(h)
-                    .with_limit(PAGE)
-                    .with_revision(at);
-                if back {
-                    opts = opts.with_sort(SortTarget::Key, SortOrder::Descend);
-                }
-                let mut resp = retrying(true, || {
-                    let mut kv = kv.clone();
-                    let (l, opts) = (l.clone(), opts.clone());
-                    async move { kv.get(l, Some(opts)).await }
-                })
-                .await
-                .map_err(unavailable)?;
-                let rev = resp.header().map_or(0, |h| h.revision());
-                let more = resp.more();
-                Ok((resp.take_kvs(), more, rev))
-            })?;
+            let mut opts = GetOptions::new()
+                .with_range(hi.clone())
+                .with_limit(PAGE)
+                .with_revision(at);
+            if back {
+                opts = opts.with_sort(SortTarget::Key, SortOrder::Descend);
+            }
+            let mut resp = self.kv_get(lo.clone(), opts)?;
+            let rev = resp.header().map_or(0, |h| h.revision());
+            let more = resp.more();
+            let kvs = resp.take_kvs();
             if at == 0 {
                 at = rev;
             }
@@ -774,15 +785,7 @@ impl EtcdStore {
     /// ones it opens from now on are written, in order, as they come.
     fn start_stream_registry(&self, name: &str) -> Result<(), StoreError> {
         let prefix = self.key(&format!("conn/{name}/"));
-        let kv = self.client.kv_client();
-        let p = prefix.clone();
-        self.run(async move {
-            let mut kv = kv;
-            kv.delete(p, Some(DeleteOptions::new().with_prefix()))
-                .await
-                .map_err(unavailable)?;
-            Ok(())
-        })?;
+        self.kv_delete(prefix.clone(), DeleteOptions::new().with_prefix())?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, bool)>();
         *lock(&self.streams) = Some(tx);
         let kv = self.client.kv_client();
@@ -819,9 +822,12 @@ impl EtcdStore {
     }
 
     /// `(cluster, node)` of every stream open on a live replica.
-    pub fn open_streams(&self) -> Result<std::collections::HashSet<(String, String)>, StoreError> {
-        let alive: std::collections::HashSet<String> =
-            self.alive()?.into_iter().map(|(name, _)| name).collect();
+    pub fn open_streams(
+        &self,
+        alive: &[(String, Alive)],
+    ) -> Result<std::collections::HashSet<(String, String)>, StoreError> {
+        let alive: std::collections::HashSet<&str> =
+            alive.iter().map(|(name, _)| name.as_str()).collect();
         let mut out = std::collections::HashSet::new();
         self.scan_prefix("conn/", 0, |kv| {
             let slot = String::from_utf8_lossy(self.slot_of(kv.key())).into_owned();
@@ -977,13 +983,8 @@ impl EtcdStore {
 
     /// Starts following cluster changes made by other replicas.
     pub fn start_following(&self) -> Result<(), StoreError> {
-        let mut kv = self.client.kv_client();
-        let key = self.key("meta/format");
-        let now = self.run(async move {
-            let resp = kv.get(key, None).await.map_err(unavailable)?;
-            Ok(resp.header().map_or(0, |h| h.revision()))
-        })?;
-        self.follow_clusters(now);
+        let resp = self.kv_get(self.key("meta/format"), GetOptions::new())?;
+        self.follow_clusters(resp.header().map_or(0, |h| h.revision()));
         Ok(())
     }
 
@@ -1043,20 +1044,6 @@ impl EtcdStore {
             server_cert: cert,
             server_key: PrivateKey::from_der(key.to_vec()),
         })
-    }
-
-    /// The CA alone (a joining replica is issued a certificate by it).
-    pub fn ca(&self, root: &Key256) -> Result<(Vec<u8>, PrivateKey), StoreError> {
-        let cert = self
-            .get("meta/ca-cert")?
-            .ok_or_else(|| corrupt("meta/ca-cert", "missing"))?
-            .value()
-            .to_vec();
-        let wrapped = self
-            .get("meta/ca-key")?
-            .ok_or_else(|| corrupt("meta/ca-key", "missing"))?;
-        let key = Self::unwrap(root, "meta/ca-key", "", wrapped.value())?;
-        Ok((cert, PrivateKey::from_der(key.to_vec())))
     }
 
     fn decode_cluster(&self, kv: &KeyValue) -> Result<(Cluster, Revision), StoreError> {
@@ -1390,23 +1377,8 @@ impl StateStore for EtcdStore {
     }
 
     fn delete_audit_below(&self, below: u64) -> Result<(), StoreError> {
-        let start = self.key("audit/");
         let end = self.key(&audit_slot(below));
-        let kv = self.client.kv_client();
-        self.run(async move {
-            // Deleting a range twice is deleting it once.
-            retrying(true, || {
-                let mut kv = kv.clone();
-                let (start, end) = (start.clone(), end.clone());
-                async move {
-                    kv.delete(start, Some(DeleteOptions::new().with_range(end)))
-                        .await
-                }
-            })
-            .await
-            .map_err(unavailable)?;
-            Ok(())
-        })
+        self.kv_delete(self.key("audit/"), DeleteOptions::new().with_range(end))
     }
 
     fn snapshot(&self, root: &Key256, with_audit: bool) -> Result<Snapshot, StoreError> {

@@ -20,7 +20,7 @@ use edgekms_proto::fleet as pb;
 
 use crate::audit::AuditRecord;
 use crate::error::ServerError;
-use crate::etcd::replicas::{ReplicaError, ReplicaState};
+use crate::etcd::replicas::{Alive, ReplicaError, ReplicaState};
 use crate::etcd::{EtcdStore, ServerReplicaError};
 use crate::{now_unix, Central};
 
@@ -223,12 +223,14 @@ impl Central {
         })
     }
 
-    /// Every replica with its heartbeat (empty on RocksDB).
-    pub fn replica_status(&self) -> Result<Vec<pb::ReplicaStatus>, ServerError> {
+    /// Every replica with its heartbeat among `alive` (empty on RocksDB).
+    pub fn replica_status(
+        &self,
+        alive: &[(String, Alive)],
+    ) -> Result<Vec<pb::ReplicaStatus>, ServerError> {
         let Some(store) = &self.replication else {
             return Ok(Vec::new());
         };
-        let alive = store.alive()?;
         let leader = store.leader()?;
         Ok(store
             .replica_records()?

@@ -14,9 +14,14 @@ use crate::Central;
 impl Central {
     /// `kmsctl status`: every cluster, or the one named.
     pub fn status(&self, only: &str) -> Result<pb::StatusResponse, ServerError> {
-        // Replicated: nodes with a stream open to any live replica.
-        let elsewhere = match &self.replication {
-            Some(store) => store.open_streams()?,
+        // Replicated: the live replicas (read once), and the nodes with a
+        // stream open to any of them.
+        let (alive, elsewhere) = match &self.replication {
+            Some(store) => {
+                let alive = store.alive()?;
+                let open = store.open_streams(&alive)?;
+                (alive, open)
+            }
             None => Default::default(),
         };
         let clusters = if only.is_empty() {
@@ -31,7 +36,7 @@ impl Central {
         Ok(pb::StatusResponse {
             clusters,
             server_time_unix: now_unix(),
-            replicas: self.replica_status()?,
+            replicas: self.replica_status(&alive)?,
             answered_by: self
                 .replication()
                 .and_then(|s| s.replica_name())
