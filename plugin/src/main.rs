@@ -140,14 +140,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn run_join(args: JoinArgs) -> anyhow::Result<()> {
-    let token = match (&args.token, &args.token_file) {
-        (Some(token), _) => zeroize::Zeroizing::new(token.clone()),
-        (None, Some(path)) => zeroize::Zeroizing::new(
-            std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("cannot read --token-file {}: {e}", path.display()))?,
-        ),
-        (None, None) => anyhow::bail!("--token or --token-file is required"),
-    };
+    let token = cli::join_token(args.token.as_deref(), args.token_file.as_deref())?;
     // A bad URL is a usage error, found before anything is made.
     for url in &args.servers {
         edgekms_daemon::tls::Target::parse(url).map_err(|e| Usage(e.to_string()))?;

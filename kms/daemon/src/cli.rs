@@ -98,3 +98,18 @@ pub async fn shutdown_signal() {
         }
     }
 }
+
+/// A one-time join token from `--token`, or read from `--token-file`
+/// (which keeps it out of the process list); held in zeroizing memory.
+pub fn join_token(
+    token: Option<&str>,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<zeroize::Zeroizing<String>> {
+    match (token, file) {
+        (Some(token), _) => Ok(zeroize::Zeroizing::new(token.to_owned())),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map(zeroize::Zeroizing::new)
+            .map_err(|e| anyhow::anyhow!("cannot read --token-file {}: {e}", path.display())),
+        (None, None) => anyhow::bail!("--token or --token-file is required"),
+    }
+}

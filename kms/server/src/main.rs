@@ -89,8 +89,9 @@ struct EtcdArgs {
 }
 
 impl EtcdArgs {
-    fn config(&self) -> anyhow::Result<EtcdConfig> {
-        etcd_config(EtcdConfig {
+    /// The settings, unvalidated.
+    fn settings(&self) -> EtcdConfig {
+        EtcdConfig {
             endpoints: self.etcd_endpoints.clone(),
             cacert: self.etcd_cacert.clone(),
             cert: self.etcd_cert.clone(),
@@ -100,17 +101,18 @@ impl EtcdArgs {
                 .clone()
                 .unwrap_or_else(|| etcd::DEFAULT_PREFIX.to_owned()),
             insecure: self.etcd_insecure,
-        })
+        }
     }
-}
 
-/// `cfg` if valid; every problem in one usage error otherwise.
-fn etcd_config(cfg: EtcdConfig) -> anyhow::Result<EtcdConfig> {
-    let problems = cfg.problems();
-    if !problems.is_empty() {
-        return Err(Usage(problems.join("; ")).into());
+    /// The settings if valid; every problem in one usage error otherwise.
+    fn config(&self) -> anyhow::Result<EtcdConfig> {
+        let cfg = self.settings();
+        let problems = cfg.problems();
+        if !problems.is_empty() {
+            return Err(Usage(problems.join("; ")).into());
+        }
+        Ok(cfg)
     }
-    Ok(cfg)
 }
 
 #[derive(Debug, Args)]
@@ -376,18 +378,18 @@ impl ServeArgs {
         }
     }
 
-    /// With `--store etcd`, where etcd is; `None` on RocksDB.
+    /// With `--store etcd`, where etcd is (unvalidated); `None` on RocksDB.
     fn etcd(&self) -> Option<EtcdConfig> {
-        (self.store == Some(StoreKind::Etcd)).then(|| EtcdConfig {
-            endpoints: self.etcd_endpoints.clone().unwrap_or_default(),
-            cacert: self.etcd_cacert.clone(),
-            cert: self.etcd_cert.clone(),
-            key: self.etcd_key.clone(),
-            prefix: self
-                .etcd_prefix
-                .clone()
-                .unwrap_or_else(|| etcd::DEFAULT_PREFIX.to_owned()),
-            insecure: self.etcd_insecure,
+        (self.store == Some(StoreKind::Etcd)).then(|| {
+            EtcdArgs {
+                etcd_endpoints: self.etcd_endpoints.clone().unwrap_or_default(),
+                etcd_cacert: self.etcd_cacert.clone(),
+                etcd_cert: self.etcd_cert.clone(),
+                etcd_key: self.etcd_key.clone(),
+                etcd_prefix: self.etcd_prefix.clone(),
+                etcd_insecure: self.etcd_insecure,
+            }
+            .settings()
         })
     }
 
@@ -498,13 +500,7 @@ fn run_join(args: JoinArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let token = match (&args.token, &args.token_file) {
-        (Some(t), _) => zeroize::Zeroizing::new(t.clone()),
-        (None, Some(f)) => zeroize::Zeroizing::new(
-            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?,
-        ),
-        (None, None) => return Err(Usage("--token or --token-file is required".into()).into()),
-    };
+    let token = cli::join_token(args.token.as_deref(), args.token_file.as_deref())?;
     let joined = runtime.block_on(init::join(
         &args.server,
         &token,
