@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use edgekms_e2e::fleet::{text, version_states};
 use edgekms_e2e::replicas::{refs, store_args, Replicated};
-use edgekms_e2e::{decrypt, encrypt, http_get, key_id, Plugin};
+use edgekms_e2e::{decrypt, encrypt, http_get, key_id, sample, Plugin};
 use serde_json::Value;
 
 /// Polls `f` until it returns `Some` (30 s at most), then returns it.
@@ -263,6 +263,10 @@ async fn without_etcd_quorum_writes_are_refused_readiness_fails_and_plugins_serv
         assert_eq!(code, 503);
         assert!(body.contains("etcd"), "{body}");
     }
+    for s in &r.replicas {
+        let up = sample(&s.scrape().await, "edgekms_server_store_up", &[]);
+        assert_eq!(up, Some(0.0), "the metric says the store is down");
+    }
     // The plugin serves from its cache.
     round_trip(&node).await;
     // Members back: the service resumes by itself.
@@ -270,6 +274,8 @@ async fn without_etcd_quorum_writes_are_refused_readiness_fails_and_plugins_serv
     r.etcd.start_again(2);
     for s in &r.replicas {
         s.wait_ready().await;
+        let up = sample(&s.scrape().await, "edgekms_server_store_up", &[]);
+        assert_eq!(up, Some(1.0));
     }
     let rot = eventually("a rotation accepted", || try_json(&r, 0, &["rotate", "a"])).await;
     let v = rot["version"].as_u64().unwrap();
@@ -541,4 +547,48 @@ async fn a_node_joined_with_one_url_is_given_the_replicas_by_its_config() {
     assert_eq!(rot["version"], 2);
     promoted(&r, 1, "a", 2).await;
     serving(&node, "a/v2/").await;
+}
+
+/// The replica running the once-only jobs dies: another takes the lease
+/// over within its TTL (10 s) and a tick, and exactly one leads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_leading_replica_dies_another_takes_the_jobs_over_within_the_lease() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(mut r) = Replicated::start(tmp.path(), 3).await else {
+        return;
+    };
+    let leaders = |r: &Replicated, i: usize| -> Option<Vec<String>> {
+        let s = try_json(r, i, &["replica", "list"])?;
+        Some(
+            s["replicas"]
+                .as_array()?
+                .iter()
+                .filter(|x| x["leader"] == true)
+                .map(|x| x["name"].as_str().unwrap().to_owned())
+                .collect(),
+        )
+    };
+    let first = eventually("one leader", || {
+        let l = leaders(&r, 0)?;
+        (l.len() == 1).then(|| l[0].clone())
+    })
+    .await;
+    let i: usize = first.trim_start_matches('r').parse::<usize>().unwrap() - 1;
+    for (k, s) in r.replicas.iter().enumerate() {
+        let lead = sample(&s.scrape().await, "edgekms_server_leader", &[]);
+        assert_eq!(lead, Some(if k == i { 1.0 } else { 0.0 }), "replica {k}");
+    }
+    let killed = Instant::now();
+    r.replicas[i].kill();
+    let other = (i + 1) % 3;
+    let next = eventually("a new leader", || {
+        let l = leaders(&r, other)?;
+        (l.len() == 1 && l[0] != first).then(|| l[0].clone())
+    })
+    .await;
+    let took = killed.elapsed();
+    assert!(
+        took < Duration::from_secs(15),
+        "{next} took the lease over after {took:?}"
+    );
 }
