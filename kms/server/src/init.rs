@@ -489,3 +489,46 @@ pub fn migrate_store(
         ca_hash: ca.pin()?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    /// A replica's data dir reads back; a flipped byte in either record, or
+    /// an erased root key, is refused naming the file, never read as
+    /// another key or another replica.
+    #[test]
+    fn a_damaged_or_erased_replica_dir_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("r");
+        let sealer = crate::backup::tests::soft(&dir);
+        let root = Key256::generate();
+        let id = ReplicaIdentity {
+            name: "r1".into(),
+            etcd_prefix: "/edgekms/".into(),
+        };
+        write_replica_dir(&dir, &sealer, &root, &id).unwrap();
+        let (read, key) = read_replica_dir(&dir, &sealer).unwrap();
+        assert_eq!(read, id);
+        assert!(key == root);
+        assert!(
+            refuse_unless_empty(&dir).is_err(),
+            "a replica dir is not empty"
+        );
+        for record in [IDENTITY_RECORD, ROOT_RECORD] {
+            let path = dir.join(REPLICA_DIR).join(record);
+            let good = std::fs::read(&path).unwrap();
+            let mut bad = good.clone();
+            let last = bad.len() - 1;
+            bad[last] ^= 0x01;
+            std::fs::write(&path, &bad).unwrap();
+            let e = read_replica_dir(&dir, &sealer).unwrap_err().to_string();
+            assert!(e.contains(record), "{record}: {e}");
+            std::fs::write(&path, &good).unwrap();
+        }
+        erase_replica_root(&dir).unwrap();
+        let e = read_replica_dir(&dir, &sealer).unwrap_err().to_string();
+        assert!(e.contains("sealed root key missing"), "{e}");
+    }
+}
